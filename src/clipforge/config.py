@@ -1,0 +1,364 @@
+"""Typed recipes: one pydantic schema, TOML files, ``--set dotted.key=value`` overrides.
+
+A run is described by one recipe file plus overrides. Shipped recipes live in
+``clipforge/recipes/*.toml``; a recipe may start from another with ``base = "name"``.
+Every error names the key, what was expected, and the closest valid key.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import math
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used; the message says what is wrong and what to do."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# ----------------------------------------------------------------------------- model
+class ModelConfig(Section):
+    # image tower (ViT)
+    image_size: int = Field(64, ge=8)
+    patch_size: int = Field(8, ge=1)
+    vision_width: int = Field(192, ge=8)
+    vision_layers: int = Field(6, ge=1)
+    vision_heads: int = Field(3, ge=1)
+    vision_pool: Literal["cls", "mean"] = "cls"
+    patch_dropout: float = Field(0.0, ge=0.0, lt=1.0)  # FLIP: fraction of patches dropped in training
+    mlp_ratio: float = Field(4.0, gt=0.0)
+    # text tower (causal transformer pooled at end-of-text)
+    vocab_size: int = Field(49408, ge=4)
+    context_length: int = Field(32, ge=4)
+    text_width: int = Field(128, ge=8)
+    text_layers: int = Field(4, ge=1)
+    text_heads: int = Field(2, ge=1)
+    # joint space
+    embed_dim: int = Field(128, ge=2)
+    logit_scale_init: float = math.log(1 / 0.07)  # ln of the initial logit scale t
+    logit_scale_max: float = 100.0  # t is clamped to <= this
+    logit_bias_init: float | None = None  # SigLIP: -10; None = no bias parameter
+    image_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+    image_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+
+    @model_validator(mode="after")
+    def _check_shapes(self) -> "ModelConfig":
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"model.image_size ({self.image_size}) must be a multiple of model.patch_size ({self.patch_size})"
+            )
+        if self.vision_width % self.vision_heads:
+            raise ValueError(
+                f"model.vision_width ({self.vision_width}) must be divisible by model.vision_heads ({self.vision_heads})"
+            )
+        if self.text_width % self.text_heads:
+            raise ValueError(
+                f"model.text_width ({self.text_width}) must be divisible by model.text_heads ({self.text_heads})"
+            )
+        return self
+
+
+# ----------------------------------------------------------------------------- data
+class ShapesConfig(Section):
+    """The built-in procedurally rendered dataset (see clipforge.data.synthetic)."""
+
+    holdout_fraction: float = Field(0.2, ge=0.15, le=0.5)  # colour-shape pairs never seen in training
+    holdout_seed: int = 1234  # which pairs are held out; fixed so eval splits are stable
+    two_objects_prob: float = Field(0.0, ge=0.0, le=1.0)  # chance of a second object with a relation
+    textured_background_prob: float = Field(0.0, ge=0.0, le=1.0)
+    eval_samples_per_class: int = Field(20, ge=1)
+
+
+class TokenizerConfig(Section):
+    kind: Literal["bpe"] = "bpe"
+    vocab_size: int = Field(512, ge=32)  # target BPE vocabulary; must not exceed model.vocab_size
+    corpus_size: int = Field(20000, ge=100)  # captions used to train the BPE merges
+
+
+class DataConfig(Section):
+    train: str = "shapes"
+    batch_size: int = Field(128, ge=1)
+    num_workers: int = Field(1, ge=0)
+    seed: int = 0
+    shapes: ShapesConfig = ShapesConfig()
+    tokenizer: TokenizerConfig = TokenizerConfig()
+
+
+# ----------------------------------------------------------------------------- objective
+class ClipTerm(Section):
+    name: Literal["clip"] = "clip"
+    weight: float = Field(1.0, ge=0.0)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+class SigLipTerm(Section):
+    name: Literal["siglip"] = "siglip"
+    weight: float = Field(1.0, ge=0.0)
+
+
+TermConfig = Annotated[Union[ClipTerm, SigLipTerm], Field(discriminator="name")]
+
+
+class ObjectiveConfig(Section):
+    terms: list[TermConfig] = Field(default_factory=lambda: [ClipTerm()], min_length=1)
+
+
+# ----------------------------------------------------------------------------- optimisation
+class OptimConfig(Section):
+    lr: float = Field(5e-4, gt=0.0)
+    weight_decay: float = Field(0.2, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = Field(1e-6, gt=0.0)
+    grad_clip: float | None = Field(1.0, gt=0.0)  # max global grad norm; None = off
+
+
+class ScheduleConfig(Section):
+    kind: Literal["cosine", "constant"] = "cosine"
+    warmup_steps: int = Field(100, ge=0)
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)  # cosine floor as a fraction of optim.lr
+
+
+class TrainConfig(Section):
+    steps: int = Field(1000, ge=1)
+    accum_steps: int = Field(1, ge=1)  # micro-batches per optimiser step (batch_size is per micro-batch)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA with bf16, else fp32
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = 0
+    threads: int | None = Field(None, ge=1)  # torch intra-op threads; None = torch default
+    max_minutes: float | None = Field(None, gt=0.0)  # wall-clock budget; stops early and checkpoints
+    checkpoint_every_steps: int | None = Field(None, ge=1)
+    checkpoint_every_minutes: float | None = Field(None, gt=0.0)
+    keep_last: int = Field(3, ge=1)
+    max_bad_steps: int = Field(10, ge=0)  # NaN/inf losses tolerated (skipped) before the run stops
+
+
+class EvalConfig(Section):
+    every_steps: int | None = Field(None, ge=1)
+    at_end: bool = True
+    batch_size: int = Field(256, ge=1)
+
+
+class LoggingConfig(Section):
+    tensorboard: bool = True
+    progress: bool = True
+    every_steps: int = Field(1, ge=1)
+
+
+class Recipe(Section):
+    name: str = "unnamed"
+    description: str = ""
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    objective: ObjectiveConfig = ObjectiveConfig()
+    optim: OptimConfig = OptimConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+    @model_validator(mode="after")
+    def _check_cross_section(self) -> "Recipe":
+        names = [t.name for t in self.objective.terms]
+        if "siglip" in names and self.model.logit_bias_init is None:
+            raise ValueError(
+                "objective term 'siglip' needs a logit bias: set model.logit_bias_init (SigLIP uses -10) "
+                "and model.logit_scale_init = 2.302585 (ln 10)"
+            )
+        if self.data.tokenizer.vocab_size > self.model.vocab_size:
+            raise ValueError(
+                f"data.tokenizer.vocab_size ({self.data.tokenizer.vocab_size}) exceeds "
+                f"model.vocab_size ({self.model.vocab_size})"
+            )
+        return self
+
+
+# ----------------------------------------------------------------------------- loading
+RECIPE_PACKAGE = "clipforge.recipes"
+
+
+def available_recipes() -> dict[str, str]:
+    """Shipped recipe names -> one-line description."""
+    out = {}
+    for entry in sorted(resources.files(RECIPE_PACKAGE).iterdir(), key=lambda p: p.name):
+        if entry.name.endswith(".toml"):
+            raw = tomllib.loads(entry.read_text())
+            out[entry.name[: -len(".toml")]] = raw.get("description", "")
+    return out
+
+
+def _read_recipe_file(name_or_path: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    path = Path(name_or_path)
+    if name_or_path.endswith(".toml") or path.exists():
+        if not path.is_file():
+            raise RecipeError(f"recipe file not found: {name_or_path}")
+        text = path.read_text()
+        source = str(path)
+    else:
+        entry = resources.files(RECIPE_PACKAGE) / f"{name_or_path}.toml"
+        if not entry.is_file():
+            names = list(available_recipes())
+            close = difflib.get_close_matches(name_or_path, names, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise RecipeError(
+                f"unknown recipe '{name_or_path}'.{hint} Available: {', '.join(names)}. "
+                "Or pass a path to a .toml file."
+            )
+        text = entry.read_text()
+        source = name_or_path
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise RecipeError(f"recipe {source} is not valid TOML: {e}") from None
+    base = raw.pop("base", None)
+    if base is not None:
+        if base in _seen:
+            raise RecipeError(f"recipe {source}: 'base' chain loops back to '{base}'")
+        raw = deep_merge(_read_recipe_file(base, _seen + (source,)), raw)
+    return raw
+
+
+def deep_merge(base: dict, top: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in top.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b=1e-3`` -> (["a", "b"], 0.001). Values are read as TOML where possible, else as strings."""
+    if "=" not in text:
+        raise RecipeError(f"--set expects key=value, got '{text}' (example: --set optim.lr=3e-4)")
+    key, value = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise RecipeError(f"--set '{text}': empty key")
+    try:
+        parsed = tomllib.loads(f"v = {value.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value.strip()
+    if isinstance(parsed, str) and parsed.lower() in {"none", "null"}:
+        parsed = None
+    return key.split("."), parsed
+
+
+def apply_override(raw: dict, keys: list[str], value: Any) -> None:
+    node: Any = raw
+    for i, k in enumerate(keys[:-1]):
+        where = ".".join(keys[: i + 1])
+        if isinstance(node, list):
+            node = node[_list_index(node, k, where)]
+            continue
+        if k not in node:
+            node[k] = {}
+        if not isinstance(node[k], (dict, list)):
+            raise RecipeError(f"--set {'.'.join(keys)}: '{where}' is a value, not a section")
+        node = node[k]
+    last = keys[-1]
+    if isinstance(node, list):
+        node[_list_index(node, last, ".".join(keys))] = value
+    else:
+        node[last] = value
+
+
+def _list_index(node: list, k: str, where: str) -> int:
+    if not k.isdigit() or int(k) >= len(node):
+        raise RecipeError(f"'{where}': index must be 0..{len(node) - 1}")
+    return int(k)
+
+
+def _valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        dotted = f"{prefix}{name}"
+        keys.append(dotted)
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys.extend(_valid_keys(ann, dotted + "."))
+    return keys
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    valid = _valid_keys(Recipe)
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p in {"clip", "siglip"}))
+        if e["type"] == "extra_forbidden":
+            leaf = loc.rsplit(".", 1)[-1]
+            parent = loc.rsplit(".", 1)[0] if "." in loc else ""
+            siblings = [k for k in valid if k.rsplit(".", 1)[0] == parent or (not parent and "." not in k)]
+            close = difflib.get_close_matches(loc, siblings, n=1, cutoff=0.5) or difflib.get_close_matches(
+                leaf, [k.rsplit(".", 1)[-1] for k in valid], n=1, cutoff=0.6
+            )
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            lines.append(f"unknown key '{loc}'{hint}")
+        elif e["type"] == "value_error":
+            lines.append(str(e["msg"]).removeprefix("Value error, "))
+        else:
+            got = e.get("input")
+            got_text = f", got {got!r}" if not isinstance(got, dict) else ""
+            lines.append(f"bad value for '{loc}': {e['msg']}{got_text}")
+    return "invalid recipe:\n  " + "\n  ".join(lines)
+
+
+def validate_recipe(raw: dict[str, Any]) -> Recipe:
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as err:
+        raise RecipeError(_format_validation_error(err)) from None
+
+
+def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe:
+    """Read a shipped recipe or a TOML path, apply ``key=value`` overrides, validate."""
+    raw = _read_recipe_file(name_or_path)
+    raw.setdefault("name", Path(name_or_path).stem)
+    for text in overrides or []:
+        keys, value = parse_override(text)
+        apply_override(raw, keys, value)
+    return validate_recipe(raw)
+
+
+def recipe_to_toml(recipe: Recipe) -> str:
+    """The resolved recipe as TOML (saved in the run dir); None values are left out."""
+    return _dict_to_toml(recipe.model_dump(mode="json", exclude_none=True))
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, float):
+        return repr(v) if math.isfinite(v) else ("inf" if v > 0 else "-inf" if v < 0 else "nan")
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + " }"
+    return str(v)
+
+
+def _dict_to_toml(d: dict, prefix: str = "") -> str:
+    scalars = [f"{k} = {_toml_value(v)}" for k, v in d.items() if not isinstance(v, dict)]
+    tables = [
+        _dict_to_toml(v, f"{prefix}{k}.") for k, v in d.items() if isinstance(v, dict)
+    ]
+    head = f"[{prefix[:-1]}]\n" if prefix and scalars else ""
+    body = head + "\n".join(scalars) + ("\n" if scalars else "")
+    return "\n".join([body] + tables) if tables else body
