@@ -1,0 +1,3 @@
+from clipforge.cli import main
+
+main()

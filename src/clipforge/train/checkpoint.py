@@ -1,0 +1,217 @@
+"""Checkpoint directories: self-contained, atomic, loadable offline, never unpickling code.
+
+Layout of one checkpoint (``<run>/checkpoints/step_000200/``)::
+
+    model.safetensors   weights
+    config.json         architecture, preprocessing, tokenizer spec, resolved recipe
+    tokenizer.json      the tokenizer
+    train_state.pt      optimizer, step, RNG states, data cursor, counters (training only)
+
+A checkpoint is written into a hidden temporary directory and renamed into place, so a directory
+named ``step_*`` is always complete. ``latest`` is a symlink to the newest one; the last K are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from clipforge import __version__
+from clipforge.config import ModelConfig, Recipe
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+TOKENIZER = "tokenizer.json"
+TRAIN_STATE = "train_state.pt"
+REQUIRED = (WEIGHTS, CONFIG, TOKENIZER)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be found or read; the message says what to do."""
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def model_config_dict(recipe: Recipe, tokenizer) -> dict[str, Any]:
+    m = recipe.model
+    return {
+        "format": "clipforge-checkpoint",
+        "clipforge_version": __version__,
+        "model": m.model_dump(mode="json"),
+        "preprocess": {
+            "image_size": m.image_size,
+            "resize": "shortest-side-bicubic",
+            "crop": "center",
+            "mean": list(m.image_mean),
+            "std": list(m.image_std),
+        },
+        "tokenizer": tokenizer.spec(),
+        "recipe": recipe.model_dump(mode="json"),
+    }
+
+
+def capture_rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": list(random.getstate()[1]),  # the Mersenne Twister words + position
+        "python_version": random.getstate()[0],
+        "python_gauss": random.getstate()[2],
+        "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_pos": int(np_state[2]),
+        "numpy_has_gauss": int(np_state[3]),
+        "numpy_gauss": float(np_state[4]),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
+    np.random.set_state(
+        ("MT19937", state["numpy_keys"].numpy().astype(np.uint32), state["numpy_pos"],
+         state["numpy_has_gauss"], state["numpy_gauss"])
+    )
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(
+    checkpoints_dir: Path,
+    step: int,
+    model: torch.nn.Module,
+    recipe: Recipe,
+    tokenizer,
+    train_state: dict[str, Any] | None,
+    keep_last: int,
+) -> Path:
+    """Write a complete checkpoint atomically, point ``latest`` at it, prune old ones."""
+    checkpoints_dir.mkdir(parents=True, exist_ok=True)
+    final = checkpoints_dir / step_dir_name(step)
+    tmp = checkpoints_dir / f".tmp-{step_dir_name(step)}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
+    (tmp / CONFIG).write_text(json.dumps(model_config_dict(recipe, tokenizer), indent=2))
+    tokenizer.save(tmp)
+    if train_state is not None:
+        torch.save(train_state, tmp / TRAIN_STATE)
+    _fsync_dir(tmp)
+    if final.exists():  # re-saving the same step (e.g. signal right after a periodic save)
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _point_latest(checkpoints_dir, final.name)
+    _prune(checkpoints_dir, keep_last)
+    return final
+
+
+def _fsync_dir(path: Path) -> None:
+    for f in path.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+
+
+def _point_latest(checkpoints_dir: Path, name: str) -> None:
+    link = checkpoints_dir / "latest"
+    tmp_link = checkpoints_dir / f".latest-{os.getpid()}"
+    if tmp_link.is_symlink() or tmp_link.exists():
+        tmp_link.unlink()
+    os.symlink(name, tmp_link)
+    os.replace(tmp_link, link)  # atomic swap of the symlink
+
+
+def _prune(checkpoints_dir: Path, keep_last: int) -> None:
+    complete = complete_checkpoints(checkpoints_dir)
+    for old in complete[:-keep_last]:
+        shutil.rmtree(old)
+
+
+def complete_checkpoints(checkpoints_dir: Path) -> list[Path]:
+    """Complete ``step_*`` directories, oldest first."""
+    if not checkpoints_dir.is_dir():
+        return []
+    found = []
+    for d in checkpoints_dir.glob("step_*"):
+        if d.is_dir() and not d.is_symlink() and all((d / f).is_file() for f in REQUIRED + (TRAIN_STATE,)):
+            found.append(d)
+    return sorted(found, key=lambda p: p.name)
+
+
+def find_resume_checkpoint(run_dir: Path, which: str) -> Path:
+    """Resolve ``--resume latest`` (or a path) to a complete checkpoint directory.
+
+    Leftovers of a killed save (hidden temp dirs, an incomplete step dir) are ignored with a warning
+    in favour of the newest complete checkpoint.
+    """
+    if which != "latest":
+        path = Path(which)
+        if not (path / TRAIN_STATE).is_file():
+            raise CheckpointError(
+                f"--resume {which}: not a training checkpoint (no {TRAIN_STATE} in it). "
+                "Pass --resume latest or a checkpoint directory written by `clipforge train`."
+            )
+        return path
+    ckpt_dir = run_dir / "checkpoints"
+    for leftover in ckpt_dir.glob(".tmp-*") if ckpt_dir.is_dir() else []:
+        warnings.warn(f"ignoring half-written checkpoint {leftover} (a save was interrupted); removing it")
+        shutil.rmtree(leftover, ignore_errors=True)
+    complete = complete_checkpoints(ckpt_dir)
+    if not complete:
+        raise CheckpointError(
+            f"--resume latest: no complete checkpoint in {ckpt_dir}. "
+            "Start without --resume, or point --run-dir at the run you want to continue."
+        )
+    newest = complete[-1]
+    link = ckpt_dir / "latest"
+    if link.is_symlink() and link.resolve() != newest.resolve():
+        warnings.warn(f"'latest' points at {os.readlink(link)}, which is incomplete; using {newest.name}")
+    incomplete = [d for d in ckpt_dir.glob("step_*") if d.is_dir() and d.name > newest.name]
+    for d in incomplete:
+        warnings.warn(f"ignoring incomplete checkpoint {d} in favour of {newest.name}")
+    return newest
+
+
+def read_config(ckpt: Path) -> dict[str, Any]:
+    ckpt = Path(ckpt)
+    if not ckpt.exists():
+        raise CheckpointError(f"checkpoint not found: {ckpt}")
+    if ckpt.is_file() and ckpt.name == WEIGHTS:
+        ckpt = ckpt.parent
+    if not (ckpt / CONFIG).is_file():
+        raise CheckpointError(f"{ckpt} is not a clipforge checkpoint: {CONFIG} is missing")
+    if not (ckpt / WEIGHTS).is_file():
+        raise CheckpointError(f"{ckpt}: {WEIGHTS} is missing (the checkpoint has no weights)")
+    return json.loads((ckpt / CONFIG).read_text())
+
+
+def load_model_weights(model: torch.nn.Module, ckpt: Path) -> None:
+    state = load_file(str(Path(ckpt) / WEIGHTS))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{ckpt}: weights do not match the model architecture "
+            f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})"
+        )
+
+
+def load_train_state(ckpt: Path) -> dict[str, Any]:
+    return torch.load(Path(ckpt) / TRAIN_STATE, map_location="cpu", weights_only=True)
+
+
+def model_config_from(config: dict[str, Any]) -> ModelConfig:
+    return ModelConfig.model_validate(config["model"])
