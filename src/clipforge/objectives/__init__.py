@@ -1,0 +1,39 @@
+"""Training objectives: weighted sums of loss terms built from the recipe's ``[objective]`` section.
+
+Importing this package registers the shipped terms (``clip``, ``siglip``).
+"""
+
+from clipforge.objectives.base import (
+    TERMS,
+    Objective,
+    Term,
+    build_objective,
+    build_term,
+    register_term,
+)
+from clipforge.objectives.contrastive import ClipLoss, clip_logits, clip_loss, symmetric_cross_entropy
+from clipforge.objectives.sigmoid import (
+    SigLipLoss,
+    sigmoid_pair_loss_sum,
+    siglip_logits,
+    siglip_loss,
+    siglip_loss_chunked,
+)
+
+__all__ = [
+    "TERMS",
+    "ClipLoss",
+    "Objective",
+    "SigLipLoss",
+    "Term",
+    "build_objective",
+    "build_term",
+    "clip_logits",
+    "clip_loss",
+    "register_term",
+    "sigmoid_pair_loss_sum",
+    "siglip_logits",
+    "siglip_loss",
+    "siglip_loss_chunked",
+    "symmetric_cross_entropy",
+]

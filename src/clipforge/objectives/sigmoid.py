@@ -1,0 +1,107 @@
+"""SigLIP: every image-text pair is its own binary classification (Zhai et al. 2023).
+
+logits L = t * X @ Y^T + b; label z_ij = +1 if i == j else -1;
+loss = -(1/B) * sum_ij log sigmoid(z_ij * L_ij)   (sum over B^2 pairs, divided by the B positives).
+
+The ring form (methods.md section 2): with D shards of b = B/D pairs, shard d computes its
+local b x b block (positives on the diagonal plus local negatives), then D-1 blocks against
+the other shards' texts, which hold negatives only. ``siglip_loss_chunked`` runs that
+schedule in one process; the distributed version swaps the loop for a neighbour exchange.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from clipforge.objectives.base import Metrics, Term, register_term, require_output, upcast_low_precision
+
+MISSING_BIAS_HINT = (
+    "SigLIP needs a learnable logit bias: set model.logit_bias_init = -10 "
+    "(and model.logit_scale_init = 2.302585, i.e. t = 10) in the recipe."
+)
+
+
+def siglip_logits(image_embeds: Tensor, text_embeds: Tensor, logit_scale: Tensor, logit_bias: Tensor) -> Tensor:
+    """(N, D), (M, D) -> (N, M) logits t * x_i . y_j + b."""
+    # Scale the (N, D) side and fold the bias into the matmul: one N x M tensor.
+    bias = logit_bias.reshape(()).to(image_embeds.dtype)
+    return upcast_low_precision(torch.addmm(bias, logit_scale * image_embeds, text_embeds.T))
+
+
+def sigmoid_pair_loss_sum(logits: Tensor, positives_on_diagonal: bool) -> Tensor:
+    """sum_ij -log sigmoid(z_ij * L_ij) over one block; z = +1 on the diagonal if it holds positives, else -1.
+
+    No label matrix: every pair is first scored as a negative, -log sigmoid(-L) (logsigmoid is
+    exact for any L). A positive's loss is -log sigmoid(L) = -log sigmoid(-L) - L, so the
+    positives only need the diagonal subtracted.
+    """
+    loss = -F.logsigmoid(-logits).sum()
+    if positives_on_diagonal:
+        loss = loss - logits.diagonal().sum()
+    return loss
+
+
+def siglip_loss(image_embeds: Tensor, text_embeds: Tensor, logit_scale: Tensor, logit_bias: Tensor) -> Tensor:
+    """The SigLIP loss of aligned pairs (x_i, y_i); embeddings L2-normalised, logit_scale = t, logit_bias = b."""
+    logits = siglip_logits(image_embeds, text_embeds, logit_scale, logit_bias)
+    return sigmoid_pair_loss_sum(logits, positives_on_diagonal=True) / image_embeds.shape[0]
+
+
+def siglip_loss_chunked(
+    image_embeds: Tensor, text_embeds: Tensor, logit_scale: Tensor, logit_bias: Tensor, num_chunks: int
+) -> Tensor:
+    """``siglip_loss`` computed as the ring would: ``num_chunks`` simulated shards, one b x b block per step.
+
+    Shard d scores its images against its own texts (positives on the diagonal), then against
+    the texts received from its left neighbour at each of the num_chunks - 1 ring steps
+    (negatives only). Shards may differ in size by one when B is not divisible. In one process
+    autograd still keeps every block for backward: this is for checking the ring, not for memory.
+    """
+    batch_size = image_embeds.shape[0]
+    if not 1 <= num_chunks <= batch_size:
+        raise ValueError(f"num_chunks must be in 1..{batch_size} (the batch size), got {num_chunks}")
+    image_shards = image_embeds.tensor_split(num_chunks)
+    text_shards = text_embeds.tensor_split(num_chunks)
+    block_losses = []
+    for shard in range(num_chunks):
+        for step in range(num_chunks):
+            source = (shard - step) % num_chunks  # step 0 is the local block
+            logits = siglip_logits(image_shards[shard], text_shards[source], logit_scale, logit_bias)
+            block_losses.append(sigmoid_pair_loss_sum(logits, positives_on_diagonal=(step == 0)))
+    return torch.stack(block_losses).sum() / batch_size
+
+
+@torch.no_grad()
+def sigmoid_pair_metrics(logits: Tensor) -> Metrics:
+    """Mean positive and negative logits and the share of pairs classified right (logit > 0 iff positive)."""
+    n = logits.shape[0]
+    diagonal_sum = logits.diagonal().sum()
+    positive_right = (logits.diagonal() > 0).sum()
+    negative_right = (logits < 0).sum() - (logits.diagonal() < 0).sum()
+    pairs = n * logits.shape[1]
+    return {
+        "pos_logit": float(diagonal_sum / n),
+        "neg_logit": float((logits.sum() - diagonal_sum) / (pairs - n)) if pairs > n else float("nan"),
+        "pair_acc": float((positive_right + negative_right) / pairs),
+    }
+
+
+@register_term
+class SigLipLoss(Term):
+    name = "siglip"
+    features = "ring"  # pairs are independent: pass text blocks around the ranks, no all-gather
+
+    def forward(self, outputs: dict[str, Tensor], batch: dict[str, Any]) -> tuple[Tensor, Metrics]:
+        logit_scale = require_output(outputs, "logit_scale", self.name)
+        logit_bias = require_output(outputs, "logit_bias", self.name, MISSING_BIAS_HINT)
+        image_embeds = outputs["image_embeds"]
+        logits = siglip_logits(image_embeds, outputs["text_embeds"], logit_scale, logit_bias)
+        loss = sigmoid_pair_loss_sum(logits, positives_on_diagonal=True) / image_embeds.shape[0]
+        metrics = sigmoid_pair_metrics(logits)
+        metrics["logit_scale"] = float(logit_scale.detach())
+        metrics["logit_bias"] = float(logit_bias.detach())
+        return loss, metrics
