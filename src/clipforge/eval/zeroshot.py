@@ -1,0 +1,42 @@
+"""Zero-shot classification (methods.md §1).
+
+The class embedding is normalise(mean_k normalise(g(template_k(class)))): each filled template is
+embedded and L2-normalised, the K embeddings are averaged, and the mean is normalised again.
+Prediction is argmax over classes of image · class embedding (the logit scale cannot change it).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+@torch.no_grad()
+def zero_shot_classifier(
+    model, tokenizer, classnames: Sequence[str], templates: Sequence[str], batch_size: int = 256
+) -> torch.Tensor:
+    """(num_classes, embed_dim) matrix of unit-norm class embeddings."""
+    device = next(model.parameters()).device
+    prompts = [t.format(c) for c in classnames for t in templates]
+    embeds = []
+    for start in range(0, len(prompts), batch_size):
+        ids, mask = tokenizer(prompts[start : start + batch_size])
+        embeds.append(model.encode_text(ids.to(device), mask.to(device)).float())
+    per_prompt = F.normalize(torch.cat(embeds), dim=-1).view(len(classnames), len(templates), -1)
+    return F.normalize(per_prompt.mean(dim=1), dim=-1)
+
+
+def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, float]:
+    """top-1, top-5 and mean per-class recall (CLIP_benchmark key names)."""
+    k = min(5, logits.shape[1])
+    topk = logits.topk(k, dim=1).indices
+    correct1 = topk[:, 0] == labels
+    correct5 = (topk == labels[:, None]).any(dim=1)
+    recalls = [correct1[labels == c].sum().item() / (labels == c).sum().item() for c in range(num_classes) if (labels == c).any()]
+    return {
+        "acc1": correct1.sum().item() / len(labels),
+        "acc5": correct5.sum().item() / len(labels),
+        "mean_per_class_recall": sum(recalls) / max(1, len(recalls)),
+    }
