@@ -78,3 +78,12 @@ def test_classification_metrics():
     m = classification_metrics(logits, labels, 6)
     assert m["acc1"] == 0.5 and m["acc5"] == 0.75
     assert m["mean_per_class_recall"] == (1 + 0 + 0.5) / 3
+
+
+def test_fill_template_article_agreement():
+    from clipforge.eval.zeroshot import fill_template
+
+    assert fill_template("a photo of a {}.", "orange star") == "a photo of an orange star."
+    assert fill_template("A {}", "apple") == "An apple"
+    assert fill_template("a {}", "red circle") == "a red circle"
+    assert fill_template("{} on a table", "egg") == "egg on a table"

@@ -7,10 +7,18 @@ Prediction is argmax over classes of image · class embedding (the logit scale c
 
 from __future__ import annotations
 
+import re
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+
+
+def fill_template(template: str, classname: str) -> str:
+    """``template.format(classname)``, turning "a {}" into "an {}" before a vowel ("an orange star")."""
+    if classname[:1].lower() in "aeiou":
+        template = re.sub(r"\b([Aa]) \{\}", r"\1n {}", template)
+    return template.format(classname)
 
 
 @torch.no_grad()
@@ -19,7 +27,7 @@ def zero_shot_classifier(
 ) -> torch.Tensor:
     """(num_classes, embed_dim) matrix of unit-norm class embeddings."""
     device = next(model.parameters()).device
-    prompts = [t.format(c) for c in classnames for t in templates]
+    prompts = [fill_template(t, c) for c in classnames for t in templates]
     embeds = []
     for start in range(0, len(prompts), batch_size):
         ids, mask = tokenizer(prompts[start : start + batch_size])

@@ -1,0 +1,135 @@
+"""Batches for training and evaluation.
+
+``build_train_loader(data_cfg, image_size, tokenizer, start_sample=0)`` is an endless iterator of
+batches of exactly ``data_cfg.batch_size`` samples; batch k holds the global sample indices
+``[start_sample + k*B, start_sample + (k+1)*B)``. Samples are pure functions of their index, so
+resuming with ``start_sample`` = samples already consumed continues the stream exactly, and
+the stream is the same for any ``num_workers``.
+
+Each batch is a dict::
+
+    images          uint8  N x 3 x H x W   (normalisation happens on the device, in the model)
+    input_ids       long   N x L           [SOT] tokens [EOT] [PAD]...
+    attention_mask  long   N x L           1 on SOT..EOT
+    labels          long   N               colour-shape class (index into synthetic.class_names())
+    indices         long   N               global sample indices
+
+Workers render and tokenize whole batches (one DataLoader item = one batch), so per-sample
+Python overhead stays inside one call; the DataLoader returns items in sampler order, which
+keeps the order deterministic whatever the number of workers.
+
+``build_eval_set(data_cfg, image_size, split)`` returns the finite ``seen``/``unseen`` eval split;
+``eval_batches(dataset, batch_size, tokenizer=None)`` iterates it in batch dicts of the same form.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from clipforge.config import DataConfig
+from clipforge.data.synthetic import ShapesDataset
+
+TRAIN_SOURCES = ["shapes"]  # more (csv, jsonl, folders, webdataset shards) come later
+EVAL_SPLITS = ["seen", "unseen"]
+
+
+def _check_source(data_cfg: DataConfig) -> None:
+    if data_cfg.train not in TRAIN_SOURCES:
+        raise ValueError(
+            f"unknown data.train source '{data_cfg.train}'; available sources: {', '.join(TRAIN_SOURCES)}"
+        )
+
+
+def build_train_dataset(data_cfg: DataConfig, image_size: int) -> ShapesDataset:
+    _check_source(data_cfg)
+    return ShapesDataset(data_cfg.shapes, image_size, seed=data_cfg.seed, split="train")
+
+
+def caption_corpus_for(data_cfg: DataConfig, n: int) -> list[str]:
+    """Captions to train a tokenizer on: every word the training source can produce."""
+    return build_train_dataset(data_cfg, image_size=16).caption_corpus(n)
+
+
+def build_eval_set(data_cfg: DataConfig, image_size: int, split: str) -> ShapesDataset:
+    """The ``seen`` or ``unseen`` eval split.
+
+    Seeded by ``shapes.holdout_seed`` rather than ``data.seed`` so runs that differ only in
+    their training seed are scored on the very same images.
+    """
+    _check_source(data_cfg)
+    if split not in EVAL_SPLITS:
+        raise ValueError(f"unknown eval split '{split}'; expected one of {EVAL_SPLITS}")
+    return ShapesDataset(data_cfg.shapes, image_size, seed=data_cfg.shapes.holdout_seed, split=split)
+
+
+def make_batch(dataset: ShapesDataset, indices: list[int], tokenizer=None) -> dict:
+    """Render ``indices`` of ``dataset`` (and tokenize their captions) into one batch dict."""
+    images, captions, labels = dataset.render_batch(indices)
+    batch = {"images": images, "labels": labels, "indices": torch.tensor(indices, dtype=torch.long)}
+    if tokenizer is not None:
+        batch["input_ids"], batch["attention_mask"] = tokenizer(captions)
+    batch["captions"] = captions
+    return batch
+
+
+class _BatchDataset(Dataset):
+    """Item k is the whole k-th batch of the stream (rendered and tokenized in the worker)."""
+
+    def __init__(self, dataset: ShapesDataset, tokenizer, batch_size: int, start_sample: int):
+        self.dataset = dataset
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.start_sample = start_sample
+
+    def __getitem__(self, k: int) -> dict:
+        first = self.start_sample + k * self.batch_size
+        batch = make_batch(self.dataset, list(range(first, first + self.batch_size)), self.tokenizer)
+        del batch["captions"]  # strings are slow to pass between processes and the trainer needs ids
+        return batch
+
+
+class _EndlessBatchIndices(Sampler):
+    """0, 1, 2, ... forever: the batch numbers of an unbounded stream."""
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.count()
+
+
+def build_train_loader(
+    data_cfg: DataConfig,
+    image_size: int,
+    tokenizer,
+    start_sample: int = 0,
+    *,
+    pin_memory: bool = False,
+    prefetch_batches: int = 4,
+) -> Iterator[dict]:
+    """Endless iterator of training batches starting at global sample ``start_sample``."""
+    if start_sample < 0:
+        raise ValueError(f"start_sample must be >= 0, got {start_sample}")
+    batches = _BatchDataset(build_train_dataset(data_cfg, image_size), tokenizer, data_cfg.batch_size, start_sample)
+    workers = data_cfg.num_workers
+    loader = DataLoader(
+        batches,
+        batch_size=None,  # items already are batches
+        sampler=_EndlessBatchIndices(),
+        # a private generator: creating the iterator must not draw from the global torch RNG,
+        # which patch dropout uses and which a resumed run restores from the checkpoint
+        generator=torch.Generator().manual_seed(data_cfg.seed),
+        num_workers=workers,
+        pin_memory=pin_memory,
+        persistent_workers=workers > 0,
+        # prefetch_factor counts items per worker; keep about prefetch_batches in flight overall
+        prefetch_factor=max(2, -(-prefetch_batches // workers)) if workers > 0 else None,
+    )
+    return iter(loader)
+
+
+def eval_batches(dataset: ShapesDataset, batch_size: int, tokenizer=None) -> Iterator[dict]:
+    """Iterate a finite eval split in order, as batch dicts (with ``captions`` kept)."""
+    for first in range(0, len(dataset), batch_size):
+        yield make_batch(dataset, list(range(first, min(first + batch_size, len(dataset)))), tokenizer)

@@ -1,0 +1,442 @@
+"""The built-in ``shapes`` dataset: procedurally rendered coloured shapes with captions.
+
+Nothing is downloaded. Every image is drawn from a colour (``COLOURS``), a shape (``SHAPES``),
+a size (small/large) and a position (3x3 grid: centre, left, top, top left, ...), and captioned
+with one of several phrasings that always name colour and shape next to each other
+("a red circle", "a small red circle on the left", "a photo of a red circle",
+"red circle in the top right corner"). Optionally a second object is added with a spatial
+relation ("a red circle left of a blue square", ``ShapesConfig.two_objects_prob``) and the
+plain grey background is replaced by a grey texture (``ShapesConfig.textured_background_prob``).
+
+Compositional hold-out: a fixed, balanced set of colour-shape pairs (``held_out_pairs``) never
+appears in the ``train`` split, neither as the main object nor as the second object, while
+every colour and every shape still appears in training with most partners. The ``seen`` and
+``unseen`` eval splits hold ``eval_samples_per_class`` single-object images per class of
+the trained and held-out pairs respectively; they measure compositional zero-shot transfer.
+
+Every sample is a pure function of ``(seed, split, index)``: its random numbers come from
+``numpy.random.default_rng([seed, split_tag, index])``. Nothing depends on call order, so
+the train stream can be resumed at any sample index and rendered by any number of workers.
+
+API
+---
+- ``COLOURS: dict[str, tuple[int, int, int]]``, ``SHAPES: list[str]``, ``SIZES``, ``POSITIONS``
+- ``class_names() -> list[str]``: all colour-shape pairs, label ``c * len(SHAPES) + s``
+  (e.g. ``"red circle"``).
+- ``held_out_pairs(cfg) -> set[int]``: labels never used in training.
+- ``ShapesDataset(cfg, image_size, seed, split)`` with ``split`` in ``"train" | "seen" | "unseen"``:
+    - ``sample(index) -> (uint8 HxWx3 array, caption, label)``
+    - ``render_batch(indices) -> (uint8 tensor Nx3xHxW, captions, LongTensor labels)``
+    - ``len(ds)`` for eval splits (the train split is an unbounded index space: ``TypeError``)
+    - ``classes``: the labels this split draws from
+    - ``caption_corpus(n) -> list[str]``: captions covering every word any split can produce
+      (held-out pairs included: their words are known, only the combinations are not)
+
+Rendering composites cached anti-aliased alpha masks (4x4 supersampled signed inequality
+masks, one per shape and quantised radius) onto the background, so a 64 px image costs
+tens of microseconds; see ``bench/render.py``.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from typing import Literal
+
+import numpy as np
+import torch
+
+from clipforge.config import ShapesConfig
+
+Split = Literal["train", "seen", "unseen"]
+
+# Hues spread around the colour wheel plus white; each is far from the others in RGB so a
+# small CPU model can name them reliably. The background is always grey, never one of these.
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 35, 35),
+    "orange": (245, 140, 20),
+    "yellow": (240, 225, 40),
+    "green": (40, 175, 55),
+    "cyan": (40, 210, 220),
+    "blue": (45, 80, 235),
+    "purple": (150, 55, 205),
+    "white": (240, 240, 240),
+}
+SHAPES: list[str] = ["circle", "square", "triangle", "star", "cross", "ring"]
+SIZES: list[str] = ["small", "large"]
+# (column, row) in a 3x3 grid; -1 = left/top, 0 = centre, 1 = right/bottom
+POSITIONS: dict[str, tuple[int, int]] = {
+    "centre": (0, 0),
+    "left": (-1, 0),
+    "right": (1, 0),
+    "top": (0, -1),
+    "bottom": (0, 1),
+    "top left": (-1, -1),
+    "top right": (1, -1),
+    "bottom left": (-1, 1),
+    "bottom right": (1, 1),
+}
+POSITION_PHRASES: dict[str, list[str]] = {
+    "centre": ["in the centre", "in the middle"],
+    "left": ["on the left"],
+    "right": ["on the right"],
+    "top": ["at the top"],
+    "bottom": ["at the bottom"],
+    "top left": ["in the top left corner", "at the top left"],
+    "top right": ["in the top right corner", "at the top right"],
+    "bottom left": ["in the bottom left corner", "at the bottom left"],
+    "bottom right": ["in the bottom right corner", "at the bottom right"],
+}
+# Caption templates for one object; {a} is the article for the next word, {p} a position phrase.
+SINGLE_TEMPLATES: list[str] = [
+    "{a} {c} {s}",
+    "{c} {s}",
+    "a photo of {a} {c} {s}",
+    "a picture of {a} {c} {s}",
+    "a drawing of {a} {c} {s}",
+    "{a} {z} {c} {s}",
+    "a photo of {a} {z} {c} {s}",
+    "{a} {c} {s} {p}",
+    "{a} {z} {c} {s} {p}",
+    "{c} {s} {p}",
+    "there is {a} {c} {s} {p}",
+]
+# Relation of the main object to the second one -> (main position offset along the axis, axis)
+RELATIONS: dict[str, tuple[int, int]] = {
+    "left of": (-1, 0),
+    "to the left of": (-1, 0),
+    "right of": (1, 0),
+    "to the right of": (1, 0),
+    "above": (-1, 1),
+    "below": (1, 1),
+}
+PAIR_TEMPLATES: list[str] = [
+    "{a1} {c1} {s1} {r} {a2} {c2} {s2}",
+    "a photo of {a1} {c1} {s1} {r} {a2} {c2} {s2}",
+]
+
+SPLIT_TAGS = {"train": 0, "seen": 1, "unseen": 2}
+RADIUS_FRACTION = {"small": 0.15, "large": 0.23}  # object radius as a fraction of image size
+SUPERSAMPLE = 4  # samples per pixel side for anti-aliased edges
+RADIUS_STEP = 0.25  # radii are quantised so alpha masks can be cached
+
+
+def class_names() -> list[str]:
+    """All colour-shape pairs; a label is an index into this list (``c * len(SHAPES) + s``)."""
+    return [f"{c} {s}" for c in COLOURS for s in SHAPES]
+
+
+def class_label(colour: str, shape: str) -> int:
+    return list(COLOURS).index(colour) * len(SHAPES) + SHAPES.index(shape)
+
+
+def held_out_pairs(cfg: ShapesConfig) -> set[int]:
+    """Labels of the colour-shape pairs that never appear in training.
+
+    The pairs are spread evenly: walking the (colour, shape) grid along wrapped diagonals
+    means any prefix takes at most ceil(n / n_colours) pairs per colour and ceil(n / n_shapes)
+    per shape, so every colour and shape keeps most of its partners in training. Which
+    colours and shapes land on which diagonal is a permutation drawn from ``cfg.holdout_seed``.
+    """
+    n_colours, n_shapes = len(COLOURS), len(SHAPES)
+    n_pairs = n_colours * n_shapes
+    n_held = math.ceil(cfg.holdout_fraction * n_pairs - 1e-9)
+    rng = np.random.default_rng([cfg.holdout_seed, 7])
+    colour_perm = rng.permutation(n_colours)
+    shape_perm = rng.permutation(n_shapes)
+    period = math.lcm(n_colours, n_shapes)
+    held = set()
+    for k in range(n_held):
+        # k and k // period shift the shape index so the walk visits every pair exactly once
+        c = colour_perm[k % n_colours]
+        s = shape_perm[(k + k // period) % n_shapes]
+        held.add(int(c) * n_shapes + int(s))
+    assert len(held) == n_held
+    return held
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+# ----------------------------------------------------------------------------- shape masks
+def _inside(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Boolean mask of points (u, v) inside ``shape``; units of the object radius, v points down."""
+    if shape == "circle":
+        return u * u + v * v <= 1.0
+    if shape == "ring":
+        d2 = u * u + v * v
+        return (d2 <= 1.0) & (d2 >= 0.55**2)
+    if shape == "square":
+        return np.maximum(np.abs(u), np.abs(v)) <= 0.82
+    if shape == "triangle":
+        # equilateral, apex up at v=-1, base at v=0.75 (height 1.75, centred on the circumcircle)
+        return (v <= 0.75) & (np.abs(u) * math.sqrt(3.0) <= v + 1.0)
+    if shape == "cross":
+        au, av = np.abs(u), np.abs(v)
+        return ((au <= 0.3) & (av <= 0.95)) | ((av <= 0.3) & (au <= 0.95))
+    if shape == "star":
+        return _inside_star(u, v, outer=1.05, inner=0.45)
+    raise ValueError(f"unknown shape '{shape}'; known: {SHAPES}")
+
+
+def _inside_star(u: np.ndarray, v: np.ndarray, outer: float, inner: float) -> np.ndarray:
+    """Five-pointed star, one point up: fold each point into the wedge between a tip and a notch."""
+    sector = 2.0 * math.pi / 5.0
+    theta = np.mod(np.arctan2(u, -v), sector)
+    a = np.minimum(theta, sector - theta)  # angle from the nearest tip, in [0, pi/5]
+    rho = np.hypot(u, v)
+    px, py = rho * np.cos(a), rho * np.sin(a)
+    tip = np.array([outer, 0.0])
+    notch = np.array([inner * math.cos(sector / 2), inner * math.sin(sector / 2)])
+    normal = np.array([notch[1] - tip[1], tip[0] - notch[0]])  # perpendicular to the edge
+    origin_side = np.sign(-tip @ normal)
+    return (px - tip[0]) * normal[0] * origin_side + (py - tip[1]) * normal[1] * origin_side >= 0
+
+
+@lru_cache(maxsize=4096)
+def _alpha_mask(shape: str, radius: float) -> np.ndarray:
+    """Anti-aliased coverage (float32 n x n x 1) of ``shape`` centred in an n x n pixel box."""
+    n = int(math.ceil(2 * radius)) + 2
+    offsets = (np.arange(n * SUPERSAMPLE, dtype=np.float64) + 0.5) / SUPERSAMPLE - n / 2
+    u = offsets[None, :] / radius
+    v = offsets[:, None] / radius
+    inside = _inside(shape, np.broadcast_to(u, (u.size, u.size)), np.broadcast_to(v, (v.size, v.size)))
+    coverage = inside.reshape(n, SUPERSAMPLE, n, SUPERSAMPLE).mean(axis=(1, 3))
+    return coverage.astype(np.float32)[:, :, None]
+
+
+# ----------------------------------------------------------------------------- drawing
+def _paint(image: np.ndarray, shape: str, colour: np.ndarray, radius: float, cx: float, cy: float) -> None:
+    """Alpha-blend one object into ``image`` (H x W x 3 uint8) in place."""
+    radius = max(RADIUS_STEP, round(radius / RADIUS_STEP) * RADIUS_STEP)
+    alpha = _alpha_mask(shape, radius)
+    n = alpha.shape[0]
+    x0, y0 = int(round(cx - n / 2)), int(round(cy - n / 2))
+    h, w = image.shape[:2]
+    # clip the box to the image (objects are placed inside, but stay safe for any input)
+    ax0, ay0 = max(0, -x0), max(0, -y0)
+    ax1, ay1 = min(n, w - x0), min(n, h - y0)
+    if ax1 <= ax0 or ay1 <= ay0:
+        return
+    a = alpha[ay0:ay1, ax0:ax1]
+    region = image[y0 + ay0 : y0 + ay1, x0 + ax0 : x0 + ax1]
+    base = region.astype(np.float32)
+    region[...] = (base + (colour - base) * a + 0.5).astype(np.uint8)
+
+
+@lru_cache(maxsize=16)
+def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel-centre coordinates in [-1, 1] (x along columns, y along rows)."""
+    t = (np.arange(size, dtype=np.float32) + 0.5) / size * 2 - 1
+    return t[None, :], t[:, None]
+
+
+def _fill_background(image: np.ndarray, rng: np.random.Generator, textured: bool) -> None:
+    """Plain grey, or (if ``textured``) a low-contrast grey gradient, stripes, checks or noise."""
+    grey = float(rng.uniform(25, 75))
+    if not textured:
+        image[...] = int(grey)
+        return
+    size = image.shape[0]
+    x, y = _grid(size)
+    kind = int(rng.integers(4))
+    angle = rng.uniform(0, 2 * math.pi)
+    along = x * math.cos(angle) + y * math.sin(angle)  # coordinate along a random direction
+    if kind == 0:  # linear gradient
+        field = along * rng.uniform(15, 30)
+    elif kind == 1:  # stripes
+        field = np.sin(along * rng.uniform(6, 14) * math.pi) * rng.uniform(8, 16)
+    elif kind == 2:  # checks
+        freq = rng.uniform(3, 7) * math.pi
+        field = np.sign(np.sin(x * freq) * np.sin(y * freq)) * rng.uniform(6, 12)
+    else:  # pixel noise
+        field = rng.normal(0, rng.uniform(5, 12), size=(size, size)).astype(np.float32)
+    image[...] = np.clip(grey + field, 0, 255).astype(np.uint8)[:, :, None]
+
+
+def _jittered_colour(colour: str, rng: np.random.Generator) -> np.ndarray:
+    # small per-channel jitter so the model learns colour names, not exact RGB triples
+    rgb = np.asarray(COLOURS[colour], dtype=np.float32) + rng.uniform(-15, 15, size=3).astype(np.float32)
+    return np.clip(rgb, 0, 255)
+
+
+def _grid_centre(size: int, radius: float, col: int, row: int, rng: np.random.Generator) -> tuple[float, float]:
+    """Object centre for a 3x3 grid cell: sides hug the border, centre sits in the middle."""
+    margin = 0.04 * size
+
+    def along(cell: int) -> float:
+        if cell == 0:
+            return size / 2 + rng.uniform(-0.05, 0.05) * size
+        offset = radius + margin + rng.uniform(0, 0.05) * size
+        return offset if cell < 0 else size - offset
+
+    return along(col), along(row)
+
+
+# ----------------------------------------------------------------------------- dataset
+class ShapesDataset:
+    """One split of the shapes data; ``sample(i)`` is a pure function of ``(seed, split, i)``."""
+
+    def __init__(self, cfg: ShapesConfig, image_size: int, seed: int, split: Split = "train"):
+        if split not in SPLIT_TAGS:
+            raise ValueError(f"unknown shapes split '{split}'; expected one of {list(SPLIT_TAGS)}")
+        if image_size < 16:
+            raise ValueError(f"shapes images need image_size >= 16 to stay recognisable, got {image_size}")
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
+        self.cfg = cfg
+        self.image_size = image_size
+        self.seed = seed
+        self.split = split
+        self.held_out = held_out_pairs(cfg)
+        self.train_classes = [k for k in range(len(class_names())) if k not in self.held_out]
+        if split == "unseen":
+            self.classes = sorted(self.held_out)
+        else:
+            self.classes = list(self.train_classes)
+
+    def __len__(self) -> int:
+        if self.split == "train":
+            raise TypeError("the shapes train split is an unbounded index space and has no length")
+        return len(self.classes) * self.cfg.eval_samples_per_class
+
+    def __repr__(self) -> str:
+        return f"ShapesDataset(split={self.split!r}, image_size={self.image_size}, seed={self.seed})"
+
+    def label_of(self, index: int) -> int:
+        """Label of eval sample ``index`` without rendering it (train labels need the rng)."""
+        if self.split == "train":
+            return self.sample(index)[2]
+        return self.classes[index // self.cfg.eval_samples_per_class]
+
+    def sample(self, index: int) -> tuple[np.ndarray, str, int]:
+        image = np.empty((self.image_size, self.image_size, 3), dtype=np.uint8)
+        caption, label = self._draw(image, index)
+        return image, caption, label
+
+    def render_batch(self, indices) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+        """Render many samples into one uint8 N x 3 x H x W tensor (plus captions, labels)."""
+        indices = [int(i) for i in indices]
+        images = np.empty((len(indices), self.image_size, self.image_size, 3), dtype=np.uint8)
+        captions, labels = [], []
+        for row, index in enumerate(indices):
+            caption, label = self._draw(images[row], index)
+            captions.append(caption)
+            labels.append(label)
+        pixels = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+        return pixels, captions, torch.tensor(labels, dtype=torch.long)
+
+    # The drawing itself: choose the scene from the sample's own rng, paint it, caption it.
+    def _draw(self, image: np.ndarray, index: int) -> tuple[str, int]:
+        if index < 0:
+            raise IndexError(f"sample index must be >= 0, got {index}")
+        if self.split == "train":
+            rng = np.random.default_rng([self.seed, SPLIT_TAGS["train"], index])
+            label = self.train_classes[int(rng.integers(len(self.train_classes)))]
+            two_objects = rng.random() < self.cfg.two_objects_prob
+        else:
+            if index >= len(self):
+                raise IndexError(f"index {index} out of range for the {self.split} split of length {len(self)}")
+            rng = np.random.default_rng([self.seed, SPLIT_TAGS[self.split], index])
+            label = self.classes[index // self.cfg.eval_samples_per_class]
+            two_objects = False  # eval images show exactly the labelled object
+        _fill_background(image, rng, textured=rng.random() < self.cfg.textured_background_prob)
+        if two_objects:
+            caption = self._draw_pair(image, rng, label)
+        else:
+            caption = self._draw_single(image, rng, label)
+        return caption, label
+
+    def _draw_single(self, image: np.ndarray, rng: np.random.Generator, label: int) -> str:
+        colour, shape = _split_label(label)
+        size = SIZES[int(rng.integers(len(SIZES)))]
+        position = list(POSITIONS)[int(rng.integers(len(POSITIONS)))]
+        radius = RADIUS_FRACTION[size] * self.image_size * rng.uniform(0.92, 1.08)
+        cx, cy = _grid_centre(self.image_size, radius, *POSITIONS[position], rng)
+        _paint(image, shape, _jittered_colour(colour, rng), radius, cx, cy)
+        template = SINGLE_TEMPLATES[int(rng.integers(len(SINGLE_TEMPLATES)))]
+        phrases = POSITION_PHRASES[position]
+        return _fill_single(template, colour, shape, size, phrases[int(rng.integers(len(phrases)))])
+
+    def _draw_pair(self, image: np.ndarray, rng: np.random.Generator, label: int) -> str:
+        """Main object plus a second (trained) pair on the opposite side, both small."""
+        others = [k for k in self.train_classes if k != label]
+        second = others[int(rng.integers(len(others)))]
+        relation = list(RELATIONS)[int(rng.integers(len(RELATIONS)))]
+        side, axis = RELATIONS[relation]
+        size = self.image_size
+        for which, (obj, obj_side) in enumerate(((label, side), (second, -side))):
+            colour, shape = _split_label(obj)
+            radius = RADIUS_FRACTION["small"] * size * rng.uniform(0.92, 1.08)
+            cell = (obj_side, 0) if axis == 0 else (0, obj_side)
+            cx, cy = _grid_centre(size, radius, *cell, rng)
+            # shift across the axis a little so pairs are not always perfectly aligned
+            if axis == 0:
+                cy += rng.uniform(-0.12, 0.12) * size
+            else:
+                cx += rng.uniform(-0.12, 0.12) * size
+            _paint(image, shape, _jittered_colour(colour, rng), radius, cx, cy)
+        template = PAIR_TEMPLATES[int(rng.integers(len(PAIR_TEMPLATES)))]
+        return _fill_pair(template, _split_label(label), _split_label(second), relation)
+
+    def caption_corpus(self, n: int) -> list[str]:
+        """Captions for tokenizer training: every word any split can produce, then random fill.
+
+        Uses all pairs, held-out ones included (their words are known; only the combinations
+        are withheld from images). Returns ``max(n, number of coverage captions)`` captions.
+        """
+        corpus = _coverage_captions()
+        rng = np.random.default_rng([self.seed, 99])
+        n_classes = len(class_names())
+        while len(corpus) < n:
+            label = int(rng.integers(n_classes))
+            if rng.random() < 0.25:
+                second = int(rng.integers(n_classes))
+                relation = list(RELATIONS)[int(rng.integers(len(RELATIONS)))]
+                template = PAIR_TEMPLATES[int(rng.integers(len(PAIR_TEMPLATES)))]
+                corpus.append(_fill_pair(template, _split_label(label), _split_label(second), relation))
+            else:
+                colour, shape = _split_label(label)
+                template = SINGLE_TEMPLATES[int(rng.integers(len(SINGLE_TEMPLATES)))]
+                size = SIZES[int(rng.integers(len(SIZES)))]
+                phrases = POSITION_PHRASES[list(POSITIONS)[int(rng.integers(len(POSITIONS)))]]
+                corpus.append(_fill_single(template, colour, shape, size, phrases[int(rng.integers(len(phrases)))]))
+        return corpus
+
+
+def _split_label(label: int) -> tuple[str, str]:
+    colour_index, shape_index = divmod(label, len(SHAPES))
+    return list(COLOURS)[colour_index], SHAPES[shape_index]
+
+
+def _fill_single(template: str, colour: str, shape: str, size: str, position_phrase: str) -> str:
+    # the article agrees with whatever word follows it: the size if present, else the colour
+    next_word = size if "{a} {z}" in template else colour
+    return template.format(a=_article(next_word), c=colour, s=shape, z=size, p=position_phrase)
+
+
+def _fill_pair(template: str, first: tuple[str, str], second: tuple[str, str], relation: str) -> str:
+    return template.format(
+        a1=_article(first[0]), c1=first[0], s1=first[1], r=relation,
+        a2=_article(second[0]), c2=second[0], s2=second[1],
+    )
+
+
+def _coverage_captions() -> list[str]:
+    """A deterministic list that uses every class, template, size, position phrase and relation."""
+    names = class_names()
+    phrases = [p for options in POSITION_PHRASES.values() for p in options]
+    out = []
+    for k in range(len(names)):
+        colour, shape = _split_label(k)
+        template = SINGLE_TEMPLATES[k % len(SINGLE_TEMPLATES)]
+        out.append(_fill_single(template, colour, shape, SIZES[k % len(SIZES)], phrases[k % len(phrases)]))
+    # make sure every template is used with both sizes and every phrase appears at least once
+    for k, phrase in enumerate(phrases):
+        colour, shape = _split_label(k % len(names))
+        out.append(_fill_single("{a} {z} {c} {s} {p}", colour, shape, SIZES[k % len(SIZES)], phrase))
+    for k, relation in enumerate(RELATIONS):
+        template = PAIR_TEMPLATES[k % len(PAIR_TEMPLATES)]
+        out.append(_fill_pair(template, _split_label(k), _split_label(len(names) - 1 - k), relation))
+    return out

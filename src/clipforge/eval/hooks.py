@@ -1,0 +1,61 @@
+"""The built-in evaluation on the training data, run by the trainer every N steps and at the end.
+
+For ``shapes``: zero-shot top-1/top-5 over ALL colour-shape classes, separately on images of seen
+compositions and of unseen (held-out) compositions, plus caption retrieval on each split.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from clipforge.config import Recipe
+from clipforge.eval.retrieval import retrieval_metrics
+from clipforge.eval.templates import TEMPLATE_SETS
+from clipforge.eval.zeroshot import classification_metrics, zero_shot_classifier
+
+
+@torch.no_grad()
+def embed_split(model, tokenizer, dataset, batch_size: int):
+    """Image embeddings, caption embeddings and labels of a finite eval split."""
+    from clipforge.data.loader import eval_batches
+
+    device = next(model.parameters()).device
+    images, texts, labels = [], [], []
+    for batch in eval_batches(dataset, batch_size, tokenizer):
+        images.append(model.encode_image(batch["images"].to(device)).float())
+        texts.append(model.encode_text(batch["input_ids"].to(device), batch["attention_mask"].to(device)).float())
+        labels.append(batch["labels"])
+    return torch.cat(images), torch.cat(texts), torch.cat(labels).to(device)
+
+
+@torch.no_grad()
+def evaluate_shapes(model, tokenizer, recipe: Recipe, with_predictions: bool = False) -> dict:
+    from clipforge.data.loader import build_eval_set
+    from clipforge.data.synthetic import class_names
+
+    names = class_names()
+    classifier = zero_shot_classifier(model, tokenizer, names, TEMPLATE_SETS["shapes"])
+    out: dict = {}
+    for split in ("seen", "unseen"):
+        dataset = build_eval_set(recipe.data, recipe.model.image_size, split)
+        img, txt, labels = embed_split(model, tokenizer, dataset, recipe.eval.batch_size)
+        logits = img @ classifier.T
+        for k, v in classification_metrics(logits, labels, len(names)).items():
+            out[f"zeroshot/{split}/{k}"] = v
+        for k, v in retrieval_metrics(img, txt, torch.arange(len(txt), device=txt.device), ks=(1, 5)).items():
+            out[f"retrieval/{split}/{k}"] = v
+        if with_predictions:
+            out[f"predictions/{split}"] = (logits.argmax(1).cpu(), labels.cpu())
+    return out
+
+
+def default_eval_hooks(recipe: Recipe) -> list[Callable]:
+    if recipe.data.train != "shapes":
+        return []
+
+    def shapes_hook(model, tokenizer, step):
+        return evaluate_shapes(model, tokenizer, recipe)
+
+    return [shapes_hook]
