@@ -72,6 +72,42 @@ def train(
         console.print(f"done: {result.step} steps; checkpoint {where}")
 
 
+@app.command()
+def demo(
+    run_dir: Path = typer.Option(Path("runs/demo"), "--run-dir", help="Where the demo run goes (replaced if it exists)."),
+    minutes: float = typer.Option(5.0, "--minutes", help="Wall-clock budget for training."),
+    set_: list[str] = typer.Option([], "--set", help="Override a tiny-shapes recipe value (repeatable)."),
+) -> None:
+    """Train tiny-shapes on the CPU within a time budget, evaluate, and write report.html."""
+    from clipforge.demo import run_demo
+
+    summary = run_demo(run_dir, minutes, set_)
+    _print_summary(summary)
+
+
+def _print_summary(summary: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"clipforge demo: {summary['steps']} steps in {summary['train_and_eval_seconds']:.0f} s")
+    table.add_column("compositions")
+    for col in ("zero-shot top-1", "top-5", "text->image R@1", "image->text R@1"):
+        table.add_column(col, justify="right")
+    for split in ("seen", "unseen"):
+        keys = (f"zeroshot/{split}/acc1", f"zeroshot/{split}/acc5",
+                f"retrieval/{split}/image_retrieval_recall@1", f"retrieval/{split}/text_retrieval_recall@1")
+        table.add_row(split, *(f"{100 * summary[k]:.1f}%" if k in summary else "-" for k in keys))
+    Console().print(table)
+    console.print(f"report: {summary['report']}   metrics: {Path(summary['report']).parent / 'eval.json'}")
+
+
+@app.command()
+def report(run_dir: Path = typer.Argument(..., help="A run directory written by `clipforge train`.")) -> None:
+    """(Re)build the self-contained HTML report of a run."""
+    from clipforge.eval.report import write_report
+
+    typer.echo(str(write_report(run_dir)))
+
+
 def _default_eval_hooks(recipe) -> list:
     """The built-in evaluation for the training data (if the evaluation module provides one)."""
     try:

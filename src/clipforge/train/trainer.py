@@ -90,7 +90,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
 def build_optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
     o = recipe.optim
     return torch.optim.AdamW(
-        param_groups(model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps, foreach=True
+        param_groups(model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps, fused=True
     )
 
 

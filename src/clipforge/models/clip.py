@@ -1,0 +1,147 @@
+"""CLIP: an image tower and a text tower projected into one embedding space.
+
+    images (uint8 or normalised float) -> ViT -> pooled N×Wv -> image_projection -> L2 norm -> N×E
+    input_ids (+ attention_mask)       -> text transformer -> pooled N×Wt -> text_projection -> L2 norm -> N×E
+
+plus the learnable logit scale t = exp(logit_scale) (and SigLIP's logit bias). The objective turns
+these into a loss. Methods that need more than embeddings ask for it by name with ``need``.
+
+The state dict holds plain, unshared tensors, so ``CLIP(ModelConfig(**cfg)).load_state_dict(...)``
+round-trips through safetensors.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clipforge.config import ModelConfig
+from clipforge.models.text import TextTransformer
+from clipforge.models.vit import VisionTransformer
+
+# extras a caller may ask forward() for
+EXTRAS = frozenset({"image_tokens", "text_tokens", "cls_attention", "kept_indices"})
+
+
+class CLIP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.visual = VisionTransformer(
+            image_size=cfg.image_size,
+            patch_size=cfg.patch_size,
+            width=cfg.vision_width,
+            layers=cfg.vision_layers,
+            heads=cfg.vision_heads,
+            mlp_ratio=cfg.mlp_ratio,
+            pool=cfg.vision_pool,
+            patch_dropout=cfg.patch_dropout,
+        )
+        self.text = TextTransformer(
+            vocab_size=cfg.vocab_size,
+            context_length=cfg.context_length,
+            width=cfg.text_width,
+            layers=cfg.text_layers,
+            heads=cfg.text_heads,
+            mlp_ratio=cfg.mlp_ratio,
+        )
+        self.image_projection = nn.Linear(cfg.vision_width, cfg.embed_dim, bias=False)
+        self.text_projection = nn.Linear(cfg.text_width, cfg.embed_dim, bias=False)
+        nn.init.normal_(self.image_projection.weight, std=cfg.vision_width**-0.5)
+        nn.init.normal_(self.text_projection.weight, std=cfg.text_width**-0.5)
+
+        # ln of the logit scale t; the trainer keeps t <= logit_scale_max via clamp_logit_scale_()
+        self.logit_scale = nn.Parameter(torch.tensor(float(cfg.logit_scale_init)))
+        if cfg.logit_bias_init is not None:
+            self.logit_bias = nn.Parameter(torch.tensor(float(cfg.logit_bias_init)))
+        else:
+            self.logit_bias = None
+
+        # preprocessing constants come from the config, so they stay out of the state dict
+        self.register_buffer("image_mean", torch.tensor(cfg.image_mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("image_std", torch.tensor(cfg.image_std).view(1, 3, 1, 1), persistent=False)
+
+    # ------------------------------------------------------------------ helpers
+    @torch.no_grad()
+    def clamp_logit_scale_(self) -> None:
+        """Clamp ln t to [0, ln logit_scale_max] in place; call after every optimiser step."""
+        self.logit_scale.clamp_(0.0, math.log(self.cfg.logit_scale_max))
+
+    def num_params(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    def normalize_images(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 N×3×H×W in [0, 255] -> float, scaled to [0, 1], mean/std normalised.
+        Float input is assumed to be normalised already and passes through unchanged."""
+        if images.dtype != torch.uint8:
+            return images
+        x = images.to(self.image_mean.dtype).div_(255.0)
+        return (x - self.image_mean) / self.image_std
+
+    # ------------------------------------------------------------------ encoders
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """L2-normalised image embeddings N×E (random patch dropout applies in training mode)."""
+        pooled = self.visual(self.normalize_images(images))["pooled"]
+        return F.normalize(self.image_projection(pooled), dim=-1)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """L2-normalised text embeddings N×E, read at the end-of-text token."""
+        pooled = self.text(input_ids, attention_mask)["pooled"]
+        return F.normalize(self.text_projection(pooled), dim=-1)
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        images: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        need: Iterable[str] = frozenset(),
+        keep_indices: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor | list[torch.Tensor]]:
+        """Embeddings and logit scale; extras only when named in ``need``:
+
+        - "image_tokens": N×K×Wv patch tokens after the final LayerNorm, before projection
+        - "text_tokens":  N×L×Wt token features after the final LayerNorm, before projection
+        - "cls_attention": list (one per layer) of N×H×K attention from the class token to patches
+          (computed with explicit softmax, slower; the default path uses fused SDPA)
+        - "kept_indices": N×K indices of the patches the ViT saw (all patches when none dropped)
+
+        ``keep_indices`` (N×K) selects patches explicitly, e.g. A-CLIP's attentive masking.
+        """
+        need = frozenset(need)
+        unknown = need - EXTRAS
+        if unknown:
+            raise ValueError(f"unknown extras {sorted(unknown)}; available: {sorted(EXTRAS)}")
+
+        vision = self.visual(
+            self.normalize_images(images),
+            keep_indices=keep_indices,
+            return_tokens="image_tokens" in need,
+            return_cls_attention="cls_attention" in need,
+        )
+        text = self.text(input_ids, attention_mask, return_tokens="text_tokens" in need)
+
+        out: dict[str, torch.Tensor | list[torch.Tensor]] = {
+            "image_embeds": F.normalize(self.image_projection(vision["pooled"]), dim=-1),
+            "text_embeds": F.normalize(self.text_projection(text["pooled"]), dim=-1),
+            "logit_scale": self.logit_scale.exp(),
+        }
+        if self.logit_bias is not None:
+            out["logit_bias"] = self.logit_bias
+        if "image_tokens" in need:
+            out["image_tokens"] = vision["tokens"]
+        if "text_tokens" in need:
+            out["text_tokens"] = text["tokens"]
+        if "cls_attention" in need:
+            out["cls_attention"] = vision["cls_attention"]
+        if "kept_indices" in need:
+            kept = vision.get("kept_indices")
+            if kept is None:  # nothing dropped: every patch, in order
+                n = out["image_embeds"].shape[0]
+                kept = torch.arange(self.visual.num_patches, device=images.device).expand(n, -1)
+            out["kept_indices"] = kept
+        return out

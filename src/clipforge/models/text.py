@@ -1,0 +1,64 @@
+"""The text tower: a causal transformer pooled at the end-of-text token, as in CLIP.
+
+Shapes: N = batch, L = sequence length (<= context length), W = width.
+
+Captions are right-padded. With causal attention a real token only sees tokens before it, so it
+never sees padding and no padding mask is needed; the pooled feature is read at the last real
+token (end-of-text), position ``attention_mask.sum(1) - 1``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from clipforge.models.vit import Block, init_blocks_
+
+
+class TextTransformer(nn.Module):
+    """Token ids N×L -> pooled feature N×W (plus per-token features on request)."""
+
+    def __init__(
+        self, vocab_size: int, context_length: int, width: int, layers: int, heads: int, mlp_ratio: float = 4.0
+    ):
+        super().__init__()
+        self.context_length = context_length
+        self.token_embed = nn.Embedding(vocab_size, width)
+        self.pos_embed = nn.Parameter(torch.zeros(context_length, width))
+        self.blocks = nn.ModuleList([Block(width, heads, mlp_ratio) for _ in range(layers)])
+        self.ln_final = nn.LayerNorm(width)
+        self.init_weights_()
+
+    def init_weights_(self) -> None:
+        nn.init.normal_(self.token_embed.weight, std=0.02)
+        nn.init.normal_(self.pos_embed, std=0.01)
+        init_blocks_(self.blocks, self.pos_embed.shape[1])
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        return_tokens: bool = False,
+    ) -> dict[str, torch.Tensor]:
+        """Returns {"pooled": N×W} and, when asked, "tokens": N×L×W after the final LayerNorm
+        (positions after end-of-text are padding and carry no meaning)."""
+        n, length = input_ids.shape
+        if length > self.context_length:
+            raise ValueError(
+                f"input_ids has {length} tokens but the model's context length is {self.context_length}"
+            )
+        x = self.token_embed(input_ids) + self.pos_embed[:length]  # N×L×W
+        for block in self.blocks:
+            x, _ = block(x, is_causal=True)
+        x = self.ln_final(x)
+
+        if attention_mask is None:
+            eot = torch.full((n,), length - 1, device=x.device)
+        else:
+            eot = (attention_mask.long().sum(dim=1) - 1).clamp(min=0)  # index of the last real token
+        pooled = x[torch.arange(n, device=x.device), eot]  # N×W
+
+        out = {"pooled": pooled}
+        if return_tokens:
+            out["tokens"] = x
+        return out

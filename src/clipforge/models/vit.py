@@ -1,0 +1,208 @@
+"""The image tower: a plain Vision Transformer (ViT), as in CLIP.
+
+Read top to bottom: the transformer pieces (attention, MLP, block) that the text tower reuses,
+FLIP's random token selection, then the ViT itself.
+
+Shapes: N = batch, P = patches per image, K = kept patches (P unless patches are dropped),
+T = tokens seen by the transformer (K, plus 1 with a class token), W = width, H = heads, D = W / H.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+# ----------------------------------------------------------------------------- transformer pieces
+class Attention(nn.Module):
+    """Multi-head self-attention with one fused QKV projection.
+
+    The fast path is ``F.scaled_dot_product_attention``. The explicit path (softmax written out)
+    is only taken when a caller asks for the attention weights, e.g. A-CLIP's class-token attention.
+    """
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.head_dim = width // heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(
+        self, x: torch.Tensor, is_causal: bool = False, return_weights: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        n, t, w = x.shape
+        # N×T×3W -> 3 × N×H×T×D (views, no copy)
+        q, k, v = self.qkv(x).view(n, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        if return_weights:
+            scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))  # N×H×T×T
+            if is_causal:
+                future = torch.ones(t, t, dtype=torch.bool, device=x.device).triu(1)
+                scores = scores.masked_fill(future, float("-inf"))
+            weights = scores.softmax(dim=-1)
+            out = weights @ v
+        else:
+            weights = None
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
+        out = out.transpose(1, 2).reshape(n, t, w)  # N×H×T×D -> N×T×W
+        return self.proj(out), weights
+
+
+class MLP(nn.Module):
+    def __init__(self, width: int, hidden: int):
+        super().__init__()
+        self.fc = nn.Linear(width, hidden)
+        self.proj = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.gelu(self.fc(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width)
+        self.attn = Attention(width, heads)
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = MLP(width, int(width * mlp_ratio))
+
+    def forward(
+        self, x: torch.Tensor, is_causal: bool = False, return_weights: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        attn_out, weights = self.attn(self.ln_1(x), is_causal=is_causal, return_weights=return_weights)
+        x = x + attn_out
+        x = x + self.mlp(self.ln_2(x))
+        return x, weights
+
+
+def init_blocks_(blocks: nn.ModuleList, width: int) -> None:
+    """CLIP/OpenCLIP initialisation: residual-branch outputs shrink with depth (GPT-2 style)."""
+    layers = len(blocks)
+    attn_std = width**-0.5
+    proj_std = width**-0.5 * (2 * layers) ** -0.5
+    fc_std = (2 * width) ** -0.5
+    for block in blocks:
+        nn.init.normal_(block.attn.qkv.weight, std=attn_std)
+        nn.init.normal_(block.attn.proj.weight, std=proj_std)
+        nn.init.normal_(block.mlp.fc.weight, std=fc_std)
+        nn.init.normal_(block.mlp.proj.weight, std=proj_std)
+        for linear in (block.attn.qkv, block.attn.proj, block.mlp.fc, block.mlp.proj):
+            nn.init.zeros_(linear.bias)
+
+
+# ----------------------------------------------------------------------------- token selection
+def random_keep_indices(
+    batch: int,
+    num_patches: int,
+    drop_ratio: float,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """FLIP: a different random subset of patches per sample -> N×K LongTensor, K = int(P·(1-r)).
+
+    Noise + argsort gives a uniform random subset; the kept indices are sorted so that tokens stay
+    in raster order (order does not matter to attention, it only makes outputs easier to read).
+    """
+    if not 0.0 <= drop_ratio < 1.0:
+        raise ValueError(f"drop_ratio must be in [0, 1), got {drop_ratio}")
+    num_keep = max(1, int(num_patches * (1.0 - drop_ratio)))
+    gen_device = generator.device if generator is not None else device
+    noise = torch.rand(batch, num_patches, generator=generator, device=gen_device)
+    keep = noise.argsort(dim=1)[:, :num_keep].sort(dim=1).values
+    return keep.to(device) if device is not None else keep
+
+
+# ----------------------------------------------------------------------------- the tower
+class VisionTransformer(nn.Module):
+    """Normalised images N×3×S×S -> pooled feature N×W (plus tokens / attention maps on request)."""
+
+    def __init__(
+        self,
+        image_size: int,
+        patch_size: int,
+        width: int,
+        layers: int,
+        heads: int,
+        mlp_ratio: float = 4.0,
+        pool: str = "cls",
+        patch_dropout: float = 0.0,
+    ):
+        super().__init__()
+        if pool not in ("cls", "mean"):
+            raise ValueError(f"pool must be 'cls' or 'mean', got {pool!r}")
+        self.pool = pool
+        self.patch_dropout = patch_dropout
+        self.grid = image_size // patch_size
+        self.num_patches = self.grid**2
+        # a conv with stride = kernel = patch size is a linear map of each flattened patch
+        self.patch_embed = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
+        self.class_token = nn.Parameter(torch.zeros(width)) if pool == "cls" else None
+        num_positions = self.num_patches + (1 if pool == "cls" else 0)
+        self.pos_embed = nn.Parameter(torch.zeros(num_positions, width))  # class token first, if any
+        self.ln_pre = nn.LayerNorm(width)  # as in CLIP; keeps OpenCLIP weights convertible
+        self.blocks = nn.ModuleList([Block(width, heads, mlp_ratio) for _ in range(layers)])
+        self.ln_post = nn.LayerNorm(width)
+        self.init_weights_()
+
+    def init_weights_(self) -> None:
+        width = self.pos_embed.shape[1]
+        scale = width**-0.5  # CLIP's ViT init for class and positional embeddings
+        if self.class_token is not None:
+            nn.init.normal_(self.class_token, std=scale)
+        nn.init.normal_(self.pos_embed, std=scale)
+        init_blocks_(self.blocks, width)
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        keep_indices: torch.Tensor | None = None,
+        return_tokens: bool = False,
+        return_cls_attention: bool = False,
+    ) -> dict[str, torch.Tensor | list[torch.Tensor]]:
+        """Returns {"pooled": N×W} and, when asked, "tokens" (N×K×W, after the final LayerNorm),
+        "cls_attention" (per layer N×H×K: class token -> kept patches) and "kept_indices" (N×K).
+
+        Patches are dropped when ``keep_indices`` is given, or at random (FLIP) in training mode
+        with ``patch_dropout > 0``. Eval mode never drops at random.
+        """
+        if return_cls_attention and self.class_token is None:
+            raise ValueError("cls_attention needs a class token: set model.vision_pool = 'cls'")
+        x = self.patch_embed(images).flatten(2).transpose(1, 2)  # N×W×g×g -> N×P×W
+        n, p, w = x.shape
+        has_cls = self.class_token is not None
+        # positions are added BEFORE selection, so kept tokens carry their original embedding
+        x = x + self.pos_embed[int(has_cls):]
+        if keep_indices is None and self.training and self.patch_dropout > 0:
+            keep_indices = random_keep_indices(n, p, self.patch_dropout, device=x.device)
+        if keep_indices is not None:
+            x = x.gather(1, keep_indices.unsqueeze(-1).expand(-1, -1, w))  # N×K×W
+        if has_cls:
+            cls = (self.class_token + self.pos_embed[0]).expand(n, 1, w)
+            x = torch.cat([cls, x], dim=1)  # N×(1+K)×W
+        x = self.ln_pre(x)
+
+        cls_attention = []
+        for block in self.blocks:
+            x, weights = block(x, return_weights=return_cls_attention)
+            if return_cls_attention:
+                cls_attention.append(weights[:, :, 0, 1:])  # N×H×K: class-token row, patch columns
+
+        x = self.ln_post(x)
+        if has_cls:
+            pooled, tokens = x[:, 0], x[:, 1:]
+        else:
+            pooled, tokens = x.mean(dim=1), x
+
+        out: dict[str, torch.Tensor | list[torch.Tensor]] = {"pooled": pooled}
+        if return_tokens:
+            out["tokens"] = tokens
+        if return_cls_attention:
+            out["cls_attention"] = cls_attention
+        if keep_indices is not None:
+            out["kept_indices"] = keep_indices
+        return out
