@@ -194,7 +194,7 @@ RECIPE_PACKAGE = "clipforge.recipes"
 def available_recipes() -> dict[str, str]:
     """Shipped recipe names -> one-line description."""
     out = {}
-    for entry in sorted(resources.files(RECIPE_PACKAGE).iterdir(), key=lambda p: p.name):
+    for entry in sorted(resources.files(RECIPE_PACKAGE).iterdir(), key=lambda p: p.name.removesuffix(".toml")):
         if entry.name.endswith(".toml"):
             raw = tomllib.loads(entry.read_text())
             out[entry.name[: -len(".toml")]] = raw.get("description", "")

@@ -59,8 +59,8 @@ def run_demo(run_dir: str | Path = "runs/demo", minutes: float = 5.0, overrides:
         shutil.rmtree(run_dir)  # the demo always starts fresh
     recipe = load_recipe(recipe_name, overrides)
     seconds_per_step = time_one_step(recipe)
-    # leave ~8% of the budget for data start-up, periodic evaluation and checkpoints
-    steps = max(20, int(0.92 * 60 * minutes / seconds_per_step))
+    # leave ~15% of the budget for data start-up, periodic evaluation, checkpoints and load noise
+    steps = max(20, int(0.85 * 60 * minutes / seconds_per_step))
     every = max(1, steps // evals_during_training)
     recipe = load_recipe(recipe_name, [
         *(overrides or []),

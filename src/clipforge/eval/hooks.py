@@ -1,7 +1,7 @@
 """The built-in evaluation on the training data, run by the trainer every N steps and at the end.
 
 For ``shapes``: zero-shot top-1/top-5 over ALL colour-shape classes, separately on images of seen
-compositions and of unseen (held-out) compositions, plus caption retrieval on each split.
+compositions and of unseen (held-out) compositions, plus class-level caption retrieval on each split.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 
 from clipforge.config import Recipe
-from clipforge.eval.retrieval import retrieval_metrics
+from clipforge.eval.retrieval import streaming_topk
 from clipforge.eval.templates import TEMPLATE_SETS
 from clipforge.eval.zeroshot import classification_metrics, zero_shot_classifier
 
@@ -30,6 +30,22 @@ def embed_split(model, tokenizer, dataset, batch_size: int):
     return torch.cat(images), torch.cat(texts), torch.cat(labels).to(device)
 
 
+def class_retrieval_metrics(img: torch.Tensor, txt: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict:
+    """Recall@k where a retrieved item counts if it shows / names the same colour-shape class.
+
+    Eval captions repeat ("a red circle" describes many images), so exact-pair recall would
+    punish the model for ties between identical texts; class-level recall does not.
+    """
+    kmax = max(ks)
+    t2i = labels[streaming_topk(txt, img, kmax)] == labels[:, None]
+    i2t = labels[streaming_topk(img, txt, kmax)] == labels[:, None]
+    out = {}
+    for k in ks:
+        out[f"image_retrieval_recall@{k}"] = t2i[:, :k].any(1).sum().item() / len(labels)
+        out[f"text_retrieval_recall@{k}"] = i2t[:, :k].any(1).sum().item() / len(labels)
+    return out
+
+
 @torch.no_grad()
 def evaluate_shapes(model, tokenizer, recipe: Recipe, with_predictions: bool = False) -> dict:
     from clipforge.data.loader import build_eval_set
@@ -44,7 +60,7 @@ def evaluate_shapes(model, tokenizer, recipe: Recipe, with_predictions: bool = F
         logits = img @ classifier.T
         for k, v in classification_metrics(logits, labels, len(names)).items():
             out[f"zeroshot/{split}/{k}"] = v
-        for k, v in retrieval_metrics(img, txt, torch.arange(len(txt), device=txt.device), ks=(1, 5)).items():
+        for k, v in class_retrieval_metrics(img, txt, labels, ks=(1, 5)).items():
             out[f"retrieval/{split}/{k}"] = v
         if with_predictions:
             out[f"predictions/{split}"] = (logits.argmax(1).cpu(), labels.cpu())

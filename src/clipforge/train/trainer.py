@@ -34,6 +34,10 @@ from clipforge.train.schedule import lr_at
 EvalHook = Callable[[torch.nn.Module, Any, int], dict[str, float]]
 
 
+# model keys that may change on resume: they do not change the parameters
+RESUMABLE_MODEL_KEYS = {"patch_dropout"}
+
+
 class TrainingError(RuntimeError):
     """The run cannot continue; the message says why and what to do."""
 
@@ -187,8 +191,10 @@ class Trainer:
         device = resolve_device(r)
         if resume_from is not None:
             saved = ckpt.read_config(resume_from)
-            if saved["model"] != r.model.model_dump(mode="json"):
-                diff = [k for k, v in r.model.model_dump(mode="json").items() if saved["model"].get(k) != v]
+            # patch dropout is a training-time knob (FLIP's unmasked tuning resumes with r = 0)
+            now = r.model.model_dump(mode="json")
+            diff = [k for k, v in now.items() if saved["model"].get(k) != v and k not in RESUMABLE_MODEL_KEYS]
+            if diff:
                 raise TrainingError(
                     f"the recipe's model section differs from the checkpoint's ({', '.join(diff)}); "
                     "a resumed run must keep the architecture"
