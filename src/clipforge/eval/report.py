@@ -117,6 +117,7 @@ def retrieval_examples(model, tokenizer, recipe, queries_per_split: int = 4, k: 
     """Text -> image search over the seen+unseen eval images for a few class prompts."""
     from clipforge.data.loader import build_eval_set
     from clipforge.data.synthetic import class_names
+    from clipforge.eval.zeroshot import fill_template
 
     names = class_names()
     device = next(model.parameters()).device
@@ -131,8 +132,9 @@ def retrieval_examples(model, tokenizer, recipe, queries_per_split: int = 4, k: 
     rows = []
     for split in ("unseen", "seen"):
         ds = build_eval_set(recipe.data, recipe.model.image_size, split)
-        for label in sorted(ds.classes)[:queries_per_split]:
-            query = f"a {names[label]}"
+        classes = sorted(ds.classes)
+        for label in classes[:: max(1, len(classes) // queries_per_split)][:queries_per_split]:
+            query = fill_template("a {}", names[label])
             ids, mask = tokenizer([query])
             scores = (img_emb @ model.encode_text(ids.to(device), mask.to(device)).T).squeeze(1)
             top = scores.topk(k).indices.cpu()
