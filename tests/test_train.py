@@ -237,3 +237,16 @@ def test_accumulation_counts_samples(tmp_path):
     Trainer(r, tmp_path / "run").fit()
     state = ckpt.load_train_state(tmp_path / "run" / "checkpoints" / "latest")
     assert state["samples_seen"] == 2 * 2 * 16
+
+
+def test_bf16_autocast_trains_and_reports_finite_loss(tmp_path):
+    r = small_recipe(tmp_path, "train.precision=bf16", steps=2)
+    result = Trainer(r, tmp_path / "run").fit()
+    assert result.step == 2 and math.isfinite(result.metrics["loss"])
+
+
+def test_precision_auto_is_fp32_on_cpu():
+    from clipforge.train.trainer import resolve_precision
+
+    r = load_recipe("tiny-shapes")
+    assert resolve_precision(r, torch.device("cpu")) == torch.float32
