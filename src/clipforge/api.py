@@ -7,6 +7,8 @@ from pathlib import Path
 import torch
 
 from clipforge.data.transforms import EvalPreprocess
+from clipforge.eval.evaluate import evaluate  # noqa: F401  (public: clipforge.evaluate)
+from clipforge.eval.zeroshot import zero_shot_classifier  # noqa: F401  (public: clipforge.zero_shot_classifier)
 from clipforge.train import checkpoint as ckpt
 
 

@@ -1,0 +1,310 @@
+"""Data on disk, named by a spec string ``KIND:PATH``: image folders and caption/label tables.
+
+    imagefolder:DIR   one subfolder per class (DIR/cat/001.jpg); class names from folder names
+    jsonl:FILE        one JSON object per line with an image path (relative to FILE) and either
+                      ``label`` (classification) or ``text``/``caption`` (a string or a list)
+    csv:FILE          the same columns in a CSV file with a header row
+
+This module only *reads the index* (which image files, which labels or captions); decoding
+happens later, in workers, via ``load_image``. ``parse_data_spec`` is shared by every user of
+spec strings (evaluation now; training sources such as ``wds:`` later), which pass the kinds
+they accept.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from PIL import Image, ImageOps
+
+from clipforge.data.transforms import to_rgb
+
+DATA_KINDS = ("imagefolder", "jsonl", "csv")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+IMAGE_COLUMNS = ("image", "filepath", "image_path", "path")  # first one present is used
+CAPTION_COLUMNS = ("text", "caption", "captions")
+LABEL_COLUMN = "label"
+# what Pillow raises on a file it cannot decode (truncated, not an image, absurdly large, missing)
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+
+
+class DataError(ValueError):
+    """Data that cannot be used as given; the message says what is wrong and what to do."""
+
+
+# ----------------------------------------------------------------------------- spec strings
+@dataclass(frozen=True)
+class DataSpec:
+    kind: str
+    path: Path
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.path}"
+
+
+def parse_data_spec(spec: str, kinds: Sequence[str] = DATA_KINDS) -> DataSpec:
+    """``"imagefolder:val"`` -> ``DataSpec("imagefolder", Path("val"))``; unknown kinds list the valid ones."""
+    valid = ", ".join(f"{k}:" for k in kinds)
+    kind, sep, rest = spec.partition(":")
+    if not sep or not rest:
+        raise DataError(
+            f"data spec '{spec}' has no kind prefix; write KIND:PATH with KIND one of {valid} "
+            f"(e.g. {_guess_kind(spec, kinds)}:{spec})"
+        )
+    if kind not in kinds:
+        raise DataError(f"unknown data spec prefix '{kind}:' in '{spec}'; valid prefixes: {valid}")
+    return DataSpec(kind, Path(rest).expanduser())
+
+
+def _guess_kind(path: str, kinds: Sequence[str]) -> str:
+    suffix = Path(path).suffix.lower().lstrip(".")
+    return suffix if suffix in kinds else kinds[0]
+
+
+# ----------------------------------------------------------------------------- image decoding
+def load_image(path: str | Path, size_hint: int | None = None) -> Image.Image:
+    """Decode an image file to RGB, upright (EXIF orientation) and on white where transparent.
+
+    ``size_hint`` lets JPEG decoding skip resolution that a later resize to that size would throw
+    away (Pillow ``draft``); the result's shorter side stays >= ``size_hint``.
+    """
+    with Image.open(path) as image:
+        if size_hint and image.format == "JPEG":
+            image.draft("RGB", _draft_size(image.size, size_hint))
+        image.load()  # decode now, so a truncated file fails here and not in a later transform
+        image = ImageOps.exif_transpose(image)
+        return to_rgb(image)
+
+
+def _draft_size(size: tuple[int, int], shorter_side: int) -> tuple[int, int]:
+    # draft keeps both sides >= the request; ask for the aspect-correct box around the shorter side
+    w, h = size
+    scale = shorter_side / min(w, h)
+    return max(1, round(w * scale)), max(1, round(h * scale))
+
+
+# ----------------------------------------------------------------------------- what was read
+@dataclass
+class ClassificationData:
+    """Image files with integer labels; ``classnames[label]`` is the text used for zero-shot."""
+
+    source: str
+    paths: list[Path]
+    labels: list[int]
+    classnames: list[str]
+    class_ids: list[str] = field(default_factory=list)  # folder names / raw labels, for matching splits
+
+
+@dataclass
+class CaptionData:
+    """Unique image files and their captions; ``text_to_image[j]`` is the image caption j describes."""
+
+    source: str
+    paths: list[Path]
+    captions: list[str]
+    text_to_image: list[int]
+
+
+# ----------------------------------------------------------------------------- image folders
+def read_image_folder(root: Path, classnames_file: Path | None = None) -> ClassificationData:
+    """Index ``root/<class>/**/<image>``; class order = sorted folder names (as torchvision does)."""
+    root = Path(root)
+    if not root.exists():
+        raise DataError(f"image folder not found: {root}")
+    if not root.is_dir():
+        raise DataError(f"imagefolder:{root} is not a directory (imagefolder expects one subfolder per class)")
+    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not class_dirs:
+        raise DataError(
+            f"no class subfolders in {root}; imagefolder expects one subfolder per class, "
+            f"e.g. {root}/cat/001.jpg and {root}/dog/002.jpg"
+        )
+    paths, labels = [], []
+    for label, class_dir in enumerate(class_dirs):
+        files = _image_files(class_dir)
+        if not files:
+            raise DataError(
+                f"class folder {class_dir} has no images (looked for {', '.join(IMAGE_EXTENSIONS)}); "
+                "remove the folder or add images to it"
+            )
+        paths += files
+        labels += [label] * len(files)
+    ids = [d.name for d in class_dirs]
+    names = read_classnames(classnames_file, ids, f"{root} has {len(ids)} class folders") if classnames_file else [
+        folder_to_classname(i) for i in ids
+    ]
+    return ClassificationData(f"imagefolder:{root}", paths, labels, names, ids)
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(
+        p for p in folder.rglob("*")
+        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
+
+
+def folder_to_classname(name: str) -> str:
+    """``"pickup_truck"`` -> ``"pickup truck"``: folder names are identifiers, prompts want words."""
+    return " ".join(name.replace("_", " ").split())
+
+
+def read_name_lines(path: Path) -> list[str]:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"class names file not found: {path}")
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def read_classnames(path: Path, class_ids: Sequence[str], what: str) -> list[str]:
+    """One class name per line, in the order of ``class_ids``; the counts must agree."""
+    names = read_name_lines(path)
+    if len(names) != len(class_ids):
+        preview = ", ".join(class_ids[:5]) + (", ..." if len(class_ids) > 5 else "")
+        raise DataError(
+            f"class names file {path} has {len(names)} names but {what}; write one name per line "
+            f"in sorted class order ({preview})"
+        )
+    return names
+
+
+# ----------------------------------------------------------------------------- tables (jsonl / csv)
+def read_table(spec: DataSpec) -> list[dict[str, Any]]:
+    """Rows of a ``jsonl:`` or ``csv:`` file as dicts; every row remembers its line number."""
+    path = spec.path
+    if not path.exists():
+        raise DataError(f"{spec.kind} file not found: {path}")
+    if not path.is_file():
+        raise DataError(f"{spec.kind}:{path} is a directory; pass the .{spec.kind} file itself")
+    rows = _read_jsonl(path) if spec.kind == "jsonl" else _read_csv(path)
+    if not rows:
+        raise DataError(f"{path} has no rows")
+    return rows
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}, line {lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}, line {lineno}: expected a JSON object, got {type(row).__name__}")
+            rows.append({**row, "_line": lineno})
+    return rows
+
+
+def _read_csv(path: Path) -> list[dict[str, Any]]:
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        # line numbers count the header as line 1
+        return [{**row, "_line": lineno} for lineno, row in enumerate(reader, 2)]
+
+
+def _image_column(rows: list[dict[str, Any]], path: Path) -> str:
+    for col in IMAGE_COLUMNS:
+        if col in rows[0]:
+            return col
+    raise DataError(f"{path}: no image path column; expected one of {', '.join(IMAGE_COLUMNS)} "
+                    f"(found {', '.join(k for k in rows[0] if k != '_line')})")
+
+
+def _image_path(row: dict[str, Any], column: str, table: Path) -> Path:
+    value = row.get(column)
+    if not isinstance(value, str) or not value.strip():
+        raise DataError(f"{table}, line {row['_line']}: empty or missing '{column}'")
+    p = Path(value.strip()).expanduser()
+    return p if p.is_absolute() else table.parent / p  # relative to the table, not to the cwd
+
+
+def read_labelled_table(spec: DataSpec, classnames_file: Path | None = None) -> ClassificationData:
+    """Rows with an image path and a ``label``: class names (strings, sorted) or ids 0..C-1."""
+    rows = read_table(spec)
+    column = _image_column(rows, spec.path)
+    if LABEL_COLUMN not in rows[0]:
+        raise DataError(f"{spec.path}: classification needs a '{LABEL_COLUMN}' column "
+                        f"(found {', '.join(k for k in rows[0] if k != '_line')})")
+    raw = [_label_value(r, spec.path) for r in rows]
+    if all(isinstance(v, int) for v in raw):
+        labels, ids, names = _integer_labels(raw, spec.path, classnames_file)
+    else:
+        ids = sorted({str(v) for v in raw})
+        index = {c: i for i, c in enumerate(ids)}
+        labels = [index[str(v)] for v in raw]
+        names = read_classnames(classnames_file, ids, f"{spec.path} has {len(ids)} distinct labels") \
+            if classnames_file else list(ids)
+    paths = [_image_path(r, column, spec.path) for r in rows]
+    return ClassificationData(str(spec), paths, labels, names, ids)
+
+
+def _label_value(row: dict[str, Any], table: Path) -> int | str:
+    value = row.get(LABEL_COLUMN)
+    if isinstance(value, str):
+        value = value.strip()
+        if value.lstrip("-").isdigit():
+            value = int(value)  # CSV cells are strings; "3" is class id 3
+    if value is None or value == "" or isinstance(value, (bool, float, list, dict)):
+        raise DataError(f"{table}, line {row['_line']}: '{LABEL_COLUMN}' must be a class name or an integer id, got {value!r}")
+    return value
+
+
+def _integer_labels(raw: list[int], table: Path, classnames_file: Path | None):
+    if min(raw) < 0:
+        raise DataError(f"{table}: integer labels must be >= 0 (found {min(raw)})")
+    if classnames_file is None:
+        num = max(raw) + 1
+        return raw, [str(i) for i in range(num)], [str(i) for i in range(num)]
+    names = read_name_lines(classnames_file)
+    if max(raw) >= len(names):
+        raise DataError(f"class names file {classnames_file} has {len(names)} names but {table} "
+                        f"uses label {max(raw)}; integer labels index the names (0..{len(names) - 1})")
+    return raw, [str(i) for i in range(len(names))], names
+
+
+def read_caption_table(spec: DataSpec) -> CaptionData:
+    """Rows with an image path and captions, grouped by image (several rows and/or lists per row)."""
+    rows = read_table(spec)
+    column = _image_column(rows, spec.path)
+    caption_col = next((c for c in CAPTION_COLUMNS if c in rows[0]), None)
+    if caption_col is None:
+        raise DataError(f"{spec.path}: retrieval needs a caption column, one of {', '.join(CAPTION_COLUMNS)} "
+                        f"(found {', '.join(k for k in rows[0] if k != '_line')})")
+    image_index: dict[Path, int] = {}
+    captions, text_to_image = [], []
+    for row in rows:
+        path = _image_path(row, column, spec.path)
+        for caption in _captions_of(row, caption_col, spec.path):
+            captions.append(caption)
+            text_to_image.append(image_index.setdefault(path, len(image_index)))
+    return CaptionData(str(spec), list(image_index), captions, text_to_image)
+
+
+def _captions_of(row: dict[str, Any], column: str, table: Path) -> list[str]:
+    value = row.get(column)
+    texts = value if isinstance(value, list) else [value]
+    if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
+        raise DataError(f"{table}, line {row['_line']}: '{column}' must be a non-empty string or list of strings, got {value!r}")
+    return [t.strip() for t in texts]
+
+
+# ----------------------------------------------------------------------------- entry points
+def read_classification_data(spec: str | DataSpec, classnames_file: Path | None = None) -> ClassificationData:
+    spec = spec if isinstance(spec, DataSpec) else parse_data_spec(spec)
+    if spec.kind == "imagefolder":
+        return read_image_folder(spec.path, classnames_file)
+    return read_labelled_table(spec, classnames_file)
+
+
+def read_caption_data(spec: str | DataSpec) -> CaptionData:
+    spec = spec if isinstance(spec, DataSpec) else parse_data_spec(spec)
+    if spec.kind == "imagefolder":
+        raise DataError(f"retrieval needs captions, which an image folder does not have; "
+                        f"use jsonl:FILE or csv:FILE with an image column and a text or caption column")
+    return read_caption_table(spec)
