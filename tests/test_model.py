@@ -9,6 +9,7 @@ import torch
 
 from clipforge.config import ModelConfig
 from clipforge.models.clip import CLIP
+from clipforge.models.convert import openclip_state_dict_to_ours
 from clipforge.models.vit import random_keep_indices
 
 TINY = dict(
@@ -277,42 +278,6 @@ def test_mean_pooling_has_no_class_token_and_averages_patch_tokens():
 
 
 # ----------------------------------------------------------------------------- peer parity
-def openclip_state_dict_to_ours(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """OpenCLIP ViT/text CLIP weights -> our key names (projections are stored transposed there)."""
-    prefixes = {
-        "visual.conv1.": "visual.patch_embed.",
-        "visual.class_embedding": "visual.class_token",
-        "visual.positional_embedding": "visual.pos_embed",
-        "visual.transformer.resblocks.": "visual.blocks.",
-        "transformer.resblocks.": "text.blocks.",
-        "token_embedding.": "text.token_embed.",
-        "positional_embedding": "text.pos_embed",
-        "ln_final.": "text.ln_final.",
-    }
-    inside_blocks = {
-        ".attn.in_proj_weight": ".attn.qkv.weight",
-        ".attn.in_proj_bias": ".attn.qkv.bias",
-        ".attn.out_proj.": ".attn.proj.",
-        ".mlp.c_fc.": ".mlp.fc.",
-        ".mlp.c_proj.": ".mlp.proj.",
-    }
-    out = {}
-    for key, value in sd.items():
-        if key == "attn_mask":
-            continue
-        if key in ("visual.proj", "text_projection"):  # W×E there, E×W (nn.Linear) here
-            out["image_projection.weight" if key == "visual.proj" else "text_projection.weight"] = value.T.contiguous()
-            continue
-        for old, new in prefixes.items():
-            if key.startswith(old):
-                key = new + key[len(old):]
-                break
-        for old, new in inside_blocks.items():
-            key = key.replace(old, new)
-        out[key] = value
-    return out
-
-
 def test_same_architecture_as_openclip():
     """Converted OpenCLIP weights give the same embeddings: the architectures match op for op."""
     open_clip = pytest.importorskip("open_clip")

@@ -8,8 +8,11 @@ that EOT is still the last real token. The text tower pools at
 - ``BPETokenizer.train(corpus, vocab_size, context_length)`` / ``.save(directory)`` /
   ``BPETokenizer.load(path_to_tokenizer_json, context_length)``; ``tok(texts)``; ``tok.decode(ids)``;
   ``tok.spec()`` (JSON-able, stored in checkpoint ``config.json``).
+- ``ClipBPETokenizer``: OpenAI CLIP's byte-level BPE (49,408 tokens), for weights imported from
+  OpenCLIP; built from ``bpe_simple_vocab_16e6.txt.gz`` (an installed ``open_clip_torch`` or a given
+  file) and then stored as a plain ``tokenizer.json`` in the checkpoint like any other.
 - ``load_tokenizer(spec, directory)`` rebuilds any tokenizer from its spec (dispatch on
-  ``spec["kind"]``; a CLIP-BPE kind for OpenCLIP weights can be added here later).
+  ``spec["kind"]``).
 - ``train_tokenizer_for(data_cfg, context_length)`` trains the BPE on the training data's captions.
 """
 
@@ -139,7 +142,128 @@ class BPETokenizer:
         return f"BPETokenizer(vocab_size={self.vocab_size}, context_length={self.context_length})"
 
 
-TOKENIZER_KINDS = {"bpe": BPETokenizer}
+# ----------------------------------------------------------------------------- CLIP's BPE (OpenCLIP)
+CLIP_SOT, CLIP_EOT = "<start_of_text>", "<end_of_text>"
+CLIP_PAD_ID = 0  # OpenCLIP pads with id 0 (the token "!"); the attention mask tells real from padding
+CLIP_VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
+CLIP_NUM_MERGES = 49152 - 256 - 2  # the merges CLIP uses from that file (the rest were never trained)
+# CLIP's word pattern, applied to lower-cased text; letters, single digits, runs of other symbols
+CLIP_WORD_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+
+
+def byte_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible map from the 256 byte values to printable characters: printable
+    Latin-1 bytes map to themselves, the others to code points from 256 up, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+                 *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    # CLIP's vocabulary lists the printable bytes first, then the remapped ones
+    return {b: table[b] for b in printable} | {b: c for b, c in table.items() if b not in printable}
+
+
+def find_clip_vocab_file(vocab_file: str | Path | None = None) -> Path:
+    """The CLIP BPE merges file: the one given, else the copy inside an installed open_clip_torch."""
+    if vocab_file is not None:
+        path = Path(vocab_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"CLIP BPE vocabulary file not found: {path}")
+        return path
+    try:
+        import importlib.util
+
+        spec = importlib.util.find_spec("open_clip")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is not None and spec.origin:
+        path = Path(spec.origin).parent / CLIP_VOCAB_FILE
+        if path.is_file():
+            return path
+    raise FileNotFoundError(
+        f"the CLIP tokenizer needs {CLIP_VOCAB_FILE}: install open_clip_torch (pip install open_clip_torch) "
+        "or pass the file with --vocab"
+    )
+
+
+def build_clip_bpe(vocab_file: Path) -> Tokenizer:
+    """A ``tokenizers`` Tokenizer that splits text as OpenCLIP's SimpleTokenizer does (lower-case,
+    collapse whitespace, CLIP's word pattern, byte-level BPE with an end-of-word ``</w>``).
+
+    Not reproduced: OpenCLIP also runs ftfy and unescapes HTML entities ("&amp;"), which only
+    changes mojibake or entity-laden text.
+    """
+    import gzip
+
+    lines = gzip.open(vocab_file).read().decode("utf-8").split("\n")
+    merges = [tuple(line.split()) for line in lines[1 : CLIP_NUM_MERGES + 1]]
+    if len(merges) != CLIP_NUM_MERGES or any(len(m) != 2 for m in merges):
+        raise ValueError(f"{vocab_file} is not CLIP's BPE merges file (expected {CLIP_NUM_MERGES} merge lines)")
+    symbols = list(byte_to_unicode().values())
+    vocab_list = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + [CLIP_SOT, CLIP_EOT]
+    vocab = {piece: i for i, piece in enumerate(vocab_list)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, end_of_word_suffix="</w>", continuing_subword_prefix=""))
+    tok.normalizer = normalizers.Sequence(
+        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Strip(), normalizers.Lowercase()]
+    )
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(CLIP_WORD_PATTERN), behavior="removed", invert=True),
+         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    )
+    # bytes back to text first, then the end-of-word marks become spaces (as OpenCLIP decodes)
+    tok.decoder = decoders.Sequence([decoders.ByteLevel(), decoders.Replace("</w>", " ")])
+    tok.add_special_tokens([CLIP_SOT, CLIP_EOT])  # matched in text as OpenCLIP's pattern does
+    return tok
+
+
+class ClipBPETokenizer(BPETokenizer):
+    """OpenAI CLIP's tokenizer for imported OpenCLIP weights: same ids as ``open_clip.tokenize``
+    (SOT 49406, EOT 49407, padding 0), plus the attention mask our text tower pools with."""
+
+    kind = "clip-bpe"
+
+    def __init__(self, tokenizer: Tokenizer, context_length: int):
+        if context_length < 2:
+            raise ValueError(f"context_length must be >= 2 to hold SOT and EOT, got {context_length}")
+        self._tok = tokenizer
+        self.context_length = context_length
+        self.sot_id = tokenizer.token_to_id(CLIP_SOT)
+        self.eot_id = tokenizer.token_to_id(CLIP_EOT)
+        if self.sot_id is None or self.eot_id is None:
+            raise ValueError(f"tokenizer lacks {CLIP_SOT}/{CLIP_EOT}; is it a CLIP BPE tokenizer?")
+        self.pad_id = CLIP_PAD_ID
+        self.unk_id = None
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{CLIP_SOT} $A {CLIP_EOT}", special_tokens=[(CLIP_SOT, self.sot_id), (CLIP_EOT, self.eot_id)]
+        )
+        tokenizer.enable_truncation(max_length=context_length)
+        pad_token = tokenizer.id_to_token(CLIP_PAD_ID)
+        tokenizer.enable_padding(pad_id=CLIP_PAD_ID, pad_token=pad_token, length=context_length)
+
+    @classmethod
+    def from_vocab_file(cls, vocab_file: str | Path | None, context_length: int) -> "ClipBPETokenizer":
+        """From ``bpe_simple_vocab_16e6.txt.gz`` (``None``: the one in an installed open_clip_torch)."""
+        return cls(build_clip_bpe(find_clip_vocab_file(vocab_file)), context_length)
+
+    def decode(self, ids) -> str:
+        """Text up to the end-of-text token (the padding id 0 is a real token, "!", in CLIP's vocabulary)."""
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        ids = list(ids)
+        if self.eot_id in ids:
+            ids = ids[: ids.index(self.eot_id)]
+        return self._tok.decode(ids, skip_special_tokens=True).strip()
+
+    @classmethod
+    def train(cls, *args, **kwargs):
+        raise TypeError("the CLIP tokenizer is fixed; build it with ClipBPETokenizer.from_vocab_file")
+
+
+TOKENIZER_KINDS = {"bpe": BPETokenizer, "clip-bpe": ClipBPETokenizer}
 
 
 def load_tokenizer(spec: dict, directory: str | Path) -> BPETokenizer:

@@ -1,0 +1,276 @@
+"""Export a checkpoint for use outside clipforge: a Hugging Face ``CLIPModel`` directory or ONNX.
+
+    clipforge export CKPT --to hf out_hf/      # transformers.CLIPModel / AutoTokenizer / CLIPImageProcessor
+    clipforge export CKPT --to onnx out_onnx/  # image_encoder.onnx + text_encoder.onnx (+ tokenizer.json)
+
+Hugging Face's CLIP is the same network as ours (pre-LN blocks, ln_pre, class token, bias-free
+patch conv and projections) once the fused QKV is split into q/k/v. Options HF's CLIPModel cannot
+express are refused by name instead of exporting a model that computes something else.
+Needs the ``export`` extra: ``pip install 'clipforge[export]'``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from clipforge.models.convert import ConversionError
+
+EXPORT_KINDS = ("hf", "onnx")
+ONNX_IMAGE_FILE = "image_encoder.onnx"
+ONNX_TEXT_FILE = "text_encoder.onnx"
+ONNX_OPSET = 17  # has LayerNormalization as one op
+
+
+class ExportError(ConversionError):
+    """A model or target that cannot be exported; the message says why and what to do."""
+
+
+def _require(module: str, extra: str = "export"):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ExportError(f"exporting needs the '{module}' package: pip install 'clipforge[{extra}]'") from None
+
+
+def _checkpoint_dir(path: str | Path) -> Path:
+    path = Path(path)
+    return path.parent if path.is_file() else path
+
+
+def _prepare_out(out: Path) -> Path:
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} exists and is not empty; choose a new output directory")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+# ----------------------------------------------------------------------------- Hugging Face
+def check_hf_compatible(cfg) -> None:
+    """Refuse, by name, architecture options that transformers' CLIPModel has no equivalent for."""
+    if cfg.vision_pool != "cls":
+        raise ExportError(
+            f"cannot export to Hugging Face: model.vision_pool = {cfg.vision_pool!r}; HF CLIPModel always pools "
+            "the image tower at the class token. Export to ONNX instead (--to onnx)"
+        )
+    if cfg.logit_bias_init is not None:
+        raise ExportError(
+            "cannot export to Hugging Face: the model has a logit bias (model.logit_bias_init, SigLIP); HF "
+            "CLIPModel has no bias. SigLIP models belong in transformers' SiglipModel, which clipforge "
+            "does not export to yet. Export to ONNX instead (--to onnx)"
+        )
+
+
+def hf_clip_config(cfg, tokenizer) -> dict[str, Any]:
+    """``transformers.CLIPConfig`` arguments describing our architecture."""
+    common = dict(hidden_act="gelu", layer_norm_eps=1e-5, projection_dim=cfg.embed_dim)  # exact GELU, torch's eps
+    text = dict(
+        common,
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.text_width,
+        intermediate_size=int(cfg.text_width * cfg.mlp_ratio),
+        num_hidden_layers=cfg.text_layers,
+        num_attention_heads=cfg.text_heads,
+        max_position_embeddings=cfg.context_length,
+        # HF pools at the first eos_token_id (when it is not the legacy value 2; argmax(ids) then),
+        # which is where our tokenizer puts end-of-text
+        bos_token_id=tokenizer.sot_id,
+        eos_token_id=tokenizer.eot_id,
+        pad_token_id=tokenizer.pad_id,
+    )
+    if tokenizer.eot_id == 2:
+        raise ExportError("cannot export to Hugging Face: the tokenizer's end-of-text id is 2, which HF CLIP "
+                          "treats as a legacy config and pools at argmax(input_ids) instead")
+    vision = dict(
+        common,
+        hidden_size=cfg.vision_width,
+        intermediate_size=int(cfg.vision_width * cfg.mlp_ratio),
+        num_hidden_layers=cfg.vision_layers,
+        num_attention_heads=cfg.vision_heads,
+        image_size=cfg.image_size,
+        patch_size=cfg.patch_size,
+        num_channels=3,
+    )
+    return dict(text_config=text, vision_config=vision, projection_dim=cfg.embed_dim,
+                logit_scale_init_value=float(cfg.logit_scale_init))
+
+
+def _split_qkv(prefix: str, weight: torch.Tensor, bias: torch.Tensor) -> dict[str, torch.Tensor]:
+    # our fused rows are [q; k; v]
+    out = {}
+    for name, w, b in zip(("q_proj", "k_proj", "v_proj"), weight.chunk(3, dim=0), bias.chunk(3, dim=0)):
+        out[f"{prefix}.self_attn.{name}.weight"] = w.contiguous()
+        out[f"{prefix}.self_attn.{name}.bias"] = b.contiguous()
+    return out
+
+
+def _blocks_to_hf(sd: dict[str, torch.Tensor], ours: str, theirs: str, layers: int) -> dict[str, torch.Tensor]:
+    out = {}
+    for i in range(layers):
+        src, dst = f"{ours}.{i}", f"{theirs}.encoder.layers.{i}"
+        out.update(_split_qkv(dst, sd[f"{src}.attn.qkv.weight"], sd[f"{src}.attn.qkv.bias"]))
+        renames = {"attn.proj": "self_attn.out_proj", "ln_1": "layer_norm1", "ln_2": "layer_norm2",
+                   "mlp.fc": "mlp.fc1", "mlp.proj": "mlp.fc2"}
+        for a, b in renames.items():
+            for p in ("weight", "bias"):
+                out[f"{dst}.{b}.{p}"] = sd[f"{src}.{a}.{p}"]
+    return out
+
+
+def ours_to_hf_state_dict(sd: dict[str, torch.Tensor], cfg) -> dict[str, torch.Tensor]:
+    """Our state dict -> transformers CLIPModel key names."""
+    out = {
+        "logit_scale": sd["logit_scale"],
+        "visual_projection.weight": sd["image_projection.weight"],
+        "text_projection.weight": sd["text_projection.weight"],
+        "text_model.embeddings.token_embedding.weight": sd["text.token_embed.weight"],
+        "text_model.embeddings.position_embedding.weight": sd["text.pos_embed"],
+        "vision_model.embeddings.class_embedding": sd["visual.class_token"],
+        "vision_model.embeddings.patch_embedding.weight": sd["visual.patch_embed.weight"],
+        "vision_model.embeddings.position_embedding.weight": sd["visual.pos_embed"],
+    }
+    for ours, theirs in (("text.ln_final", "text_model.final_layer_norm"), ("visual.ln_pre", "vision_model.pre_layrnorm"),
+                         ("visual.ln_post", "vision_model.post_layernorm")):
+        for p in ("weight", "bias"):
+            out[f"{theirs}.{p}"] = sd[f"{ours}.{p}"]
+    out.update(_blocks_to_hf(sd, "text.blocks", "text_model", cfg.text_layers))
+    out.update(_blocks_to_hf(sd, "visual.blocks", "vision_model", cfg.vision_layers))
+    return {k: v.detach().clone().contiguous() for k, v in out.items()}
+
+
+def _hf_tokenizer(tokenizer):
+    """Our ``tokenizers`` object wrapped so ``AutoTokenizer.from_pretrained`` gives the same ids."""
+    transformers = _require("transformers")
+    from clipforge.models.tokenizer import CLIP_EOT
+
+    backend = tokenizer._tok
+    special = dict(bos_token=backend.id_to_token(tokenizer.sot_id), eos_token=backend.id_to_token(tokenizer.eot_id))
+    if tokenizer.kind == "clip-bpe":
+        # CLIP's padding id 0 is the ordinary token "!"; making it special would change how "!" in
+        # text is split. Pad with end-of-text instead (HF's own CLIP does): the causal text tower
+        # never looks past end-of-text, so the embeddings do not change
+        special["pad_token"] = CLIP_EOT
+    else:
+        special["pad_token"] = backend.id_to_token(tokenizer.pad_id)
+        special["unk_token"] = backend.id_to_token(tokenizer.unk_id)
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend.__class__.from_str(backend.to_str()),  # a copy, ours keeps its settings
+        model_max_length=tokenizer.context_length, padding_side="right", truncation_side="right", **special,
+    )
+    return fast
+
+
+def _hf_image_processor(config: dict[str, Any]):
+    transformers = _require("transformers")
+    pre = config["preprocess"]
+    size = pre["image_size"]
+    return transformers.CLIPImageProcessor(
+        do_resize=True, size={"shortest_edge": size}, resample=3,  # PIL bicubic, as our EvalPreprocess
+        do_center_crop=True, crop_size={"height": size, "width": size},
+        do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
+        image_mean=list(pre["mean"]), image_std=list(pre["std"]), do_convert_rgb=True,
+    )
+
+
+def export_hf(ckpt_path: str | Path, out: str | Path) -> Path:
+    """Write a directory that ``transformers.CLIPModel.from_pretrained`` and ``AutoTokenizer`` load offline."""
+    transformers = _require("transformers")
+    from clipforge.api import load
+    from clipforge.train import checkpoint as ckpt
+
+    model, _, tokenizer = load(ckpt_path)
+    cfg = model.cfg
+    check_hf_compatible(cfg)
+    hf_config = transformers.CLIPConfig(**hf_clip_config(cfg, tokenizer))
+    hf_model = transformers.CLIPModel(hf_config)
+    # strict: every HF weight must come from ours, or the export is wrong
+    result = hf_model.load_state_dict(ours_to_hf_state_dict(model.state_dict(), cfg), strict=False)
+    missing = [k for k in result.missing_keys if not k.endswith("position_ids")]
+    if missing or result.unexpected_keys:
+        raise ExportError(f"internal: HF key mapping incomplete (missing {missing[:5]}, "
+                          f"unexpected {result.unexpected_keys[:5]}); transformers {transformers.__version__}")
+    out = _prepare_out(Path(out))
+    hf_model.save_pretrained(out, safe_serialization=True)
+    _hf_tokenizer(tokenizer).save_pretrained(out)
+    _hf_image_processor(ckpt.read_config(_checkpoint_dir(ckpt_path))).save_pretrained(out)
+    return out
+
+
+# ----------------------------------------------------------------------------- ONNX
+class ImageEncoder(nn.Module):
+    """uint8 images N×3×S×S (resized and centre-cropped) -> unit-norm embeddings N×E; the
+    normalisation with the checkpoint's mean/std is part of the graph."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(images)
+
+
+class TextEncoder(nn.Module):
+    """input_ids and attention_mask (int64 N×L, L = context length) -> unit-norm embeddings N×E."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_text(input_ids, attention_mask)
+
+
+def _onnx_export(module: nn.Module, args: tuple, path: Path, input_names: list[str], output_name: str) -> None:
+    # The TorchScript-based exporter: fast, and needs no onnxscript. Only the batch axis is dynamic.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module, args, str(path), dynamo=False, opset_version=ONNX_OPSET,
+            input_names=input_names, output_names=[output_name],
+            dynamic_axes={**{n: {0: "batch"} for n in input_names}, output_name: {0: "batch"}},
+        )
+
+
+def export_onnx(ckpt_path: str | Path, out: str | Path) -> Path:
+    """Write ``image_encoder.onnx`` and ``text_encoder.onnx``, plus the tokenizer and a JSON that says
+    how to feed them (``onnx_config.json``)."""
+    _require("onnx")
+    from clipforge.api import load
+    from clipforge.train import checkpoint as ckpt
+
+    model, _, tokenizer = load(ckpt_path)
+    cfg = model.cfg
+    out = _prepare_out(Path(out))
+    images = torch.zeros(2, 3, cfg.image_size, cfg.image_size, dtype=torch.uint8)
+    ids, mask = tokenizer(["a photo", "an example caption"])
+    with torch.no_grad():
+        _onnx_export(ImageEncoder(model).eval(), (images,), out / ONNX_IMAGE_FILE, ["images"], "image_embeds")
+        _onnx_export(TextEncoder(model).eval(), (ids, mask), out / ONNX_TEXT_FILE, ["input_ids", "attention_mask"],
+                     "text_embeds")
+    source = _checkpoint_dir(ckpt_path)
+    config = ckpt.read_config(source)
+    shutil.copy(source / ckpt.TOKENIZER, out / ckpt.TOKENIZER)
+    (out / "onnx_config.json").write_text(json.dumps({
+        "image_encoder": {"file": ONNX_IMAGE_FILE, "input": "images: uint8 N x 3 x S x S (RGB, resized shorter "
+                          "side to S, bicubic, centre-cropped)", "output": "image_embeds: float32 N x E, unit norm"},
+        "text_encoder": {"file": ONNX_TEXT_FILE, "inputs": "input_ids, attention_mask: int64 N x L from tokenizer.json",
+                         "output": "text_embeds: float32 N x E, unit norm"},
+        "preprocess": config["preprocess"], "tokenizer": config["tokenizer"], "embed_dim": cfg.embed_dim,
+        "logit_scale": float(model.logit_scale.detach().exp()), "opset": ONNX_OPSET,
+    }, indent=2))
+    return out
+
+
+def export(ckpt_path: str | Path, to: str, out: str | Path) -> Path:
+    if to not in EXPORT_KINDS:
+        raise ExportError(f"unknown export target {to!r}; choose one of {', '.join(EXPORT_KINDS)}")
+    return export_hf(ckpt_path, out) if to == "hf" else export_onnx(ckpt_path, out)

@@ -1,0 +1,289 @@
+"""Bring OpenCLIP weights into clipforge: key mapping, config mapping, and a checkpoint writer.
+
+    clipforge import openclip open_clip_model.safetensors --config open_clip_config.json --out ckpt/
+
+OpenCLIP's ViT CLIP and ours are the same network op for op (tests/test_model.py checks it), so
+importing is renaming keys and transposing the two projections. What has no counterpart here
+(QuickGELU, layer scale, attentional pooling, timm or Hugging Face towers, ...) is refused with a
+message naming the option, instead of producing a model that silently computes something else.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from clipforge import __version__
+from clipforge.config import ModelConfig
+from clipforge.train import checkpoint as ckpt
+
+# OpenCLIP's defaults (open_clip.constants) for configs that do not say
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class ConversionError(ValueError):
+    """A model that cannot be converted faithfully; the message names the option and what to do."""
+
+
+# ----------------------------------------------------------------------------- weights
+def openclip_state_dict_to_ours(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """OpenCLIP ViT/text CLIP weights -> our key names (projections are stored transposed there)."""
+    prefixes = {
+        "visual.conv1.": "visual.patch_embed.",
+        "visual.class_embedding": "visual.class_token",
+        "visual.positional_embedding": "visual.pos_embed",
+        "visual.transformer.resblocks.": "visual.blocks.",
+        "transformer.resblocks.": "text.blocks.",
+        "token_embedding.": "text.token_embed.",
+        "positional_embedding": "text.pos_embed",
+        "ln_final.": "text.ln_final.",
+    }
+    inside_blocks = {
+        ".attn.in_proj_weight": ".attn.qkv.weight",
+        ".attn.in_proj_bias": ".attn.qkv.bias",
+        ".attn.out_proj.": ".attn.proj.",
+        ".mlp.c_fc.": ".mlp.fc.",
+        ".mlp.c_proj.": ".mlp.proj.",
+    }
+    out = {}
+    for key, value in sd.items():
+        if key.startswith("text."):  # CustomTextCLIP keeps its text tower under "text."
+            key = key[len("text."):]
+        if key == "attn_mask":
+            continue
+        if key in ("visual.proj", "text_projection"):  # W×E there, E×W (nn.Linear) here
+            out["image_projection.weight" if key == "visual.proj" else "text_projection.weight"] = value.T.contiguous()
+            continue
+        for old, new in prefixes.items():
+            if key.startswith(old):
+                key = new + key[len(old):]
+                break
+        for old, new in inside_blocks.items():
+            key = key.replace(old, new)
+        out[key] = value
+    return out
+
+
+def read_openclip_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from ``.safetensors`` or a torch file (never unpickling code); training
+    checkpoints ({"state_dict": ...}, DDP's "module." prefix) are unwrapped."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"OpenCLIP weights not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        sd = load_file(str(path))
+    else:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - pickle errors come in many types
+            raise ConversionError(f"{path} could not be read as a weights-only torch file ({e}); "
+                                  "convert it to .safetensors or save only the state dict") from None
+        if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+            sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ConversionError(f"{path} does not hold a state dict (a mapping of names to tensors)")
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+# ----------------------------------------------------------------------------- config
+def read_openclip_config(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(model_cfg, preprocess_cfg)`` from a bare model config (as in open_clip/model_configs)
+    or a Hub-style ``open_clip_config.json`` ({"model_cfg": ..., "preprocess_cfg": ...})."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"OpenCLIP config not found: {path}")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConversionError(f"{path} is not valid JSON: {e}") from None
+    if "model_cfg" in raw:
+        return raw["model_cfg"], raw.get("preprocess_cfg") or {}
+    if "vision_cfg" not in raw or "text_cfg" not in raw:
+        raise ConversionError(f"{path} is not an OpenCLIP model config: it needs vision_cfg and text_cfg "
+                              "(or model_cfg, as in a Hub open_clip_config.json)")
+    return raw, {}
+
+
+# options that change the computation and that our towers do not have: name -> what it would need
+_VISION_UNSUPPORTED = {
+    "timm_model_name": "a timm image tower",
+    "ls_init_value": "layer scale",
+    "attentional_pool": "an attentional pooler",
+    "no_ln_pre": "a ViT without ln_pre",
+    "final_ln_after_pool": "LayerNorm after pooling",
+    "act_kwargs": "custom activation arguments",
+    "qk_norm": "q/k normalisation", "scaled_cosine_attn": "scaled cosine attention", "scale_heads": "head scales",
+    "scale_attn_inner": "inner attention LayerNorm", "scale_attn": "attention LayerNorm", "scale_fc": "MLP LayerNorm",
+}
+_TEXT_UNSUPPORTED = {
+    "hf_model_name": "a Hugging Face text tower",
+    "hf_tokenizer_name": "a Hugging Face tokenizer",
+    "ls_init_value": "layer scale",
+    "embed_cls": "a text class token",
+    "no_causal_mask": "a bidirectional text tower",
+    "final_ln_after_pool": "LayerNorm after pooling",
+    "proj_bias": "a text projection bias",
+    "act_kwargs": "custom activation arguments",
+    "qk_norm": "q/k normalisation", "scaled_cosine_attn": "scaled cosine attention", "scale_heads": "head scales",
+    "scale_attn_inner": "inner attention LayerNorm", "scale_attn": "attention LayerNorm", "scale_fc": "MLP LayerNorm",
+}
+_DEFAULT_FALSY = (None, False, 0, 0.0, {}, "")
+
+
+def _refuse_unsupported(cfg: dict[str, Any], table: dict[str, str], where: str) -> None:
+    for key, needs in table.items():
+        if cfg.get(key) not in _DEFAULT_FALSY:
+            raise ConversionError(
+                f"cannot import: {where}.{key} = {cfg[key]!r} needs {needs}, which clipforge's CLIP does not have"
+            )
+
+
+def _check_layer_norm_eps(cfg: dict[str, Any], where: str) -> None:
+    eps = (cfg.get("norm_kwargs") or {}).get("eps", 1e-5)
+    if eps != 1e-5:
+        raise ConversionError(f"cannot import: {where}.norm_kwargs.eps = {eps} (clipforge's LayerNorms use 1e-5)")
+
+
+def _square(value: Any, name: str) -> int:
+    if isinstance(value, (list, tuple)):
+        if len(set(value)) != 1:
+            raise ConversionError(f"cannot import: {name} = {list(value)} is not square (clipforge's ViT is)")
+        value = value[0]
+    return int(value)
+
+
+def openclip_config_to_ours(model_cfg: dict[str, Any], preprocess_cfg: dict[str, Any] | None = None) -> ModelConfig:
+    """Our ModelConfig for an OpenCLIP ViT CLIP config; options with no equivalent are refused by name."""
+    preprocess_cfg = preprocess_cfg or {}
+    vision, text = model_cfg.get("vision_cfg", {}), model_cfg.get("text_cfg", {})
+    if model_cfg.get("quick_gelu"):
+        raise ConversionError(
+            "cannot import: quick_gelu = true (OpenAI-trained weights use QuickGELU); clipforge's towers use "
+            "exact GELU, so the embeddings would differ. Use weights trained with GELU (e.g. LAION's ViT-B-32)"
+        )
+    if isinstance(vision.get("layers", 12), (list, tuple)):
+        raise ConversionError("cannot import: vision_cfg.layers is a list, i.e. a ModifiedResNet image tower; "
+                              "clipforge imports ViT image towers only")
+    _refuse_unsupported(vision, _VISION_UNSUPPORTED, "vision_cfg")
+    _refuse_unsupported(text, _TEXT_UNSUPPORTED, "text_cfg")
+    _check_layer_norm_eps(vision, "vision_cfg")
+    _check_layer_norm_eps(text, "text_cfg")
+    if vision.get("pool_type", "tok") != "tok":
+        raise ConversionError(f"cannot import: vision_cfg.pool_type = {vision['pool_type']!r}; "
+                              "only 'tok' (class token) pooling is supported")
+    if text.get("pool_type", "argmax") not in ("argmax", "last"):
+        raise ConversionError(f"cannot import: text_cfg.pool_type = {text['pool_type']!r}; clipforge pools "
+                              "at the end-of-text token ('argmax' or 'last' in OpenCLIP)")
+    if text.get("proj_type", "linear") != "linear":
+        raise ConversionError(f"cannot import: text_cfg.proj_type = {text['proj_type']!r}; only 'linear' is supported")
+    if vision.get("pos_embed_type", "learnable") != "learnable":
+        raise ConversionError(f"cannot import: vision_cfg.pos_embed_type = {vision['pos_embed_type']!r}; "
+                              "only learnable positional embeddings are supported")
+    vision_mlp, text_mlp = vision.get("mlp_ratio", 4.0), text.get("mlp_ratio", 4.0)
+    if vision_mlp != text_mlp:
+        raise ConversionError(f"cannot import: vision mlp_ratio {vision_mlp} != text mlp_ratio {text_mlp}; "
+                              "clipforge uses one model.mlp_ratio for both towers")
+
+    vision_width = int(vision.get("width", 768))
+    head_width = int(vision.get("head_width", 64))
+    if vision_width % head_width:
+        raise ConversionError(f"cannot import: vision width {vision_width} is not a multiple of head_width {head_width}")
+    bias = model_cfg.get("init_logit_bias")
+    return ModelConfig(
+        image_size=_square(vision.get("image_size", 224), "vision_cfg.image_size"),
+        patch_size=_square(vision.get("patch_size", 16), "vision_cfg.patch_size"),
+        vision_width=vision_width,
+        vision_layers=int(vision.get("layers", 12)),
+        vision_heads=vision_width // head_width,
+        vision_pool="cls",
+        patch_dropout=float(vision.get("patch_dropout", 0.0)),
+        mlp_ratio=float(vision_mlp),
+        vocab_size=int(text.get("vocab_size", 49408)),
+        context_length=int(text.get("context_length", 77)),
+        text_width=int(text.get("width", 512)),
+        text_layers=int(text.get("layers", 12)),
+        text_heads=int(text.get("heads", 8)),
+        embed_dim=int(model_cfg["embed_dim"]),
+        logit_bias_init=None if bias is None else float(bias),
+        image_mean=tuple(preprocess_cfg.get("mean", OPENAI_MEAN)),
+        image_std=tuple(preprocess_cfg.get("std", OPENAI_STD)),
+    )
+
+
+# ----------------------------------------------------------------------------- checkpoint
+def checkpoint_config(cfg: ModelConfig, tokenizer, source: dict[str, Any]) -> dict[str, Any]:
+    """``config.json`` of a model-only checkpoint (the layout ``clipforge.load`` reads; no recipe)."""
+    return {
+        "format": "clipforge-checkpoint",
+        "clipforge_version": __version__,
+        "model": cfg.model_dump(mode="json"),
+        "preprocess": {
+            "image_size": cfg.image_size,
+            "resize": "shortest-side-bicubic",
+            "crop": "center",
+            "mean": list(cfg.image_mean),
+            "std": list(cfg.image_std),
+        },
+        "tokenizer": tokenizer.spec(),
+        "recipe": None,
+        "source": source,
+    }
+
+
+def write_model_checkpoint(out: str | Path, model: torch.nn.Module, tokenizer, config: dict[str, Any]) -> Path:
+    """Write weights, config and tokenizer to ``out`` via a temp dir and a rename (never half-written)."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} exists and is not empty; choose a new --out directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp / ckpt.WEIGHTS), metadata={"format": "pt"})
+    (tmp / ckpt.CONFIG).write_text(json.dumps(config, indent=2))
+    tokenizer.save(tmp)
+    if out.exists():
+        out.rmdir()
+    os.rename(tmp, out)
+    return out
+
+
+def import_openclip(
+    weights: str | Path, config: str | Path, out: str | Path, vocab_file: str | Path | None = None
+) -> Path:
+    """Convert an OpenCLIP ViT CLIP (weights + JSON config) into a clipforge checkpoint directory."""
+    from clipforge.models.clip import CLIP
+    from clipforge.models.tokenizer import ClipBPETokenizer
+
+    model_cfg, preprocess_cfg = read_openclip_config(config)
+    cfg = openclip_config_to_ours(model_cfg, preprocess_cfg)
+    tokenizer = ClipBPETokenizer.from_vocab_file(vocab_file, cfg.context_length)
+    if tokenizer.vocab_size != cfg.vocab_size:
+        raise ConversionError(f"the CLIP tokenizer has {tokenizer.vocab_size} tokens but text_cfg.vocab_size "
+                              f"is {cfg.vocab_size}; this model was trained with another tokenizer")
+    state = openclip_state_dict_to_ours(read_openclip_weights(weights))
+    model = CLIP(cfg)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise ConversionError(f"{weights} does not match {config}: {str(e).splitlines()[-1].strip()}") from None
+    if missing or unexpected:
+        raise ConversionError(
+            f"{weights} does not match {config}: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]} "
+            "(is the config the one these weights were trained with?)"
+        )
+    source = {"from": "openclip", "weights": str(weights), "config": str(config)}
+    return write_model_checkpoint(out, model, tokenizer, checkpoint_config(cfg, tokenizer, source))

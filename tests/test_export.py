@@ -1,0 +1,258 @@
+"""Export to Hugging Face / ONNX and import from OpenCLIP: same embeddings on the other side, clear refusals."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+import clipforge
+from clipforge.cli import app
+from clipforge.export import ExportError, export_hf, export_onnx
+from clipforge.models.convert import ConversionError, import_openclip, openclip_config_to_ours
+from clipforge.models.tokenizer import ClipBPETokenizer
+from tiny_checkpoint import make_tiny_checkpoint
+
+TEXTS = ["a red circle", "two yellow stars next to a very long caption that must be cut off at the end", "xyz! UNSEEN words", "a"]
+ATOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt"))
+
+
+def random_uint8_images(n: int, size: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g)
+
+
+def features(output) -> torch.Tensor:
+    """get_*_features returns a tensor in transformers 4 and an output object (pooler_output) in 5."""
+    return output if torch.is_tensor(output) else output.pooler_output
+
+
+# ----------------------------------------------------------------------------- Hugging Face
+@pytest.fixture(scope="module")
+def hf_dir(tiny_ckpt, tmp_path_factory):
+    pytest.importorskip("transformers")
+    return export_hf(tiny_ckpt, tmp_path_factory.mktemp("export") / "hf")
+
+
+def test_hf_export_gives_the_same_embeddings_offline(tiny_ckpt, hf_dir, monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    ours, _, tokenizer = clipforge.load(tiny_ckpt)
+    hf = transformers.CLIPModel.from_pretrained(hf_dir, local_files_only=True).eval()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(hf_dir, local_files_only=True)
+
+    ids, mask = tokenizer(TEXTS)
+    enc = hf_tok(TEXTS, padding="max_length", max_length=ours.cfg.context_length, truncation=True, return_tensors="pt")
+    assert torch.equal(enc["input_ids"], ids) and torch.equal(enc["attention_mask"], mask)
+
+    images = random_uint8_images(4, ours.cfg.image_size)
+    with torch.no_grad():
+        hf_text = F.normalize(features(hf.get_text_features(**enc)), dim=-1)
+        hf_image = F.normalize(features(hf.get_image_features(pixel_values=ours.normalize_images(images))), dim=-1)
+        assert (hf_text - ours.encode_text(ids, mask)).abs().max() <= ATOL
+        assert (hf_image - ours.encode_image(images)).abs().max() <= ATOL
+        assert hf.logit_scale.exp().item() == pytest.approx(ours.logit_scale.exp().item())
+
+
+def test_hf_image_processor_matches_our_normalisation(tiny_ckpt, hf_dir):
+    transformers = pytest.importorskip("transformers")
+    ours, preprocess, _ = clipforge.load(tiny_ckpt)
+    processor = transformers.AutoImageProcessor.from_pretrained(hf_dir, local_files_only=True)
+    size = ours.cfg.image_size
+    pixels = np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels)  # already at the model's size: resize and crop are no-ops
+    theirs = processor(images=image, return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(theirs, ours.normalize_images(preprocess(image)[None]), rtol=0, atol=1e-5)
+
+
+def test_hf_export_refuses_mean_pooling_and_logit_bias_by_name(tmp_path):
+    pytest.importorskip("transformers")
+    mean = make_tiny_checkpoint(tmp_path / "mean", vision_pool="mean")
+    with pytest.raises(ExportError, match="vision_pool = 'mean'.*class token"):
+        export_hf(mean, tmp_path / "out_mean")
+    siglip = make_tiny_checkpoint(tmp_path / "siglip", logit_bias_init=-10.0)
+    with pytest.raises(ExportError, match="logit bias.*SiglipModel"):
+        export_hf(siglip, tmp_path / "out_siglip")
+    assert not (tmp_path / "out_mean").exists() and not (tmp_path / "out_siglip").exists()
+
+
+def test_export_refuses_a_non_empty_output_directory(tiny_ckpt, tmp_path):
+    (tmp_path / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not empty"):
+        export_onnx(tiny_ckpt, tmp_path)
+    assert (tmp_path / "keep.txt").read_text() == "mine"
+
+
+# ----------------------------------------------------------------------------- ONNX
+def test_onnx_export_gives_the_same_embeddings_at_any_batch_size(tiny_ckpt, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    out = export_onnx(tiny_ckpt, tmp_path / "onnx")
+    assert {"image_encoder.onnx", "text_encoder.onnx", "tokenizer.json", "onnx_config.json"} <= {p.name for p in out.iterdir()}
+    ours, _, tokenizer = clipforge.load(tiny_ckpt)
+    image_session = ort.InferenceSession(str(out / "image_encoder.onnx"), providers=["CPUExecutionProvider"])
+    text_session = ort.InferenceSession(str(out / "text_encoder.onnx"), providers=["CPUExecutionProvider"])
+    for n in (1, 5):  # exported with batch 2: the batch axis must be dynamic
+        images = random_uint8_images(n, ours.cfg.image_size, seed=n)
+        got = image_session.run(None, {"images": images.numpy()})[0]
+        assert np.abs(got - ours.encode_image(images).detach().numpy()).max() <= ATOL
+    ids, mask = tokenizer(TEXTS[:3])
+    got = text_session.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
+    assert np.abs(got - ours.encode_text(ids, mask).detach().numpy()).max() <= ATOL
+    config = json.loads((out / "onnx_config.json").read_text())
+    assert config["preprocess"]["image_size"] == 32 and config["tokenizer"]["kind"] == "bpe"
+
+
+# ----------------------------------------------------------------------------- OpenCLIP import
+OPENCLIP_TINY = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
+    "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+}
+
+
+def random_openclip_model(cfg: dict):
+    open_clip = pytest.importorskip("open_clip")
+    torch.manual_seed(0)
+    model = open_clip.model.CLIP(cfg["embed_dim"], cfg["vision_cfg"], cfg["text_cfg"]).eval()
+    with torch.no_grad():  # non-trivial biases / norms, so a mapping mistake cannot hide behind zeros and ones
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "ln" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture(scope="module")
+def openclip_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("openclip")
+    theirs = random_openclip_model(OPENCLIP_TINY)
+    save_file({k: v.contiguous() for k, v in theirs.state_dict().items()}, d / "open_clip_model.safetensors")
+    (d / "open_clip_config.json").write_text(json.dumps(OPENCLIP_TINY))
+    return theirs, d / "open_clip_model.safetensors", d / "open_clip_config.json"
+
+
+def test_imported_openclip_gives_the_same_embeddings_for_the_same_images_and_texts(openclip_files, tmp_path):
+    open_clip = pytest.importorskip("open_clip")
+    theirs, weights, config = openclip_files
+    out = import_openclip(weights, config, tmp_path / "ckpt")
+    ours, preprocess, tokenizer = clipforge.load(out)
+    assert tokenizer.kind == "clip-bpe"
+
+    texts = ["a photo of a cat.", "Hello  World!!  it's 2024, naïve café", "x", "a " * 40]
+    ids, mask = tokenizer(texts)
+    their_ids = open_clip.tokenize(texts, context_length=24)
+    assert torch.equal(ids, their_ids)
+
+    # the same PIL images through each side's own preprocessing
+    rng = np.random.default_rng(0)
+    pil = [Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)) for _ in range(3)]
+    their_preprocess = open_clip.transform.image_transform(32, is_train=False)
+    with torch.no_grad():
+        their_image = theirs.encode_image(torch.stack([their_preprocess(im) for im in pil]), normalize=True)
+        their_text = theirs.encode_text(their_ids, normalize=True)
+        our_image = ours.encode_image(torch.stack([preprocess(im) for im in pil]))
+        our_text = ours.encode_text(ids, mask)
+    assert (our_text - their_text).abs().max() <= ATOL
+    assert (our_image - their_image).abs().max() <= ATOL
+    assert ours.logit_scale.exp().item() == pytest.approx(theirs.logit_scale.exp().item())
+
+
+def test_import_reads_hub_style_config_and_wrapped_torch_checkpoints(openclip_files, tmp_path):
+    theirs, _, _ = openclip_files
+    torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in theirs.state_dict().items()}}, tmp_path / "epoch_3.pt")
+    hub = {"model_cfg": OPENCLIP_TINY, "preprocess_cfg": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}}
+    (tmp_path / "open_clip_config.json").write_text(json.dumps(hub))
+    out = import_openclip(tmp_path / "epoch_3.pt", tmp_path / "open_clip_config.json", tmp_path / "ckpt")
+    ours, _, _ = clipforge.load(out)
+    assert ours.cfg.image_mean == (0.5, 0.5, 0.5) and ours.cfg.image_std == (0.25, 0.25, 0.25)
+    images = random_uint8_images(2, 32)
+    floats = (images.float() / 255 - 0.5) / 0.25
+    with torch.no_grad():
+        assert (ours.encode_image(images) - theirs.encode_image(floats, normalize=True)).abs().max() <= ATOL
+
+
+def test_imported_model_exports_to_hf_with_clip_tokenizer(openclip_files, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    theirs, weights, config = openclip_files
+    ckpt = import_openclip(weights, config, tmp_path / "ckpt")
+    hf_dir = export_hf(ckpt, tmp_path / "hf")
+    hf = transformers.CLIPModel.from_pretrained(hf_dir, local_files_only=True).eval()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(hf_dir, local_files_only=True)
+    texts = ["wow! a dog!!", "two cats"]
+    enc = hf_tok(texts, padding="max_length", max_length=24, truncation=True, return_tensors="pt")
+    their_ids = pytest.importorskip("open_clip").tokenize(texts, context_length=24)
+    real = enc["attention_mask"].bool()
+    assert torch.equal(enc["input_ids"][real], their_ids[real])  # padding differs (EOT vs 0), tokens do not
+    with torch.no_grad():
+        got = F.normalize(features(hf.get_text_features(**enc)), dim=-1)
+        assert (got - theirs.encode_text(their_ids, normalize=True)).abs().max() <= ATOL
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"quick_gelu": True}, "quick_gelu = true.*exact GELU"),
+        ({"vision_cfg": {**OPENCLIP_TINY["vision_cfg"], "ls_init_value": 1e-5}}, r"vision_cfg.ls_init_value.*layer scale"),
+        ({"vision_cfg": {**OPENCLIP_TINY["vision_cfg"], "timm_model_name": "convnext_base"}}, "timm image tower"),
+        ({"vision_cfg": {**OPENCLIP_TINY["vision_cfg"], "layers": [3, 4, 6, 3]}}, "ModifiedResNet"),
+        ({"text_cfg": {**OPENCLIP_TINY["text_cfg"], "hf_model_name": "roberta-base"}}, "Hugging Face text tower"),
+        ({"text_cfg": {**OPENCLIP_TINY["text_cfg"], "pool_type": "mean"}}, "text_cfg.pool_type = 'mean'"),
+    ],
+)
+def test_import_refuses_options_it_cannot_reproduce_by_name(change, message):
+    with pytest.raises(ConversionError, match=message):
+        openclip_config_to_ours({**OPENCLIP_TINY, **change})
+
+
+def test_import_errors_name_the_problem(openclip_files, tmp_path):
+    _, weights, config = openclip_files
+    wrong = {**OPENCLIP_TINY, "embed_dim": 8}
+    (tmp_path / "wrong.json").write_text(json.dumps(wrong))
+    with pytest.raises(ConversionError, match="does not match.*wrong.json"):
+        import_openclip(weights, tmp_path / "wrong.json", tmp_path / "a")
+    with pytest.raises(FileNotFoundError, match="OpenCLIP weights not found"):
+        import_openclip(tmp_path / "nope.safetensors", config, tmp_path / "b")
+    with pytest.raises(FileNotFoundError, match="vocabulary file not found"):
+        import_openclip(weights, config, tmp_path / "c", vocab_file=tmp_path / "missing.txt.gz")
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ConversionError, match="needs vision_cfg and text_cfg"):
+        import_openclip(weights, tmp_path / "bad.json", tmp_path / "d")
+    assert not any((tmp_path / x).exists() for x in "abcd")
+
+
+def test_clip_tokenizer_matches_open_clip_and_decodes():
+    open_clip = pytest.importorskip("open_clip")
+    tok = ClipBPETokenizer.from_vocab_file(None, 77)
+    texts = ["Don't STOP   me\tnow", "emoji 🙂 and 中文", "C++ & co.", "", "naïve café — déjà vu", "word " * 100]
+    ids, mask = tok(texts)
+    assert torch.equal(ids, open_clip.tokenize(texts, context_length=77))
+    assert torch.equal(mask.sum(1) - 1, (ids == tok.eot_id).int().argmax(1))  # EOT is the last real token
+    assert tok.decode(ids[0]) == "don 't stop me now"
+    assert tok.spec()["vocab_size"] == 49408
+
+
+# ----------------------------------------------------------------------------- CLI
+def test_cli_import_and_export_and_their_errors(openclip_files, tmp_path):
+    _, weights, config = openclip_files
+    runner = CliRunner()
+    result = runner.invoke(app, ["import", "openclip", str(weights), "--config", str(config), "--out", str(tmp_path / "ck")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "ck" / "model.safetensors").is_file()
+    result = runner.invoke(app, ["export", str(tmp_path / "ck"), "--to", "onnx", str(tmp_path / "onnx")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "onnx" / "text_encoder.onnx").is_file()
+    result = runner.invoke(app, ["export", str(tmp_path / "ck"), "--to", "tflite", str(tmp_path / "x")])
+    assert result.exit_code != 0 and "hf, onnx" in result.output
+    result = runner.invoke(app, ["import", "hf", str(weights), "--config", str(config), "--out", str(tmp_path / "y")])
+    assert result.exit_code != 0 and "openclip" in result.output

@@ -1,0 +1,71 @@
+"""A tiny, randomly initialised checkpoint directory for export / embed / serve tests (no training)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from clipforge.config import DataConfig, ModelConfig, Recipe, TokenizerConfig
+from clipforge.models.clip import CLIP
+from clipforge.models.tokenizer import BPETokenizer
+from clipforge.train.checkpoint import save_checkpoint
+
+TINY_MODEL = dict(
+    image_size=32, patch_size=8, vision_width=32, vision_layers=2, vision_heads=2,
+    vocab_size=256, context_length=16, text_width=32, text_layers=2, text_heads=2, embed_dim=16,
+)
+CAPTIONS = [
+    "a red circle", "a blue square", "a green triangle on the left", "two yellow stars",
+    "a small purple heart", "an orange ring next to a black cross", "a photo of a dog", "a cat, sleeping!",
+]
+
+
+def make_tiny_checkpoint(directory: Path, seed: int = 0, **model_overrides) -> Path:
+    """Save a random tiny CLIP + a BPE tokenizer trained on a few captions; returns the step dir."""
+    torch.manual_seed(seed)
+    recipe = Recipe(
+        name="tiny-test",
+        model=ModelConfig(**{**TINY_MODEL, **model_overrides}),
+        data=DataConfig(tokenizer=TokenizerConfig(vocab_size=200)),
+    )
+    model = CLIP(recipe.model)
+    with torch.no_grad():  # make the biases and LayerNorms non-trivial, so a mapping mistake shows
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "ln" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    tokenizer = BPETokenizer.train(CAPTIONS * 4, 200, recipe.model.context_length)
+    return save_checkpoint(Path(directory), 1, model, recipe, tokenizer, train_state=None, keep_last=1)
+
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (30, 60, 220), "yellow": (230, 210, 40),
+           "purple": (140, 40, 170), "black": (10, 10, 10), "white": (245, 245, 245), "orange": (240, 140, 20)}
+
+
+def make_caption_jsonl(directory: Path, n: int = 24, broken: int = 0) -> Path:
+    """n small PNGs (a coloured square on a tinted background) and a pairs.jsonl with 1-2 captions each;
+    the last ``broken`` image files are not images at all."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    directory = Path(directory)
+    (directory / "img").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    names = list(COLOURS)
+    lines = []
+    for i in range(n):
+        colour = names[i % len(names)]
+        pixels = np.full((40, 48, 3), rng.integers(0, 256, 3), dtype=np.uint8)
+        pixels[8:32, 10:34] = COLOURS[colour]
+        path = directory / "img" / f"{i:03d}.png"
+        if i >= n - broken:
+            path.write_bytes(b"not an image")
+        else:
+            Image.fromarray(pixels).save(path)
+        captions = [f"a {colour} square"] + ([f"image {i}, {colour}"] if i % 3 == 0 else [])
+        lines.append(json.dumps({"image": f"img/{path.name}", "caption": captions}))
+    table = directory / "pairs.jsonl"
+    table.write_text("\n".join(lines) + "\n")
+    return table
