@@ -1,0 +1,722 @@
+"""Training batches from data on disk: WebDataset shards, CSV/JSONL tables, image folders, mixtures.
+
+The dataset is a list of *parts* with known sizes: a tar shard is a part of N samples (sizes from
+``sizes.json`` or a header scan), a table row or a folder image is a part of one sample. The
+sample stream is planned, never discovered, which is what makes the data position exact:
+
+- G = world_size x max(1, num_workers) *slots*; slot ``rank*W + w`` is worker w of that rank.
+- **epoch mode**: epoch e permutes the parts (seed, e), concatenates them into one virtual sequence
+  of all N samples and gives slot j the contiguous range [j*N/G, (j+1)*N/G). Every sample is read
+  exactly once per epoch; a slot reads whole shards front to back (at most one shard is entered
+  mid-way), so reads stay sequential.
+- **resampled mode**: slot j of virtual epoch e draws parts with replacement (seed, e, j), with
+  probability ``weight / samples-in-source`` so that mixture weights are sample fractions, until
+  it has ``samples_per_epoch / G`` samples.
+- Each slot shuffles its stream in consecutive blocks of ``shuffle_buffer`` undecoded samples
+  (permutation seeded by seed, epoch, slot, block). Unlike a rolling buffer, a block shuffle can be
+  resumed at any position by re-reading one block.
+- A worker forms whole batches from its own slot; the DataLoader takes batches from workers
+  round-robin, so the stream is deterministic for a given (seed, num_workers, world_size).
+
+The cursor of a slot is (epoch, position in its stream); each batch carries its slot's cursor after
+its last sample, and ``SourceTrainLoader.state_dict()`` holds the cursors of the batches the
+trainer actually consumed. Restoring it continues every slot where it stopped: no sample repeated,
+none skipped. Unreadable samples are skipped and counted per reason (they still advance the
+cursor); ``metrics()`` reports them and the loader raises ``DataError`` when their fraction passes
+``data.max_skip_fraction``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import random
+import tarfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from clipforge.config import DataConfig
+from clipforge.data.augment import decode_crop_resize
+from clipforge.data.mixture import SourceSpec, parse_train_spec
+from clipforge.data.sources import (
+    CAPTION_COLUMNS,
+    DECODE_ERRORS,
+    DataError,
+    DataSpec,
+    _image_column,
+    _image_path,
+    read_image_folder,
+    read_table,
+)
+
+IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")  # first one present in a tar sample is its image
+CAPTION_SUFFIX = "txt"
+SIZES_FILE = "sizes.json"
+# skip reasons, as they appear in metrics (data/skipped/<reason>)
+SKIP_REASONS = ("missing_image", "empty_image", "truncated_image", "bad_image", "missing_caption",
+                "non_utf8_caption", "missing_shard", "truncated_tar")
+MIN_SAMPLES_FOR_SKIP_CHECK = 100  # judge the skip rate only once this many samples were read
+
+
+# ----------------------------------------------------------------------------- raw samples
+@dataclass
+class RawSample:
+    """One sample before decoding: encoded image bytes (or a file path), caption bytes/str/list."""
+
+    uid: int  # stable id of the sample in the whole (mixed) dataset
+    image: bytes | str | None = None
+    caption: bytes | str | list[str] | None = None
+    label: int = -1
+    reason: str | None = None  # already known to be unusable (missing shard, cut tar, ...)
+
+
+def sample_key(name: str) -> tuple[str | None, str]:
+    """``"dir/000123.jpg"`` -> (``"dir/000123"``, ``"jpg"``): the key is the name up to the first dot."""
+    slash = name.rfind("/") + 1
+    dot = name.find(".", slash)
+    if dot <= slash:
+        return None, ""
+    return name[:dot], name[dot + 1:].lower()
+
+
+def _is_meta(name: str) -> bool:
+    base = name.rsplit("/", 1)[-1]
+    return base.startswith("__") and base.endswith("__") or base.startswith("_")
+
+
+def tar_samples(stream) -> Iterator[dict[str, bytes]]:
+    """Samples of a tar stream: consecutive members with the same key -> {suffix: bytes}.
+
+    A sample is yielded once the next key's header arrives (or the tar ends), so a tar cut in the
+    middle loses only the sample being read; the error is raised after the complete ones.
+    The same rule (``sample_key``) counts shard sizes.
+    """
+    current: dict[str, bytes] | None = None
+    current_key = None
+    with tarfile.open(fileobj=stream, mode="r|*") as tar:
+        for info in tar:
+            if not info.isreg() or _is_meta(info.name):
+                continue
+            key, suffix = sample_key(info.name)
+            if key is None:
+                continue
+            if key != current_key:
+                if current is not None:
+                    yield current
+                current, current_key = {}, key
+            current[suffix] = tar.extractfile(info).read()
+            tar.members = []  # streaming: keep no per-member state
+    if current is not None:
+        yield current
+
+
+def count_tar_samples(path: str | Path) -> int:
+    """Number of samples in a local tar (headers only: member data is seeked over, not read)."""
+    keys, last = 0, None
+    with tarfile.open(path, "r:") as tar:
+        for member in tar:
+            if not member.isreg() or _is_meta(member.name):
+                continue
+            key, _ = sample_key(member.name)
+            if key is not None and key != last:
+                keys, last = keys + 1, key
+    return keys
+
+
+# ----------------------------------------------------------------------------- sources
+class TarShardSource:
+    """``wds:`` WebDataset tar shards (img2dataset layout: key.jpg|png|webp + key.txt [+ key.json])."""
+
+    def __init__(self, spec: SourceSpec, sizes_file: str | None = None) -> None:
+        require_webdataset()
+        from webdataset.shardlists import expand_urls
+
+        self.spec = spec
+        self.urls = expand_urls(spec.target)  # '::' joins patterns, braces expand
+        if not self.urls:
+            raise DataError(f"{spec}: the pattern expands to no shard")
+        self.sizes = np.array(shard_sizes(self.urls, sizes_file, str(spec)), dtype=np.int64)
+        self.labels = None
+
+    def __len__(self) -> int:
+        return len(self.urls)
+
+    def read(self, part: int, start: int, count: int, uid0: int) -> Iterator[RawSample]:
+        """Samples ``start .. start+count-1`` of shard ``part``; always exactly ``count`` items."""
+        from webdataset.gopen import gopen  # local paths, file:, pipe:, http(s): ...
+
+        url, done, seen, reason = self.urls[part], 0, 0, None
+        stream = None
+        try:
+            stream = gopen(url)
+            for i, files in enumerate(tar_samples(stream)):
+                seen = i + 1
+                if i < start:
+                    continue
+                if done == count:
+                    break
+                yield _tar_raw(files, uid0 + i)
+                done += 1
+        except FileNotFoundError:
+            reason = "missing_shard"
+        except (tarfile.TarError, OSError, EOFError, ValueError):
+            # a stream that fails before its first sample is a missing shard (e.g. pipe: of a missing object)
+            reason = "missing_shard" if seen == 0 else "truncated_tar"
+        finally:
+            if stream is not None:
+                try:
+                    stream.close()
+                except Exception:  # a pipe: command's exit status; the counts below tell the story
+                    pass
+        if done < count:  # fewer samples than sizes.json promised: count every lost one
+            reason = reason or ("missing_shard" if seen == 0 else "truncated_tar")
+            for i in range(done, count):
+                yield RawSample(uid0 + start + i, reason=reason)
+
+    def captions(self, n: int) -> list[str]:
+        """The first ``n`` readable captions, in shard order (for training the tokenizer)."""
+        out: list[str] = []
+        for part in range(len(self.urls)):
+            for raw in self.read(part, 0, int(self.sizes[part]), 0):
+                text = _caption_text(raw.caption, None)
+                if isinstance(text, str):
+                    out.append(text)
+                if len(out) >= n:
+                    return out
+        return out
+
+
+def require_webdataset() -> None:
+    try:
+        import webdataset  # noqa: F401
+    except ImportError:
+        raise DataError("wds: shards need the webdataset package: pip install 'clipforge[data]'") from None
+
+
+def _tar_raw(files: dict[str, bytes], uid: int) -> RawSample:
+    image = next((files[s] for s in IMAGE_SUFFIXES if s in files), None)
+    return RawSample(uid, image=image, caption=files.get(CAPTION_SUFFIX))
+
+
+def shard_sizes(urls: list[str], sizes_file: str | None, what: str) -> list[int]:
+    """Samples per shard: from ``sizes_file``, a ``sizes.json`` next to the shards, or a header scan."""
+    known: dict[str, int] = {}
+    files = [Path(sizes_file)] if sizes_file else sorted({Path(u).parent / SIZES_FILE for u in urls if _is_local(u)})
+    for f in files:
+        if f.is_file():
+            try:
+                known.update({str(k): int(v) for k, v in json.loads(f.read_text()).items()})
+            except (ValueError, AttributeError) as e:
+                raise DataError(f"{f}: not a sizes file ({e}); expected a JSON object {{shard name: samples}}") from None
+        elif sizes_file:
+            raise DataError(f"data.sizes_file not found: {f}")
+    sizes = []
+    for url in urls:
+        name = Path(_shard_path_of(url)).name
+        if name in known:
+            sizes.append(known[name])
+        elif url in known:
+            sizes.append(known[url])
+        elif _is_local(url):
+            path = Path(url.removeprefix("file:"))
+            if not path.is_file():
+                raise DataError(
+                    f"{what}: shard {path} does not exist and no {SIZES_FILE} lists it; check the pattern "
+                    f"(e.g. wds:/data/{{00000..00099}}.tar expands to 00000.tar .. 00099.tar)"
+                )
+            try:
+                sizes.append(count_tar_samples(path))
+            except (tarfile.TarError, OSError, EOFError) as e:
+                warnings.warn(f"shard {path} cannot be scanned ({e}); it counts as empty. "
+                              f"Write a {SIZES_FILE} with `clipforge data inspect DIR --write-sizes`")
+                sizes.append(0)
+        else:
+            raise DataError(
+                f"{what}: no sample count for {url}; the loader plans epochs from shard sizes. Pass "
+                f"data.sizes_file=PATH to a JSON object {{\"{name}\": samples, ...}} (OpenCLIP's sizes.json format)"
+            )
+    return sizes
+
+
+def _shard_path_of(url: str) -> str:
+    """The shard's own path in a URL or a ``pipe:`` command (the word ending in .tar)."""
+    if not url.startswith("pipe:"):
+        return url
+    words = url[5:].split()
+    return next((w for w in reversed(words) if w.endswith(".tar")), words[-1] if words else url)
+
+
+def _is_local(url: str) -> bool:
+    return url.startswith("file:") or "://" not in url and not url.startswith("pipe:")
+
+
+class TableSource:
+    """``csv:`` / ``jsonl:`` rows with an image path (relative to the table) and a caption (or a list)."""
+
+    def __init__(self, spec: SourceSpec) -> None:
+        self.spec = spec
+        path = Path(spec.target).expanduser()
+        rows = read_table(DataSpec(spec.kind, path))
+        column = _image_column(rows, path)
+        caption_col = next((c for c in CAPTION_COLUMNS if c in rows[0]), None)
+        if caption_col is None:
+            found = ", ".join(k for k in rows[0] if k != "_line")
+            raise DataError(f"{path}: training needs a caption column, one of {', '.join(CAPTION_COLUMNS)} (found {found})")
+        self.paths = [_row_path(r, column, path) for r in rows]
+        self.caption_list = [r.get(caption_col) for r in rows]
+        self.sizes = np.ones(len(rows), dtype=np.int64)
+        self.labels = None
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def read(self, part: int, start: int, count: int, uid0: int) -> Iterator[RawSample]:
+        path = self.paths[part]
+        yield RawSample(uid0, image=path, caption=self.caption_list[part], reason=None if path else "missing_image")
+
+    def captions(self, n: int) -> list[str]:
+        out = [_caption_text(c, random.Random(0)) for c in self.caption_list[: 2 * n]]
+        return [c for c in out if isinstance(c, str)][:n]
+
+
+def _row_path(row: dict, column: str, table: Path) -> str | None:
+    try:
+        return str(_image_path(row, column, table))
+    except DataError:
+        return None  # a row without an image path is skipped and counted, not fatal
+
+
+class ImageFolderSource:
+    """``imagefolder:DIR``: DIR/<class>/*.jpg, caption = ``data.caption_template`` filled with the class name."""
+
+    def __init__(self, spec: SourceSpec, template: str) -> None:
+        self.spec = spec
+        data = read_image_folder(Path(spec.target).expanduser())
+        self.paths = [str(p) for p in data.paths]
+        self.labels = list(data.labels)
+        self.classnames = data.classnames
+        self.template = template
+        self.sizes = np.ones(len(self.paths), dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def read(self, part: int, start: int, count: int, uid0: int) -> Iterator[RawSample]:
+        label = self.labels[part]
+        yield RawSample(uid0, image=self.paths[part], caption=self.template.format(self.classnames[label]), label=label)
+
+    def captions(self, n: int) -> list[str]:
+        return [self.template.format(c) for c in self.classnames]
+
+
+def open_source(spec: SourceSpec, data_cfg: DataConfig):
+    if spec.kind == "wds":
+        return TarShardSource(spec, data_cfg.sizes_file)
+    if spec.kind in ("csv", "jsonl"):
+        return TableSource(spec)
+    if spec.kind == "imagefolder":
+        return ImageFolderSource(spec, data_cfg.caption_template)
+    raise DataError(f"source '{spec}' cannot be read from disk")  # shapes goes through data.loader
+
+
+# ----------------------------------------------------------------------------- the part index
+class PartIndex:
+    """Every part of every source in one table: source id, part id in the source, size, uid offset, draw weight."""
+
+    def __init__(self, sources: list, specs: list[SourceSpec]) -> None:
+        self.sources = sources
+        self.part_source = np.concatenate([np.full(len(s.sizes), i, dtype=np.int64) for i, s in enumerate(sources)])
+        self.part_local = np.concatenate([np.arange(len(s.sizes), dtype=np.int64) for s in sources])
+        self.part_size = np.concatenate([s.sizes for s in sources]).astype(np.int64)
+        self.part_uid = np.concatenate([[0], np.cumsum(self.part_size)[:-1]]).astype(np.int64)
+        self.total = int(self.part_size.sum())
+        # P(part) = weight / samples-in-source: a source's expected share of samples is its weight
+        weights = np.concatenate([
+            np.full(len(s.sizes), spec.weight / max(1, int(s.sizes.sum())), dtype=np.float64)
+            for s, spec in zip(sources, specs)
+        ]) * (self.part_size > 0)
+        self.draw_p = weights / weights.sum() if weights.sum() > 0 else weights
+
+    def read(self, part: int, start: int, count: int) -> Iterator[RawSample]:
+        src = self.sources[self.part_source[part]]
+        return src.read(int(self.part_local[part]), start, count, int(self.part_uid[part]))
+
+
+def slot_length(total: int, slot: int, slots: int) -> int:
+    return (slot + 1) * total // slots - slot * total // slots
+
+
+def plan_epoch_slot(index: PartIndex, seed: int, epoch: int, slot: int, slots: int) -> list[tuple[int, int, int]]:
+    """Epoch mode: (part, first sample, count) segments of slot ``slot``'s contiguous share of epoch ``epoch``."""
+    order = np.random.default_rng([seed, epoch, 0xE90C]).permutation(len(index.part_size))
+    ends = np.cumsum(index.part_size[order])
+    a, b = slot * index.total // slots, (slot + 1) * index.total // slots
+    segments = []
+    i = int(np.searchsorted(ends, a, side="right"))
+    while a < b:
+        start_of_part = int(ends[i] - index.part_size[order[i]])
+        take = min(int(ends[i]), b) - a
+        if take > 0:
+            segments.append((int(order[i]), a - start_of_part, take))
+        a += take
+        i += 1
+    return segments
+
+
+def plan_resampled_slot(index: PartIndex, seed: int, epoch: int, slot: int, length: int) -> list[tuple[int, int, int]]:
+    """Resampled mode: parts drawn with replacement until the slot has ``length`` samples."""
+    rng = np.random.default_rng([seed, epoch, slot, 0x5A3B])
+    mean = max(1.0, float((index.draw_p * index.part_size).sum()))
+    segments, have = [], 0
+    while have < length:
+        for part in rng.choice(len(index.part_size), size=max(4, math.ceil((length - have) / mean * 1.1)), p=index.draw_p):
+            take = min(int(index.part_size[part]), length - have)
+            if take <= 0:
+                continue
+            segments.append((int(part), 0, take))
+            have += take
+            if have >= length:
+                break
+    return segments
+
+
+# ----------------------------------------------------------------------------- one slot's stream
+@dataclass
+class SlotPlan:
+    mode: str
+    seed: int
+    slots: int
+    samples_per_epoch: int  # per slot of this plan: length of one epoch of its stream
+    shuffle_block: int
+
+    def segments(self, index: PartIndex, epoch: int, slot: int) -> list[tuple[int, int, int]]:
+        if self.mode == "epoch":
+            return plan_epoch_slot(index, self.seed, epoch, slot, self.slots)
+        return plan_resampled_slot(index, self.seed, epoch, slot, self.samples_per_epoch)
+
+
+def raw_stream(index: PartIndex, segments: list[tuple[int, int, int]], skip: int) -> Iterator[RawSample]:
+    """The raw samples of ``segments`` in order, starting ``skip`` samples in (opens no skipped part)."""
+    for part, first, count in segments:
+        if skip >= count:
+            skip -= count
+            continue
+        yield from index.read(part, first + skip, count - skip)
+        skip = 0
+
+
+def shuffled_slot_stream(index: PartIndex, plan: SlotPlan, epoch: int, slot: int, pos: int) -> Iterator[tuple[int, RawSample]]:
+    """(position after, raw sample) of slot ``slot``'s epoch ``epoch`` from position ``pos``, block-shuffled."""
+    segments = plan.segments(index, epoch, slot)
+    length = sum(c for _, _, c in segments)
+    k = plan.shuffle_block
+    block = pos // k
+    raws = raw_stream(index, segments, block * k)
+    while block * k < length:
+        n = min(k, length - block * k)
+        items = list(itertools.islice(raws, n))
+        if len(items) != n:  # a source yielded fewer items than planned: a bug, not bad data
+            raise RuntimeError(f"slot {slot} epoch {epoch}: planned {n} samples in block {block}, read {len(items)}")
+        perm = np.random.default_rng([plan.seed, epoch, slot, block, 0xB10C]).permutation(n) if k > 1 else range(n)
+        for i in range(pos - block * k, n):
+            yield block * k + i + 1, items[perm[i]]
+        pos = (block + 1) * k
+        block += 1
+
+
+def _caption_text(value, rng: random.Random | None) -> str | tuple[str]:
+    """A caption string, or a 1-tuple with the skip reason."""
+    if isinstance(value, list):
+        value = [v for v in value if isinstance(v, str) and v.strip()]
+        if not value:
+            return ("missing_caption",)
+        value = rng.choice(value) if rng is not None else value[0]
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            value = bytes(value).decode("utf-8")
+        except UnicodeDecodeError:
+            return ("non_utf8_caption",)
+    if not isinstance(value, str) or not value.strip():
+        return ("missing_caption",)
+    return " ".join(value.split())
+
+
+def _image_bytes(image) -> bytes | tuple[str]:
+    if image is None:
+        return ("missing_image",)
+    if isinstance(image, str):
+        try:
+            with open(image, "rb") as f:
+                image = f.read()
+        except FileNotFoundError:
+            return ("missing_image",)
+        except OSError:
+            return ("bad_image",)
+    if len(image) == 0:
+        return ("empty_image",)
+    return image
+
+
+def decode_raw(raw: RawSample, image_size: int, augment, rng: random.Random | None):
+    """RawSample -> (uint8 3xHxW tensor, caption, label), or the skip reason as a string."""
+    if raw.reason:
+        return raw.reason
+    caption = _caption_text(raw.caption, rng)
+    if isinstance(caption, tuple):
+        return caption[0]
+    data = _image_bytes(raw.image)
+    if isinstance(data, tuple):
+        return data[0]
+    try:
+        if rng is not None and augment.random_resized_crop:
+            pixels = decode_crop_resize(data, image_size, rng, scale=augment.scale, ratio=augment.ratio,
+                                        hflip=augment.hflip)
+        else:
+            pixels = decode_crop_resize(data, image_size, None)
+            if rng is not None and augment.hflip and rng.random() < 0.5:
+                pixels = pixels.flip(-1)
+    except DECODE_ERRORS as e:
+        return image_error_reason(data, e)
+    return pixels, caption, raw.label
+
+
+def image_error_reason(data: bytes, error: BaseException) -> str:
+    """``truncated_image`` when the file stops early (no JPEG end marker / PNG IEND), else ``bad_image``."""
+    ends_early = (data[:2] == b"\xff\xd8" and not data.rstrip(b"\0").endswith(b"\xff\xd9")) or (
+        data[:8] == b"\x89PNG\r\n\x1a\n" and b"IEND" not in data[-16:])
+    return "truncated_image" if ends_early or "truncated" in str(error).lower() else "bad_image"
+
+
+def sample_rng(seed: int, epoch: int, slot: int, pos: int) -> random.Random:
+    # one integer seed from the sample's place in the plan: the same augmentation after a resume
+    return random.Random(((seed * 1_000_003 + epoch) * 1_000_003 + slot) * 10_000_000_019 + pos)
+
+
+# ----------------------------------------------------------------------------- worker side
+def new_cursor(slot: int) -> dict[str, Any]:
+    return {"slot": slot, "epoch": 0, "pos": 0, "read": 0, "skipped": {}}
+
+
+def skip_message(skipped: dict[str, int], read: int, limit: float, where: str) -> str:
+    total = sum(skipped.values())
+    reasons = ", ".join(f"{k}: {v}" for k, v in sorted(skipped.items(), key=lambda kv: -kv[1]))
+    return (f"{total} of {read} samples read {where} were unreadable ({total / max(1, read):.1%} > "
+            f"data.max_skip_fraction={limit:g}; {reasons}). Check the data with `clipforge data inspect`, "
+            f"or raise data.max_skip_fraction")
+
+
+def over_skip_limit(skipped: dict[str, int], read: int, limit: float, epoch_done: bool = False) -> bool:
+    total = sum(skipped.values())
+    return total > limit * read and (read >= MIN_SAMPLES_FOR_SKIP_CHECK or epoch_done)
+
+
+class SlotBatches(IterableDataset):
+    """Each DataLoader worker turns its slot's stream into whole batches (with the slot's cursor)."""
+
+    def __init__(self, index: PartIndex, plan: SlotPlan, data_cfg: DataConfig, image_size: int, tokenizer,
+                 rank: int, workers: int, cursors: dict[int, dict], rotation: int, slot_lengths: dict[int, int]):
+        self.index, self.plan, self.cfg = index, plan, data_cfg
+        self.image_size, self.tokenizer = image_size, tokenizer
+        self.rank, self.workers, self.cursors, self.rotation = rank, workers, cursors, rotation
+        self.slot_lengths = slot_lengths
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker = ((info.id if info is not None else 0) + self.rotation) % self.workers
+        slot = self.rank * self.workers + worker
+        cursor = dict(self.cursors.get(slot) or new_cursor(slot))
+        cursor["skipped"] = dict(cursor["skipped"])
+        return self._batches(slot, cursor)
+
+    def _batches(self, slot: int, cursor: dict) -> Iterator[dict]:
+        cfg, length = self.cfg, self.slot_lengths[slot]
+        images, captions, labels, uids = [], [], [], []
+        while True:
+            epoch, good_this_epoch, read_this_epoch = cursor["epoch"], 0, 0
+            for pos, raw in shuffled_slot_stream(self.index, self.plan, epoch, slot, cursor["pos"]):
+                cursor["pos"], cursor["read"] = pos, cursor["read"] + 1
+                read_this_epoch += 1
+                out = decode_raw(raw, self.image_size, cfg.augment, sample_rng(cfg.seed, epoch, slot, pos))
+                if isinstance(out, str):
+                    cursor["skipped"][out] = cursor["skipped"].get(out, 0) + 1
+                    if over_skip_limit(cursor["skipped"], cursor["read"], cfg.max_skip_fraction):
+                        yield {"_error": skip_message(cursor["skipped"], cursor["read"], cfg.max_skip_fraction,
+                                                     f"by data worker {slot}")}
+                        return
+                    continue
+                good_this_epoch += 1
+                images.append(out[0]), captions.append(out[1]), labels.append(out[2]), uids.append(raw.uid)
+                if len(images) == cfg.batch_size:
+                    cursor["progress"] = epoch + pos / max(1, length)
+                    yield self._collate(images, captions, labels, uids, cursor)
+                    images, captions, labels, uids = [], [], [], []
+            if good_this_epoch == 0 and read_this_epoch >= length > 0:  # a whole epoch and nothing readable
+                yield {"_error": skip_message(cursor["skipped"], cursor["read"], cfg.max_skip_fraction,
+                                             f"by data worker {slot} in a whole epoch, with none readable")}
+                return
+            cursor["epoch"], cursor["pos"] = epoch + 1, 0
+
+    def _collate(self, images, captions, labels, uids, cursor) -> dict:
+        pixels = torch.stack(images)  # N x 3 x H x W uint8
+        batch = {"images": pixels, "labels": torch.tensor(labels, dtype=torch.long),
+                 "indices": torch.tensor(uids, dtype=torch.long),
+                 "_cursor": {**cursor, "skipped": dict(cursor["skipped"])}}
+        if self.tokenizer is not None:
+            batch["input_ids"], batch["attention_mask"] = self.tokenizer(captions)
+        else:
+            batch["captions"] = list(captions)
+        return batch
+
+
+# ----------------------------------------------------------------------------- main-process side
+class SourceTrainLoader:
+    """Endless batch iterator with the data cursor (``state_dict``) and skip metrics (``metrics``)."""
+
+    def __init__(self, batches: Iterator[dict], fingerprint: dict, cursors: dict[int, dict], batches_done: int,
+                 max_skip_fraction: float) -> None:
+        self._batches = batches
+        self.fingerprint = fingerprint
+        self.cursors = {int(k): v for k, v in cursors.items()}
+        self.batches_done = batches_done
+        self.max_skip_fraction = max_skip_fraction
+
+    def __iter__(self) -> "SourceTrainLoader":
+        return self
+
+    def __next__(self) -> dict:
+        batch = next(self._batches)
+        if "_error" in batch:
+            raise DataError(batch["_error"])
+        cursor = batch.pop("_cursor")
+        self.cursors[cursor["slot"]] = cursor
+        self.batches_done += 1
+        skipped, read = self._skip_totals()
+        if over_skip_limit(skipped, read, self.max_skip_fraction):
+            raise DataError(skip_message(skipped, read, self.max_skip_fraction, "on this rank"))
+        return batch
+
+    def _skip_totals(self) -> tuple[dict[str, int], int]:
+        skipped: dict[str, int] = {}
+        for c in self.cursors.values():
+            for k, v in c["skipped"].items():
+                skipped[k] = skipped.get(k, 0) + v
+        return skipped, sum(c["read"] for c in self.cursors.values())
+
+    def state_dict(self) -> dict:
+        """The data cursor to save in a checkpoint (plain ints/strings: loads with weights_only)."""
+        return {**self.fingerprint, "batches_done": self.batches_done,
+                "cursors": {str(k): v for k, v in sorted(self.cursors.items())}}
+
+    def metrics(self) -> dict[str, float]:
+        """``data/skipped/<reason>`` counts, the skipped fraction and the (slowest slot's) epoch."""
+        skipped, read = self._skip_totals()
+        out = {f"data/skipped/{k}": float(v) for k, v in sorted(skipped.items())}
+        out["data/skipped_fraction"] = sum(skipped.values()) / read if read else 0.0
+        progress = [c["progress"] for c in self.cursors.values() if "progress" in c]
+        if progress:
+            out["data/epoch"] = float(min(progress))
+        return out
+
+
+def _cursors_from_samples(start_sample: int, batch_size: int, world_size: int, rank: int, workers: int,
+                          slot_lengths: dict[int, int]) -> tuple[int, dict[int, dict]]:
+    """Without a saved cursor: each slot's position, assuming no sample was skipped so far."""
+    batches_done = start_sample // (batch_size * world_size)
+    cursors = {}
+    for w in range(workers):
+        slot = rank * workers + w
+        taken = batch_size * ((batches_done - w + workers - 1) // workers if batches_done > w else 0)
+        length = max(1, slot_lengths[slot])
+        cursors[slot] = {**new_cursor(slot), "epoch": taken // length, "pos": taken % length, "read": taken}
+    return batches_done, cursors
+
+
+def build_source_train_loader(
+    data_cfg: DataConfig,
+    image_size: int,
+    tokenizer,
+    start_sample: int = 0,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    state: dict | None = None,
+    pin_memory: bool = False,
+    prefetch_batches: int = 4,
+) -> SourceTrainLoader:
+    """Endless training batches from ``data_cfg.train`` (see the module docstring for the plan).
+
+    ``state`` is a previous loader's ``state_dict()`` (exact resume); without it, ``start_sample``
+    (samples consumed by all ranks) places every slot, exactly when no sample had been skipped.
+    """
+    specs = parse_train_spec(data_cfg.train)
+    index = PartIndex([open_source(s, data_cfg) for s in specs], specs)
+    workers = max(1, data_cfg.num_workers)
+    slots = world_size * workers
+    if index.total < slots:
+        raise DataError(f"{data_cfg.train} has {index.total} samples, fewer than the {slots} data streams "
+                        f"(ranks x workers); use fewer data.num_workers")
+    total = data_cfg.samples_per_epoch or index.total if data_cfg.mode == "resampled" else index.total
+    slot_lengths = {s: slot_length(total, s, slots) for s in range(slots)}
+    plan = SlotPlan(data_cfg.mode, data_cfg.seed, slots, 0, data_cfg.shuffle_buffer)
+    fingerprint = {"kind": "sources", "train": data_cfg.train, "mode": data_cfg.mode, "seed": data_cfg.seed,
+                   "world_size": world_size, "workers": workers, "batch_size": data_cfg.batch_size,
+                   "shuffle_buffer": data_cfg.shuffle_buffer, "samples_per_epoch": total}
+    batches_done, cursors = _cursors_from_samples(start_sample, data_cfg.batch_size, world_size, rank, workers,
+                                                  slot_lengths)
+    if state is not None:
+        changed = [k for k, v in fingerprint.items() if state.get(k) != v]
+        if changed:
+            warnings.warn(f"the saved data cursor does not match the data config ({', '.join(changed)}); "
+                          "placing the data stream from the sample count instead (not exact)")
+        else:
+            batches_done = int(state["batches_done"])
+            cursors = {int(k): v for k, v in state["cursors"].items() if int(k) // workers == rank} or cursors
+    # resampled epochs have a per-slot length; epoch mode plans from the whole epoch
+    if data_cfg.mode == "resampled":
+        plans = {s: SlotPlan("resampled", data_cfg.seed, slots, slot_lengths[s], data_cfg.shuffle_buffer)
+                 for s in range(slots)}
+        plan = _PerSlotPlan(plans)
+    dataset = SlotBatches(index, plan, data_cfg, image_size, tokenizer, rank, workers, cursors,
+                          batches_done % workers, slot_lengths)
+    n = data_cfg.num_workers
+    loader = DataLoader(
+        dataset,
+        batch_size=None,  # items already are batches
+        num_workers=n,
+        pin_memory=pin_memory,
+        persistent_workers=n > 0,
+        prefetch_factor=max(2, -(-prefetch_batches // n)) if n > 0 else None,
+    )
+    return SourceTrainLoader(iter(loader), fingerprint, cursors, batches_done, data_cfg.max_skip_fraction)
+
+
+class _PerSlotPlan:
+    """Resampled mode: each slot plans its own epoch length."""
+
+    def __init__(self, plans: dict[int, SlotPlan]) -> None:
+        self.plans = plans
+        first = next(iter(plans.values()))
+        self.seed, self.shuffle_block = first.seed, first.shuffle_block
+
+    def segments(self, index: PartIndex, epoch: int, slot: int):
+        return self.plans[slot].segments(index, epoch, slot)
+
+
+# ----------------------------------------------------------------------------- tokenizer corpus
+def caption_corpus(data_cfg: DataConfig, n: int) -> list[str]:
+    """The first captions of each source (shares by mixture weight), to train the tokenizer on."""
+    specs = parse_train_spec(data_cfg.train)
+    total_weight = sum(s.weight for s in specs)
+    corpus: list[str] = []
+    for spec in specs:
+        corpus += open_source(spec, data_cfg).captions(max(1, round(n * spec.weight / total_weight)))
+    if not corpus:
+        raise DataError(f"{data_cfg.train}: no readable caption found to train the tokenizer on")
+    return corpus
