@@ -90,13 +90,56 @@ class TokenizerConfig(Section):
     corpus_size: int = Field(20000, ge=100)  # captions used to train the BPE merges
 
 
+class AugmentConfig(Section):
+    """Training-time image augmentation on sources read from disk (see docs/data.md)."""
+
+    random_resized_crop: bool = True  # False: resize the shorter side + centre crop, as in evaluation
+    scale: tuple[float, float] = (0.9, 1.0)  # crop area as a fraction of the image (OpenCLIP's default)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)  # crop aspect ratio range (log-uniform)
+    hflip: bool = False  # random horizontal flip (off by default: captions say "left"/"right")
+
+    @model_validator(mode="after")
+    def _check_ranges(self) -> "AugmentConfig":
+        lo, hi = self.scale
+        if not 0.0 < lo <= hi <= 1.0:
+            raise ValueError(f"data.augment.scale must satisfy 0 < min <= max <= 1, got {self.scale}")
+        if not 0.0 < self.ratio[0] <= self.ratio[1]:
+            raise ValueError(f"data.augment.ratio must satisfy 0 < min <= max, got {self.ratio}")
+        return self
+
+
 class DataConfig(Section):
+    # "shapes" (built in), or sources read from disk: "wds:/data/{00000..00331}.tar", "jsonl:pairs.jsonl",
+    # "csv:pairs.csv", "imagefolder:DIR", and weighted mixtures "0.7*wds:... + 0.3*jsonl:..."
     train: str = "shapes"
     batch_size: int = Field(128, ge=1)
     num_workers: int = Field(1, ge=0)
     seed: int = 0
+    mode: Literal["epoch", "resampled"] = "epoch"  # epoch: every sample once per epoch; resampled: shards with replacement
+    samples_per_epoch: int | None = Field(None, ge=1)  # resampled: size of a virtual epoch [default: dataset size]
+    shuffle_buffer: int = Field(2000, ge=1)  # samples shuffled together (undecoded) in each worker
+    max_skip_fraction: float = Field(0.05, ge=0.0, le=1.0)  # stop when more samples than this are unreadable
+    sizes_file: str | None = None  # sizes.json for wds shards that have none next to them (e.g. pipe: URLs)
+    caption_template: str = "a photo of a {}."  # imagefolder: caption from the class name
+    augment: AugmentConfig = AugmentConfig()
     shapes: ShapesConfig = ShapesConfig()
     tokenizer: TokenizerConfig = TokenizerConfig()
+
+    @model_validator(mode="after")
+    def _check_train_spec(self) -> "DataConfig":
+        from clipforge.data.mixture import parse_train_spec  # light: no torch, no filesystem
+
+        sources = parse_train_spec(self.train)
+        if "{}" not in self.caption_template:
+            raise ValueError(f"data.caption_template must contain '{{}}' for the class name, got {self.caption_template!r}")
+        if self.mode == "epoch" and any(s.weight_given for s in sources):
+            raise ValueError(
+                "mixture weights in data.train need data.mode = \"resampled\" (in epoch mode every sample "
+                "is seen once per epoch, so weights have no meaning); drop the weights or set data.mode=resampled"
+            )
+        if len(sources) > 1 and any(s.kind == "shapes" for s in sources):
+            raise ValueError("the built-in 'shapes' source cannot be mixed with other sources; use it alone")
+        return self
 
 
 # ----------------------------------------------------------------------------- objective
@@ -136,6 +179,9 @@ class ScheduleConfig(Section):
 class TrainConfig(Section):
     steps: int = Field(1000, ge=1)
     accum_steps: int = Field(1, ge=1)  # micro-batches per optimiser step (batch_size is per micro-batch)
+    # plain: average the micro-batches' losses (each contrasts only within itself);
+    # gradcache: embed all micro-batches, one loss over all of them, replay with cached gradients
+    accum_mode: Literal["plain", "gradcache"] = "plain"
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA with bf16, else fp32
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 0
@@ -145,6 +191,10 @@ class TrainConfig(Section):
     checkpoint_every_minutes: float | None = Field(None, gt=0.0)
     keep_last: int = Field(3, ge=1)
     max_bad_steps: int = Field(10, ge=0)  # NaN/inf losses tolerated (skipped) before the run stops
+    # multi-process (torchrun / SLURM); data.batch_size is per rank, the global batch is W times it
+    dist_backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl on CUDA, gloo on CPU
+    dist_timeout_minutes: float = Field(10.0, gt=0.0)  # a collective waiting longer fails the run
+    fsdp: bool = False  # shard parameters, gradients and optimizer state (FSDP2 fully_shard)
 
 
 class EvalConfig(Section):

@@ -6,6 +6,11 @@ batches of exactly ``data_cfg.batch_size`` samples; batch k holds the global sam
 resuming with ``start_sample`` = samples already consumed continues the stream exactly, and
 the stream is the same for any ``num_workers``.
 
+With ``world_size`` W > 1 (one loader per rank; ``batch_size`` b is per rank), rank r's batch k
+holds ``[start + k*b*W + r*b, start + k*b*W + (r+1)*b)``: the W ranks' k-th batches together are
+exactly the single-process stream's k-th batch of b*W samples, and ``start_sample`` stays a
+global count (samples consumed by all ranks together).
+
 Each batch is a dict::
 
     images          uint8  N x 3 x H x W   (normalisation happens on the device, in the model)
@@ -33,7 +38,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from clipforge.config import DataConfig
 from clipforge.data.synthetic import ShapesDataset
 
-TRAIN_SOURCES = ["shapes"]  # more (csv, jsonl, folders, webdataset shards) come later
+TRAIN_SOURCES = ["shapes"]  # built in; sources on disk (wds:, jsonl:, csv:, imagefolder:) are in data.pipeline
 EVAL_SPLITS = ["seen", "unseen"]
 
 
@@ -51,6 +56,10 @@ def build_train_dataset(data_cfg: DataConfig, image_size: int) -> ShapesDataset:
 
 def caption_corpus_for(data_cfg: DataConfig, n: int) -> list[str]:
     """Captions to train a tokenizer on: every word the training source can produce."""
+    if data_cfg.train != "shapes":  # sources on disk: the first n captions (clipforge.data.pipeline)
+        from clipforge.data.pipeline import caption_corpus
+
+        return caption_corpus(data_cfg, n)
     return build_train_dataset(data_cfg, image_size=16).caption_corpus(n)
 
 
@@ -79,17 +88,25 @@ def make_batch(dataset: ShapesDataset, indices: list[int], tokenizer=None) -> di
 class _BatchDataset(Dataset):
     """Item k is the whole k-th batch of the stream (rendered and tokenized in the worker)."""
 
-    def __init__(self, dataset: ShapesDataset, tokenizer, batch_size: int, start_sample: int):
+    def __init__(self, dataset: ShapesDataset, tokenizer, batch_size: int, start_sample: int,
+                 rank: int = 0, world_size: int = 1):
         self.dataset = dataset
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.start_sample = start_sample
+        self.rank = rank
+        self.world_size = world_size
 
     def __getitem__(self, k: int) -> dict:
-        first = self.start_sample + k * self.batch_size
+        first = rank_batch_start(self.start_sample, k, self.batch_size, self.rank, self.world_size)
         batch = make_batch(self.dataset, list(range(first, first + self.batch_size)), self.tokenizer)
         del batch["captions"]  # strings are slow to pass between processes and the trainer needs ids
         return batch
+
+
+def rank_batch_start(start_sample: int, k: int, batch_size: int, rank: int = 0, world_size: int = 1) -> int:
+    """First global sample index of rank ``rank``'s k-th batch (see the module docstring)."""
+    return start_sample + k * batch_size * world_size + rank * batch_size
 
 
 class _EndlessBatchIndices(Sampler):
@@ -107,11 +124,29 @@ def build_train_loader(
     *,
     pin_memory: bool = False,
     prefetch_batches: int = 4,
+    rank: int = 0,
+    world_size: int = 1,
+    data_state: dict | None = None,
 ) -> Iterator[dict]:
-    """Endless iterator of training batches starting at global sample ``start_sample``."""
+    """Endless iterator of training batches starting at global sample ``start_sample``.
+
+    ``rank`` / ``world_size`` shard the stream between data-parallel processes; the DataLoader
+    then splits this rank's batches between its workers.
+    """
     if start_sample < 0:
         raise ValueError(f"start_sample must be >= 0, got {start_sample}")
-    batches = _BatchDataset(build_train_dataset(data_cfg, image_size), tokenizer, data_cfg.batch_size, start_sample)
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in 0..{world_size - 1}, got {rank}")
+    if data_cfg.train != "shapes":
+        # sources on disk (wds:, jsonl:, csv:, imagefolder:, mixtures): planned per (rank, worker) slot;
+        # ``data_state`` is the returned loader's state_dict() from a checkpoint (exact resume)
+        from clipforge.data.pipeline import build_source_train_loader
+
+        return build_source_train_loader(data_cfg, image_size, tokenizer, start_sample, rank=rank,
+                                         world_size=world_size, state=data_state, pin_memory=pin_memory,
+                                         prefetch_batches=prefetch_batches)
+    batches = _BatchDataset(build_train_dataset(data_cfg, image_size), tokenizer, data_cfg.batch_size,
+                            start_sample, rank, world_size)
     workers = data_cfg.num_workers
     loader = DataLoader(
         batches,

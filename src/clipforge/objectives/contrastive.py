@@ -68,6 +68,13 @@ class ClipLoss(Term):
 
     def forward(self, outputs: dict[str, Tensor], batch: dict[str, Any]) -> tuple[Tensor, Metrics]:
         logit_scale = require_output(outputs, "logit_scale", self.name)
+        from clipforge.objectives.distributed import active_world_size, distributed_clip_loss
+
+        if active_world_size() > 1:  # softmax over the global batch: gather the other ranks' features
+            loss, metrics = distributed_clip_loss(
+                outputs["image_embeds"], outputs["text_embeds"], logit_scale, self.label_smoothing
+            )
+            return loss, {**metrics, "logit_scale": float(logit_scale.detach())}
         logits = clip_logits(outputs["image_embeds"], outputs["text_embeds"], logit_scale)
         loss = symmetric_cross_entropy(logits, logits.T, label_smoothing=self.label_smoothing)
         image_to_text, text_to_image = retrieval_accuracy(logits)

@@ -99,8 +99,13 @@ class SigLipLoss(Term):
         logit_scale = require_output(outputs, "logit_scale", self.name)
         logit_bias = require_output(outputs, "logit_bias", self.name, MISSING_BIAS_HINT)
         image_embeds = outputs["image_embeds"]
-        logits = siglip_logits(image_embeds, outputs["text_embeds"], logit_scale, logit_bias)
-        loss = sigmoid_pair_loss_sum(logits, positives_on_diagonal=True) / image_embeds.shape[0]
+        from clipforge.objectives.distributed import active_world_size, ring_siglip_loss
+
+        if active_world_size() > 1:  # ring exchange of text blocks; metrics from the local block
+            loss, logits = ring_siglip_loss(image_embeds, outputs["text_embeds"], logit_scale, logit_bias)
+        else:
+            logits = siglip_logits(image_embeds, outputs["text_embeds"], logit_scale, logit_bias)
+            loss = sigmoid_pair_loss_sum(logits, positives_on_diagonal=True) / image_embeds.shape[0]
         metrics = sigmoid_pair_metrics(logits)
         metrics["logit_scale"] = float(logit_scale.detach())
         metrics["logit_bias"] = float(logit_bias.detach())

@@ -55,10 +55,20 @@ def model_config_dict(recipe: Recipe, tokenizer) -> dict[str, Any]:
             "crop": "center",
             "mean": list(m.image_mean),
             "std": list(m.image_std),
+            # what training did (random-resized-crop, flip, ...); the lines above are for inference
+            "train": _train_preprocess(recipe),
         },
         "tokenizer": tokenizer.spec(),
         "recipe": recipe.model_dump(mode="json"),
     }
+
+
+def _train_preprocess(recipe: Recipe) -> dict[str, Any]:
+    if recipe.data.train == "shapes":
+        return {"image_size": recipe.model.image_size, "source": "rendered at size (shapes)"}
+    from clipforge.data.augment import describe_train_preprocess
+
+    return describe_train_preprocess(recipe.data.augment, recipe.model.image_size)
 
 
 def capture_rng_state() -> dict[str, Any]:

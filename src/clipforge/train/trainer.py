@@ -9,6 +9,12 @@
 Resume is exact: the schedule is a pure function of the step, the data stream a pure function of
 the number of samples consumed, and the RNG states travel in the checkpoint, so every step's loss
 after ``--resume latest`` equals the uninterrupted run's (bitwise on CPU fp32, same thread count).
+
+Under torchrun or SLURM (see ``clipforge.train.distributed``) the same loop runs on every rank:
+the model is wrapped in DDP (or sharded with FSDP2), each rank reads its slice of every global
+batch, the losses gather or ring-exchange features across ranks, the ranks agree every step on
+stopping (signal, time budget), rank 0 logs and writes checkpoints (with every rank's RNG state),
+and a failed collective (a crashed peer) ends the run with a clear message instead of a hang.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ import torch
 
 from clipforge.config import Recipe, recipe_to_toml
 from clipforge.train import checkpoint as ckpt
+from clipforge.train import distributed as D
+from clipforge.train.gradcache import gradcache_accumulation, plain_accumulation
 from clipforge.train.schedule import lr_at
 
 # An eval hook gets (model, tokenizer, step) and returns flat metrics to log, e.g. {"zeroshot/unseen_acc1": 0.7}.
@@ -39,7 +47,18 @@ RESUMABLE_MODEL_KEYS = {"patch_dropout"}
 
 
 class TrainingError(RuntimeError):
-    """The run cannot continue; the message says why and what to do."""
+    """The run cannot continue; the message says why and what to do.
+
+    ``every_rank`` marks errors that every rank raises alike (only rank 0 needs to print them).
+    """
+
+    every_rank = False
+
+
+def _shared_error(message: str) -> TrainingError:
+    err = TrainingError(message)
+    err.every_rank = True
+    return err
 
 
 @dataclass
@@ -91,6 +110,12 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     ]
 
 
+def seed_rank(seed: int, ctx: D.DistContext) -> None:
+    """Per-rank randomness (patch dropout) after a model init that was the same on every rank."""
+    if ctx.enabled:
+        seed_everything(seed + ctx.rank)
+
+
 def build_optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
     o = recipe.optim
     return torch.optim.AdamW(
@@ -121,6 +146,16 @@ class _StopFlag:
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+class _NoLog:
+    """What ranks other than 0 log: nothing."""
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 class MetricsLog:
@@ -165,6 +200,7 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.resume = resume
         self.eval_hooks = list(eval_hooks or [])
+        self.dist = D.SINGLE_PROCESS
 
     # ------------------------------------------------------------------ set-up
     def _check_run_dir(self) -> Path | None:
@@ -178,48 +214,95 @@ class Trainer:
             return None
         return ckpt.find_resume_checkpoint(self.run_dir, self.resume)
 
-    def _build(self, resume_from: Path | None):
+    def _prepare_run_dir(self) -> Path | None:
+        """Rank 0 checks the run dir and picks the checkpoint; every rank gets the same answer or error."""
+        found, error = None, None
+        if self.dist.is_main:
+            try:
+                found = self._check_run_dir()
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                (self.run_dir / "recipe.toml").write_text(recipe_to_toml(self.recipe))
+            except (TrainingError, ckpt.CheckpointError) as e:
+                if not self.dist.enabled:
+                    raise
+                error = (type(e).__name__, str(e))
+        found, error = D.broadcast_from_main((found, error), self.dist)
+        if error is not None:  # the other ranks raise rank 0's error rather than wait for it
+            kind, message = error
+            err = ckpt.CheckpointError(message) if kind == "CheckpointError" else TrainingError(message)
+            err.every_rank = True
+            raise err
+        return found
+
+    def _build(self, resume_from: Path | None, device: torch.device):
         from clipforge.data.loader import build_train_loader
         from clipforge.models.clip import CLIP
         from clipforge.models.tokenizer import load_tokenizer, train_tokenizer_for
         from clipforge.objectives import build_objective
 
-        r = self.recipe
+        r, ctx = self.recipe, self.dist
         if r.train.threads:
             torch.set_num_threads(r.train.threads)
-        seed_everything(r.train.seed)
-        device = resolve_device(r)
+        seed_everything(r.train.seed)  # the same on every rank: identical initial weights
         if resume_from is not None:
             saved = ckpt.read_config(resume_from)
             # patch dropout is a training-time knob (FLIP's unmasked tuning resumes with r = 0)
             now = r.model.model_dump(mode="json")
             diff = [k for k, v in now.items() if saved["model"].get(k) != v and k not in RESUMABLE_MODEL_KEYS]
             if diff:
-                raise TrainingError(
+                raise _shared_error(
                     f"the recipe's model section differs from the checkpoint's ({', '.join(diff)}); "
                     "a resumed run must keep the architecture"
                 )
-            self._warn_recipe_changes(saved["recipe"])
+            if ctx.is_main:
+                self._warn_recipe_changes(saved["recipe"])
             tokenizer = load_tokenizer(saved["tokenizer"], resume_from)
         else:
-            tokenizer = train_tokenizer_for(r.data, r.model.context_length)
+            tokenizer = train_tokenizer_for(r.data, r.model.context_length)  # deterministic on every rank
         if tokenizer.vocab_size > r.model.vocab_size:
-            raise TrainingError(
+            raise _shared_error(
                 f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is {r.model.vocab_size}; "
                 "raise model.vocab_size"
             )
-        model = CLIP(r.model).to(device)
+        model = CLIP(r.model)
+        if resume_from is not None:  # every rank reads the weights (before sharding them under FSDP)
+            ckpt.load_model_weights(model, resume_from)
+        model = D.wrap_model(model.to(device), ctx, device, r.train.fsdp)
         objective = build_objective(r.objective).to(device)
         optimizer = build_optimizer(model, r)
+        seed_rank(r.train.seed, ctx)
         state: dict[str, Any] = {"step": 0, "samples_seen": 0, "bad_steps": 0, "elapsed_s": 0.0}
         if resume_from is not None:
-            ckpt.load_model_weights(model, resume_from)
             saved_state = ckpt.load_train_state(resume_from)
-            optimizer.load_state_dict(saved_state["optimizer"])
-            ckpt.restore_rng_state(saved_state["rng"])
+            if bool(saved_state.get("fsdp", False)) != (r.train.fsdp and ctx.enabled):
+                raise _shared_error(
+                    f"{resume_from} was written with train.fsdp={saved_state.get('fsdp', False)} and "
+                    f"{saved_state.get('world_size', 1)} process(es); the optimizer state is laid out differently "
+                    "with and without FSDP, so resume with the same train.fsdp setting"
+                )
+            D.load_full_optimizer_state(model, optimizer, saved_state["optimizer"], ctx, r.train.fsdp)
+            self._restore_rng(saved_state)
             state = {k: saved_state[k] for k in state}
-        loader = build_train_loader(r.data, r.model.image_size, tokenizer, start_sample=state["samples_seen"])
-        return device, tokenizer, model, objective, optimizer, loader, state
+        loader = build_train_loader(r.data, r.model.image_size, tokenizer, start_sample=state["samples_seen"],
+                                    pin_memory=device.type == "cuda", rank=ctx.rank, world_size=ctx.world_size,
+                                    data_state=_rank_data_state(saved_state if resume_from else {}, ctx))
+        return tokenizer, model, objective, optimizer, loader, state
+
+    def _restore_rng(self, saved_state: dict[str, Any]) -> None:
+        ctx = self.dist
+        per_rank = saved_state.get("rng_per_rank")
+        if not ctx.enabled:
+            ckpt.restore_rng_state(saved_state["rng"])
+        elif per_rank is not None and len(per_rank) == ctx.world_size:
+            ckpt.restore_rng_state(per_rank[ctx.rank])
+        else:
+            saved_world = len(per_rank) if per_rank is not None else 1
+            if ctx.is_main:
+                warnings.warn(
+                    f"the checkpoint was written by {saved_world} process(es), this run has {ctx.world_size}: "
+                    "weights, optimizer and data position resume exactly, random draws (patch dropout) do not"
+                )
+            seed_everything(self.recipe.train.seed + ctx.rank + 100_003 * saved_state["step"])
 
     def _warn_recipe_changes(self, saved: dict[str, Any]) -> None:
         now = self.recipe.model_dump(mode="json")
@@ -236,15 +319,40 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def fit(self) -> TrainResult:
         r = self.recipe
-        resume_from = self._check_run_dir()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "recipe.toml").write_text(recipe_to_toml(r))
-        device, tokenizer, model, objective, optimizer, loader, state = self._build(resume_from)
+        device = resolve_device(r)
+        self.dist = D.init_distributed(device.type, r.train.dist_backend, r.train.dist_timeout_minutes)
+        peer_lost = False
+        try:
+            return self._fit(D.device_for(self.dist, device))
+        except Exception as e:
+            if self.dist.enabled and D.peer_failure(e):
+                peer_lost = True
+                # torchrun's agent sends SIGTERM to the survivors: let this message out first
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
+                raise TrainingError(
+                    f"rank {self.dist.rank}: lost contact with the other ranks ({D.short_reason(e)}). "
+                    f"Another rank crashed, was killed, or did not answer within "
+                    f"train.dist_timeout_minutes={r.train.dist_timeout_minutes:g}. "
+                    f"Continue from the last checkpoint with --resume latest."
+                ) from e
+            raise
+        finally:
+            if not peer_lost:  # a broken group cannot be torn down politely; the process exits anyway
+                D.shutdown(self.dist)
+
+    def _fit(self, device: torch.device) -> TrainResult:
+        r, ctx = self.recipe, self.dist
+        resume_from = self._prepare_run_dir()
+        tokenizer, model, objective, optimizer, loader, state = self._build(resume_from, device)
+        plain = D.unwrap(model)
         dtype = resolve_precision(r, device)
         need = frozenset(getattr(objective, "needs", ()))
-        log = MetricsLog(self.run_dir, state["step"] if resume_from else None, r.logging.tensorboard)
+        if ctx.is_main:
+            log = MetricsLog(self.run_dir, state["step"] if resume_from else None, r.logging.tensorboard)
+        else:
+            log = _NoLog()
         micro_batch = r.data.batch_size
-        samples_per_step = micro_batch * r.train.accum_steps
+        samples_per_step = micro_batch * ctx.world_size * r.train.accum_steps  # global
         total = r.train.steps
         last_ckpt: Path | None = resume_from
         last_save_time = time.monotonic()
@@ -254,12 +362,35 @@ class Trainer:
 
         def save() -> Path:
             state["elapsed_s"] = time.monotonic() - start_time
-            train_state = {**state, "optimizer": optimizer.state_dict(), "rng": ckpt.capture_rng_state()}
-            return ckpt.save_checkpoint(
-                self.run_dir / "checkpoints", state["step"], model, r, tokenizer, train_state, r.train.keep_last
-            )
+            # every rank takes part: FSDP gathers the shards, rank 0 collects every rank's RNG
+            weights = D.full_model_state(model, ctx, r.train.fsdp)
+            optim_state = D.full_optimizer_state(model, optimizer, ctx, r.train.fsdp)
+            rng = ckpt.capture_rng_state()
+            every_rng = D.gather_to_main(rng, ctx)
+            # sources on disk keep a per-(rank, worker) data cursor next to samples_seen
+            data_state = D.gather_to_main(loader.state_dict(), ctx) if hasattr(loader, "state_dict") else None
+            where = self.run_dir / "checkpoints" / ckpt.step_dir_name(state["step"])
+            if ctx.is_main:
+                train_state = {**state, "optimizer": optim_state, "rng": rng, "world_size": ctx.world_size,
+                               "fsdp": r.train.fsdp and ctx.enabled}
+                if ctx.enabled:
+                    train_state["rng_per_rank"] = every_rng
+                if data_state is not None:
+                    train_state["data_state_per_rank"] = data_state  # one entry per rank
+                where = ckpt.save_checkpoint(
+                    self.run_dir / "checkpoints", state["step"], D.StateDictView(weights), r, tokenizer,
+                    train_state, r.train.keep_last,
+                )
+            D.barrier(ctx)  # nobody moves on (or exits) before the checkpoint is complete
+            return where
 
-        progress = _progress_bar(r.logging.progress, total, state["step"])
+        def forward(batch):
+            return model(batch["images"], batch["input_ids"], batch["attention_mask"], need=need)
+
+        def autocast():
+            return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+        progress = _progress_bar(r.logging.progress and ctx.is_main, total, state["step"])
         model.train()
         try:
             with _StopFlag() as stop, progress:
@@ -270,16 +401,27 @@ class Trainer:
                     for group in optimizer.param_groups:
                         group["lr"] = lr
                     t0 = time.perf_counter()
-                    loss_sum, metrics = 0.0, {}
-                    for _ in range(r.train.accum_steps):
-                        batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
-                                 for k, v in next(loader).items()}
-                        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                            outputs = model(batch["images"], batch["input_ids"], batch["attention_mask"], need=need)
-                            loss, metrics = objective(outputs, batch)
-                        (loss / r.train.accum_steps).backward()
-                        loss_sum += loss.item() / r.train.accum_steps
+                    micro_batches = [
+                        {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in next(loader).items()}
+                        for _ in range(r.train.accum_steps)
+                    ]
+                    if r.train.accum_mode == "gradcache":
+                        loss_sum, metrics = gradcache_accumulation(model, objective, micro_batches, forward, autocast, device)
+                    else:
+                        loss_sum, metrics = plain_accumulation(model, objective, micro_batches, forward, autocast)
+                    D.average_replicated_grads(model, ctx, r.train.fsdp)
                     grad_norm = _clip_and_measure(model, r.optim.grad_clip)
+                    # one small all_reduce: the global loss and metrics, and whether any rank must stop
+                    time_up = bool(r.train.max_minutes and time.monotonic() - start_time > 60 * r.train.max_minutes)
+                    names = sorted(metrics)
+                    totals = D.sum_over_ranks(
+                        [loss_sum, float(stop.signal_name is not None), float(time_up),
+                         float(self._checkpoint_due_by_time(last_save_time))] + [metrics[k] for k in names],
+                        ctx, device,
+                    )
+                    loss_sum = totals[0] / ctx.world_size
+                    stop_now, time_up, save_by_time = totals[1] > 0, totals[2] > 0, totals[3] > 0
+                    metrics = {k: v / ctx.world_size for k, v in zip(names, totals[4:])}
                     state["samples_seen"] += samples_per_step
                     state["step"] += 1
                     if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
@@ -287,7 +429,7 @@ class Trainer:
                         state["bad_steps"] += 1
                         warnings.warn(f"step {step}: non-finite loss or gradient ({loss_sum}); step skipped")
                         if state["bad_steps"] > r.train.max_bad_steps:
-                            raise TrainingError(
+                            raise _shared_error(
                                 f"{state['bad_steps']} steps had a NaN/inf loss or gradient "
                                 f"(limit train.max_bad_steps={r.train.max_bad_steps}). Lower optim.lr, "
                                 "check the data, or use train.precision=fp32."
@@ -295,7 +437,7 @@ class Trainer:
                     else:
                         optimizer.step()
                         optimizer.zero_grad(set_to_none=True)
-                        model.clamp_logit_scale_()
+                        plain.clamp_logit_scale_()
                     dt = time.perf_counter() - t0
                     done = state["step"]
                     last_metrics = {
@@ -303,10 +445,11 @@ class Trainer:
                         "loss": loss_sum,
                         "lr": lr,
                         "grad_norm": grad_norm,
-                        "logit_scale": float(model.logit_scale.exp().item()),
+                        "logit_scale": float(_full(plain.logit_scale).exp().item()),
                         "img_per_s": samples_per_step / dt,
                         "samples_seen": state["samples_seen"],
                         "bad_steps": state["bad_steps"],
+                        **(loader.metrics() if hasattr(loader, "metrics") else {}),  # data/skipped/<reason>, ...
                     }
                     if done % r.logging.every_steps == 0 or done == total:
                         log.write(done, last_metrics)
@@ -314,13 +457,13 @@ class Trainer:
                                     info=f"loss {loss_sum:.4f}  lr {lr:.2e}  {samples_per_step / dt:,.0f} img/s")
                     if r.eval.every_steps and done % r.eval.every_steps == 0 and done < total:
                         self._run_eval(model, tokenizer, done, log)
-                    if stop.signal_name:
+                    if stop_now:
                         stopped_by = "signal"
                         break
-                    if r.train.max_minutes and time.monotonic() - start_time > 60 * r.train.max_minutes:
+                    if time_up:
                         stopped_by = "time-budget"
                         break
-                    if self._checkpoint_due(done, last_save_time) and done < total:
+                    if self._checkpoint_due(done, save_by_time) and done < total:
                         last_ckpt, last_save_time = save(), time.monotonic()
             last_ckpt = save()
             if stopped_by != "signal" and r.eval.at_end:
@@ -329,27 +472,48 @@ class Trainer:
             log.close()
         return TrainResult(self.run_dir, state["step"], stopped_by, last_ckpt, last_metrics)
 
-    def _checkpoint_due(self, step: int, last_save_time: float) -> bool:
-        t = self.recipe.train
-        by_steps = t.checkpoint_every_steps is not None and step % t.checkpoint_every_steps == 0
-        by_time = t.checkpoint_every_minutes is not None and (
-            time.monotonic() - last_save_time > 60 * t.checkpoint_every_minutes
-        )
-        return by_steps or by_time
+    def _checkpoint_due_by_time(self, last_save_time: float) -> bool:
+        minutes = self.recipe.train.checkpoint_every_minutes
+        return minutes is not None and time.monotonic() - last_save_time > 60 * minutes
 
-    def _run_eval(self, model, tokenizer, step: int, log: MetricsLog) -> dict[str, float]:
+    def _checkpoint_due(self, step: int, by_time: bool) -> bool:
+        every = self.recipe.train.checkpoint_every_steps
+        return (every is not None and step % every == 0) or by_time
+
+    def _run_eval(self, model, tokenizer, step: int, log) -> dict[str, float]:
+        """Distributed hooks (``hook.distributed = True``) run on every rank; others on rank 0 only."""
         if not self.eval_hooks:
             return {}
+        ctx, plain = self.dist, D.unwrap(model)
         was_training = model.training
         model.eval()
         results: dict[str, float] = {}
         with torch.no_grad():
             for hook in self.eval_hooks:
-                results.update(hook(model, tokenizer, step))
+                if getattr(hook, "distributed", False):
+                    results.update(hook(plain, tokenizer, step))
+                elif self.recipe.train.fsdp and ctx.enabled:
+                    if ctx.is_main:
+                        warnings.warn(f"eval hook {getattr(hook, '__name__', hook)} cannot run on one rank of "
+                                      "a sharded (FSDP) model; skipped")
+                elif ctx.is_main:
+                    results.update(hook(plain, tokenizer, step))
+        D.barrier(ctx)  # the other ranks wait for rank 0's evaluation
         model.train(was_training)
         if results:
             log.write(step, results)
         return results
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's full value (FSDP), or the tensor itself."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _rank_data_state(saved_state: dict[str, Any], ctx) -> dict | None:
+    """This rank's saved data cursor (sources on disk), if the checkpoint has one for this world size."""
+    per_rank = saved_state.get("data_state_per_rank")
+    return per_rank[ctx.rank] if per_rank and len(per_rank) == ctx.world_size else None
 
 
 def _clip_and_measure(model: torch.nn.Module, max_norm: float | None) -> float:
@@ -357,7 +521,7 @@ def _clip_and_measure(model: torch.nn.Module, max_norm: float | None) -> float:
     if not params:
         return 0.0
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else float("inf"), foreach=True)
-    return float(norm)
+    return float(_full(norm))
 
 
 def _progress_bar(enabled: bool, total: int, start: int):
