@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 
-from clipforge import __version__
 from clipforge.config import ModelConfig
 from clipforge.train import checkpoint as ckpt
 
@@ -221,29 +220,8 @@ def openclip_config_to_ours(model_cfg: dict[str, Any], preprocess_cfg: dict[str,
 
 
 # ----------------------------------------------------------------------------- checkpoint
-def checkpoint_config(cfg: ModelConfig, tokenizer, source: dict[str, Any]) -> dict[str, Any]:
-    """``config.json`` of a model-only checkpoint (the layout ``clipforge.load`` reads; no recipe)."""
-    return {
-        "format": "clipforge-checkpoint",
-        "clipforge_version": __version__,
-        "model": cfg.model_dump(mode="json"),
-        "preprocess": {
-            "image_size": cfg.image_size,
-            "resize": "shortest-side-bicubic",
-            "crop": "center",
-            "mean": list(cfg.image_mean),
-            "std": list(cfg.image_std),
-        },
-        "tokenizer": tokenizer.spec(),
-        "recipe": None,
-        "source": source,
-    }
-
-
 def write_model_checkpoint(out: str | Path, model: torch.nn.Module, tokenizer, config: dict[str, Any]) -> Path:
     """Write weights, config and tokenizer to ``out`` via a temp dir and a rename (never half-written)."""
-    from safetensors.torch import save_file
-
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty; choose a new --out directory")
@@ -251,10 +229,7 @@ def write_model_checkpoint(out: str | Path, model: torch.nn.Module, tokenizer, c
     tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp / ckpt.WEIGHTS), metadata={"format": "pt"})
-    (tmp / ckpt.CONFIG).write_text(json.dumps(config, indent=2))
-    tokenizer.save(tmp)
+    ckpt.write_model_files(tmp, model, config, tokenizer)
     if out.exists():
         out.rmdir()
     os.rename(tmp, out)
@@ -286,4 +261,4 @@ def import_openclip(
             "(is the config the one these weights were trained with?)"
         )
     source = {"from": "openclip", "weights": str(weights), "config": str(config)}
-    return write_model_checkpoint(out, model, tokenizer, checkpoint_config(cfg, tokenizer, source))
+    return write_model_checkpoint(out, model, tokenizer, ckpt.checkpoint_config(cfg, tokenizer, source=source))

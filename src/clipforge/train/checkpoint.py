@@ -43,24 +43,32 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:07d}"
 
 
-def model_config_dict(recipe: Recipe, tokenizer) -> dict[str, Any]:
-    m = recipe.model
-    return {
+def checkpoint_config(
+    model_cfg: ModelConfig, tokenizer, recipe: Recipe | None = None, source: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """``config.json``: architecture, preprocessing, tokenizer spec, and the recipe (None for
+    model-only checkpoints such as imported weights, which say where they came from in ``source``)."""
+    preprocess: dict[str, Any] = {
+        "image_size": model_cfg.image_size,
+        "resize": "shortest-side-bicubic",
+        "crop": "center",
+        "mean": list(model_cfg.image_mean),
+        "std": list(model_cfg.image_std),
+    }
+    if recipe is not None:
+        # what training did (random-resized-crop, flip, ...); the lines above are for inference
+        preprocess["train"] = _train_preprocess(recipe)
+    config = {
         "format": "clipforge-checkpoint",
         "clipforge_version": __version__,
-        "model": m.model_dump(mode="json"),
-        "preprocess": {
-            "image_size": m.image_size,
-            "resize": "shortest-side-bicubic",
-            "crop": "center",
-            "mean": list(m.image_mean),
-            "std": list(m.image_std),
-            # what training did (random-resized-crop, flip, ...); the lines above are for inference
-            "train": _train_preprocess(recipe),
-        },
+        "model": model_cfg.model_dump(mode="json"),
+        "preprocess": preprocess,
         "tokenizer": tokenizer.spec(),
-        "recipe": recipe.model_dump(mode="json"),
+        "recipe": recipe.model_dump(mode="json") if recipe is not None else None,
     }
+    if source is not None:
+        config["source"] = source
+    return config
 
 
 def _train_preprocess(recipe: Recipe) -> dict[str, Any]:
@@ -115,10 +123,7 @@ def save_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
-    (tmp / CONFIG).write_text(json.dumps(model_config_dict(recipe, tokenizer), indent=2))
-    tokenizer.save(tmp)
+    write_model_files(tmp, model, checkpoint_config(recipe.model, tokenizer, recipe), tokenizer)
     if train_state is not None:
         torch.save(train_state, tmp / TRAIN_STATE)
     _fsync_dir(tmp)
@@ -128,6 +133,14 @@ def save_checkpoint(
     _point_latest(checkpoints_dir, final.name)
     _prune(checkpoints_dir, keep_last)
     return final
+
+
+def write_model_files(directory: Path, model: torch.nn.Module, config: dict[str, Any], tokenizer) -> None:
+    """The inference part of a checkpoint: weights, config.json, tokenizer.json."""
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(directory / WEIGHTS), metadata={"format": "pt"})
+    (directory / CONFIG).write_text(json.dumps(config, indent=2))
+    tokenizer.save(directory)
 
 
 def _fsync_dir(path: Path) -> None:
