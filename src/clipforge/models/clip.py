@@ -24,7 +24,8 @@ from clipforge.models.text import TextTransformer
 from clipforge.models.vit import VisionTransformer
 
 # extras a caller may ask forward() for
-EXTRAS = frozenset({"image_tokens", "text_tokens", "cls_attention", "kept_indices"})
+EXTRAS = frozenset({"image_tokens", "text_tokens", "image_token_embeds", "text_token_embeds",
+                    "cls_attention", "kept_indices"})
 
 
 class CLIP(nn.Module):
@@ -93,6 +94,16 @@ class CLIP(nn.Module):
         pooled = self.text(input_ids, attention_mask)["pooled"]
         return F.normalize(self.text_projection(pooled), dim=-1)
 
+    def encode_image_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """Per-patch embeddings N×P×E (projected, L2-normalised per token): FILIP's image token set."""
+        tokens = self.visual(self.normalize_images(images), return_tokens=True)["tokens"]
+        return F.normalize(self.image_projection(tokens), dim=-1)
+
+    def encode_text_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-token embeddings N×L×E (projected, L2-normalised); positions where attention_mask is 0 are padding."""
+        tokens = self.text(input_ids, attention_mask, return_tokens=True)["tokens"]
+        return F.normalize(self.text_projection(tokens), dim=-1)
+
     # ------------------------------------------------------------------ forward
     def forward(
         self,
@@ -106,6 +117,8 @@ class CLIP(nn.Module):
 
         - "image_tokens": N×K×Wv patch tokens after the final LayerNorm, before projection
         - "text_tokens":  N×L×Wt token features after the final LayerNorm, before projection
+        - "image_token_embeds" / "text_token_embeds": the tokens above projected into the joint space
+          and L2-normalised per token (FILIP's late interaction)
         - "cls_attention": list (one per layer) of N×H×K attention from the class token to patches
           (computed with explicit softmax, slower; the default path uses fused SDPA)
         - "kept_indices": N×K indices of the patches the ViT saw (all patches when none dropped)
@@ -120,10 +133,10 @@ class CLIP(nn.Module):
         vision = self.visual(
             self.normalize_images(images),
             keep_indices=keep_indices,
-            return_tokens="image_tokens" in need,
+            return_tokens=bool({"image_tokens", "image_token_embeds"} & need),
             return_cls_attention="cls_attention" in need,
         )
-        text = self.text(input_ids, attention_mask, return_tokens="text_tokens" in need)
+        text = self.text(input_ids, attention_mask, return_tokens=bool({"text_tokens", "text_token_embeds"} & need))
 
         out: dict[str, torch.Tensor | list[torch.Tensor]] = {
             "image_embeds": F.normalize(self.image_projection(vision["pooled"]), dim=-1),
@@ -136,6 +149,10 @@ class CLIP(nn.Module):
             out["image_tokens"] = vision["tokens"]
         if "text_tokens" in need:
             out["text_tokens"] = text["tokens"]
+        if "image_token_embeds" in need:
+            out["image_token_embeds"] = F.normalize(self.image_projection(vision["tokens"]), dim=-1)
+        if "text_token_embeds" in need:
+            out["text_token_embeds"] = F.normalize(self.text_projection(text["tokens"]), dim=-1)
         if "cls_attention" in need:
             out["cls_attention"] = vision["cls_attention"]
         if "kept_indices" in need:

@@ -1,17 +1,26 @@
 """Training objectives: weighted sums of loss terms built from the recipe's ``[objective]`` section.
 
-Importing this package registers the shipped terms (``clip``, ``siglip``).
+Importing this package registers the shipped terms (``clip``, ``siglip``, ``filip``).
 """
 
 from clipforge.objectives.base import (
     TERMS,
     Objective,
     Term,
+    TermConfig,
     build_objective,
     build_term,
     register_term,
+    term_config_class,
 )
-from clipforge.objectives.contrastive import ClipLoss, clip_logits, clip_loss, symmetric_cross_entropy
+from clipforge.objectives.contrastive import (
+    ClipLoss,
+    clip_logits,
+    clip_loss,
+    multi_positive_clip_loss,
+    symmetric_cross_entropy,
+)
+from clipforge.objectives.filip import FilipLoss, late_interaction_scores
 from clipforge.objectives.sigmoid import (
     SigLipLoss,
     sigmoid_pair_loss_sum,
@@ -22,6 +31,10 @@ from clipforge.objectives.sigmoid import (
 
 __all__ = [
     "TERMS",
+    "FilipLoss",
+    "TermConfig",
+    "late_interaction_scores",
+    "multi_positive_clip_loss",
     "ClipLoss",
     "Objective",
     "SigLipLoss",
@@ -36,4 +49,5 @@ __all__ = [
     "siglip_loss",
     "siglip_loss_chunked",
     "symmetric_cross_entropy",
+    "term_config_class",
 ]

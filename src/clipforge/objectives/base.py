@@ -1,14 +1,26 @@
 """The objective: a weighted sum of small loss terms.
 
 A term is an ``nn.Module`` with a ``name``, a ``weight`` and
-``forward(outputs, batch) -> (loss, metrics)``. ``outputs`` is the model's dict
-("image_embeds", "text_embeds", "logit_scale", maybe "logit_bias", extras on request);
-``batch`` is the data loader's dict. Each term keeps its maths in plain functions of
-tensors (embeddings, scale, bias) so the distributed versions can reuse them on
-gathered or ring-exchanged features.
+``forward(outputs, batch) -> (loss, metrics)``. ``outputs`` is the training step's dict
+("image_embeds", "text_embeds", "logit_scale", maybe "logit_bias", the extras the term
+``needs``, teacher outputs under a prefix such as "ema/image_embeds"); ``batch`` is the data
+loader's dict. Each term keeps its maths in plain functions of tensors so the distributed
+versions can reuse them on gathered or ring-exchanged features.
 
-New terms register with one line, ``@register_term``, and get a config class in
-``clipforge.config`` whose ``name`` literal matches the term's ``name``.
+A term describes itself:
+
+- ``Config``: its recipe section, a ``TermConfig`` subclass. The recipe schema is built from the
+  registry, so a new term needs no edit to ``clipforge.config``;
+- ``needs``: the model extras it reads (the step asks the model for exactly these);
+- ``scope``: how it sees the batch under data parallelism — "local" (this rank's samples only),
+  "gathered" (all-gathered features; the local shard keeps its gradient) or "ring" (blocks passed
+  around the ranks). The term implements its scope when a process group is active; a test checks
+  the distributed value and gradients against one process on the whole batch;
+- parameters and buffers of its own (trained, checkpointed, DDP-reduced with the model), and
+  ``after_optimizer_step(step)`` for state that changes once per optimiser step, identically on
+  every rank.
+
+New terms register with one line, ``@register_term``.
 """
 
 from __future__ import annotations
@@ -16,6 +28,7 @@ from __future__ import annotations
 from typing import Any, ClassVar, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 Metrics = dict[str, float]
@@ -27,11 +40,21 @@ Metrics = dict[str, float]
 FeatureScope = Literal["local", "gathered", "ring"]
 
 
+class TermConfig(BaseModel):
+    """A term's recipe section: ``name`` picks the term, every other field is an init argument."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    name: str
+    weight: float = Field(1.0, ge=0.0, allow_inf_nan=False)
+
+
 class Term(nn.Module):
-    """One weighted loss term. Subclasses set ``name`` and ``features`` and implement ``forward``."""
+    """One weighted loss term. Subclasses set ``name``, ``Config``, ``needs``, ``scope`` and implement ``forward``."""
 
     name: ClassVar[str]
-    features: ClassVar[FeatureScope] = "local"
+    Config: ClassVar[type[TermConfig]] = TermConfig
+    needs: ClassVar[frozenset[str]] = frozenset()  # model extras this term reads from the outputs
+    scope: ClassVar[FeatureScope] = "local"
 
     def __init__(self, weight: float = 1.0):
         super().__init__()
@@ -46,6 +69,9 @@ class Term(nn.Module):
         """Return (scalar loss, metrics without the term's prefix and without "loss")."""
         raise NotImplementedError
 
+    def after_optimizer_step(self, step: int) -> None:
+        """Called once after every optimiser step (``step`` = steps done), on every rank alike."""
+
     def extra_repr(self) -> str:
         return f"weight={self.weight}"
 
@@ -54,10 +80,14 @@ TERMS: dict[str, type[Term]] = {}
 
 
 def register_term(cls: type[Term]) -> type[Term]:
-    """Class decorator: make a term buildable from recipes by its ``name``."""
-    if cls.name in TERMS and TERMS[cls.name] is not cls:
-        raise ValueError(f"objective term name '{cls.name}' is already registered by {TERMS[cls.name].__name__}")
-    TERMS[cls.name] = cls
+    """Class decorator: make a term buildable from recipes by its ``name`` (its ``Config`` is its schema)."""
+    previous = TERMS.get(cls.name)
+    if previous is not None and previous.__qualname__ != cls.__qualname__:
+        raise ValueError(f"objective term name '{cls.name}' is already registered by {previous.__name__}")
+    if cls.Config.model_fields["name"].default not in (None, cls.name) and cls.Config is not TermConfig:
+        raise ValueError(f"{cls.__name__}.Config.name defaults to {cls.Config.model_fields['name'].default!r}, "
+                         f"not the term's name {cls.name!r}")
+    TERMS[cls.name] = cls  # re-registering the same class (a module imported twice) replaces it
     return cls
 
 
@@ -79,6 +109,15 @@ class Objective(nn.Module):
         self.terms = nn.ModuleList(terms)
         self.keys = _unique_keys([term.name for term in terms])
 
+    @property
+    def needs(self) -> frozenset[str]:
+        """The model extras any term reads."""
+        return frozenset().union(*(term.needs for term in self.terms))
+
+    def after_optimizer_step(self, step: int) -> None:
+        for term in self.terms:
+            term.after_optimizer_step(step)
+
     def forward(self, outputs: dict[str, Tensor], batch: dict[str, Any]) -> tuple[Tensor, Metrics]:
         total: Tensor | None = None
         metrics: Metrics = {}
@@ -97,13 +136,27 @@ class Objective(nn.Module):
 
 
 def build_term(cfg: Any) -> Term:
-    """A term from its recipe section (anything with ``name``, ``weight`` and ``model_dump``)."""
-    cls = TERMS.get(cfg.name)
-    if cls is None:
-        raise ValueError(
-            f"unknown objective term '{cfg.name}'; registered terms: {', '.join(sorted(TERMS))}"
-        )
+    """A term from its recipe section (a ``TermConfig``, or a dict with ``name``)."""
+    if isinstance(cfg, dict):
+        cfg = term_config_class(cfg.get("name", "")).model_validate(cfg)
+    term_config_class(cfg.name)  # an unknown name: a clear error with the registered names
+    cls = TERMS[cfg.name]
     return cls.from_config(cfg)
+
+
+def term_config_class(name: str) -> type[TermConfig]:
+    """The config class of the registered term ``name``."""
+    cls = TERMS.get(name)
+    if cls is None:
+        import difflib
+
+        close = difflib.get_close_matches(name, list(TERMS), n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ValueError(
+            f"unknown objective term '{name}'.{hint} Registered terms: {', '.join(sorted(TERMS))} "
+            "(a term defined outside clipforge is registered by listing its module in the recipe's `imports`)"
+        )
+    return cls.Config
 
 
 def build_objective(cfg: Any) -> Objective:

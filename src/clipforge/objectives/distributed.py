@@ -64,6 +64,23 @@ def gather_with_grad(x: Tensor) -> Tensor:
     return _GatherWithGrad.apply(x)
 
 
+def gather_no_grad(x: Tensor) -> Tensor:
+    """(b, ...) on each rank -> (W*b, ...) in rank order, without autograd (indices, masks)."""
+    if active_world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def gathered_owner(local_owner: Tensor, local_images: int) -> Tensor:
+    """Every rank's ``text_owner`` in global image indices (rank r's owners + r * local_images)."""
+    if active_world_size() == 1:
+        return local_owner
+    parts = gather_no_grad(local_owner).tensor_split(dist.get_world_size())
+    return torch.cat([part + r * local_images for r, part in enumerate(parts)])
+
+
 class _PassToRight(torch.autograd.Function):
     """Send to rank r+1, receive from rank r-1 (mod W); backward sends the gradient the other way."""
 

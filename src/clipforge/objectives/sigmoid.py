@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from clipforge.objectives.base import Metrics, Term, register_term, require_output, upcast_low_precision
+from clipforge.objectives.base import Metrics, Term, TermConfig, register_term, require_output, upcast_low_precision
 
 MISSING_BIAS_HINT = (
     "SigLIP needs a learnable logit bias: set model.logit_bias_init = -10 "
@@ -43,6 +43,15 @@ def sigmoid_pair_loss_sum(logits: Tensor, positives_on_diagonal: bool) -> Tensor
     if positives_on_diagonal:
         loss = loss - logits.diagonal().sum()
     return loss
+
+
+def sigmoid_masked_loss_sum(logits: Tensor, positives: Tensor, row_weights: Tensor | None = None) -> Tensor:
+    """sum_ij -log sigmoid(z_ij * L_ij) with z = +1 where ``positives`` (bool, same shape) else -1;
+    ``row_weights`` scale each image row. Several positives per row (multi-caption) are allowed."""
+    loss = -F.logsigmoid(-logits) - logits * positives.to(logits.dtype)
+    if row_weights is not None:
+        loss = loss * row_weights[:, None]
+    return loss.sum()
 
 
 def siglip_loss(image_embeds: Tensor, text_embeds: Tensor, logit_scale: Tensor, logit_bias: Tensor) -> Tensor:
@@ -92,8 +101,11 @@ def sigmoid_pair_metrics(logits: Tensor) -> Metrics:
 
 @register_term
 class SigLipLoss(Term):
+    """SigLIP's loss; ``text_owner`` (several captions per image) and ``weights`` in the batch are honoured."""
+
     name = "siglip"
-    features = "ring"  # pairs are independent: pass text blocks around the ranks, no all-gather
+    Config = TermConfig
+    scope = "ring"  # pairs are independent: pass text blocks around the ranks, no all-gather
 
     def forward(self, outputs: dict[str, Tensor], batch: dict[str, Any]) -> tuple[Tensor, Metrics]:
         logit_scale = require_output(outputs, "logit_scale", self.name)
@@ -101,6 +113,9 @@ class SigLipLoss(Term):
         image_embeds = outputs["image_embeds"]
         from clipforge.objectives.distributed import active_world_size, ring_siglip_loss
 
+        owner, weights = batch.get("text_owner"), batch.get("weights")
+        if owner is not None or weights is not None:
+            return self._multi_positive(image_embeds, outputs["text_embeds"], logit_scale, logit_bias, owner, weights)
         if active_world_size() > 1:  # ring exchange of text blocks; metrics from the local block
             loss, logits = ring_siglip_loss(image_embeds, outputs["text_embeds"], logit_scale, logit_bias)
         else:
@@ -110,3 +125,24 @@ class SigLipLoss(Term):
         metrics["logit_scale"] = float(logit_scale.detach())
         metrics["logit_bias"] = float(logit_bias.detach())
         return loss, metrics
+
+    def _multi_positive(self, images, texts, logit_scale, logit_bias, owner, weights) -> tuple[Tensor, Metrics]:
+        """Positives where text_owner names the image; other ranks' texts (ring) are negatives only,
+        since every text's owner is on its own rank. Loss = sum over pairs / number of images."""
+        from clipforge.objectives.distributed import active_world_size, pass_to_right
+
+        if owner is None:
+            owner = torch.arange(texts.shape[0], device=texts.device)
+        positives = owner[None, :] == torch.arange(images.shape[0], device=images.device)[:, None]
+        logits = siglip_logits(images, texts, logit_scale, logit_bias)
+        total = sigmoid_masked_loss_sum(logits, positives, weights)
+        if active_world_size() > 1:
+            import torch.distributed as dist
+
+            received = texts
+            for _ in range(dist.get_world_size() - 1):
+                received = pass_to_right(received)
+                block = siglip_logits(images, received, logit_scale, logit_bias)
+                total = total + sigmoid_masked_loss_sum(block, torch.zeros_like(block, dtype=torch.bool), weights)
+        return total / images.shape[0], {"logit_scale": float(logit_scale.detach()),
+                                          "logit_bias": float(logit_bias.detach())}

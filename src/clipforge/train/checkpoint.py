@@ -30,6 +30,7 @@ from clipforge.config import ModelConfig, Recipe
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
+METHOD_WEIGHTS = "method.safetensors"  # the training step's state beyond the model (EMA teachers, heads, terms)
 TOKENIZER = "tokenizer.json"
 TRAIN_STATE = "train_state.pt"
 REQUIRED = (WEIGHTS, CONFIG, TOKENIZER)
@@ -115,6 +116,7 @@ def save_checkpoint(
     tokenizer,
     train_state: dict[str, Any] | None,
     keep_last: int,
+    method_state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write a complete checkpoint atomically, point ``latest`` at it, prune old ones."""
     checkpoints_dir.mkdir(parents=True, exist_ok=True)
@@ -124,6 +126,9 @@ def save_checkpoint(
         shutil.rmtree(tmp)
     tmp.mkdir()
     write_model_files(tmp, model, checkpoint_config(recipe.model, tokenizer, recipe), tokenizer)
+    if method_state:  # EMA teachers, heads, term parameters/buffers: everything of the step but the model
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in method_state.items()}, str(tmp / METHOD_WEIGHTS),
+                  metadata={"format": "pt"})
     if train_state is not None:
         torch.save(train_state, tmp / TRAIN_STATE)
     _fsync_dir(tmp)
@@ -230,6 +235,24 @@ def load_model_weights(model: torch.nn.Module, ckpt: Path) -> None:
             f"{ckpt}: weights do not match the model architecture "
             f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})"
         )
+
+
+def load_method_state(step: torch.nn.Module, ckpt: Path) -> None:
+    """Restore the training step's state beyond the model (method.safetensors) for an exact resume."""
+    expected = {k for k in step.state_dict() if not k.startswith("model.")}
+    path = Path(ckpt) / METHOD_WEIGHTS
+    if not expected:
+        return
+    if not path.is_file():
+        raise CheckpointError(f"{ckpt} has no {METHOD_WEIGHTS}, but this recipe's method/teachers/terms keep state "
+                              f"({sorted(expected)[:3]}...); resume with the recipe the checkpoint was written with")
+    state = load_file(str(path))
+    missing, unexpected = expected - set(state), set(state) - expected
+    if missing or unexpected:
+        raise CheckpointError(f"{ckpt}: {METHOD_WEIGHTS} does not match this recipe's method state "
+                              f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}); "
+                              "the method, teachers and terms must stay as they were")
+    step.load_state_dict(state, strict=False)
 
 
 def load_train_state(ckpt: Path) -> dict[str, Any]:

@@ -43,7 +43,7 @@ EvalHook = Callable[[torch.nn.Module, Any, int], dict[str, float]]
 
 
 # model keys that may change on resume: they do not change the parameters
-RESUMABLE_MODEL_KEYS = {"patch_dropout"}
+RESUMABLE_MODEL_KEYS = {"patch_dropout", "token_selection", "attentive_block", "init_from"}
 
 
 class TrainingError(RuntimeError):
@@ -236,9 +236,7 @@ class Trainer:
 
     def _build(self, resume_from: Path | None, device: torch.device):
         from clipforge.data.loader import build_train_loader
-        from clipforge.models.clip import CLIP
         from clipforge.models.tokenizer import load_tokenizer, train_tokenizer_for
-        from clipforge.objectives import build_objective
 
         r, ctx = self.recipe, self.dist
         if r.train.threads:
@@ -264,11 +262,8 @@ class Trainer:
                 f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is {r.model.vocab_size}; "
                 "raise model.vocab_size"
             )
-        model = CLIP(r.model)
-        if resume_from is not None:  # every rank reads the weights (before sharding them under FSDP)
-            ckpt.load_model_weights(model, resume_from)
-        model = D.wrap_model(model.to(device), ctx, device, r.train.fsdp)
-        objective = build_objective(r.objective).to(device)
+        step_module = build_step(r, device, resume_from, log=ctx.is_main)
+        model = D.wrap_model(step_module, ctx, device, r.train.fsdp)
         optimizer = build_optimizer(model, r)
         seed_rank(r.train.seed, ctx)
         state: dict[str, Any] = {"step": 0, "samples_seen": 0, "bad_steps": 0, "elapsed_s": 0.0}
@@ -286,7 +281,7 @@ class Trainer:
         loader = build_train_loader(r.data, r.model.image_size, tokenizer, start_sample=state["samples_seen"],
                                     pin_memory=device.type == "cuda", rank=ctx.rank, world_size=ctx.world_size,
                                     data_state=_rank_data_state(saved_state if resume_from else {}, ctx))
-        return tokenizer, model, objective, optimizer, loader, state
+        return tokenizer, model, optimizer, loader, state
 
     def _restore_rng(self, saved_state: dict[str, Any]) -> None:
         ctx = self.dist
@@ -343,10 +338,9 @@ class Trainer:
     def _fit(self, device: torch.device) -> TrainResult:
         r, ctx = self.recipe, self.dist
         resume_from = self._prepare_run_dir()
-        tokenizer, model, objective, optimizer, loader, state = self._build(resume_from, device)
-        plain = D.unwrap(model)
+        tokenizer, model, optimizer, loader, state = self._build(resume_from, device)
+        plain = D.unwrap(model)  # the training step (model, objective, teachers, heads)
         dtype = resolve_precision(r, device)
-        need = frozenset(getattr(objective, "needs", ()))
         if ctx.is_main:
             log = MetricsLog(self.run_dir, state["step"] if resume_from else None, r.logging.tensorboard)
         else:
@@ -377,15 +371,16 @@ class Trainer:
                     train_state["rng_per_rank"] = every_rng
                 if data_state is not None:
                     train_state["data_state_per_rank"] = data_state  # one entry per rank
+                model_weights = {k.removeprefix("model."): v for k, v in weights.items() if k.startswith("model.")}
                 where = ckpt.save_checkpoint(
-                    self.run_dir / "checkpoints", state["step"], D.StateDictView(weights), r, tokenizer,
-                    train_state, r.train.keep_last,
+                    self.run_dir / "checkpoints", state["step"], D.StateDictView(model_weights), r, tokenizer,
+                    train_state, r.train.keep_last, method_state=plain.method_state_dict(weights),
                 )
             D.barrier(ctx)  # nobody moves on (or exits) before the checkpoint is complete
             return where
 
         def forward(batch):
-            return model(batch["images"], batch["input_ids"], batch["attention_mask"], need=need)
+            return model(batch)  # the step's passes (through the DDP/FSDP wrapper)
 
         def autocast():
             return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
@@ -399,16 +394,17 @@ class Trainer:
                     step = state["step"]
                     lr = lr_at(step, total, r.optim.lr, r.schedule)
                     for group in optimizer.param_groups:
-                        group["lr"] = lr
+                        group["lr"] = lr * group.get("lr_scale", 1.0)
                     t0 = time.perf_counter()
                     micro_batches = [
                         {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in next(loader).items()}
                         for _ in range(r.train.accum_steps)
                     ]
                     if r.train.accum_mode == "gradcache":
-                        loss_sum, metrics = gradcache_accumulation(model, objective, micro_batches, forward, autocast, device)
+                        loss_sum, metrics = gradcache_accumulation(model, plain.compute_loss, micro_batches, forward,
+                                                                   autocast, device)
                     else:
-                        loss_sum, metrics = plain_accumulation(model, objective, micro_batches, forward, autocast)
+                        loss_sum, metrics = plain_accumulation(model, plain.compute_loss, micro_batches, forward, autocast)
                     D.average_replicated_grads(model, ctx, r.train.fsdp)
                     grad_norm = _clip_and_measure(model, r.optim.grad_clip)
                     # one small all_reduce: the global loss and metrics, and whether any rank must stop
@@ -437,7 +433,7 @@ class Trainer:
                     else:
                         optimizer.step()
                         optimizer.zero_grad(set_to_none=True)
-                        plain.clamp_logit_scale_()
+                        plain.after_optimizer_step(state["step"])  # clamp t, EMA teachers, term state
                     dt = time.perf_counter() - t0
                     done = state["step"]
                     last_metrics = {
@@ -445,7 +441,7 @@ class Trainer:
                         "loss": loss_sum,
                         "lr": lr,
                         "grad_norm": grad_norm,
-                        "logit_scale": float(_full(plain.logit_scale).exp().item()),
+                        "logit_scale": float(_full(plain.model.logit_scale).exp().item()),
                         "img_per_s": samples_per_step / dt,
                         "samples_seen": state["samples_seen"],
                         "bad_steps": state["bad_steps"],
@@ -484,7 +480,7 @@ class Trainer:
         """Distributed hooks (``hook.distributed = True``) run on every rank; others on rank 0 only."""
         if not self.eval_hooks:
             return {}
-        ctx, plain = self.dist, D.unwrap(model)
+        ctx, plain = self.dist, D.unwrap(model).model  # hooks evaluate the CLIP model itself
         was_training = model.training
         model.eval()
         results: dict[str, float] = {}
@@ -503,6 +499,40 @@ class Trainer:
         if results:
             log.write(step, results)
         return results
+
+
+def build_step(recipe: Recipe, device: torch.device, resume_from: Path | None = None, log: bool = True):
+    """The training step module of a recipe: model (+ warm start or resumed weights), objective,
+    teachers and the method's heads, on ``device``. Call after seeding (the init is seeded)."""
+    from clipforge.methods import method_class
+    from clipforge.models.clip import CLIP
+    from clipforge.objectives import build_objective
+    from clipforge.train.teachers import build_teachers
+
+    model = CLIP(recipe.model)
+    if resume_from is not None:  # every rank reads the weights (before sharding them under FSDP)
+        ckpt.load_model_weights(model, resume_from)
+    else:
+        _warm_start(model, recipe, log)
+    model = model.to(device)
+    objective = build_objective(recipe.objective).to(device)
+    teachers = build_teachers(recipe.teachers, model, device)
+    step = method_class(recipe.method.name).from_recipe(recipe, model, objective, teachers).to(device)
+    if resume_from is not None:
+        ckpt.load_method_state(step, resume_from)
+    return step
+
+
+def _warm_start(model: torch.nn.Module, recipe: Recipe, log: bool) -> None:
+    """``model.init_from``: partial weights from another checkpoint, with a report of what was loaded."""
+    spec = getattr(recipe.model, "init_from", None)
+    if spec is None:
+        return
+    from clipforge.train.params import load_init_from
+
+    report = load_init_from(model, spec)
+    if log:
+        print(report.summary(), flush=True)
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,137 @@
+"""FILIP: token-wise late interaction (Yao et al., ICLR 2022; methods.md section 6).
+
+Image i has n1 projected, L2-normalised patch tokens x_i^k; text j has n2 real (non-padding) tokens
+y_j^r. The two similarities are asymmetric:
+
+    s^I_ij = mean_k max_r x_i^k . y_j^r      (each image token's best word, averaged over patches)
+    s^T_ij = mean_r max_k y_j^r . x_i^k      (each word's best patch, averaged over real words)
+
+Padding is removed from both the max and the mean. The loss is CLIP's InfoNCE with logits t * s^I
+for image -> text rows and t * s^T for text -> image rows.
+
+Memory: the token-pair similarities of a block are Ni x c x n1 x n2 floats. ``late_interaction_scores``
+walks the texts in chunks of ``chunk`` so only one block exists at a time (its max keeps just the
+Ni x c x n1 and Ni x c x n2 argmax indices for backward). With B gathered samples, n1 = 64, n2 = 16
+and chunk = 64 that is B x 64 x 64 x 16 x 4 bytes = 16 MB per 64 samples of B.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from pydantic import Field
+from torch import Tensor
+
+from clipforge.objectives.base import Metrics, Term, TermConfig, register_term, require_output, upcast_low_precision
+from clipforge.objectives.contrastive import multi_positive_clip_loss, retrieval_accuracy
+
+
+def late_interaction_scores(
+    image_tokens: Tensor,
+    text_tokens: Tensor,
+    text_mask: Tensor | None = None,
+    image_mask: Tensor | None = None,
+    chunk: int = 64,
+) -> tuple[Tensor, Tensor]:
+    """(Ni, n1, E), (Nt, n2, E) token embeddings -> (s^I, s^T), both Ni x Nt.
+
+    ``text_mask`` / ``image_mask`` (1 = real token) drop padding from both the max and the mean.
+    """
+    ni, n1, _ = image_tokens.shape
+    nt, n2, _ = text_tokens.shape
+    if text_mask is None:
+        text_mask = torch.ones(nt, n2, dtype=torch.bool, device=text_tokens.device)
+    if image_mask is None:
+        image_mask = torch.ones(ni, n1, dtype=torch.bool, device=image_tokens.device)
+    text_mask, image_mask = text_mask.bool(), image_mask.bool()
+    image_count = image_mask.sum(1).clamp(min=1).to(image_tokens.dtype)  # Ni
+    text_count = text_mask.sum(1).clamp(min=1).to(text_tokens.dtype)  # Nt
+    image_scores, text_scores = [], []
+    for start in range(0, nt, chunk):
+        t_tok = text_tokens[start:start + chunk]
+        t_mask = text_mask[start:start + chunk]
+        sim = upcast_low_precision(torch.einsum("ikd,jrd->ijkr", image_tokens, t_tok))  # Ni x c x n1 x n2
+        # image side: each patch's best real word, averaged over real patches
+        best_word = sim.masked_fill(~t_mask[None, :, None, :], float("-inf")).amax(dim=3)  # Ni x c x n1
+        best_word = best_word.masked_fill(~image_mask[:, None, :], 0.0)
+        image_scores.append(best_word.sum(2) / image_count[:, None])
+        # text side: each real word's best real patch, averaged over real words
+        best_patch = sim.masked_fill(~image_mask[:, None, :, None], float("-inf")).amax(dim=2)  # Ni x c x n2
+        best_patch = best_patch.masked_fill(~t_mask[None], 0.0)
+        text_scores.append(best_patch.sum(2) / text_count[start:start + chunk][None])
+    return torch.cat(image_scores, dim=1), torch.cat(text_scores, dim=1)
+
+
+def filip_loss(
+    image_tokens: Tensor, text_tokens: Tensor, text_mask: Tensor, logit_scale: Tensor,
+    text_owner: Tensor | None = None, chunk: int = 64, weights: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """FILIP's InfoNCE: rows of t*s^I (image -> text) and of t*s^T transposed (text -> image).
+
+    Returns (loss, s^I, s^T). ``text_owner`` maps each text to its image (default: text i <-> image i).
+    """
+    s_image, s_text = late_interaction_scores(image_tokens, text_tokens, text_mask, chunk=chunk)
+    loss = multi_positive_clip_loss(logit_scale * s_image, logit_scale * s_text.T, text_owner, weights=weights)
+    return loss, s_image, s_text
+
+
+class FilipConfig(TermConfig):
+    name: str = "filip"
+    chunk: int = Field(64, ge=1)  # texts per block of token-pair similarities (memory bound, see the module doc)
+
+
+@register_term
+class FilipLoss(Term):
+    """Late-interaction contrastive loss over projected token features (gathered across ranks)."""
+
+    name = "filip"
+    Config = FilipConfig
+    needs = frozenset({"image_token_embeds", "text_token_embeds"})
+    scope = "gathered"
+
+    def __init__(self, weight: float = 1.0, chunk: int = 64):
+        super().__init__(weight)
+        if chunk < 1:
+            raise ValueError(f"filip chunk must be >= 1, got {chunk}")
+        self.chunk = int(chunk)
+
+    def forward(self, outputs: dict[str, Tensor], batch: dict[str, Any]) -> tuple[Tensor, Metrics]:
+        from clipforge.objectives.distributed import active_world_size
+
+        logit_scale = require_output(outputs, "logit_scale", self.name)
+        image_tokens = require_output(outputs, "image_token_embeds", self.name)
+        text_tokens = require_output(outputs, "text_token_embeds", self.name)
+        text_mask = batch["attention_mask"][:, : text_tokens.shape[1]]
+        owner = batch.get("text_owner")
+        if active_world_size() > 1:  # every rank scores its rows against all ranks' tokens
+            return self._distributed(image_tokens, text_tokens, text_mask, logit_scale, owner, batch.get("weights"))
+        loss, s_image, _ = filip_loss(image_tokens, text_tokens, text_mask, logit_scale, owner, self.chunk,
+                                      batch.get("weights"))
+        metrics: Metrics = {"logit_scale": float(logit_scale.detach())}
+        if owner is None:
+            metrics["i2t_acc"], metrics["t2i_acc"] = retrieval_accuracy(s_image)
+        return loss, metrics
+
+    def _distributed(self, image_tokens, text_tokens, text_mask, logit_scale, owner, weights):
+        """Local rows against gathered columns, as the gathered CLIP loss (exact global gradient)."""
+        import torch.distributed as dist
+
+        from clipforge.objectives.distributed import gather_no_grad, gather_with_grad, gathered_owner
+
+        all_images = gather_with_grad(image_tokens)
+        all_texts = gather_with_grad(text_tokens)
+        all_mask = gather_no_grad(text_mask)
+        rank, b_img, b_txt = dist.get_rank(), image_tokens.shape[0], text_tokens.shape[0]
+        # image -> text rows: this rank's images against every text
+        s_image, _ = late_interaction_scores(image_tokens, all_texts, all_mask, chunk=self.chunk)
+        # text -> image rows: this rank's texts against every image
+        _, s_text = late_interaction_scores(all_images, text_tokens, text_mask, chunk=self.chunk)
+        local_owner = owner if owner is not None else torch.arange(b_txt, device=text_tokens.device)
+        global_owner = gathered_owner(local_owner, b_img)  # owners of all texts, in global image indices
+        loss = multi_positive_clip_loss(
+            logit_scale * s_image, logit_scale * s_text.T, global_owner,
+            image_offset=rank * b_img, text_offset=rank * b_txt, weights=weights,
+        )
+        metrics: Metrics = {"logit_scale": float(logit_scale.detach())}
+        return loss, metrics
