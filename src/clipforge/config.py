@@ -15,7 +15,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_serializer, field_validator, model_validator,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -32,6 +34,35 @@ class Section(BaseModel):
 
 
 # ----------------------------------------------------------------------------- model
+class InitFromConfig(Section):
+    """``model.init_from``: warm-start weights (see clipforge.train.params.load_init_from).
+
+    ``path``: a clipforge checkpoint directory, a run directory (its ``checkpoints/latest``), or an
+    OpenCLIP ``.safetensors`` / ``.pt`` state dict. ``include`` / ``exclude`` are globs over the
+    model's parameter names (after ``map``); ``map`` renames key prefixes, old -> new.
+    """
+
+    path: str = Field(min_length=1)
+    include: list[str] | None = None  # None = every key
+    exclude: list[str] = Field(default_factory=list)
+    map: dict[str, str] = Field(default_factory=dict)
+    strict_shapes: bool = True  # False: skip (and report) tensors whose shape differs instead of failing
+    config: str | None = None  # OpenCLIP weights: the JSON config `clipforge import openclip --config` takes
+
+    @field_validator("map", mode="before")
+    @classmethod
+    def _map_from_pairs(cls, value: Any) -> Any:
+        # the resolved recipe stores map as [[old, new], ...] (see _map_as_pairs)
+        if isinstance(value, list) and all(isinstance(p, (list, tuple)) and len(p) == 2 for p in value):
+            return {str(old): str(new) for old, new in value}
+        return value
+
+    @field_serializer("map", when_used="json")
+    def _map_as_pairs(self, value: dict[str, str]) -> list[list[str]]:
+        # prefixes contain dots, which recipe_to_toml would write as dotted (nested) bare keys
+        return [[old, new] for old, new in value.items()]
+
+
 class ModelConfig(Section):
     # image tower (ViT)
     image_size: int = Field(64, ge=8)
@@ -40,7 +71,12 @@ class ModelConfig(Section):
     vision_layers: int = Field(6, ge=1)
     vision_heads: int = Field(3, ge=1)
     vision_pool: Literal["cls", "mean"] = "cls"
-    patch_dropout: float = Field(0.0, ge=0.0, lt=1.0)  # FLIP: fraction of patches dropped in training
+    patch_dropout: float = Field(0.0, ge=0.0, lt=1.0)  # fraction of patches dropped in training (FLIP, A-CLIP)
+    # which patches are dropped: "random" (FLIP) or "attentive" (A-CLIP: the patches the EMA teacher's
+    # class token attends to most, in attentive_block x attentive_block blocks; the online model's own
+    # attention, without gradient, when the recipe has no ema teacher)
+    token_selection: Literal["random", "attentive"] = "random"
+    attentive_block: int = Field(2, ge=1)
     mlp_ratio: float = Field(4.0, gt=0.0)
     # text tower (causal transformer pooled at end-of-text)
     vocab_size: int = Field(49408, ge=4)
@@ -55,6 +91,8 @@ class ModelConfig(Section):
     logit_bias_init: float | None = None  # SigLIP: -10; None = no bias parameter
     image_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
     image_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+    # warm start: a checkpoint path, or a table (InitFromConfig); applied to fresh runs, not on resume
+    init_from: str | InitFromConfig | None = None
 
     @model_validator(mode="after")
     def _check_shapes(self) -> "ModelConfig":
@@ -121,6 +159,9 @@ class DataConfig(Section):
     max_skip_fraction: float = Field(0.05, ge=0.0, le=1.0)  # stop when more samples than this are unreadable
     sizes_file: str | None = None  # sizes.json for wds shards that have none next to them (e.g. pipe: URLs)
     caption_template: str = "a photo of a {}."  # imagefolder: caption from the class name
+    # T captions per image from its caption list (jsonl/csv list column, wds .json "captions");
+    # T > 1 makes input_ids (N*T) x L with text_owner[j] = the image of caption row j
+    captions_per_sample: int = Field(1, ge=1)
     augment: AugmentConfig = AugmentConfig()
     shapes: ShapesConfig = ShapesConfig()
     tokenizer: TokenizerConfig = TokenizerConfig()
@@ -139,35 +180,123 @@ class DataConfig(Section):
             )
         if len(sources) > 1 and any(s.kind == "shapes" for s in sources):
             raise ValueError("the built-in 'shapes' source cannot be mixed with other sources; use it alone")
+        if self.captions_per_sample > 1 and sources[0].kind == "shapes":
+            raise ValueError(
+                f"data.captions_per_sample={self.captions_per_sample} needs caption lists, and the built-in "
+                "'shapes' source has one caption per image; train on a source with several captions per image "
+                "(a jsonl:/csv: list-valued caption column, or wds: shards with a .json \"captions\" list) "
+                "or set data.captions_per_sample=1"
+            )
         return self
 
 
 # ----------------------------------------------------------------------------- objective
-class ClipTerm(Section):
-    name: Literal["clip"] = "clip"
-    weight: float = Field(1.0, ge=0.0)
-    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
-
-
-class SigLipTerm(Section):
-    name: Literal["siglip"] = "siglip"
-    weight: float = Field(1.0, ge=0.0)
-
-
-TermConfig = Annotated[Union[ClipTerm, SigLipTerm], Field(discriminator="name")]
-
-
+# The schema of each term and method lives with its code (clipforge.objectives, clipforge.methods):
+# these sections are validated against the registries, so a new term or method needs no edit here.
 class ObjectiveConfig(Section):
-    terms: list[TermConfig] = Field(default_factory=lambda: [ClipTerm()], min_length=1)
+    terms: list[SerializeAsAny[BaseModel]] = Field(default_factory=lambda: [_default_term()], min_length=1)
+
+    @field_validator("terms", mode="before")
+    @classmethod
+    def _validate_terms(cls, value: Any) -> Any:
+        if not isinstance(value, list):
+            return value  # pydantic reports the type error
+        return [_registered_config(item, f"objective.terms.{i}", _term_config_class) for i, item in enumerate(value)]
+
+
+def _default_term() -> BaseModel:
+    return _term_config_class("clip")()
+
+
+def _term_config_class(name: str) -> type[BaseModel]:
+    from clipforge.objectives import term_config_class  # registers the shipped terms
+
+    return term_config_class(name)
+
+
+def _method_config_class(name: str) -> type[BaseModel]:
+    from clipforge.methods import method_config_class  # registers the shipped methods
+
+    return method_config_class(name)
+
+
+def _registered_config(item: Any, where: str, lookup) -> Any:
+    """A registry entry's config from its recipe table; errors name the key and the closest valid key."""
+    if isinstance(item, BaseModel):
+        return item
+    if not isinstance(item, dict):
+        raise ValueError(f"'{where}' must be a table with a 'name' key, got {item!r}")
+    config_cls = lookup(str(item.get("name", "")))
+    try:
+        return config_cls.model_validate(item)
+    except ValidationError as err:
+        raise ValueError(_format_errors(err, config_cls, where + ".")) from None
+
+
+class MethodConfig(Section):
+    """The training step: ``clip`` is the plain step (CLIP, SigLIP, FLIP, FILIP terms); methods that
+    need several passes, views or heads (``aclip``, ...) have their own ``Config`` subclass."""
+
+    name: str = "clip"
+
+
+class TeacherConfig(Section):
+    """A model that maps a batch to outputs without gradient; its outputs reach the terms as ``<name>/<key>``."""
+
+    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")  # the outputs' prefix, e.g. "ema/image_embeds"
+    kind: Literal["ema", "checkpoint", "cache"]
+    # ema: a momentum copy of the model, m from momentum to momentum_end over training (cosine)
+    momentum: float = Field(0.996, ge=0.0, le=1.0)
+    momentum_end: float = Field(1.0, ge=0.0, le=1.0)
+    momentum_schedule: Literal["cosine", "constant"] = "cosine"
+    # checkpoint: a clipforge checkpoint dir or OpenCLIP weights (+ its model config json)
+    # cache: a `clipforge embed` output directory, looked up by the batch's sample keys
+    path: str | None = None
+    openclip_config: str | None = None
+
+    @model_validator(mode="after")
+    def _check_kind(self) -> "TeacherConfig":
+        if self.kind == "ema" and self.path is not None:
+            raise ValueError(f"teachers '{self.name}': an ema teacher copies the model being trained; remove 'path'")
+        if self.kind != "ema" and not self.path:
+            raise ValueError(f"teachers '{self.name}': kind = '{self.kind}' needs 'path' (a checkpoint directory"
+                             + (")" if self.kind == "checkpoint" else " written by `clipforge embed`)"))
+        return self
 
 
 # ----------------------------------------------------------------------------- optimisation
+class ParamGroupConfig(Section):
+    """One entry of ``optim.groups``: parameters whose name matches get their own settings.
+
+    The first group whose ``match`` fits a parameter wins; unmatched parameters keep the defaults.
+    """
+
+    match: str | list[str]  # fnmatch glob(s) over full parameter names, e.g. "text.*"
+    lr_scale: float = Field(1.0, ge=0.0)  # lr = schedule lr * lr_scale
+    weight_decay: float | None = Field(None, ge=0.0)  # None = optim.weight_decay; the no-decay set stays 0
+    freeze: bool = False  # requires_grad = False, and in no optimizer group
+
+    @model_validator(mode="after")
+    def _check_group(self) -> "ParamGroupConfig":
+        patterns = [self.match] if isinstance(self.match, str) else self.match
+        if not patterns or any(not p for p in patterns):
+            raise ValueError(f"optim.groups: match must be a non-empty glob or list of globs, got {self.match!r}")
+        if self.freeze and (self.lr_scale != 1.0 or self.weight_decay is not None):
+            raise ValueError(
+                f"optim.groups: the group matching {self.match!r} has freeze = true, so its lr_scale/weight_decay "
+                "would never apply; drop them or set freeze = false"
+            )
+        return self
+
+
 class OptimConfig(Section):
     lr: float = Field(5e-4, gt=0.0)
     weight_decay: float = Field(0.2, ge=0.0)
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = Field(1e-6, gt=0.0)
     grad_clip: float | None = Field(1.0, gt=0.0)  # max global grad norm; None = off
+    # per-pattern lr_scale / weight_decay / freeze (see clipforge.train.params); first match wins
+    groups: list[ParamGroupConfig] = Field(default_factory=list)
 
 
 class ScheduleConfig(Section):
@@ -212,17 +341,28 @@ class LoggingConfig(Section):
 class Recipe(Section):
     name: str = "unnamed"
     description: str = ""
+    # Python modules (dotted names or .py paths) imported before validation: terms and methods
+    # defined outside clipforge register themselves there. Recipes are code: only run recipes you trust.
+    imports: list[str] = Field(default_factory=list)
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
-    objective: ObjectiveConfig = ObjectiveConfig()
+    method: SerializeAsAny[MethodConfig] = MethodConfig()
+    teachers: list[TeacherConfig] = Field(default_factory=list)
+    objective: ObjectiveConfig = Field(default_factory=lambda: ObjectiveConfig())
     optim: OptimConfig = OptimConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     logging: LoggingConfig = LoggingConfig()
 
+    @field_validator("method", mode="before")
+    @classmethod
+    def _validate_method(cls, value: Any) -> Any:
+        return _registered_config(value, "method", _method_config_class)
+
     @model_validator(mode="after")
     def _check_cross_section(self) -> "Recipe":
+        self._check_composition()
         names = [t.name for t in self.objective.terms]
         if "siglip" in names and self.model.logit_bias_init is None:
             raise ValueError(
@@ -235,6 +375,30 @@ class Recipe(Section):
                 f"model.vocab_size ({self.model.vocab_size})"
             )
         return self
+
+    def _check_composition(self) -> None:
+        """Combinations that cannot work together, refused before any heavy work, with the reason."""
+        names = [t.name for t in self.teachers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"teachers: names must be unique (they prefix the outputs), got {names}")
+        m = self.model
+        if m.token_selection == "attentive":
+            if m.vision_pool != "cls":
+                raise ValueError("model.token_selection = 'attentive' scores patches by the class token's attention; "
+                                 "it needs model.vision_pool = 'cls'")
+            if m.patch_dropout == 0:
+                raise ValueError("model.token_selection = 'attentive' selects which patches to drop; set "
+                                 "model.patch_dropout > 0 (A-CLIP keeps 50%: 0.5)")
+            if (m.image_size // m.patch_size) % m.attentive_block:
+                raise ValueError(f"model.attentive_block ({m.attentive_block}) must divide the patch grid "
+                                 f"({m.image_size // m.patch_size} x {m.image_size // m.patch_size})")
+        if self.teachers and self.train.fsdp:
+            raise ValueError("teachers are not supported with train.fsdp yet (the ema copy would need its own "
+                             "sharding); use DDP (train.fsdp = false)")
+        for part in [self.method, *self.objective.terms]:
+            check = getattr(part, "check_recipe", None)
+            if check is not None:
+                check(self)  # a method or term refuses what it cannot combine with, saying why
 
 
 # ----------------------------------------------------------------------------- loading
@@ -346,10 +510,14 @@ def _valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
 
 
 def _format_validation_error(err: ValidationError) -> str:
-    valid = _valid_keys(Recipe)
+    return "invalid recipe:\n  " + _format_errors(err, Recipe)
+
+
+def _format_errors(err: ValidationError, schema: type[BaseModel], prefix: str = "") -> str:
+    valid = [prefix + k for k in _valid_keys(schema)]
     lines = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p in {"clip", "siglip"}))
+        loc = prefix + ".".join(str(p) for p in e["loc"])
         if e["type"] == "extra_forbidden":
             leaf = loc.rsplit(".", 1)[-1]
             parent = loc.rsplit(".", 1)[0] if "." in loc else ""
@@ -365,10 +533,33 @@ def _format_validation_error(err: ValidationError) -> str:
             got = e.get("input")
             got_text = f", got {got!r}" if not isinstance(got, dict) else ""
             lines.append(f"bad value for '{loc}': {e['msg']}{got_text}")
-    return "invalid recipe:\n  " + "\n  ".join(lines)
+    return "\n  ".join(lines)
+
+
+def import_plugins(modules: list[str]) -> None:
+    """Import the recipe's ``imports`` (dotted module names or .py paths) so their terms/methods register."""
+    import importlib
+    import importlib.util
+
+    for name in modules:
+        try:
+            if name.endswith(".py"):
+                path = Path(name)
+                if not path.is_file():
+                    raise RecipeError(f"imports: file not found: {name}")
+                spec = importlib.util.spec_from_file_location(f"clipforge_plugin_{path.stem}", path)
+                module = importlib.util.module_from_spec(spec)
+                sys.modules[spec.name] = module
+                spec.loader.exec_module(module)
+            else:
+                importlib.import_module(name)
+        except ImportError as e:
+            raise RecipeError(f"imports: cannot import '{name}' ({e}); install it or put it on PYTHONPATH") from None
 
 
 def validate_recipe(raw: dict[str, Any]) -> Recipe:
+    if isinstance(raw.get("imports"), list):
+        import_plugins([str(m) for m in raw["imports"]])
     try:
         return Recipe.model_validate(raw)
     except ValidationError as err:

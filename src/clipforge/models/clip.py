@@ -24,7 +24,7 @@ from clipforge.models.text import TextTransformer
 from clipforge.models.vit import VisionTransformer
 
 # extras a caller may ask forward() for
-EXTRAS = frozenset({"image_tokens", "text_tokens", "image_token_embeds", "text_token_embeds",
+EXTRAS = frozenset({"image_pooled", "image_tokens", "text_tokens", "image_token_embeds", "text_token_embeds",
                     "cls_attention", "kept_indices"})
 
 
@@ -107,14 +107,15 @@ class CLIP(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(
         self,
-        images: torch.Tensor,
-        input_ids: torch.Tensor,
+        images: torch.Tensor | None,
+        input_ids: torch.Tensor | None,
         attention_mask: torch.Tensor | None = None,
         need: Iterable[str] = frozenset(),
         keep_indices: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor | list[torch.Tensor]]:
         """Embeddings and logit scale; extras only when named in ``need``:
 
+        - "image_pooled": N×Wv pooled image feature before the projection (A-CLIP's SSL heads read it)
         - "image_tokens": N×K×Wv patch tokens after the final LayerNorm, before projection
         - "text_tokens":  N×L×Wt token features after the final LayerNorm, before projection
         - "image_token_embeds" / "text_token_embeds": the tokens above projected into the joint space
@@ -124,41 +125,48 @@ class CLIP(nn.Module):
         - "kept_indices": N×K indices of the patches the ViT saw (all patches when none dropped)
 
         ``keep_indices`` (N×K) selects patches explicitly, e.g. A-CLIP's attentive masking.
+        ``images`` or ``input_ids`` may be None to run one tower only (its outputs are then absent).
         """
         need = frozenset(need)
         unknown = need - EXTRAS
         if unknown:
             raise ValueError(f"unknown extras {sorted(unknown)}; available: {sorted(EXTRAS)}")
 
+        out: dict[str, torch.Tensor | list[torch.Tensor]] = {"logit_scale": self.logit_scale.exp()}
+        if self.logit_bias is not None:
+            out["logit_bias"] = self.logit_bias
+        if images is not None:
+            out.update(self._image_outputs(images, need, keep_indices))
+        if input_ids is not None:
+            text = self.text(input_ids, attention_mask, return_tokens=bool({"text_tokens", "text_token_embeds"} & need))
+            out["text_embeds"] = F.normalize(self.text_projection(text["pooled"]), dim=-1)
+            if "text_tokens" in need:
+                out["text_tokens"] = text["tokens"]
+            if "text_token_embeds" in need:
+                out["text_token_embeds"] = F.normalize(self.text_projection(text["tokens"]), dim=-1)
+        return out
+
+    def _image_outputs(self, images: torch.Tensor, need: frozenset[str], keep_indices: torch.Tensor | None) -> dict:
         vision = self.visual(
             self.normalize_images(images),
             keep_indices=keep_indices,
             return_tokens=bool({"image_tokens", "image_token_embeds"} & need),
             return_cls_attention="cls_attention" in need,
         )
-        text = self.text(input_ids, attention_mask, return_tokens=bool({"text_tokens", "text_token_embeds"} & need))
-
         out: dict[str, torch.Tensor | list[torch.Tensor]] = {
-            "image_embeds": F.normalize(self.image_projection(vision["pooled"]), dim=-1),
-            "text_embeds": F.normalize(self.text_projection(text["pooled"]), dim=-1),
-            "logit_scale": self.logit_scale.exp(),
+            "image_embeds": F.normalize(self.image_projection(vision["pooled"]), dim=-1)
         }
-        if self.logit_bias is not None:
-            out["logit_bias"] = self.logit_bias
+        if "image_pooled" in need:
+            out["image_pooled"] = vision["pooled"]
         if "image_tokens" in need:
             out["image_tokens"] = vision["tokens"]
-        if "text_tokens" in need:
-            out["text_tokens"] = text["tokens"]
         if "image_token_embeds" in need:
             out["image_token_embeds"] = F.normalize(self.image_projection(vision["tokens"]), dim=-1)
-        if "text_token_embeds" in need:
-            out["text_token_embeds"] = F.normalize(self.text_projection(text["tokens"]), dim=-1)
         if "cls_attention" in need:
             out["cls_attention"] = vision["cls_attention"]
         if "kept_indices" in need:
             kept = vision.get("kept_indices")
             if kept is None:  # nothing dropped: every patch, in order
-                n = out["image_embeds"].shape[0]
-                kept = torch.arange(self.visual.num_patches, device=images.device).expand(n, -1)
+                kept = torch.arange(self.visual.num_patches, device=images.device).expand(images.shape[0], -1)
             out["kept_indices"] = kept
         return out

@@ -102,7 +102,12 @@ def concat_batches(micro_batches: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, first in micro_batches[0].items():
         values = [b[key] for b in micro_batches]
-        if torch.is_tensor(first):
+        if key == "text_owner":  # image indices are per micro-batch: shift them to the concatenated batch
+            starts = [0]
+            for b in micro_batches[:-1]:
+                starts.append(starts[-1] + b["images"].shape[0])
+            out[key] = torch.cat([v + s for v, s in zip(values, starts)])
+        elif torch.is_tensor(first):
             out[key] = torch.cat(values)
         elif isinstance(first, list):
             out[key] = [x for v in values for x in v]
@@ -136,30 +141,30 @@ def gradcache_accumulation(model, objective, micro_batches: list[dict], forward:
 
     # 3. replay each micro-batch with autograd and push the cached gradients through it
     k = len(micro_batches)
-    offset = 0
+    offsets = dict.fromkeys(per_sample, 0)  # per output: images and captions may differ in rows (T per image)
     for i, (batch, fork) in enumerate(zip(micro_batches, forks)):
         is_last = i == k - 1
         with no_sync_unless_last(model, is_last), fork.replay():
             with autocast():
                 outputs, batch_scalars = split_outputs(forward(batch))
-            rows = next(iter(outputs.values())).shape[0]
-            surrogate = _dot_with_cached_grads(outputs, per_sample, offset, rows)
+            surrogate = _dot_with_cached_grads(outputs, per_sample, offsets)
             if is_last:  # batch-independent outputs (logit scale/bias) get their gradient once
-                surrogate = surrogate + _dot_with_cached_grads(batch_scalars, scalars, None, None)
+                surrogate = surrogate + _dot_with_cached_grads(batch_scalars, scalars, None)
             surrogate.backward()
-        offset += rows
+        for key, value in outputs.items():
+            offsets[key] += value.shape[0]
     after_first_pass.restore()  # the replays redrew the same numbers; leave the stream as one pass would
     return float(loss.detach()), metrics
 
 
-def _dot_with_cached_grads(outputs: dict[str, Tensor], leaves: dict[str, Tensor], offset, rows) -> Tensor:
+def _dot_with_cached_grads(outputs: dict[str, Tensor], leaves: dict[str, Tensor], offsets: dict[str, int] | None) -> Tensor:
     """sum over outputs of <output, cached gradient>; its gradient w.r.t. the weights is the chain rule's."""
     total = torch.zeros((), device=next(iter(leaves.values())).device) if leaves else torch.zeros(())
     for key, value in outputs.items():
         grad = leaves[key].grad
         if grad is None:  # not used by the objective (e.g. integer indices)
             continue
-        if offset is not None:
-            grad = grad[offset:offset + rows]
+        if offsets is not None:
+            grad = grad[offsets[key]:offsets[key] + value.shape[0]]
         total = total + (value.float() * grad.float()).sum()
     return total
