@@ -1,0 +1,150 @@
+"""The method layer under data parallelism: 2 gloo processes on a split batch == 1 process on the
+concatenated batch (loss and every gradient, fp32, 1e-6 relative) for
+
+- FILIP (gathered token features, both directions);
+- CLIP and SigLIP with several captions per image (``text_owner``) and per-sample weights;
+- a term that owns a parameter (trained and DDP-reduced with the model) next to CLIP;
+all through the training step module that the trainer wraps.
+"""
+
+from __future__ import annotations
+
+import datetime
+
+import pytest
+import torch
+import torch.distributed as dist
+from pydantic import Field
+
+from clipforge.config import load_recipe
+from clipforge.objectives.base import Term, TermConfig, register_term
+from clipforge.train import distributed as D
+from clipforge.train.gradcache import plain_accumulation
+
+from test_distributed import WORLD, free_port, relative_error
+
+TOL = 1e-6
+B = 4  # images per rank
+
+
+class LearnedScaleConfig(TermConfig):
+    name: str = "learned_scale_clip"
+    init: float = Field(2.0)
+
+
+@register_term
+class LearnedScaleClip(Term):
+    """CLIP with its own learnable temperature: a term that owns a parameter (gathered scope)."""
+
+    name = "learned_scale_clip"
+    Config = LearnedScaleConfig
+    scope = "gathered"
+
+    def __init__(self, weight: float = 1.0, init: float = 2.0):
+        super().__init__(weight)
+        self.log_scale = torch.nn.Parameter(torch.tensor(float(init)))
+
+    def forward(self, outputs, batch):
+        from clipforge.objectives.contrastive import ClipLoss
+
+        return ClipLoss()({**outputs, "logit_scale": self.log_scale.exp()}, batch)
+
+
+CASES = {
+    "filip": ([{"name": "filip", "chunk": 3}], False, False),
+    "filip+clip": ([{"name": "clip"}, {"name": "filip", "weight": 0.5}], False, False),
+    "clip-multi-caption-weighted": ([{"name": "clip", "label_smoothing": 0.1}], True, True),
+    "siglip-multi-caption": ([{"name": "siglip"}], True, False),
+    "term-with-parameter": ([{"name": "clip"}, {"name": "learned_scale_clip", "weight": 0.5}], False, False),
+}
+
+
+def recipe_for(terms: list[dict], siglip: bool):
+    from clipforge.config import validate_recipe
+
+    raw = {"model": {"image_size": 16, "patch_size": 8, "vision_width": 16, "vision_layers": 1, "vision_heads": 2,
+                     "vocab_size": 64, "context_length": 8, "text_width": 16, "text_layers": 1, "text_heads": 2,
+                     "embed_dim": 16},
+           "data": {"tokenizer": {"vocab_size": 64}}, "objective": {"terms": terms}}
+    if siglip:
+        raw["model"].update(logit_scale_init=2.302585, logit_bias_init=-10.0)
+    return validate_recipe(raw)
+
+
+def global_batch(n_images: int, captions: int, weighted: bool) -> dict:
+    g = torch.Generator().manual_seed(7)
+    t = n_images * captions
+    lengths = torch.randint(2, 9, (t,), generator=g)
+    batch = {"images": torch.randint(0, 256, (n_images, 3, 16, 16), dtype=torch.uint8, generator=g),
+             "input_ids": torch.randint(1, 64, (t, 8), generator=g),
+             "attention_mask": (torch.arange(8)[None, :] < lengths[:, None]).long()}
+    if captions > 1:
+        batch["text_owner"] = torch.arange(n_images).repeat_interleave(captions)
+    if weighted:
+        batch["weights"] = torch.rand(n_images, generator=g) + 0.5
+    return batch
+
+
+def rank_rows(batch: dict, rank: int, captions: int) -> dict:
+    out = {"images": batch["images"][rank * B:(rank + 1) * B]}
+    for key in ("input_ids", "attention_mask"):
+        out[key] = batch[key][rank * B * captions:(rank + 1) * B * captions]
+    if "text_owner" in batch:
+        out["text_owner"] = torch.arange(B).repeat_interleave(captions)  # local image indices
+    if "weights" in batch:
+        out["weights"] = batch["weights"][rank * B:(rank + 1) * B]
+    return out
+
+
+def build(case: str):
+    from clipforge.train.trainer import build_step
+
+    terms, multi, weighted = CASES[case]
+    torch.manual_seed(0)
+    step = build_step(recipe_for(terms, any(t["name"] == "siglip" for t in terms)), torch.device("cpu"), log=False)
+    return step, (2 if multi else 1), weighted
+
+
+def run_step(step_module, wrapped, batch) -> tuple[float, dict[str, torch.Tensor]]:
+    loss, _ = plain_accumulation(wrapped, step_module.compute_loss, [batch], lambda b: wrapped(b),
+                                 lambda: torch.autocast("cpu", enabled=False))
+    grads = {n: p.grad.clone() for n, p in step_module.named_parameters() if p.grad is not None}
+    return loss, grads
+
+
+def _worker(rank: int, port: int, results: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=60))
+    ctx = D.current_context()
+    report = {}
+    for case in CASES:
+        step, captions, weighted = build(case)
+        wrapped = D.wrap_model(step, ctx, torch.device("cpu"), False)
+        batch = rank_rows(global_batch(WORLD * B, captions, weighted), rank, captions)
+        loss, grads = run_step(step, wrapped, batch)
+        report[case] = {"loss": D.sum_over_ranks([loss], ctx, torch.device("cpu"))[0] / WORLD, "grads": grads}
+    if rank == 0:
+        torch.save(report, results)
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> dict:
+    results = tmp_path_factory.mktemp("method_ranks") / "report.pt"
+    torch.multiprocessing.spawn(_worker, args=(free_port(), str(results)), nprocs=WORLD, join=True)
+    return torch.load(results, weights_only=True)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_two_ranks_equal_one_process_on_the_concatenated_batch(report, case):
+    step, captions, weighted = build(case)
+    want_loss, want = run_step(step, step, global_batch(WORLD * B, captions, weighted))
+    got = report[case]
+    assert abs(got["loss"] - want_loss) <= TOL * abs(want_loss), (got["loss"], want_loss)
+    assert set(got["grads"]) == set(want) and len(want) > 10
+    if case == "term-with-parameter":
+        assert "objective.terms.1.log_scale" in want  # the term's own parameter is trained and reduced
+    errors = {name: relative_error(got["grads"][name], want[name]) for name in want}
+    worst = max(errors, key=errors.get)
+    assert errors[worst] <= TOL, (worst, errors[worst])
