@@ -243,11 +243,14 @@ def test_train_loader_same_stream_for_any_worker_count_and_resume(tokenizer):
     resumed = _take(build_train_loader(data, 32, tokenizer, start_sample=13), 2)
     for a, b in zip(single, multi):
         assert a.keys() == b.keys()
-        assert all(torch.equal(a[key], b[key]) for key in a)
-    stream = {key: torch.cat([b[key] for b in single]) for key in single[0]}
-    resumed = {key: torch.cat([b[key] for b in resumed]) for key in resumed[0]}
+        assert all(torch.equal(a[key], b[key]) if torch.is_tensor(a[key]) else a[key] == b[key] for key in a)
+    # captions and keys are lists (batch schema v2): joined with sum, tensors with cat
+    join = lambda parts: torch.cat(parts) if torch.is_tensor(parts[0]) else sum(parts, [])  # noqa: E731
+    stream = {key: join([b[key] for b in single]) for key in single[0]}
+    resumed = {key: join([b[key] for b in resumed]) for key in resumed[0]}
     assert resumed["indices"].tolist() == list(range(13, 29))
-    assert all(torch.equal(resumed[key], stream[key][13:29]) for key in stream)
+    assert all(torch.equal(resumed[key], stream[key][13:29]) if torch.is_tensor(stream[key])
+               else resumed[key] == stream[key][13:29] for key in stream)
     other_seed = next(build_train_loader(data.model_copy(update={"seed": 3}), 32, tokenizer))
     assert not torch.equal(other_seed["images"], single[0]["images"])
 

@@ -11,13 +11,23 @@ holds ``[start + k*b*W + r*b, start + k*b*W + (r+1)*b)``: the W ranks' k-th batc
 exactly the single-process stream's k-th batch of b*W samples, and ``start_sample`` stays a
 global count (samples consumed by all ranks together).
 
-Each batch is a dict::
+Each training batch is a dict (batch schema v2; the same keys for every source, also the ones on
+disk of ``clipforge.data.pipeline``), with N = ``batch_size`` images and T = ``captions_per_sample``::
 
-    images          uint8  N x 3 x H x W   (normalisation happens on the device, in the model)
-    input_ids       long   N x L           [SOT] tokens [EOT] [PAD]...
-    attention_mask  long   N x L           1 on SOT..EOT
-    labels          long   N               colour-shape class (index into synthetic.class_names())
-    indices         long   N               global sample indices
+    images          uint8      N x 3 x H x W   (normalisation happens on the device, in the model)
+    input_ids       long       N*T x L         [SOT] tokens [EOT] [PAD]...; rows sample-major (T per image)
+    attention_mask  long       N*T x L         1 on SOT..EOT
+    captions        list[str]  N*T             the raw caption of each token row (for other tokenizers)
+    text_owner      long       N*T             only when T > 1: the image (0..N-1) of each caption row
+    labels          long       N               class index; shapes: index into synthetic.class_names(); -1 unknown
+    indices         long       N               global sample indices (ints, for this data.train only)
+    keys            list[str]  N               stable sample keys: the same in every epoch, for any number
+                                               of workers or ranks, and after a resume ("shapes:<index>",
+                                               "<shard>.tar/<__key__>", "<table>:<line>" or its id, "cat/1.jpg")
+    weights         float      N               only for tables with a ``weight`` column
+
+``input_ids``/``attention_mask`` are there when a tokenizer is given. Caption row j belongs to image
+``text_owner[j]`` (= j // T); with T = 1 the rows are the images' and ``text_owner`` is left out.
 
 Workers render and tokenize whole batches (one DataLoader item = one batch), so per-sample
 Python overhead stays inside one call; the DataLoader returns items in sampler order, which
@@ -51,6 +61,9 @@ def _check_source(data_cfg: DataConfig) -> None:
 
 def build_train_dataset(data_cfg: DataConfig, image_size: int) -> ShapesDataset:
     _check_source(data_cfg)
+    if data_cfg.captions_per_sample > 1:  # the config validator says so too; model_copy(update=) skips it
+        raise ValueError(f"data.captions_per_sample={data_cfg.captions_per_sample} needs caption lists; the built-in "
+                         "'shapes' source has one caption per image: set data.captions_per_sample=1")
     return ShapesDataset(data_cfg.shapes, image_size, seed=data_cfg.seed, split="train")
 
 
@@ -99,8 +112,10 @@ class _BatchDataset(Dataset):
 
     def __getitem__(self, k: int) -> dict:
         first = rank_batch_start(self.start_sample, k, self.batch_size, self.rank, self.world_size)
-        batch = make_batch(self.dataset, list(range(first, first + self.batch_size)), self.tokenizer)
-        del batch["captions"]  # strings are slow to pass between processes and the trainer needs ids
+        indices = list(range(first, first + self.batch_size))
+        batch = make_batch(self.dataset, indices, self.tokenizer)
+        # samples are pure functions of their global index: it is the stable key
+        batch["keys"] = [f"shapes:{i}" for i in indices]
         return batch
 
 

@@ -17,6 +17,10 @@ sample stream is planned, never discovered, which is what makes the data positio
   resumed at any position by re-reading one block.
 - A worker forms whole batches from its own slot; the DataLoader takes batches from workers
   round-robin, so the stream is deterministic for a given (seed, num_workers, world_size).
+- Batches follow the schema of ``clipforge.data.loader`` (v2): raw ``captions``, stable ``keys``
+  (``<shard>/<__key__>``, ``<table>:<line>`` or the row's id, the image folder's relative path),
+  ``captions_per_sample`` captions per image with ``text_owner``, and ``weights`` from a table's
+  ``weight`` column. Caption draws use the sample's seeded RNG, like its crop: exact on resume.
 
 The cursor of a slot is (epoch, position in its stream); each batch carries its slot's cursor after
 its last sample, and ``SourceTrainLoader.state_dict()`` holds the cursors of the batches the
@@ -34,6 +38,7 @@ import math
 import random
 import tarfile
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -51,6 +56,7 @@ from clipforge.data.sources import (
     DataError,
     DataSpec,
     _image_column,
+    caption_cell,
     _image_path,
     read_image_folder,
     read_table,
@@ -58,6 +64,9 @@ from clipforge.data.sources import (
 
 IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")  # first one present in a tar sample is its image
 CAPTION_SUFFIX = "txt"
+META_SUFFIX = "json"  # img2dataset metadata; a "captions" list in it (or a bare list) is the sample's caption list
+KEY_COLUMNS = ("id", "key")  # jsonl/csv: a stable sample key, first one present
+WEIGHT_COLUMN = "weight"  # jsonl/csv: optional per-sample loss weight
 SIZES_FILE = "sizes.json"
 # skip reasons, as they appear in metrics (data/skipped/<reason>)
 SKIP_REASONS = ("missing_image", "empty_image", "truncated_image", "bad_image", "missing_caption",
@@ -75,6 +84,8 @@ class RawSample:
     caption: bytes | str | list[str] | None = None
     label: int = -1
     reason: str | None = None  # already known to be unusable (missing shard, cut tar, ...)
+    key: str = ""  # stable sample key (see ``batch["keys"]``): the same in every epoch, slot and resume
+    weight: float | None = None  # per-sample weight from a table's ``weight`` column
 
 
 def sample_key(name: str) -> tuple[str | None, str]:
@@ -92,7 +103,7 @@ def _is_meta(name: str) -> bool:
 
 
 def tar_samples(stream) -> Iterator[dict[str, bytes]]:
-    """Samples of a tar stream: consecutive members with the same key -> {suffix: bytes}.
+    """Samples of a tar stream: consecutive members with the same key -> {suffix: bytes, "__key__": key}.
 
     A sample is yielded once the next key's header arrives (or the tar ends), so a tar cut in the
     middle loses only the sample being read; the error is raised after the complete ones.
@@ -110,7 +121,7 @@ def tar_samples(stream) -> Iterator[dict[str, bytes]]:
             if key != current_key:
                 if current is not None:
                     yield current
-                current, current_key = {}, key
+                current, current_key = {"__key__": key}, key
             current[suffix] = tar.extractfile(info).read()
             tar.members = []  # streaming: keep no per-member state
     if current is not None:
@@ -144,6 +155,13 @@ class TarShardSource:
             raise DataError(f"{spec}: the pattern expands to no shard")
         self.sizes = np.array(shard_sizes(self.urls, sizes_file, str(spec)), dtype=np.int64)
         self.labels = None
+        self.weights = None
+        # sample keys are "<shard name>/<__key__>"; open_sources() lengthens names that clash
+        self.key_names = [Path(p).name for p in self.key_paths()]
+
+    def key_paths(self) -> list[str]:
+        """Each shard's own path (no ``file:``, the .tar word of a ``pipe:`` command): what keys are named after."""
+        return [_shard_path_of(u).removeprefix("file:") for u in self.urls]
 
     def __len__(self) -> int:
         return len(self.urls)
@@ -162,7 +180,7 @@ class TarShardSource:
                     continue
                 if done == count:
                     break
-                yield _tar_raw(files, uid0 + i)
+                yield _tar_raw(files, uid0 + i, self.key_names[part])
                 done += 1
         except FileNotFoundError:
             reason = "missing_shard"
@@ -200,9 +218,24 @@ def require_webdataset() -> None:
         raise DataError("wds: shards need the webdataset package: pip install 'clipforge[data]'") from None
 
 
-def _tar_raw(files: dict[str, bytes], uid: int) -> RawSample:
+def _tar_raw(files: dict[str, bytes], uid: int, shard_name: str) -> RawSample:
     image = next((files[s] for s in IMAGE_SUFFIXES if s in files), None)
-    return RawSample(uid, image=image, caption=files.get(CAPTION_SUFFIX))
+    return RawSample(uid, image=image, caption=tar_caption(files), key=f"{shard_name}/{files.get('__key__', '')}")
+
+
+def tar_caption(files: dict[str, bytes]) -> bytes | list[str] | None:
+    """The caption list of the ``.json`` when it has one (``{"captions": [...]}`` or a bare list), else the ``.txt``."""
+    meta = files.get(META_SUFFIX)
+    if meta and (b"captions" in meta or meta.lstrip()[:1] == b"["):  # plain metadata is not parsed
+        try:
+            value = json.loads(meta)
+        except (ValueError, UnicodeDecodeError):
+            value = None  # unreadable metadata: the .txt still is the caption
+        if isinstance(value, dict):
+            value = value.get("captions")
+        if isinstance(value, list) and any(isinstance(v, str) and v.strip() for v in value):
+            return value
+    return files.get(CAPTION_SUFFIX)
 
 
 def shard_sizes(urls: list[str], sizes_file: str | None, what: str) -> list[int]:
@@ -258,7 +291,10 @@ def _is_local(url: str) -> bool:
 
 
 class TableSource:
-    """``csv:`` / ``jsonl:`` rows with an image path (relative to the table) and a caption (or a list)."""
+    """``csv:`` / ``jsonl:`` rows with an image path (relative to the table) and a caption (or a list).
+
+    Optional columns: ``id``/``key`` (the sample key; else ``<file name>:<line>``) and ``weight``.
+    """
 
     def __init__(self, spec: SourceSpec) -> None:
         self.spec = spec
@@ -271,19 +307,52 @@ class TableSource:
             raise DataError(f"{path}: training needs a caption column, one of {', '.join(CAPTION_COLUMNS)} (found {found})")
         self.paths = [_row_path(r, column, path) for r in rows]
         self.caption_list = [r.get(caption_col) for r in rows]
+        if spec.kind == "csv":  # a cell may hold a JSON list of captions
+            self.caption_list = [caption_cell(c) for c in self.caption_list]
         self.sizes = np.ones(len(rows), dtype=np.int64)
         self.labels = None
+        self.ids = [_row_id(r) for r in rows]
+        self.lines = [int(r["_line"]) for r in rows]
+        self.weights = [_row_weight(r, path) for r in rows] if WEIGHT_COLUMN in rows[0] else None
+        self.key_name = path.name  # open_sources() lengthens it when two tables share a file name
+
+    def key_paths(self) -> list[str]:
+        return [self.spec.target]
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def read(self, part: int, start: int, count: int, uid0: int) -> Iterator[RawSample]:
         path = self.paths[part]
-        yield RawSample(uid0, image=path, caption=self.caption_list[part], reason=None if path else "missing_image")
+        key = self.ids[part] or f"{self.key_name}:{self.lines[part]}"
+        yield RawSample(uid0, image=path, caption=self.caption_list[part], reason=None if path else "missing_image",
+                        key=key, weight=None if self.weights is None else self.weights[part])
 
     def captions(self, n: int) -> list[str]:
         out = [_caption_text(c, random.Random(0)) for c in self.caption_list[: 2 * n]]
         return [c for c in out if isinstance(c, str)][:n]
+
+
+def _row_id(row: dict) -> str | None:
+    for column in KEY_COLUMNS:
+        value = row.get(column)
+        if isinstance(value, (str, int)) and not isinstance(value, bool) and str(value).strip():
+            return str(value).strip()
+    return None
+
+
+def _row_weight(row: dict, table: Path) -> float:
+    value = row.get(WEIGHT_COLUMN)
+    try:
+        if isinstance(value, bool) or value is None or (isinstance(value, str) and not value.strip()):
+            raise ValueError
+        weight = float(value)
+        if not math.isfinite(weight) or weight < 0:
+            raise ValueError
+    except (TypeError, ValueError):
+        raise DataError(f"{table}, line {row['_line']}: '{WEIGHT_COLUMN}' must be a number >= 0, got {value!r}; "
+                        f"give every row a weight or drop the column") from None
+    return weight
 
 
 def _row_path(row: dict, column: str, table: Path) -> str | None:
@@ -304,13 +373,22 @@ class ImageFolderSource:
         self.classnames = data.classnames
         self.template = template
         self.sizes = np.ones(len(self.paths), dtype=np.int64)
+        self.weights = None
+        root = Path(spec.target).expanduser()
+        # keys: the path relative to DIR ("cat/001.jpg"), always with "/" whatever the OS
+        self.rel_paths = [Path(p).relative_to(root).as_posix() for p in data.paths]
+        self.key_name = ""  # open_sources() sets "<folder name>/" when a mixture holds several image folders
+
+    def key_paths(self) -> list[str]:
+        return [self.spec.target]
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def read(self, part: int, start: int, count: int, uid0: int) -> Iterator[RawSample]:
         label = self.labels[part]
-        yield RawSample(uid0, image=self.paths[part], caption=self.template.format(self.classnames[label]), label=label)
+        yield RawSample(uid0, image=self.paths[part], caption=self.template.format(self.classnames[label]), label=label,
+                        key=self.key_name + self.rel_paths[part])
 
     def captions(self, n: int) -> list[str]:
         return [self.template.format(c) for c in self.classnames]
@@ -324,6 +402,45 @@ def open_source(spec: SourceSpec, data_cfg: DataConfig):
     if spec.kind == "imagefolder":
         return ImageFolderSource(spec, data_cfg.caption_template)
     raise DataError(f"source '{spec}' cannot be read from disk")  # shapes goes through data.loader
+
+
+def open_sources(specs: list[SourceSpec], data_cfg: DataConfig) -> list:
+    """Every source of ``data.train``, with sample-key names that tell its shards / tables / folders apart.
+
+    A key names its shard or table by file name ("00000.tar/000000123", "pairs.jsonl:7") so that it
+    survives moving the data (e.g. to a node's local disk); when two shards or tables of the same
+    ``data.train`` share a file name, as many parent folders are added as it takes to tell them
+    apart ("cc3m/00000.tar/..." and "cc12m/00000.tar/...").
+    """
+    sources = [open_source(s, data_cfg) for s in specs]
+    for kinds in (("wds",), ("jsonl", "csv"), ("imagefolder",)):
+        group = [src for src, spec in zip(sources, specs) if spec.kind in kinds]
+        paths = [p for src in group for p in src.key_paths()]
+        names = iter(unique_suffixes(paths))
+        for src in group:
+            if isinstance(src, TarShardSource):
+                src.key_names = [next(names) for _ in src.urls]
+            elif isinstance(src, ImageFolderSource):
+                name = next(names)
+                src.key_name = f"{name}/" if len(group) > 1 else ""  # one folder: keys are its relative paths
+            else:
+                src.key_name = next(names)
+    return sources
+
+
+def unique_suffixes(paths: list[str]) -> list[str]:
+    """For each path the fewest trailing components that no *other* path of the list ends with."""
+    split = [tuple(p for p in path.replace("\\", "/").split("/") if p not in ("", ".")) or (path,) for path in paths]
+    distinct = set(split)  # the same shard listed twice is the same data: same key
+    names: dict[tuple, str] = {}
+    n = 1
+    while len(names) < len(distinct):  # one pass per folder level: linear in the number of shards
+        counts = Counter(t[-n:] for t in distinct)
+        for t in distinct:
+            if t not in names and (counts[t[-n:]] == 1 or n >= len(t)):
+                names[t] = "/".join(t[-n:])
+        n += 1
+    return [names[t] for t in split]
 
 
 # ----------------------------------------------------------------------------- the part index
@@ -343,6 +460,8 @@ class PartIndex:
             for s, spec in zip(sources, specs)
         ]) * (self.part_size > 0)
         self.draw_p = weights / weights.sum() if weights.sum() > 0 else weights
+        # one source with a weight column gives every batch weights (1.0 for the other sources' samples)
+        self.has_weights = any(getattr(s, "weights", None) is not None for s in sources)
 
     def read(self, part: int, start: int, count: int) -> Iterator[RawSample]:
         src = self.sources[self.part_source[part]]
@@ -434,7 +553,7 @@ def shuffled_slot_stream(index: PartIndex, plan: SlotPlan, epoch: int, slot: int
 def _caption_text(value, rng: random.Random | None) -> str | tuple[str]:
     """A caption string, or a 1-tuple with the skip reason."""
     if isinstance(value, list):
-        value = [v for v in value if isinstance(v, str) and v.strip()]
+        value = _caption_choices(value)
         if not value:
             return ("missing_caption",)
         value = rng.choice(value) if rng is not None else value[0]
@@ -446,6 +565,32 @@ def _caption_text(value, rng: random.Random | None) -> str | tuple[str]:
     if not isinstance(value, str) or not value.strip():
         return ("missing_caption",)
     return " ".join(value.split())
+
+
+def _caption_choices(values: list) -> list[str]:
+    return [v for v in values if isinstance(v, str) and v.strip()]
+
+
+def caption_texts(value, rng: random.Random | None, count: int) -> list[str] | tuple[str]:
+    """``count`` captions of a sample, or a 1-tuple with the skip reason.
+
+    From a caption list they are drawn without replacement when it has at least ``count``
+    captions, else with replacement; a single caption is repeated. ``count`` = 1 is exactly
+    ``_caption_text`` (the same draw from ``rng``), so the default stream is unchanged.
+    """
+    if count == 1 or rng is None:
+        text = _caption_text(value, rng)
+        return text if isinstance(text, tuple) else [text] * count
+    if isinstance(value, list):
+        choices = _caption_choices(value)
+        if not choices:
+            return ("missing_caption",)
+        value = rng.sample(choices, count) if len(choices) >= count else rng.choices(choices, k=count)
+    else:
+        value = [value] * count
+    texts = [_caption_text(v, None) for v in value]
+    bad = next((t for t in texts if isinstance(t, tuple)), None)
+    return bad or texts
 
 
 def _image_bytes(image) -> bytes | tuple[str]:
@@ -464,11 +609,12 @@ def _image_bytes(image) -> bytes | tuple[str]:
     return image
 
 
-def decode_raw(raw: RawSample, image_size: int, augment, rng: random.Random | None):
-    """RawSample -> (uint8 3xHxW tensor, caption, label), or the skip reason as a string."""
+def decode_raw(raw: RawSample, image_size: int, augment, rng: random.Random | None, captions_per_sample: int = 1):
+    """RawSample -> (uint8 3xHxW tensor, list of ``captions_per_sample`` captions, label), or the skip reason."""
     if raw.reason:
         return raw.reason
-    caption = _caption_text(raw.caption, rng)
+    # captions are drawn before the crop, from the same per-sample RNG: exact on resume
+    caption = caption_texts(raw.caption, rng, captions_per_sample)
     if isinstance(caption, tuple):
         return caption[0]
     data = _image_bytes(raw.image)
@@ -537,13 +683,14 @@ class SlotBatches(IterableDataset):
 
     def _batches(self, slot: int, cursor: dict) -> Iterator[dict]:
         cfg, length = self.cfg, self.slot_lengths[slot]
-        images, captions, labels, uids = [], [], [], []
+        samples: list[tuple] = []  # (pixels, captions, label, uid, key, weight) of the batch being formed
         while True:
             epoch, good_this_epoch, read_this_epoch = cursor["epoch"], 0, 0
             for pos, raw in shuffled_slot_stream(self.index, self.plan, epoch, slot, cursor["pos"]):
                 cursor["pos"], cursor["read"] = pos, cursor["read"] + 1
                 read_this_epoch += 1
-                out = decode_raw(raw, self.image_size, cfg.augment, sample_rng(cfg.seed, epoch, slot, pos))
+                out = decode_raw(raw, self.image_size, cfg.augment, sample_rng(cfg.seed, epoch, slot, pos),
+                                 cfg.captions_per_sample)
                 if isinstance(out, str):
                     cursor["skipped"][out] = cursor["skipped"].get(out, 0) + 1
                     if over_skip_limit(cursor["skipped"], cursor["read"], cfg.max_skip_fraction):
@@ -552,26 +699,32 @@ class SlotBatches(IterableDataset):
                         return
                     continue
                 good_this_epoch += 1
-                images.append(out[0]), captions.append(out[1]), labels.append(out[2]), uids.append(raw.uid)
-                if len(images) == cfg.batch_size:
+                samples.append((*out, raw.uid, raw.key, raw.weight))  # not raw itself: it holds the encoded image
+                if len(samples) == cfg.batch_size:
                     cursor["progress"] = epoch + pos / max(1, length)
-                    yield self._collate(images, captions, labels, uids, cursor)
-                    images, captions, labels, uids = [], [], [], []
+                    yield self._collate(samples, cursor)
+                    samples = []
             if good_this_epoch == 0 and read_this_epoch >= length > 0:  # a whole epoch and nothing readable
                 yield {"_error": skip_message(cursor["skipped"], cursor["read"], cfg.max_skip_fraction,
                                              f"by data worker {slot} in a whole epoch, with none readable")}
                 return
             cursor["epoch"], cursor["pos"] = epoch + 1, 0
 
-    def _collate(self, images, captions, labels, uids, cursor) -> dict:
-        pixels = torch.stack(images)  # N x 3 x H x W uint8
-        batch = {"images": pixels, "labels": torch.tensor(labels, dtype=torch.long),
-                 "indices": torch.tensor(uids, dtype=torch.long),
+    def _collate(self, samples: list[tuple], cursor: dict) -> dict:
+        """Batch v2 (see ``clipforge.data.loader``): caption rows are sample-major, T per sample."""
+        per_sample = self.cfg.captions_per_sample
+        pixels, texts, labels, uids, keys, weights = zip(*samples)
+        captions = [c for sample_texts in texts for c in sample_texts]
+        batch = {"images": torch.stack(pixels),  # N x 3 x H x W uint8
+                 "labels": torch.tensor(labels, dtype=torch.long), "indices": torch.tensor(uids, dtype=torch.long),
+                 "captions": captions, "keys": list(keys),
                  "_cursor": {**cursor, "skipped": dict(cursor["skipped"])}}
         if self.tokenizer is not None:
             batch["input_ids"], batch["attention_mask"] = self.tokenizer(captions)
-        else:
-            batch["captions"] = list(captions)
+        if per_sample > 1:
+            batch["text_owner"] = torch.arange(len(samples)).repeat_interleave(per_sample)
+        if self.index.has_weights:
+            batch["weights"] = torch.tensor([1.0 if w is None else w for w in weights], dtype=torch.float32)
         return batch
 
 
@@ -656,7 +809,7 @@ def build_source_train_loader(
     (samples consumed by all ranks) places every slot, exactly when no sample had been skipped.
     """
     specs = parse_train_spec(data_cfg.train)
-    index = PartIndex([open_source(s, data_cfg) for s in specs], specs)
+    index = PartIndex(open_sources(specs, data_cfg), specs)
     workers = max(1, data_cfg.num_workers)
     slots = world_size * workers
     if index.total < slots:
@@ -707,6 +860,21 @@ class _PerSlotPlan:
 
     def segments(self, index: PartIndex, epoch: int, slot: int):
         return self.plans[slot].segments(index, epoch, slot)
+
+
+def source_samples(data_cfg: DataConfig) -> Iterator[RawSample]:
+    """Every sample of ``data.train`` once, in dataset (uid) order, undecoded, with the loader's ``key``.
+
+    For tools that precompute something per sample (a teacher cache: ``clipforge embed --keys``):
+    the keys are exactly the ``batch["keys"]`` training will look them up by. Unreadable samples
+    come too, with ``reason`` set.
+    """
+    specs = parse_train_spec(data_cfg.train)
+    if any(s.kind == "shapes" for s in specs):
+        raise DataError("the built-in 'shapes' source is endless; its key of sample i is 'shapes:<i>'")
+    index = PartIndex(open_sources(specs, data_cfg), specs)
+    for part in range(len(index.part_size)):
+        yield from index.read(part, 0, int(index.part_size[part]))
 
 
 # ----------------------------------------------------------------------------- tokenizer corpus

@@ -6,6 +6,10 @@ Shards use the img2dataset layout, so OpenCLIP and webdataset read them too::
     out/sizes.json     {"00000.tar": 10000, ...}      (samples per shard; the loader plans epochs from it)
     out/stats.json     totals, skipped inputs per reason, caption-length and image-size summaries
 
+``.txt`` holds the (first) caption; ``.json`` the metadata: caption, source path, image size,
+label and class name, and, when the input's caption is a list, ``"captions": [...]`` with all
+of them. The loader reads that list when present (``data.captions_per_sample`` draws from it).
+
 Images are copied byte for byte (JPEG/PNG/WebP; other formats are re-encoded as PNG) after a
 full decode check, so an unreadable input is skipped and counted instead of landing in a shard.
 Samples are shuffled (seeded) before writing: an image folder lists one class after another, and
@@ -31,10 +35,12 @@ from clipforge.data.mixture import parse_train_spec
 from clipforge.data.pipeline import (
     IMAGE_SUFFIXES,
     SIZES_FILE,
+    _caption_choices,
     _caption_text,
     _image_bytes,
     image_error_reason,
     require_webdataset,
+    tar_caption,
     tar_samples,
     ImageFolderSource,
     TableSource,
@@ -63,6 +69,15 @@ def caption_summary(word_counts: list[int]) -> dict:
     a = np.asarray(word_counts)
     return {"count": int(a.size), "mean_words": round(float(a.mean()), 2), "min_words": int(a.min()),
             "max_words": int(a.max()), "histogram": caption_histogram(word_counts)}
+
+
+def caption_list_summary(list_lengths: list[int]) -> dict:
+    """Samples whose caption is a list (``.json`` "captions") and how many captions they have."""
+    if not list_lengths:
+        return {"samples": 0}
+    counts = Counter(list_lengths)
+    return {"samples": len(list_lengths), "mean_captions": round(float(np.mean(list_lengths)), 2),
+            "captions_per_sample": {str(k): counts[k] for k in sorted(counts)}}
 
 
 def check_image(data: bytes) -> tuple[str, tuple[int, int]] | str:
@@ -133,7 +148,7 @@ def write_shards(
         random.Random(seed).shuffle(order)
     sizes: dict[str, int] = {}
     skipped: Counter = Counter()
-    words, widths, heights = [], [], []
+    words, widths, heights, list_lengths = [], [], [], []
     writer, shard_name, written = None, None, 0
     for done, i in enumerate(order, 1):
         item = inputs[i]
@@ -154,8 +169,9 @@ def write_shards(
                 sizes[shard_name] = 0
                 writer = wds.TarWriter(str(out / shard_name))
             meta = {"caption": caption, "source": str(item.image), "width": w, "height": h}
-            if isinstance(item.caption, list):
-                meta["captions"] = [c for c in item.caption if isinstance(c, str)]
+            if isinstance(item.caption, list):  # the whole list, cleaned as the loader would; .txt is its first
+                meta["captions"] = [_caption_text(c, None) for c in _caption_choices(item.caption)]
+                list_lengths.append(len(meta["captions"]))
             if item.label >= 0:
                 meta.update(label=item.label, classname=item.classname)
             writer.write({"__key__": f"{written:09d}", suffix: data, "txt": caption, "json": meta})
@@ -172,7 +188,7 @@ def write_shards(
     stats = {
         "source": source, "samples": written, "shards": len(sizes), "samples_per_shard": samples_per_shard,
         "inputs": len(inputs), "skipped": dict(sorted(skipped.items())), "shuffled": shuffle, "seed": seed,
-        "captions": caption_summary(words),
+        "captions": caption_summary(words), "caption_lists": caption_list_summary(list_lengths),
         "image_size": {"mean_width": round(float(np.mean(widths)), 1), "mean_height": round(float(np.mean(heights)), 1),
                        "min_side": int(min(min(widths), min(heights))), "max_side": int(max(max(widths), max(heights)))},
     }
@@ -239,7 +255,7 @@ def inspect_shards(
     """Read every sample of every shard: counts, unreadable samples per reason, caption lengths, a grid PNG."""
     urls = shard_urls(target)
     expected = _expected_sizes(urls)
-    shards, skipped, words, examples = [], Counter(), [], []
+    shards, skipped, words, examples, list_lengths = [], Counter(), [], [], []
     for n, url in enumerate(urls, 1):
         record = {"shard": url, "samples": 0, "readable": 0, "skipped": {}}
         bad: Counter = Counter()
@@ -254,6 +270,8 @@ def inspect_shards(
                 continue
             record["readable"] += 1
             words.append(len(example[1].split()))
+            if example[2]:
+                list_lengths.append(example[2])
             if example[0] is not None:
                 examples.append(example)
         name = Path(url).name
@@ -273,7 +291,7 @@ def inspect_shards(
         "shards": len(urls), "samples": sum(r["samples"] for r in shards),
         "readable": sum(r["readable"] for r in shards), "skipped": dict(sorted(skipped.items())),
         "bad_shards": [r["shard"] for r in shards if r["skipped"] or "error" in r],
-        "captions": caption_summary(words), "per_shard": shards,
+        "captions": caption_summary(words), "caption_lists": caption_list_summary(list_lengths), "per_shard": shards,
     }
     if out_dir is not None:
         out = Path(out_dir)
@@ -302,9 +320,11 @@ def _check_sample(files: dict[str, bytes], thumb: int | None):
     image = next((files[s] for s in IMAGE_SUFFIXES if s in files), None)
     if image is None:
         return "missing_image", None
-    caption = _caption_text(files.get("txt"), None)
+    value = tar_caption(files)  # the .json caption list when there is one, as the loader reads it
+    caption = _caption_text(value, None)
     if isinstance(caption, tuple):
         return caption[0], None
+    listed = len(_caption_choices(value)) if isinstance(value, list) else 0
     if not image:
         return "empty_image", None
     try:
@@ -312,11 +332,11 @@ def _check_sample(files: dict[str, bytes], thumb: int | None):
         pixels = decode_crop_resize(image, thumb or 32, None)
     except DECODE_ERRORS as e:
         return image_error_reason(image, e), None
-    return None, (pixels if thumb else None, caption)
+    return None, (pixels if thumb else None, caption, listed)
 
 
-def save_grid(examples: list[tuple[np.ndarray, str]], path: Path, columns: int = 4) -> Path:
-    """Thumbnails with their captions (wrapped) as one PNG."""
+def save_grid(examples: list[tuple], path: Path, columns: int = 4) -> Path:
+    """Thumbnails with their captions (wrapped) as one PNG; (pixels, caption[, captions in its list]) each."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -327,7 +347,9 @@ def save_grid(examples: list[tuple[np.ndarray, str]], path: Path, columns: int =
     fig, axes = plt.subplots(rows, columns, figsize=(2.4 * columns, 2.7 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, (pixels, caption) in zip(axes.flat, examples):
+    for ax, (pixels, caption, *listed) in zip(axes.flat, examples):
+        if listed and listed[0] > 1:  # a caption list: its first caption and how many more it holds
+            caption = f"{caption} (+{listed[0] - 1} more)"
         ax.imshow(pixels.permute(1, 2, 0).numpy())
         ax.set_title("\n".join(textwrap.wrap(caption, 28)[:3]), fontsize=7)
     fig.tight_layout()

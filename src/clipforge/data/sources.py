@@ -3,7 +3,11 @@
     imagefolder:DIR   one subfolder per class (DIR/cat/001.jpg); class names from folder names
     jsonl:FILE        one JSON object per line with an image path (relative to FILE) and either
                       ``label`` (classification) or ``text``/``caption`` (a string or a list)
-    csv:FILE          the same columns in a CSV file with a header row
+    csv:FILE          the same columns in a CSV file with a header row; a caption cell holding a
+                      JSON list of strings (``["a cat", "a kitten"]``) is a caption list
+
+Training (``clipforge.data.pipeline``) also reads an ``id``/``key`` column (the sample key) and a
+``weight`` column (per-sample weight) when a table has them.
 
 This module only *reads the index* (which image files, which labels or captions); decoding
 happens later, in workers, via ``load_image``. ``parse_data_spec`` is shared by every user of
@@ -201,6 +205,18 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def caption_cell(value: Any) -> Any:
+    """A CSV caption cell that holds a JSON list of strings -> the list (CSV has no lists); else as is."""
+    if isinstance(value, str) and value.lstrip().startswith("["):
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            return value  # "[sic] a caption in brackets" stays a caption
+        if isinstance(parsed, list) and parsed and all(isinstance(v, str) for v in parsed):
+            return parsed
+    return value
+
+
 def _read_csv(path: Path) -> list[dict[str, Any]]:
     with open(path, encoding="utf-8", newline="") as f:
         reader = csv.DictReader(f)
@@ -280,6 +296,8 @@ def read_caption_table(spec: DataSpec) -> CaptionData:
     captions, text_to_image = [], []
     for row in rows:
         path = _image_path(row, column, spec.path)
+        if spec.kind == "csv":
+            row = {**row, caption_col: caption_cell(row.get(caption_col))}
         for caption in _captions_of(row, caption_col, spec.path):
             captions.append(caption)
             text_to_image.append(image_index.setdefault(path, len(image_index)))

@@ -36,14 +36,18 @@ from clipforge.config import Recipe, recipe_to_toml
 from clipforge.train import checkpoint as ckpt
 from clipforge.train import distributed as D
 from clipforge.train.gradcache import gradcache_accumulation, plain_accumulation
+from clipforge.train.params import (
+    ResumeError,
+    apply_group_settings,
+    build_param_groups,
+    check_resume_compatible,
+    freeze_parameters,
+)
 from clipforge.train.schedule import lr_at
 
 # An eval hook gets (model, tokenizer, step) and returns flat metrics to log, e.g. {"zeroshot/unseen_acc1": 0.7}.
 EvalHook = Callable[[torch.nn.Module, Any, int], dict[str, float]]
 
-
-# model keys that may change on resume: they do not change the parameters
-RESUMABLE_MODEL_KEYS = {"patch_dropout", "token_selection", "attentive_block", "init_from"}
 
 
 class TrainingError(RuntimeError):
@@ -98,16 +102,11 @@ def seed_everything(seed: int) -> None:
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """No weight decay on biases, norm gains, class/position vectors of rank < 2 and the logit scale/bias."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim < 2 or "logit_" in name else decay).append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+    """[decay, no decay] groups without recipe groups: no weight decay on biases, norm gains, vectors of
+    rank < 2, the logit scale/bias and whatever modules list in ``no_weight_decay()``."""
+    from clipforge.config import OptimConfig
+
+    return build_param_groups(model, OptimConfig(weight_decay=weight_decay))
 
 
 def seed_rank(seed: int, ctx: D.DistContext) -> None:
@@ -117,10 +116,10 @@ def seed_rank(seed: int, ctx: D.DistContext) -> None:
 
 
 def build_optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
+    """Fused AdamW over the recipe's parameter groups (``optim.groups``: lr scale, weight decay,
+    frozen parameters left out), with the no-decay set each module declares."""
     o = recipe.optim
-    return torch.optim.AdamW(
-        param_groups(model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps, fused=True
-    )
+    return torch.optim.AdamW(build_param_groups(model, o), lr=o.lr, betas=o.betas, eps=o.eps, fused=True)
 
 
 class _StopFlag:
@@ -244,16 +243,14 @@ class Trainer:
         seed_everything(r.train.seed)  # the same on every rank: identical initial weights
         if resume_from is not None:
             saved = ckpt.read_config(resume_from)
-            # patch dropout is a training-time knob (FLIP's unmasked tuning resumes with r = 0)
-            now = r.model.model_dump(mode="json")
-            diff = [k for k, v in now.items() if saved["model"].get(k) != v and k not in RESUMABLE_MODEL_KEYS]
-            if diff:
-                raise _shared_error(
-                    f"the recipe's model section differs from the checkpoint's ({', '.join(diff)}); "
-                    "a resumed run must keep the architecture"
-                )
-            if ctx.is_main:
-                self._warn_recipe_changes(saved["recipe"])
+            # safe changes (lr, steps, patch dropout for FLIP's unmasked tuning, ...) are warned about;
+            # changes the checkpoint cannot take (architecture, groups, stateful terms) are refused
+            try:
+                changes = check_resume_compatible(saved.get("recipe"), r)
+            except ResumeError as e:
+                raise _shared_error(f"cannot resume {resume_from}: {e}") from None
+            if ctx.is_main and changes:
+                warnings.warn("resuming with recipe changes: " + "; ".join(changes))
             tokenizer = load_tokenizer(saved["tokenizer"], resume_from)
         else:
             tokenizer = train_tokenizer_for(r.data, r.model.context_length)  # deterministic on every rank
@@ -263,6 +260,7 @@ class Trainer:
                 "raise model.vocab_size"
             )
         step_module = build_step(r, device, resume_from, log=ctx.is_main)
+        freeze_parameters(step_module, r.optim.groups)  # before DDP, which registers trainable params only
         model = D.wrap_model(step_module, ctx, device, r.train.fsdp)
         optimizer = build_optimizer(model, r)
         seed_rank(r.train.seed, ctx)
@@ -276,6 +274,8 @@ class Trainer:
                     "with and without FSDP, so resume with the same train.fsdp setting"
                 )
             D.load_full_optimizer_state(model, optimizer, saved_state["optimizer"], ctx, r.train.fsdp)
+            # the saved state carries the old hyper-parameters; the recipe's (possibly changed) ones apply
+            apply_group_settings(optimizer, build_param_groups(model, r.optim), r.optim)
             self._restore_rng(saved_state)
             state = {k: saved_state[k] for k in state}
         loader = build_train_loader(r.data, r.model.image_size, tokenizer, start_sample=state["samples_seen"],
@@ -298,18 +298,6 @@ class Trainer:
                     "weights, optimizer and data position resume exactly, random draws (patch dropout) do not"
                 )
             seed_everything(self.recipe.train.seed + ctx.rank + 100_003 * saved_state["step"])
-
-    def _warn_recipe_changes(self, saved: dict[str, Any]) -> None:
-        now = self.recipe.model_dump(mode="json")
-        changed = [
-            f"{section}.{k}"
-            for section, values in now.items()
-            if isinstance(values, dict)
-            for k, v in values.items()
-            if saved.get(section, {}).get(k) != v
-        ]
-        if changed:
-            warnings.warn(f"resuming with recipe changes: {', '.join(changed)}")
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> TrainResult:
