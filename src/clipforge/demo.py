@@ -17,32 +17,48 @@ import torch
 from clipforge.config import Recipe, load_recipe
 
 
+class StepTimer:
+    """Times the trainer's own optimiser step (the recipe's training step module, its loss, the
+    optimiser and the after-step hook) on one fixed synthetic batch, built once."""
+
+    def __init__(self, recipe: Recipe):
+        from clipforge.data.loader import build_train_dataset, make_batch
+        from clipforge.models.tokenizer import train_tokenizer_for
+        from clipforge.train.trainer import build_optimizer, build_step, seed_everything
+
+        if recipe.train.threads:
+            torch.set_num_threads(recipe.train.threads)
+        seed_everything(recipe.train.seed)
+        self.recipe = recipe
+        tokenizer = train_tokenizer_for(recipe.data, recipe.model.context_length)
+        self.step = build_step(recipe, torch.device("cpu"), log=False).train()
+        self.optimizer = build_optimizer(self.step, recipe)
+        dataset = build_train_dataset(recipe.data, recipe.model.image_size)
+        self.batch = make_batch(dataset, list(range(recipe.data.batch_size)), tokenizer)
+        self.done = 0
+
+    def seconds(self, steps: int) -> list[float]:
+        """Wall-clock seconds of each of ``steps`` optimiser steps."""
+        from clipforge.train.gradcache import plain_accumulation
+
+        times = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            plain_accumulation(self.step, self.step.compute_loss, [self.batch] * self.recipe.train.accum_steps,
+                               self.step, lambda: torch.autocast("cpu", enabled=False))
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.done += 1
+            self.step.after_optimizer_step(self.done)
+            times.append(time.perf_counter() - start)
+        return times
+
+
 def time_one_step(recipe: Recipe, warmup: int = 2, timed: int = 4) -> float:
     """Median seconds per optimiser step of this recipe on this machine (synthetic batches)."""
-    from clipforge.data.loader import build_train_dataset, make_batch
-    from clipforge.models.clip import CLIP
-    from clipforge.models.tokenizer import train_tokenizer_for
-    from clipforge.objectives import build_objective
-    from clipforge.train.trainer import build_optimizer
-
-    if recipe.train.threads:
-        torch.set_num_threads(recipe.train.threads)
-    tokenizer = train_tokenizer_for(recipe.data, recipe.model.context_length)
-    model = CLIP(recipe.model).train()
-    objective = build_objective(recipe.objective)
-    optimizer = build_optimizer(model, recipe)
-    dataset = build_train_dataset(recipe.data, recipe.model.image_size)
-    batch = make_batch(dataset, list(range(recipe.data.batch_size)), tokenizer)
-    times = []
-    for i in range(warmup + timed):
-        start = time.perf_counter()
-        for _ in range(recipe.train.accum_steps):
-            loss, _ = objective(model(batch["images"], batch["input_ids"], batch["attention_mask"]), batch)
-            loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
+    timer = StepTimer(recipe)
+    timer.seconds(warmup)
+    times = timer.seconds(timed)
     return sorted(times)[len(times) // 2]
 
 

@@ -168,7 +168,7 @@ class CacheTeacher(nn.Module):
     """Precomputed embeddings looked up by sample key (no model runs during training).
 
     The cache directory holds ``keys.json`` (list of sample keys, row order) and ``image_embeds.npy``
-    and/or ``text_embeds.npy`` (N x E), opened memory-mapped; ``clipforge embed --keys`` writes it
+    and/or ``text_embeds.npy`` (N x E), opened memory-mapped; ``clipforge embed --teacher-cache`` writes it
     for a training source so the keys match the loader's ``batch["keys"]``.
     """
 
@@ -180,7 +180,7 @@ class CacheTeacher(nn.Module):
         keys_file = root / "keys.json"
         if not keys_file.is_file():
             raise TeacherError(f"teachers '{cfg.name}': {root} is not a teacher cache ({keys_file.name} is missing); "
-                               "write one with `clipforge embed CKPT --data ... --out DIR --keys`")
+                               "write one with `clipforge embed CKPT --data ... --out DIR --teacher-cache`")
         keys = json.loads(keys_file.read_text())
         self.row_of = {k: i for i, k in enumerate(keys)}
         self.arrays = {name: np.load(root / f"{name}.npy", mmap_mode="r")
