@@ -38,11 +38,9 @@ def main() -> None:
     args = p.parse_args()
 
     from clipforge.config import load_recipe
-    from clipforge.models.clip import CLIP
-    from clipforge.objectives import build_objective
     from clipforge.train import distributed as D
     from clipforge.train.gradcache import gradcache_accumulation, plain_accumulation
-    from clipforge.train.trainer import build_optimizer, resolve_device, resolve_precision, seed_everything
+    from clipforge.train.trainer import build_optimizer, build_step, resolve_device, resolve_precision, seed_everything
 
     overrides = list(args.overrides)
     if args.batch:
@@ -52,8 +50,8 @@ def main() -> None:
     ctx = D.init_distributed(device.type, r.train.dist_backend, r.train.dist_timeout_minutes)
     device = D.device_for(ctx, device)
     seed_everything(r.train.seed)
-    model = D.wrap_model(CLIP(r.model).to(device), ctx, device, args.fsdp)
-    objective = build_objective(r.objective).to(device)
+    plain = build_step(r, device, log=ctx.is_main)  # the trainer's own step module (model, objective, teachers)
+    model = D.wrap_model(plain, ctx, device, args.fsdp)
     optimizer = build_optimizer(model, r)
     dtype = resolve_precision(r, device)
     b, m = r.data.batch_size, r.model
@@ -67,18 +65,19 @@ def main() -> None:
         }
 
     batches = [random_micro_batch() for _ in range(args.accum)]
-    forward = lambda batch: model(batch["images"], batch["input_ids"], batch["attention_mask"])  # noqa: E731
+    forward = model  # the step's passes, through the DDP/FSDP wrapper
     autocast = lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)  # noqa: E731
 
     def step() -> float:
         if args.accum_mode == "gradcache":
-            loss, _ = gradcache_accumulation(model, objective, batches, forward, autocast, device)
+            loss, _ = gradcache_accumulation(model, plain.compute_loss, batches, forward, autocast, device)
         else:
-            loss, _ = plain_accumulation(model, objective, batches, forward, autocast)
+            loss, _ = plain_accumulation(model, plain.compute_loss, batches, forward, autocast)
         D.average_replicated_grads(model, ctx, args.fsdp)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        plain.after_optimizer_step(1)
         return loss
 
     def sync() -> None:

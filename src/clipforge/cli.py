@@ -137,7 +137,7 @@ def report(run_dir: Path = typer.Argument(..., help="A run directory written by 
 def eval_(
     ckpt: str = typer.Argument(..., help="A checkpoint directory (or a run directory: its checkpoints/latest)."),
     task: str = typer.Option(..., "--task", help="zeroshot | retrieval | linear-probe"),
-    data: str = typer.Option(..., "--data", help="Evaluation data: imagefolder:DIR, jsonl:FILE or csv:FILE."),
+    data: str = typer.Option(..., "--data", help="Evaluation data: imagefolder:DIR, jsonl:FILE, csv:FILE, or shapes:binding (built in, retrieval)."),
     train_data: Optional[str] = typer.Option(None, "--train-data", help="Training data for --task linear-probe."),
     classnames: Optional[Path] = typer.Option(None, "--classnames", help="Class names, one per line, in sorted class order."),
     templates: str = typer.Option("photo", "--templates", help="Zero-shot prompts: a shipped set (photo, name, shapes) or a file."),
@@ -149,6 +149,7 @@ def eval_(
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... [default: cuda if available]"),
     seed: int = typer.Option(0, "--seed", help="Seeds the linear probe's few-shot draw and validation split."),
     max_bad_fraction: float = typer.Option(0.05, "--max-bad-fraction", help="Stop when more images than this are unreadable."),
+    similarity: str = typer.Option("pooled", "--similarity", help="Retrieval scores: pooled (one embedding each) or late-interaction (FILIP, token-wise)."),
 ) -> None:
     """Evaluate a checkpoint on your data: zero-shot classification, retrieval or a linear probe."""
     from clipforge.eval.evaluate import evaluate, result_table
@@ -156,7 +157,7 @@ def eval_(
     result = evaluate(
         ckpt, task, data, train_data=train_data, classnames=classnames, templates=templates,
         fewshot_k=fewshot_k, out=out, plots=not no_plots, batch_size=batch_size, workers=workers,
-        device=device, seed=seed, max_bad_fraction=max_bad_fraction, progress=True,
+        device=device, seed=seed, max_bad_fraction=max_bad_fraction, similarity=similarity, progress=True,
     )
     Console().print(result_table(result))
     if out is not None:
@@ -175,8 +176,17 @@ def embed(
     workers: int = typer.Option(2, "--workers", min=0, help="DataLoader worker processes decoding images."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, ... [default: cuda if available]"),
     max_bad_fraction: float = typer.Option(0.05, "--max-bad-fraction", help="Stop when more images than this are unreadable."),
+    teacher_cache: bool = typer.Option(False, "--teacher-cache", help="Write a teacher cache for training instead: "
+                                       "one embedding per sample of a training source (wds:/jsonl:/csv:/imagefolder:), "
+                                       "keyed by the loader's sample keys ([[teachers]] kind = \"cache\")."),
 ) -> None:
     """Embed images and captions into .npy shards plus a Parquet metadata table (resumable)."""
+    if teacher_cache:
+        from clipforge.train.teacher_cache import write_teacher_cache
+
+        manifest = write_teacher_cache(ckpt, data, out, batch_size=batch_size, device=device)
+        console.print(f"teacher cache: {manifest['samples']} samples ({manifest['skipped']} unreadable skipped) -> {out}")
+        return
     from clipforge.index.embed import embed_dataset
 
     summary = embed_dataset(ckpt, data, out, batch_size=batch_size, shard_size=shard_size, dtype=dtype,

@@ -865,7 +865,7 @@ class _PerSlotPlan:
 def source_samples(data_cfg: DataConfig) -> Iterator[RawSample]:
     """Every sample of ``data.train`` once, in dataset (uid) order, undecoded, with the loader's ``key``.
 
-    For tools that precompute something per sample (a teacher cache: ``clipforge embed --keys``):
+    For tools that precompute something per sample (a teacher cache: ``clipforge embed --teacher-cache``):
     the keys are exactly the ``batch["keys"]`` training will look them up by. Unreadable samples
     come too, with ``reason`` set.
     """

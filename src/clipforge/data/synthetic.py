@@ -14,6 +14,15 @@ every colour and every shape still appears in training with most partners. The `
 ``unseen`` eval splits hold ``eval_samples_per_class`` single-object images per class of
 the trained and held-out pairs respectively; they measure compositional zero-shot transfer.
 
+Binding: the ``binding`` eval split holds two-object scenes of trained pairs ("a red circle
+left of a blue square", ``eval_samples_per_class`` per trained pair as the first-named object;
+the two objects differ in colour and in shape). Each image comes with hard distractor captions
+that use the very same words (``DISTRACTOR_KINDS``): the colours swapped between the objects
+("a blue circle left of a red square"), the shapes swapped ("a red square left of a blue
+circle"), the relation flipped ("a red circle right of a blue square") and the objects swapped
+around the relation ("a blue square left of a red circle"). Every distractor describes a scene
+that differs from the image (``PairScene.layout``).
+
 Every sample is a pure function of ``(seed, split, index)``: its random numbers come from
 ``numpy.random.default_rng([seed, split_tag, index])``. Nothing depends on call order, so
 the train stream can be resumed at any sample index and rendered by any number of workers.
@@ -24,13 +33,15 @@ API
 - ``class_names() -> list[str]``: all colour-shape pairs, label ``c * len(SHAPES) + s``
   (e.g. ``"red circle"``).
 - ``held_out_pairs(cfg) -> set[int]``: labels never used in training.
-- ``ShapesDataset(cfg, image_size, seed, split)`` with ``split`` in ``"train" | "seen" | "unseen"``:
+- ``ShapesDataset(cfg, image_size, seed, split)`` with ``split`` in ``"train" | "seen" | "unseen" | "binding"``:
     - ``sample(index) -> (uint8 HxWx3 array, caption, label)``
     - ``render_batch(indices) -> (uint8 tensor Nx3xHxW, captions, LongTensor labels)``
     - ``len(ds)`` for eval splits (the train split is an unbounded index space: ``TypeError``)
     - ``classes``: the labels this split draws from
     - ``caption_corpus(n) -> list[str]``: captions covering every word any split can produce
       (held-out pairs included: their words are known, only the combinations are not)
+    - ``binding_scene(index) -> PairScene`` (binding split): the scene of an image, without
+      rendering; ``scene.caption()`` is its caption, ``scene.distractors()`` the swapped scenes
 
 Rendering composites cached anti-aliased alpha masks (4x4 supersampled signed inequality
 masks, one per shape and quantised radius) onto the background, so a 64 px image costs
@@ -40,6 +51,7 @@ tens of microseconds; see ``bench/render.py``.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Literal
 
@@ -48,7 +60,7 @@ import torch
 
 from clipforge.config import ShapesConfig
 
-Split = Literal["train", "seen", "unseen"]
+Split = Literal["train", "seen", "unseen", "binding"]
 
 # Hues spread around the colour wheel plus white; each is far from the others in RGB so a
 # small CPU model can name them reliably. The background is always grey, never one of these.
@@ -114,8 +126,16 @@ PAIR_TEMPLATES: list[str] = [
     "{a1} {c1} {s1} {r} {a2} {c2} {s2}",
     "a photo of {a1} {c1} {s1} {r} {a2} {c2} {s2}",
 ]
+# the same relation seen from the other object: "left of" <-> "right of", "above" <-> "below"
+OPPOSITE_RELATIONS: dict[str, str] = {
+    "left of": "right of", "right of": "left of",
+    "to the left of": "to the right of", "to the right of": "to the left of",
+    "above": "below", "below": "above",
+}
+# binding distractors, in the order ``PairScene.distractors`` lists them
+DISTRACTOR_KINDS: tuple[str, ...] = ("attribute_swap", "shape_swap", "relation_flip", "order_swap")
 
-SPLIT_TAGS = {"train": 0, "seen": 1, "unseen": 2}
+SPLIT_TAGS = {"train": 0, "seen": 1, "unseen": 2, "binding": 3}
 RADIUS_FRACTION = {"small": 0.15, "large": 0.23}  # object radius as a fraction of image size
 SUPERSAMPLE = 4  # samples per pixel side for anti-aliased edges
 RADIUS_STEP = 0.25  # radii are quantised so alpha masks can be cached
@@ -157,6 +177,35 @@ def held_out_pairs(cfg: ShapesConfig) -> set[int]:
 
 def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
+
+
+@dataclass(frozen=True)
+class PairScene:
+    """Two objects and where the first-named one is relative to the second ("left of", "above", ...)."""
+
+    first: int  # label (colour-shape pair) of the object the caption names first
+    second: int
+    relation: str  # a key of RELATIONS
+    template: str = PAIR_TEMPLATES[0]
+
+    def caption(self) -> str:
+        return _fill_pair(self.template, _split_label(self.first), _split_label(self.second), self.relation)
+
+    def layout(self) -> tuple[int, int, int]:
+        """``(axis, label on the left/top, label on the right/bottom)``: equal layouts = the same picture,
+        whichever object a caption names first and whichever synonym it uses."""
+        side, axis = RELATIONS[self.relation]
+        return (axis, self.first, self.second) if side < 0 else (axis, self.second, self.first)
+
+    def distractors(self) -> dict[str, "PairScene"]:
+        """Scenes that use the caption's words but bind them differently (keys: ``DISTRACTOR_KINDS``)."""
+        (c1, s1), (c2, s2) = _split_label(self.first), _split_label(self.second)
+        return {
+            "attribute_swap": PairScene(class_label(c2, s1), class_label(c1, s2), self.relation, self.template),
+            "shape_swap": PairScene(class_label(c1, s2), class_label(c2, s1), self.relation, self.template),
+            "relation_flip": PairScene(self.first, self.second, OPPOSITE_RELATIONS[self.relation], self.template),
+            "order_swap": PairScene(self.second, self.first, self.relation, self.template),
+        }
 
 
 # ----------------------------------------------------------------------------- shape masks
@@ -293,7 +342,7 @@ class ShapesDataset:
         self.train_classes = [k for k in range(len(class_names())) if k not in self.held_out]
         if split == "unseen":
             self.classes = sorted(self.held_out)
-        else:
+        else:  # binding scenes use trained pairs only: they test binding, not unseen pairs
             self.classes = list(self.train_classes)
 
     def __len__(self) -> int:
@@ -303,6 +352,29 @@ class ShapesDataset:
 
     def __repr__(self) -> str:
         return f"ShapesDataset(split={self.split!r}, image_size={self.image_size}, seed={self.seed})"
+
+    def binding_scene(self, index: int) -> PairScene:
+        """The scene of binding image ``index`` (drawn first from the sample's rng, so no rendering)."""
+        if self.split != "binding":
+            raise ValueError(f"binding_scene needs the binding split, not {self.split!r}")
+        return self._binding_scene(self._eval_rng(index), index)
+
+    def _binding_scene(self, rng: np.random.Generator, index: int) -> PairScene:
+        first = self.classes[index // self.cfg.eval_samples_per_class]
+        colour, shape = _split_label(first)
+        # a partner with another colour AND another shape, so that every swap changes the scene
+        partners = [k for k in self.train_classes if _split_label(k)[0] != colour and _split_label(k)[1] != shape]
+        second = partners[int(rng.integers(len(partners)))]
+        relation = list(RELATIONS)[int(rng.integers(len(RELATIONS)))]
+        template = PAIR_TEMPLATES[int(rng.integers(len(PAIR_TEMPLATES)))]
+        return PairScene(first, second, relation, template)
+
+    def _eval_rng(self, index: int) -> np.random.Generator:
+        if index < 0:
+            raise IndexError(f"sample index must be >= 0, got {index}")
+        if index >= len(self):
+            raise IndexError(f"index {index} out of range for the {self.split} split of length {len(self)}")
+        return np.random.default_rng([self.seed, SPLIT_TAGS[self.split], index])
 
     def label_of(self, index: int) -> int:
         """Label of eval sample ``index`` without rendering it (train labels need the rng)."""
@@ -335,10 +407,14 @@ class ShapesDataset:
             rng = np.random.default_rng([self.seed, SPLIT_TAGS["train"], index])
             label = self.train_classes[int(rng.integers(len(self.train_classes)))]
             two_objects = rng.random() < self.cfg.two_objects_prob
+        elif self.split == "binding":
+            rng = self._eval_rng(index)
+            scene = self._binding_scene(rng, index)
+            _fill_background(image, rng, textured=rng.random() < self.cfg.textured_background_prob)
+            self._paint_pair(image, rng, scene.first, scene.second, scene.relation)
+            return scene.caption(), scene.first
         else:
-            if index >= len(self):
-                raise IndexError(f"index {index} out of range for the {self.split} split of length {len(self)}")
-            rng = np.random.default_rng([self.seed, SPLIT_TAGS[self.split], index])
+            rng = self._eval_rng(index)
             label = self.classes[index // self.cfg.eval_samples_per_class]
             two_objects = False  # eval images show exactly the labelled object
         _fill_background(image, rng, textured=rng.random() < self.cfg.textured_background_prob)
@@ -364,9 +440,15 @@ class ShapesDataset:
         others = [k for k in self.train_classes if k != label]
         second = others[int(rng.integers(len(others)))]
         relation = list(RELATIONS)[int(rng.integers(len(RELATIONS)))]
+        self._paint_pair(image, rng, label, second, relation)
+        template = PAIR_TEMPLATES[int(rng.integers(len(PAIR_TEMPLATES)))]
+        return _fill_pair(template, _split_label(label), _split_label(second), relation)
+
+    def _paint_pair(self, image: np.ndarray, rng: np.random.Generator, label: int, second: int, relation: str) -> None:
+        """Paint ``label`` on the ``relation`` side of ``second`` (both small, on opposite sides)."""
         side, axis = RELATIONS[relation]
         size = self.image_size
-        for which, (obj, obj_side) in enumerate(((label, side), (second, -side))):
+        for obj, obj_side in ((label, side), (second, -side)):
             colour, shape = _split_label(obj)
             radius = RADIUS_FRACTION["small"] * size * rng.uniform(0.92, 1.08)
             cell = (obj_side, 0) if axis == 0 else (0, obj_side)
@@ -377,8 +459,6 @@ class ShapesDataset:
             else:
                 cx += rng.uniform(-0.12, 0.12) * size
             _paint(image, shape, _jittered_colour(colour, rng), radius, cx, cy)
-        template = PAIR_TEMPLATES[int(rng.integers(len(PAIR_TEMPLATES)))]
-        return _fill_pair(template, _split_label(label), _split_label(second), relation)
 
     def caption_corpus(self, n: int) -> list[str]:
         """Captions for tokenizer training: every word any split can produce, then random fill.

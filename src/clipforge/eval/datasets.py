@@ -18,6 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch.utils.data import DataLoader, Dataset
 
 from clipforge.data.sources import DECODE_ERRORS, DataError, load_image
+from clipforge.eval.embedding import embed_captions, embed_images, model_device
 
 
 class ImageFileDataset(Dataset):
@@ -60,8 +61,45 @@ def check_bad_fraction(bad: list[tuple[str, str]], total: int, max_bad_fraction:
         )
 
 
-@torch.no_grad()
-def embed_images(
+class DecodedImages:
+    """Iterating yields the images of each batch of ``paths`` that decoded (uint8 B×3×S×S).
+
+    Every pass decodes in ``workers`` DataLoader processes and records which files were read:
+    ``ok`` (bool per file, complete after the pass) and ``bad`` ((path, reason) of each skipped
+    file). With ``max_bad_fraction`` a pass stops as soon as more than that fraction of all the
+    files is certain to be unreadable (bad counts only grow). ``advance(n)`` follows each batch.
+    """
+
+    def __init__(self, paths: Sequence[Path], preprocess: Callable, image_size: int, *, batch_size: int = 64,
+                 workers: int = 0, pin_memory: bool = False, max_bad_fraction: float | None = None,
+                 advance: Callable[[int], None] | None = None) -> None:
+        self.paths = list(paths)
+        self.dataset = ImageFileDataset(self.paths, preprocess, image_size)
+        self.batch_size, self.workers, self.pin_memory = batch_size, workers, pin_memory
+        self.max_bad_fraction = max_bad_fraction
+        self.advance = advance
+        self.ok = torch.zeros(0, dtype=torch.bool)
+        self.bad: list[tuple[str, str]] = []
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        loader = DataLoader(self.dataset, batch_size=self.batch_size, num_workers=self.workers,
+                            pin_memory=self.pin_memory, persistent_workers=False)
+        oks: list[torch.Tensor] = []
+        self.bad = []
+        start = 0
+        for images, ok, reasons in loader:
+            self.bad += [(str(self.paths[start + j]), reasons[j]) for j in (~ok).nonzero().flatten().tolist()]
+            if self.max_bad_fraction is not None:
+                check_bad_fraction(self.bad, len(self.paths), self.max_bad_fraction)
+            oks.append(ok)
+            start += len(ok)
+            if self.advance is not None:
+                self.advance(len(ok))
+            yield images[ok]
+        self.ok = torch.cat(oks) if oks else torch.zeros(0, dtype=torch.bool)
+
+
+def embed_image_files(
     model,
     paths: Sequence[Path],
     preprocess: Callable,
@@ -72,49 +110,38 @@ def embed_images(
     progress: bool = True,
     label: str = "images",
 ) -> ImageEmbeddings:
-    device = next(model.parameters()).device
-    image_size = getattr(preprocess, "image_size", None) or model_image_size(model)
-    loader = DataLoader(
-        ImageFileDataset(paths, preprocess, image_size),
-        batch_size=batch_size,
-        num_workers=workers,
-        pin_memory=device.type == "cuda",
-        persistent_workers=False,
-    )
-    embeds, oks, bad = [], [], []
-    start = 0
+    """Decode and embed image files; unreadable ones are skipped, counted and named."""
+    decoded = decoded_images(model, paths, preprocess, batch_size=batch_size, workers=workers,
+                             max_bad_fraction=max_bad_fraction)
     with progress_bar(len(paths), f"embedding {label}", progress) as advance:
-        for images, ok, reasons in loader:
-            for j in (~ok).nonzero().flatten().tolist():
-                bad.append((str(paths[start + j]), reasons[j]))
-            # stop early once the threshold is certain to be passed (bad counts only grow)
-            check_bad_fraction(bad, len(paths), max_bad_fraction)
-            if ok.any():
-                embeds.append(model.encode_image(images[ok].to(device, non_blocking=True)).float().cpu())
-            oks.append(ok)
-            start += len(ok)
-            advance(len(ok))
-    if not embeds:
-        raise DataError(f"none of the {len(paths)} images could be read")
-    return ImageEmbeddings(torch.cat(embeds), torch.cat(oks), bad)
+        decoded.advance = advance
+        embeds = embed_images(model, decoded, out_device="cpu", non_blocking=True)
+    require_some_images(decoded)
+    return ImageEmbeddings(embeds, decoded.ok, decoded.bad)
+
+
+def decoded_images(model, paths: Sequence[Path], preprocess: Callable, *, batch_size: int, workers: int,
+                   max_bad_fraction: float | None) -> DecodedImages:
+    """``DecodedImages`` at the model's input size, pinned for a CUDA model."""
+    image_size = getattr(preprocess, "image_size", None) or model_image_size(model)
+    return DecodedImages(paths, preprocess, image_size, batch_size=batch_size, workers=workers,
+                         pin_memory=model_device(model).type == "cuda", max_bad_fraction=max_bad_fraction)
+
+
+def require_some_images(decoded: DecodedImages) -> None:
+    if not decoded.ok.any():
+        raise DataError(f"none of the {len(decoded.paths)} images could be read")
 
 
 def model_image_size(model) -> int:
     return model.cfg.image_size
 
 
-@torch.no_grad()
-def embed_texts(model, tokenizer, texts: Sequence[str], *, batch_size: int = 256, progress: bool = True) -> torch.Tensor:
-    """(N, D) unit-norm text embeddings, float32 on CPU."""
-    device = next(model.parameters()).device
-    out = []
+def embed_text_list(model, tokenizer, texts: Sequence[str], *, batch_size: int = 256,
+                    progress: bool = True) -> torch.Tensor:
+    """(N, D) unit-norm text embeddings, float32 on CPU, with a progress bar."""
     with progress_bar(len(texts), "embedding texts", progress) as advance:
-        for start in range(0, len(texts), batch_size):
-            chunk = list(texts[start : start + batch_size])
-            ids, mask = tokenizer(chunk)
-            out.append(model.encode_text(ids.to(device), mask.to(device)).float().cpu())
-            advance(len(chunk))
-    return torch.cat(out)
+        return embed_captions(model, tokenizer, texts, batch_size=batch_size, out_device="cpu", advance=advance)
 
 
 @contextmanager

@@ -22,9 +22,17 @@ from clipforge.data.sources import (
     read_caption_data,
     read_classification_data,
 )
-from clipforge.eval.datasets import embed_images, embed_texts
+from clipforge.eval.datasets import (
+    decoded_images,
+    embed_image_files,
+    embed_text_list,
+    progress_bar,
+    require_some_images,
+)
 
 TASKS = ("zeroshot", "retrieval", "linear-probe")
+SIMILARITIES = ("pooled", "late-interaction")  # how retrieval scores an image-caption pair
+SHAPES_SPLITS = ("binding",)  # built-in evaluation data: shapes:<split>, rendered, nothing on disk
 RETRIEVAL_KS = (1, 5, 10)
 MAX_LISTED_BAD = 20  # skipped files named in the JSON; the count is always complete
 
@@ -59,26 +67,38 @@ def evaluate(
     device: str | None = None,
     seed: int = 0,
     max_bad_fraction: float = 0.05,
+    similarity: str = "pooled",
     progress: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a checkpoint (path) or a loaded ``(model, preprocess, tokenizer)`` on ``data``.
 
     ``task``: "zeroshot" (``data`` = imagefolder:/jsonl:/csv: with labels), "retrieval"
-    (jsonl:/csv: with captions) or "linear-probe" (``train_data`` and ``data`` with labels).
-    Writes ``out`` (JSON) and, for classification, a confusion-matrix PNG next to it unless
-    ``plots=False``. Returns the same dict as the JSON file.
+    (jsonl:/csv: with captions, or the built-in shapes:binding split) or "linear-probe"
+    (``train_data`` and ``data`` with labels). ``similarity`` ranks retrieval by pooled
+    embeddings ("pooled") or FILIP's token-wise "late-interaction". Writes ``out`` (JSON) and,
+    for classification, a confusion-matrix PNG next to it unless ``plots=False``. Returns the
+    same dict as the JSON file.
     """
     task = normalise_task(task)
-    _check_options(task, train_data, fewshot_k, val_fraction, batch_size, workers, max_bad_fraction)
-    spec = parse_data_spec(data)
+    _check_options(task, train_data, fewshot_k, val_fraction, batch_size, workers, max_bad_fraction, similarity)
+    shapes_split = parse_shapes_spec(data, task)
+    spec = None if shapes_split else parse_data_spec(data)
     train_spec = parse_data_spec(train_data) if train_data else None
     model, preprocess, tokenizer, model_name = resolve_model(model_or_ckpt, device)
+    if similarity == "late-interaction" and not hasattr(model, "encode_image_tokens"):
+        raise EvalError(f"--similarity late-interaction needs per-token embeddings, which {type(model).__name__} "
+                        "does not give (no encode_image_tokens); use --similarity pooled")
     common = dict(batch_size=batch_size, workers=workers, max_bad_fraction=max_bad_fraction, progress=progress)
 
-    if task == "zeroshot":
+    if shapes_split:
+        from clipforge.eval.binding import evaluate_binding
+
+        result = evaluate_binding(model, tokenizer, checkpoint_shapes_config(model_or_ckpt), model.cfg.image_size,
+                                  similarity=similarity, batch_size=batch_size, progress=progress)
+    elif task == "zeroshot":
         result = run_zeroshot(model, preprocess, tokenizer, spec, classnames, templates, **common)
     elif task == "retrieval":
-        result = run_retrieval(model, preprocess, tokenizer, spec, **common)
+        result = run_retrieval(model, preprocess, tokenizer, spec, similarity=similarity, **common)
     else:
         result = run_linear_probe(model, preprocess, train_spec, spec, classnames, fewshot_k, val_fraction,
                                   seed, **common)
@@ -96,6 +116,7 @@ def evaluate(
             "val_fraction": val_fraction if task == "linear-probe" else None, "seed": seed,
             "batch_size": batch_size, "workers": workers, "device": str(next(model.parameters()).device),
             "max_bad_fraction": max_bad_fraction,
+            "similarity": similarity if task == "retrieval" else None,
         }),
         "clipforge_version": __version__,
     }
@@ -114,7 +135,8 @@ def _without_none(d: dict) -> dict:
     return {k: v for k, v in d.items() if v is not None}
 
 
-def _check_options(task, train_data, fewshot_k, val_fraction, batch_size, workers, max_bad_fraction) -> None:
+def _check_options(task, train_data, fewshot_k, val_fraction, batch_size, workers, max_bad_fraction,
+                   similarity="pooled") -> None:
     if task == "linear-probe" and not train_data:
         raise EvalError("--task linear-probe needs training images: pass --train-data imagefolder:DIR (or jsonl:/csv:)")
     if task != "linear-probe" and (train_data or fewshot_k):
@@ -127,6 +149,25 @@ def _check_options(task, train_data, fewshot_k, val_fraction, batch_size, worker
         raise EvalError(f"--batch-size must be >= 1 and --workers >= 0 (got {batch_size}, {workers})")
     if not 0.0 <= max_bad_fraction <= 1.0:
         raise EvalError(f"--max-bad-fraction must be between 0 and 1 (got {max_bad_fraction})")
+    if similarity not in SIMILARITIES:
+        raise EvalError(f"unknown --similarity '{similarity}'; choose one of {', '.join(SIMILARITIES)}")
+    if similarity != "pooled" and task != "retrieval":
+        raise EvalError(f"--similarity {similarity} ranks images against captions, so it applies to --task retrieval "
+                        f"only (got --task {task}); leave it out or pass --similarity pooled")
+
+
+def parse_shapes_spec(data: str, task: str) -> str | None:
+    """The split of a built-in ``shapes:<split>`` spec (None for data on disk)."""
+    kind, _, split = data.partition(":")
+    if kind != "shapes":
+        return None
+    if split not in SHAPES_SPLITS:
+        raise EvalError(f"unknown built-in split '{data}'; the built-in evaluation data is "
+                        f"{', '.join(f'shapes:{s}' for s in SHAPES_SPLITS)}")
+    if task != "retrieval":
+        raise EvalError(f"{data} is scored as retrieval (captions against distractors); use --task retrieval "
+                        f"(got --task {task})")
+    return split
 
 
 # ----------------------------------------------------------------------------- the model
@@ -139,16 +180,32 @@ def resolve_model(model_or_ckpt, device: str | None):
         return model.eval(), preprocess, tokenizer, type(model).__name__
     from clipforge.api import load
 
-    path = Path(model_or_ckpt)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, preprocess, tokenizer = load(checkpoint_dir(model_or_ckpt), device=device)
+    return model, preprocess, tokenizer, str(model_or_ckpt)
+
+
+def checkpoint_dir(path: str | Path) -> Path:
+    """A checkpoint directory as given, or a run directory's (or its checkpoints/ folder's) latest one."""
+    path = Path(path)
     if not (path / "config.json").exists():
         # a run directory or its checkpoints/ folder: take the newest complete checkpoint
         for latest in (path / "checkpoints" / "latest", path / "latest"):
             if latest.exists():
-                path = latest
-                break
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, preprocess, tokenizer = load(path, device=device)
-    return model, preprocess, tokenizer, str(model_or_ckpt)
+                return latest
+    return path
+
+
+def checkpoint_shapes_config(model_or_ckpt):
+    """The ``data.shapes`` section of the checkpoint's recipe (holdout seed, eval size); defaults
+    for a loaded model or a checkpoint without a recipe (an import)."""
+    from clipforge.config import ShapesConfig
+    from clipforge.train.checkpoint import read_config
+
+    if isinstance(model_or_ckpt, (tuple, list)):
+        return ShapesConfig()
+    recipe = read_config(checkpoint_dir(model_or_ckpt)).get("recipe") or {}
+    return ShapesConfig.model_validate(recipe.get("data", {}).get("shapes", {}))
 
 
 # ----------------------------------------------------------------------------- tasks
@@ -165,7 +222,7 @@ def run_zeroshot(model, preprocess, tokenizer, spec, classnames, templates, **co
         prompt_templates = resolve_templates(templates)
     except ValueError as e:
         raise EvalError(str(e)) from None
-    images = embed_images(model, data.paths, preprocess, label="images", **common)
+    images = embed_image_files(model, data.paths, preprocess, label="images", **common)
     labels = torch.tensor(data.labels)[images.ok]
     classifier = zero_shot_classifier(model, tokenizer, data.classnames, prompt_templates).float().cpu()
     logits = images.embeds @ classifier.T
@@ -178,21 +235,56 @@ def run_zeroshot(model, preprocess, tokenizer, spec, classnames, templates, **co
     }
 
 
-def run_retrieval(model, preprocess, tokenizer, spec, **common) -> dict:
+def run_retrieval(model, preprocess, tokenizer, spec, similarity: str = "pooled", **common) -> dict:
     from clipforge.eval.retrieval import retrieval_metrics
 
     data = read_caption_data(spec)
-    images = embed_images(model, data.paths, preprocess, label="images", **common)
+    if similarity == "late-interaction":
+        return run_late_interaction_retrieval(model, preprocess, tokenizer, data, **common)
+    images = embed_image_files(model, data.paths, preprocess, label="images", **common)
     # drop the captions of skipped images, renumbering the images that remain
     new_index = torch.cumsum(images.ok.long(), 0) - 1
     owners = torch.tensor(data.text_to_image)
     keep = images.ok[owners]
     captions = [c for c, k in zip(data.captions, keep.tolist()) if k]
-    texts = embed_texts(model, tokenizer, captions, progress=common["progress"])
+    texts = embed_text_list(model, tokenizer, captions, progress=common["progress"])
     metrics = retrieval_metrics(images.embeds, texts, new_index[owners[keep]], ks=RETRIEVAL_KS)
     return {
         "metrics": metrics,
         "data": {**_data_summary(len(data.paths), images), "captions": len(captions)},
+    }
+
+
+def run_late_interaction_retrieval(model, preprocess, tokenizer, data, *, batch_size, workers, max_bad_fraction,
+                                   progress) -> dict:
+    """Retrieval ranked by FILIP's late interaction; images are streamed (see eval/late_interaction.py)."""
+    from clipforge.eval.late_interaction import embed_text_tokens, late_interaction_topk
+    from clipforge.eval.retrieval import recall_from_topk
+
+    kmax = max(RETRIEVAL_KS)
+    decoded = decoded_images(model, data.paths, preprocess, batch_size=batch_size, workers=workers,
+                             max_bad_fraction=max_bad_fraction)
+    with progress_bar(len(data.captions), "embedding caption tokens", progress) as advance:
+        texts = embed_text_tokens(model, tokenizer, data.captions, advance=advance)
+
+    def ranks(texts):
+        with progress_bar(len(data.paths), "scoring images (late interaction)", progress) as advance:
+            decoded.advance = advance
+            return late_interaction_topk(model, decoded, texts, kmax)
+
+    i2t, t2i = ranks(texts)
+    require_some_images(decoded)
+    owners = torch.tensor(data.text_to_image)
+    keep = decoded.ok[owners]
+    if not keep.all():
+        # the captions of skipped images are dropped (as with pooled scores), so the images'
+        # rankings of captions are redone without them: one more pass over the images
+        i2t, _ = ranks(texts.select(keep))
+        t2i = t2i[keep]
+    new_index = torch.cumsum(decoded.ok.long(), 0) - 1  # image positions among the readable ones
+    return {
+        "metrics": recall_from_topk(t2i, i2t, new_index[owners[keep]], RETRIEVAL_KS),
+        "data": {**_data_summary(len(data.paths), decoded), "captions": int(keep.sum())},
     }
 
 
@@ -205,8 +297,8 @@ def run_linear_probe(model, preprocess, train_spec, test_spec, classnames, fewsh
     train = read_classification_data(train_spec, names_file)
     test = read_classification_data(test_spec, names_file)
     test_labels = _align_labels(train.class_ids, test.class_ids, test.labels, train_spec, test_spec)
-    train_images = embed_images(model, train.paths, preprocess, label="train images", **common)
-    test_images = embed_images(model, test.paths, preprocess, label="test images", **common)
+    train_images = embed_image_files(model, train.paths, preprocess, label="train images", **common)
+    test_images = embed_image_files(model, test.paths, preprocess, label="test images", **common)
     train_y = torch.tensor(train.labels)[train_images.ok]
     test_y = torch.tensor(test_labels)[test_images.ok]
     try:
@@ -291,6 +383,9 @@ def result_table(result: dict):
     table.add_column("value", justify="right")
     for key, value in result["metrics"].items():
         table.add_row(key, f"{100 * value:.2f}%")
+    if "binding" in result:
+        chance = result["binding"]["chance"]
+        table.add_row("chance: binding_acc / per kind", f"{100 * chance['binding_acc']:.2f}% / 50.00%")
     if "linear_probe" in result:
         probe = result["linear_probe"]
         table.add_row("C (chosen on validation)", f"{probe['C']:.4g}")

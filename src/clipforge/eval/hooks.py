@@ -11,23 +11,19 @@ from typing import Callable
 import torch
 
 from clipforge.config import Recipe
+from clipforge.eval.embedding import embed_batches
 from clipforge.eval.retrieval import streaming_topk
 from clipforge.eval.templates import TEMPLATE_SETS
 from clipforge.eval.zeroshot import classification_metrics, zero_shot_classifier
 
 
-@torch.no_grad()
 def embed_split(model, tokenizer, dataset, batch_size: int):
-    """Image embeddings, caption embeddings and labels of a finite eval split."""
-    from clipforge.data.loader import eval_batches
+    """Image embeddings, caption embeddings and labels of a finite eval split (on the model's device)."""
+    from clipforge.data.loader import make_batch
 
-    device = next(model.parameters()).device
-    images, texts, labels = [], [], []
-    for batch in eval_batches(dataset, batch_size, tokenizer):
-        images.append(model.encode_image(batch["images"].to(device)).float())
-        texts.append(model.encode_text(batch["input_ids"].to(device), batch["attention_mask"].to(device)).float())
-        labels.append(batch["labels"])
-    return torch.cat(images), torch.cat(texts), torch.cat(labels).to(device)
+    rows = embed_batches(model, lambda idx: make_batch(dataset, idx, tokenizer), len(dataset), batch_size,
+                         keep=("labels",))
+    return rows["images"], rows["texts"], rows["labels"]
 
 
 def class_retrieval_metrics(img: torch.Tensor, txt: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict:

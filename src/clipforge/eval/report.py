@@ -117,10 +117,10 @@ def retrieval_examples(model, tokenizer, recipe, queries_per_split: int = 4, k: 
     """Text -> image search over the seen+unseen eval images for a few class prompts."""
     from clipforge.data.loader import build_eval_set
     from clipforge.data.synthetic import class_names
+    from clipforge.eval.embedding import embed_captions, embed_images
     from clipforge.eval.zeroshot import fill_template
 
     names = class_names()
-    device = next(model.parameters()).device
     images, labels = [], []
     for split in ("seen", "unseen"):
         ds = build_eval_set(recipe.data, recipe.model.image_size, split)
@@ -128,15 +128,14 @@ def retrieval_examples(model, tokenizer, recipe, queries_per_split: int = 4, k: 
         images.append(batch_images)
         labels.append(batch_labels)
     images, labels = torch.cat(images), torch.cat(labels)
-    img_emb = torch.cat([model.encode_image(images[i:i + 256].to(device)) for i in range(0, len(images), 256)])
+    img_emb = embed_images(model, images, batch_size=256)
     rows = []
     for split in ("unseen", "seen"):
         ds = build_eval_set(recipe.data, recipe.model.image_size, split)
         classes = sorted(ds.classes)
         for label in classes[:: max(1, len(classes) // queries_per_split)][:queries_per_split]:
             query = fill_template("a {}", names[label])
-            ids, mask = tokenizer([query])
-            scores = (img_emb @ model.encode_text(ids.to(device), mask.to(device)).T).squeeze(1)
+            scores = (img_emb @ embed_captions(model, tokenizer, [query]).T).squeeze(1)
             top = scores.topk(k).indices.cpu()
             rows.append({
                 "query": query,

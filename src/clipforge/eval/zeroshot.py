@@ -13,6 +13,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from clipforge.eval.embedding import embed_captions
+
 
 def fill_template(template: str, classname: str) -> str:
     """``template.format(classname)``, turning "a {}" into "an {}" before a vowel ("an orange star")."""
@@ -26,13 +28,9 @@ def zero_shot_classifier(
     model, tokenizer, classnames: Sequence[str], templates: Sequence[str], batch_size: int = 256
 ) -> torch.Tensor:
     """(num_classes, embed_dim) matrix of unit-norm class embeddings."""
-    device = next(model.parameters()).device
     prompts = [fill_template(t, c) for c in classnames for t in templates]
-    embeds = []
-    for start in range(0, len(prompts), batch_size):
-        ids, mask = tokenizer(prompts[start : start + batch_size])
-        embeds.append(model.encode_text(ids.to(device), mask.to(device)).float())
-    per_prompt = F.normalize(torch.cat(embeds), dim=-1).view(len(classnames), len(templates), -1)
+    embeds = embed_captions(model, tokenizer, prompts, batch_size=batch_size)
+    per_prompt = F.normalize(embeds, dim=-1).view(len(classnames), len(templates), -1)
     return F.normalize(per_prompt.mean(dim=1), dim=-1)
 
 

@@ -126,37 +126,21 @@ def _save_shard(out: Path, kind: str, i: int, embeds: np.ndarray, rows: dict[str
 
 
 # ----------------------------------------------------------------------------- embedding
-@torch.no_grad()
 def _embed_image_shard(model, paths: list[str], preprocess, image_size: int, batch_size: int, workers: int,
                        advance: Callable[[int], None]) -> tuple[np.ndarray, list[bool], list[tuple[str, str]]]:
-    from torch.utils.data import DataLoader
+    from clipforge.eval.datasets import DecodedImages
+    from clipforge.eval.embedding import embed_images
 
-    from clipforge.eval.datasets import ImageFileDataset
-
-    device = next(model.parameters()).device
-    loader = DataLoader(ImageFileDataset([Path(p) for p in paths], preprocess, image_size),
-                        batch_size=batch_size, num_workers=workers)
-    chunks, oks, bad = [], [], []
-    for images, ok, reasons in loader:
-        start = len(oks)
-        bad += [(paths[start + j], reasons[j]) for j in (~ok).nonzero().flatten().tolist()]
-        if ok.any():
-            chunks.append(model.encode_image(images[ok].to(device)).float().cpu().numpy())
-        oks += ok.tolist()
-        advance(len(ok))
-    dim = model.cfg.embed_dim
-    return (np.concatenate(chunks) if chunks else np.zeros((0, dim), np.float32)), oks, bad
+    decoded = DecodedImages([Path(p) for p in paths], preprocess, image_size, batch_size=batch_size,
+                            workers=workers, advance=advance)
+    embeds = embed_images(model, decoded, out_device="cpu")
+    return embeds.numpy(), decoded.ok.tolist(), decoded.bad
 
 
-@torch.no_grad()
 def _embed_text_shard(model, tokenizer, texts: list[str], batch_size: int, advance) -> np.ndarray:
-    device = next(model.parameters()).device
-    chunks = []
-    for start in range(0, len(texts), batch_size):
-        ids, mask = tokenizer(texts[start : start + batch_size])
-        chunks.append(model.encode_text(ids.to(device), mask.to(device)).float().cpu().numpy())
-        advance(len(ids))
-    return np.concatenate(chunks)
+    from clipforge.eval.embedding import embed_captions
+
+    return embed_captions(model, tokenizer, texts, batch_size=batch_size, out_device="cpu", advance=advance).numpy()
 
 
 def embed_dataset(

@@ -231,14 +231,18 @@ def shard_model(model: torch.nn.Module) -> torch.nn.Module:
     """
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
-    for tower in (model.visual, model.text):
+    clip = getattr(model, "model", model)  # a training step holds the CLIP model as .model
+    for tower in (clip.visual, clip.text):
         for block in getattr(tower, "blocks", []):
             fully_shard(block)
     # FSDP2 cannot shard 0-d parameters; the logit scale and bias stay replicated and
     # ``average_replicated_grads`` averages their gradients after backward, as DDP would
-    fully_shard(model, ignored_params=set(replicated_params(model)))
+    ignored = set(replicated_params(model))
+    if clip is not model:
+        fully_shard(clip, ignored_params=ignored)  # its own unit: evaluation calls clip.encode_* directly
+    fully_shard(model, ignored_params=ignored)
     for name in ("encode_image", "encode_text"):
-        register_fsdp_forward_method(model, name)
+        register_fsdp_forward_method(clip, name)
     return model
 
 
@@ -307,14 +311,15 @@ def shard_of(n_items: int, batch_size: int, ctx: DistContext) -> tuple[list[rang
     single-process one (same batch content and shape); every rank runs the same number of
     forward passes (padding with a repeat) because FSDP needs all ranks in every forward.
     """
-    batches = [range(s, min(s + batch_size, n_items)) for s in range(0, n_items, batch_size)]
-    mine = batches[ctx.rank::ctx.world_size]
-    rounds = -(-len(batches) // ctx.world_size)
-    return mine, rounds
+    from clipforge.eval.embedding import chunk_ranges, num_rounds
+
+    return chunk_ranges(n_items, batch_size, ctx.rank, ctx.world_size), num_rounds(n_items, batch_size, ctx.world_size)
 
 
 def gather_rows_in_order(local: torch.Tensor, local_index: torch.Tensor, n_items: int, ctx: DistContext) -> torch.Tensor:
     """Rows embedded by all ranks (``local_index`` = their positions) -> one tensor in item order."""
+    from clipforge.eval.embedding import put_in_order
+
     if not ctx.enabled:
         return local
     rows = torch.tensor([local.shape[0]], device=local.device)
@@ -328,40 +333,18 @@ def gather_rows_in_order(local: torch.Tensor, local_index: torch.Tensor, n_items
     every_index = [torch.empty_like(padded_index) for _ in range(ctx.world_size)]
     dist.all_gather(every, padded.contiguous())
     dist.all_gather(every_index, padded_index.contiguous())
-    out = local.new_empty(n_items, *local.shape[1:])
-    for part, index in zip(every, every_index):
-        keep = index >= 0
-        out[index[keep]] = part[keep]
-    return out
+    return put_in_order(every, every_index, n_items)
 
 
-@torch.no_grad()
 def embed_split_sharded(model, tokenizer, dataset, batch_size: int, ctx: DistContext):
     """Like ``clipforge.eval.hooks.embed_split``, with the batches split between ranks and gathered."""
     from clipforge.data.loader import make_batch
+    from clipforge.eval.embedding import embed_batches
 
-    device = next(model.parameters()).device
-    mine, rounds = shard_of(len(dataset), batch_size, ctx)
-    images, texts, labels, index = [], [], [], []
-    for i in range(rounds):
-        idx = mine[i] if i < len(mine) else mine[-1] if mine else range(0, 1)  # padding round: result dropped
-        batch = make_batch(dataset, list(idx), tokenizer)
-        img = model.encode_image(batch["images"].to(device)).float()
-        txt = model.encode_text(batch["input_ids"].to(device), batch["attention_mask"].to(device)).float()
-        if i < len(mine):
-            images.append(img)
-            texts.append(txt)
-            labels.append(batch["labels"].to(device))
-            index.append(torch.tensor(list(idx), device=device))
-    dim = model.cfg.embed_dim if hasattr(model, "cfg") else 0
-    cat = lambda xs, empty: torch.cat(xs) if xs else empty  # noqa: E731 - a rank may hold no batch
-    images = cat(images, torch.zeros(0, dim, device=device))
-    texts = cat(texts, torch.zeros(0, dim, device=device))
-    labels = cat(labels, torch.zeros(0, dtype=torch.long, device=device))
-    index = cat(index, torch.zeros(0, dtype=torch.long, device=device))
     n = len(dataset)
-    return (gather_rows_in_order(images, index, n, ctx), gather_rows_in_order(texts, index, n, ctx),
-            gather_rows_in_order(labels, index, n, ctx))
+    rows = embed_batches(model, lambda idx: make_batch(dataset, idx, tokenizer), n, batch_size, keep=("labels",),
+                         rank=ctx.rank, world_size=ctx.world_size)
+    return tuple(gather_rows_in_order(rows[key], rows["index"], n, ctx) for key in ("images", "texts", "labels"))
 
 
 def sharded_shapes_eval(recipe) -> Callable:
