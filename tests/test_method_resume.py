@@ -4,7 +4,6 @@ to the uninterrupted run (CPU, fp32, one thread)."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -13,6 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from test_distributed import last_logged_step, read_losses
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,21 +57,6 @@ simclr_out = 16
 byol_hidden = 32
 byol_out = 16
 """
-
-
-def read_losses(run_dir: Path) -> dict[int, float]:
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if "loss" in record:
-            out[record["step"]] = record["loss"]
-    return out
-
-
-def last_logged_step(run_dir: Path) -> int:
-    path = run_dir / "metrics.jsonl"
-    lines = path.read_text().splitlines() if path.exists() else []
-    return json.loads(lines[-1])["step"] if lines else 0
 
 
 def train(args: list[str]) -> subprocess.CompletedProcess:

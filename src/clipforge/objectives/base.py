@@ -131,8 +131,18 @@ class Objective(nn.Module):
             metrics[f"{key}/loss"] = float(loss.detach())
             metrics.update({f"{key}/{name}": value for name, value in term_metrics.items()})
         assert total is not None  # guaranteed by the weight check in __init__
+        total = total + self._zero_anchor()
         metrics["loss"] = float(total.detach())
         return total, metrics
+
+    def _zero_anchor(self) -> Tensor | float:
+        """0 x (the terms' own trainable parameters): every one of them is in every step's graph, with a
+        zero gradient when its term did not use it (weight 0, or a step where the term skips). DDP then
+        reduces the same parameters every step, and one process and N processes agree exactly."""
+        params = [p for term in self.terms for p in term.parameters() if p.requires_grad]
+        if not params or not torch.is_grad_enabled():
+            return 0.0
+        return 0.0 * sum(p.sum() for p in params)
 
 
 def build_term(cfg: Any) -> Term:
