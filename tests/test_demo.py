@@ -33,13 +33,13 @@ def test_demo_writes_eval_json_and_a_self_contained_report(tmp_path):
 
 @pytest.mark.parametrize("name", sorted(available_recipes()))
 def test_every_shipped_recipe_builds_and_takes_a_step(name):
-    from clipforge.models.clip import CLIP
-    from clipforge.objectives import build_objective
+    from clipforge.train.trainer import build_step
 
     r = load_recipe(name)
-    model = CLIP(r.model)
+    step = build_step(r, torch.device("cpu"), log=False).train()  # the trainer's own step module
     images = torch.randint(0, 256, (2, 3, r.model.image_size, r.model.image_size), dtype=torch.uint8)
     ids = torch.randint(4, 100, (2, r.model.context_length))
-    loss, _ = build_objective(r.objective)(model(images, ids), {})
+    batch = {"images": images, "input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    loss, _ = step.compute_loss(step(batch), batch)
     loss.backward()
-    assert torch.isfinite(loss) and model.logit_scale.grad is not None
+    assert torch.isfinite(loss) and step.model.logit_scale.grad is not None
