@@ -13,42 +13,16 @@ from pathlib import Path
 
 import pytest
 
-from test_distributed import last_logged_step, read_losses
+from test_distributed import E2E_RECIPE, last_logged_step, read_losses
 
 REPO = Path(__file__).resolve().parents[1]
 
-TINY = """
-base = "{base}"
-[model]
-image_size = 16
-patch_size = 4
-vision_width = 32
-vision_layers = 1
-vision_heads = 2
-text_width = 32
-text_layers = 1
-text_heads = 2
-embed_dim = 32
-context_length = 16
-[data]
-batch_size = 8
-num_workers = 0
-[data.tokenizer]
-corpus_size = 300
-[train]
-steps = {steps}
-checkpoint_every_steps = 4
-threads = 1
-dist_timeout_minutes = 0.5
-[schedule]
-warmup_steps = 3
-[eval]
-at_end = false
-[logging]
-tensorboard = false
-progress = false
-{extra}
-"""
+
+def tiny_recipe(base: str, steps: int, extra: str) -> str:
+    """The 2-process end-to-end recipe of test_distributed on another base (16 px, patch 4: a 4 x 4 grid)."""
+    return (E2E_RECIPE.replace('base = "tiny-shapes"', f'base = "{base}"').replace("patch_size = 8", "patch_size = 4")
+            .format(steps=steps) + extra)
+
 
 ACLIP_EXTRA = """
 [method]
@@ -82,7 +56,7 @@ def kill_at_step(args: list[str], run_dir: Path, step: int, timeout: float = 180
 
 def check_kill_and_resume(tmp_path: Path, base: str, extra: str, steps: int, kill_step: int, *launch: str) -> None:
     recipe = tmp_path / "r.toml"
-    recipe.write_text(TINY.format(base=base, steps=steps, extra=extra))
+    recipe.write_text(tiny_recipe(base, steps, extra))
     full, cut = tmp_path / "full", tmp_path / "cut"
     out = train([str(recipe), "--run-dir", str(full), *launch])
     assert out.returncode == 0, out.stderr[-3000:]
