@@ -180,6 +180,48 @@ def complete_checkpoints(checkpoints_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.name)
 
 
+def damaged_files(ckpt: Path) -> str | None:
+    """Why a complete-looking checkpoint cannot be read (a truncated or corrupt file), or None.
+
+    Reads every file once without deserialising anything: ``train_state.pt`` is a zip archive whose
+    members carry CRCs; safetensors files must hold their header's declared byte count.
+    """
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(ckpt / TRAIN_STATE) as archive:
+            bad = archive.testzip()
+        if bad is not None:
+            return f"{TRAIN_STATE}: member {bad} is corrupt"
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        return f"{TRAIN_STATE} is truncated or unreadable: {e}"
+    for name in (WEIGHTS, METHOD_WEIGHTS):
+        path = ckpt / name
+        if path.is_file() and (problem := _safetensors_problem(path)):
+            return f"{name}: {problem}"
+    return None
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """A safetensors file is an 8-byte header length, a JSON header, then the tensors' bytes."""
+    import struct
+
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return "truncated (no header)"
+        (header_len,) = struct.unpack("<Q", head)
+        if 8 + header_len > size:
+            return "truncated (header cut short)"
+        try:
+            header = json.loads(f.read(header_len))
+        except ValueError:
+            return "corrupt header"
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    return "truncated (tensor data cut short)" if 8 + header_len + end > size else None
+
+
 def find_resume_checkpoint(run_dir: Path, which: str) -> Path:
     """Resolve ``--resume latest`` (or a path) to a complete checkpoint directory.
 
@@ -199,6 +241,11 @@ def find_resume_checkpoint(run_dir: Path, which: str) -> Path:
         warnings.warn(f"ignoring half-written checkpoint {leftover} (a save was interrupted); removing it")
         shutil.rmtree(leftover, ignore_errors=True)
     complete = complete_checkpoints(ckpt_dir)
+    while complete and (damage := damaged_files(complete[-1])):
+        # a disk filled up or a copy cut the file short: fall back to the previous checkpoint, keep the damaged one
+        warnings.warn(f"ignoring damaged checkpoint {complete[-1].name} ({damage}); "
+                      f"falling back to {complete[-2].name if len(complete) > 1 else 'nothing'}")
+        complete = complete[:-1]
     if not complete:
         raise CheckpointError(
             f"--resume latest: no complete checkpoint in {ckpt_dir}. "
@@ -256,7 +303,23 @@ def load_method_state(step: torch.nn.Module, ckpt: Path) -> None:
 
 
 def load_train_state(ckpt: Path) -> dict[str, Any]:
-    return torch.load(Path(ckpt) / TRAIN_STATE, map_location="cpu", weights_only=True)
+    """The training state, read without executing any pickled code; a clear error when the file
+    holds something else than tensors and plain containers, or is damaged."""
+    import pickle
+
+    path = Path(ckpt) / TRAIN_STATE
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{path} holds objects that are not tensors or plain containers, so it was not loaded "
+            f"({str(e).splitlines()[0][:160]}). clipforge never writes such files: it may have been tampered "
+            "with. Do not load it with weights_only=False unless you trust where it came from; resume from "
+            "an earlier checkpoint with --resume <checkpoint dir>."
+        ) from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CheckpointError(f"{path} is damaged ({str(e).splitlines()[0][:160]}); resume from an earlier "
+                              "checkpoint with --resume <checkpoint dir>.") from None
 
 
 def model_config_from(config: dict[str, Any]) -> ModelConfig:
