@@ -564,11 +564,22 @@ def _caption_text(value, rng: random.Random | None) -> str | tuple[str]:
             return ("non_utf8_caption",)
     if not isinstance(value, str) or not value.strip():
         return ("missing_caption",)
+    if not is_valid_utf8(value):
+        return ("non_utf8_caption",)
     return " ".join(value.split())
 
 
 def _caption_choices(values: list) -> list[str]:
-    return [v for v in values if isinstance(v, str) and v.strip()]
+    return [v for v in values if isinstance(v, str) and v.strip() and is_valid_utf8(v)]
+
+
+def is_valid_utf8(text: str) -> bool:
+    """False for strings with lone surrogates (undecodable bytes, or JSON escapes like \\ud800)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def caption_texts(value, rng: random.Random | None, count: int) -> list[str] | tuple[str]:

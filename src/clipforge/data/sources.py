@@ -191,7 +191,9 @@ def read_table(spec: DataSpec) -> list[dict[str, Any]]:
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     rows = []
-    with open(path, encoding="utf-8") as f:
+    # invalid UTF-8 bytes in one row become lone surrogates instead of failing the whole file;
+    # the pipeline then skips that row's caption as "non_utf8_caption"
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -218,7 +220,7 @@ def caption_cell(value: Any) -> Any:
 
 
 def _read_csv(path: Path) -> list[dict[str, Any]]:
-    with open(path, encoding="utf-8", newline="") as f:
+    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:  # see _read_jsonl
         reader = csv.DictReader(f)
         # line numbers count the header as line 1
         return [{**row, "_line": lineno} for lineno, row in enumerate(reader, 2)]
