@@ -220,17 +220,11 @@ class AclipStep(TrainStep):
         byol = sum(byol_loss(p, target) for p in outputs["byol"]) / len(outputs["byol"])
         total = contrastive + self.cfg.simclr_weight * simclr + self.cfg.byol_weight * byol
         metrics.update({"contrastive/loss": float(contrastive.detach()), "simclr/loss": float(simclr.detach()),
-                        "byol/loss": float(byol.detach()), "loss": float(total.detach()),
-                        "ema/momentum": self._momentum})
+                        "byol/loss": float(byol.detach()), "loss": float(total.detach())})
         return total, metrics
-
-    @property
-    def _momentum(self) -> float:
-        return getattr(self, "_last_momentum", self.ema.momentum_start)
 
     @torch.no_grad()
     def after_optimizer_step(self, step: int) -> None:
         super().after_optimizer_step(step)  # clamps t, updates the EMA teacher, term state
         momentum = self.ema.momentum_at(step, self.total_steps)
         ema_update_(self.ema_projector, self.byol_projector, momentum)
-        self._last_momentum = momentum
