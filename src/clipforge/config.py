@@ -10,14 +10,18 @@ from __future__ import annotations
 import copy
 import difflib
 import math
+import re
 import sys
+import types
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import (
-    BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_serializer, field_validator, model_validator,
+    BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, ValidationInfo, field_serializer, field_validator,
+    model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -29,8 +33,85 @@ class RecipeError(ValueError):
     """A recipe that cannot be used; the message says what is wrong and what to do."""
 
 
+# Upper bounds for counts that are only ever typos or fuzz at these sizes (a recipe asking for more
+# would fail later, deep in torch, with an allocation error or a hang).
+MAX_LAYERS = 1000
+MAX_HEADS = 1024
+MAX_WORKERS = 1024  # data.num_workers and train.threads
+SEED_MAX = 2**32 - 1  # numpy's legacy RNG takes 0..2**32-1 (the trainer seeds with seed + rank mod 2**32)
+MAX_NESTING = 32  # tables/arrays inside each other; real recipes use about 5
+_INT64 = 2**63
+
+
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: a NaN or infinite lr, scale or probability is never meant, and it trains
+    # silently into NaN losses
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _plain_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        problem = _number_problem(cls.model_fields[info.field_name].annotation, value)
+        if problem:
+            raise PydanticCustomError("recipe_number", problem)
+        return value
+
+
+def _options(annotation: Any) -> tuple:
+    """The alternatives of ``A | B | None`` (or just the annotation)."""
+    return get_args(annotation) if get_origin(annotation) in (Union, types.UnionType) else (annotation,)
+
+
+def _number_problem(annotation: Any, value: Any) -> str | None:
+    """Why ``value`` is not a usable number for a field typed ``annotation``; None when it is (or when
+    the field takes no number).
+
+    pydantic's lax mode reads true/false as 1/0 (``data.batch_size = true`` trains on one sample), takes
+    integers of any size (they overflow later in torch) and, where the model allows it, NaN/inf.
+    """
+    options = _options(annotation)
+    if isinstance(value, (list, tuple)):  # tuple[float, float], list[int], ...: check each item
+        items = [a for o in options if get_origin(o) in (list, tuple) for a in get_args(o) if a is not Ellipsis]
+        for item_type in dict.fromkeys(items):
+            for item in value:
+                problem = _number_problem(item_type, item)
+                if problem:
+                    return problem
+        return None
+    if bool in options or not any(o in (int, float) for o in options):
+        return None
+    if isinstance(value, bool):
+        return "Input should be a number, not true/false"
+    number = value
+    if isinstance(value, str):  # pydantic also reads numbers from strings ("nan", "1e400", "10000...")
+        for parse in (int, float):
+            try:
+                number = parse(value.strip())
+                break
+            except ValueError:
+                number = None
+    if not isinstance(number, (int, float)):
+        return None  # not a number at all: pydantic says so
+    if float in options:
+        try:
+            finite = math.isfinite(float(number))
+        except OverflowError:  # an int beyond float range
+            finite = False
+        return None if finite else "Input should be a finite number"
+    # an int field: torch and numpy take at most 64 bits (inf and nan fail the comparison too)
+    return None if -_INT64 <= number < _INT64 else "Input should be an integer from -2**63 to 2**63-1"
+
+
+def _short_repr(value: Any, limit: int = 80) -> str:
+    """repr for error messages: a 10**400 or a 10,000-character string must not flood the terminal."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 256:
+        # repr() of an int over 4300 digits raises ValueError in Python >= 3.11
+        return f"an integer of about {int(value.bit_length() * math.log10(2)) + 1} digits"
+    try:
+        text = repr(value)
+    except (ValueError, RecursionError):
+        return f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # ----------------------------------------------------------------------------- model
@@ -68,8 +149,8 @@ class ModelConfig(Section):
     image_size: int = Field(64, ge=8)
     patch_size: int = Field(8, ge=1)
     vision_width: int = Field(192, ge=8)
-    vision_layers: int = Field(6, ge=1)
-    vision_heads: int = Field(3, ge=1)
+    vision_layers: int = Field(6, ge=1, le=MAX_LAYERS)
+    vision_heads: int = Field(3, ge=1, le=MAX_HEADS)
     vision_pool: Literal["cls", "mean"] = "cls"
     patch_dropout: float = Field(0.0, ge=0.0, lt=1.0)  # fraction of patches dropped in training (FLIP, A-CLIP)
     # which patches are dropped: "random" (FLIP) or "attentive" (A-CLIP: the patches the EMA teacher's
@@ -82,12 +163,13 @@ class ModelConfig(Section):
     vocab_size: int = Field(49408, ge=4)
     context_length: int = Field(32, ge=4)
     text_width: int = Field(128, ge=8)
-    text_layers: int = Field(4, ge=1)
-    text_heads: int = Field(2, ge=1)
+    text_layers: int = Field(4, ge=1, le=MAX_LAYERS)
+    text_heads: int = Field(2, ge=1, le=MAX_HEADS)
     # joint space
     embed_dim: int = Field(128, ge=2)
     logit_scale_init: float = math.log(1 / 0.07)  # ln of the initial logit scale t
-    logit_scale_max: float = 100.0  # t is clamped to <= this
+    # t is clamped to <= this; ln t is clamped to [0, ln logit_scale_max], so it must be >= 1
+    logit_scale_max: float = Field(100.0, ge=1.0)
     logit_bias_init: float | None = None  # SigLIP: -10; None = no bias parameter
     image_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
     image_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
@@ -96,6 +178,9 @@ class ModelConfig(Section):
 
     @model_validator(mode="after")
     def _check_shapes(self) -> "ModelConfig":
+        if not all(s > 0 for s in self.image_std):
+            raise ValueError(f"model.image_std must be > 0 for each channel (images are divided by it), "
+                             f"got {self.image_std}")
         if self.image_size % self.patch_size:
             raise ValueError(
                 f"model.image_size ({self.image_size}) must be a multiple of model.patch_size ({self.patch_size})"
@@ -116,7 +201,7 @@ class ShapesConfig(Section):
     """The built-in procedurally rendered dataset (see clipforge.data.synthetic)."""
 
     holdout_fraction: float = Field(0.2, ge=0.15, le=0.5)  # colour-shape pairs never seen in training
-    holdout_seed: int = 1234  # which pairs are held out; fixed so eval splits are stable
+    holdout_seed: int = Field(1234, ge=0, le=SEED_MAX)  # which pairs are held out; fixed so eval splits are stable
     two_objects_prob: float = Field(0.0, ge=0.0, le=1.0)  # chance of a second object with a relation
     textured_background_prob: float = Field(0.0, ge=0.0, le=1.0)
     eval_samples_per_class: int = Field(20, ge=1)
@@ -151,8 +236,8 @@ class DataConfig(Section):
     # "csv:pairs.csv", "imagefolder:DIR", and weighted mixtures "0.7*wds:... + 0.3*jsonl:..."
     train: str = "shapes"
     batch_size: int = Field(128, ge=1)
-    num_workers: int = Field(1, ge=0)
-    seed: int = 0
+    num_workers: int = Field(1, ge=0, le=MAX_WORKERS)
+    seed: int = Field(0, ge=0, le=SEED_MAX)
     mode: Literal["epoch", "resampled"] = "epoch"  # epoch: every sample once per epoch; resampled: shards with replacement
     samples_per_epoch: int | None = Field(None, ge=1)  # resampled: size of a virtual epoch [default: dataset size]
     shuffle_buffer: int = Field(2000, ge=1)  # samples shuffled together (undecoded) in each worker
@@ -173,6 +258,19 @@ class DataConfig(Section):
         sources = parse_train_spec(self.train)
         if "{}" not in self.caption_template:
             raise ValueError(f"data.caption_template must contain '{{}}' for the class name, got {self.caption_template!r}")
+        # the template is filled with str.format(class name); refuse now what would raise (or drop the
+        # name) then: "{c}", "{} {}", "{0.x}", a lone "{" or "}", "{{}}" (a literal {})
+        marker = "\x00classname\x00"
+        try:
+            filled = self.caption_template.format(marker)
+        except (ValueError, IndexError, KeyError, AttributeError, TypeError) as e:
+            raise ValueError(
+                f"data.caption_template {self.caption_template!r} cannot be filled with a class name "
+                f"({type(e).__name__}: {e}); use one '{{}}' for the name and '{{{{' / '}}}}' for literal braces"
+            ) from None
+        if marker not in filled:
+            raise ValueError(f"data.caption_template {self.caption_template!r} leaves out the class name; use one "
+                             "'{}' for the name and '{{' / '}}' for literal braces")
         if self.mode == "epoch" and any(s.weight_given for s in sources):
             raise ValueError(
                 "mixture weights in data.train need data.mode = \"resampled\" (in epoch mode every sample "
@@ -225,8 +323,15 @@ def _registered_config(item: Any, where: str, lookup) -> Any:
     if isinstance(item, BaseModel):
         return item
     if not isinstance(item, dict):
-        raise ValueError(f"'{where}' must be a table with a 'name' key, got {item!r}")
-    config_cls = lookup(str(item.get("name", "")))
+        raise ValueError(f"'{where}' must be a table with a 'name' key, got {_short_repr(item)}")
+    name = item.get("name", "")
+    config_cls = lookup(name if isinstance(name, str) else _short_repr(name))
+    # term configs are plain BaseModels (not Sections): refuse true/false, NaN and huge numbers here too
+    for key, value in item.items():
+        field = config_cls.model_fields.get(key)
+        problem = _number_problem(field.annotation, value) if field is not None else None
+        if problem:
+            raise ValueError(f"bad value for '{where}.{key}': {problem}, got {_short_repr(value)}")
     try:
         return config_cls.model_validate(item)
     except ValidationError as err:
@@ -298,6 +403,14 @@ class OptimConfig(Section):
     # per-pattern lr_scale / weight_decay / freeze (see clipforge.train.params); first match wins
     groups: list[ParamGroupConfig] = Field(default_factory=list)
 
+    @field_validator("betas")
+    @classmethod
+    def _check_betas(cls, value: tuple[float, float]) -> tuple[float, float]:
+        # AdamW's moment decay rates: 1 or more never forgets (or diverges), below 0 is meaningless
+        if not all(0.0 <= b < 1.0 for b in value):
+            raise ValueError(f"optim.betas must both be in [0, 1) (AdamW's moment decay rates), got {list(value)}")
+        return value
+
 
 class ScheduleConfig(Section):
     kind: Literal["cosine", "constant"] = "cosine"
@@ -313,8 +426,8 @@ class TrainConfig(Section):
     accum_mode: Literal["plain", "gradcache"] = "plain"
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA with bf16, else fp32
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    seed: int = 0
-    threads: int | None = Field(None, ge=1)  # torch intra-op threads; None = torch default
+    seed: int = Field(0, ge=0, le=SEED_MAX)  # rank r seeds with seed + r (numpy: modulo 2**32)
+    threads: int | None = Field(None, ge=1, le=MAX_WORKERS)  # torch intra-op threads; None = torch default
     max_minutes: float | None = Field(None, gt=0.0)  # wall-clock budget; stops early and checkpoints
     checkpoint_every_steps: int | None = Field(None, ge=1)
     checkpoint_every_minutes: float | None = Field(None, gt=0.0)
@@ -324,6 +437,9 @@ class TrainConfig(Section):
     dist_backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl on CUDA, gloo on CPU
     dist_timeout_minutes: float = Field(10.0, gt=0.0)  # a collective waiting longer fails the run
     fsdp: bool = False  # shard parameters, gradients and optimizer state (FSDP2 fully_shard)
+    # torch.compile the step's forward (model + loss): fuses norms, activations and bias adds; the
+    # first steps are slow while it compiles. Equal to eager within float tolerance (tested)
+    compile: bool = False
 
 
 class EvalConfig(Section):
@@ -359,6 +475,15 @@ class Recipe(Section):
     @classmethod
     def _validate_method(cls, value: Any) -> Any:
         return _registered_config(value, "method", _method_config_class)
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        # the name is the default run directory, runs/<name>: it must stay one directory inside runs/
+        if value in ("", ".", "..") or any(c in value for c in "/\\\x00"):
+            raise ValueError(f"name {value!r} must be a plain name (it is the run directory runs/<name>): "
+                             "not empty, '.' or '..', and without '/', '\\' or NUL")
+        return value
 
     @model_validator(mode="after")
     def _check_cross_section(self) -> "Recipe":
@@ -417,14 +542,24 @@ def available_recipes() -> dict[str, str]:
 
 def _read_recipe_file(name_or_path: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
     path = Path(name_or_path)
-    if name_or_path.endswith(".toml") or path.exists():
+    if "\x00" in name_or_path:  # the OS refuses such paths with a ValueError
+        raise RecipeError(f"recipe file not found: {name_or_path!r} (a name cannot contain NUL)")
+    try:
+        is_path = name_or_path.endswith(".toml") or path.exists()
+        is_shipped = not is_path and (resources.files(RECIPE_PACKAGE) / f"{name_or_path}.toml").is_file()
+    except OSError as e:  # e.g. a name longer than the OS allows
+        raise RecipeError(f"recipe file not found: {_short_repr(name_or_path)} ({e.strerror or e})") from None
+    if is_path:
         if not path.is_file():
             raise RecipeError(f"recipe file not found: {name_or_path}")
-        text = path.read_text()
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise RecipeError(f"cannot read recipe file {name_or_path}: {e.strerror or e}") from None
         source = str(path)
     else:
         entry = resources.files(RECIPE_PACKAGE) / f"{name_or_path}.toml"
-        if not entry.is_file():
+        if not is_shipped:
             names = list(available_recipes())
             close = difflib.get_close_matches(name_or_path, names, n=1)
             hint = f" Did you mean '{close[0]}'?" if close else ""
@@ -432,18 +567,67 @@ def _read_recipe_file(name_or_path: str, _seen: tuple[str, ...] = ()) -> dict[st
                 f"unknown recipe '{name_or_path}'.{hint} Available: {', '.join(names)}. "
                 "Or pass a path to a .toml file."
             )
-        text = entry.read_text()
+        data = entry.read_bytes()
         source = name_or_path
-    try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise RecipeError(f"recipe {source} is not valid TOML: {e}") from None
+    raw = _parse_toml(data, source)
+    _check_structure(raw, f"recipe {source}")
     base = raw.pop("base", None)
     if base is not None:
+        if not isinstance(base, str) or not base.strip():
+            raise RecipeError(f"recipe {source}: 'base' must be a shipped recipe name or a path to a .toml file "
+                              f"(a non-empty string), got {_short_repr(base)}")
         if base in _seen:
             raise RecipeError(f"recipe {source}: 'base' chain loops back to '{base}'")
         raw = deep_merge(_read_recipe_file(base, _seen + (source,)), raw)
     return raw
+
+
+def _parse_toml(data: bytes, source: str) -> dict[str, Any]:
+    """TOML bytes -> dict; every way a file can be unreadable becomes a RecipeError naming it."""
+    try:
+        text = data.decode("utf-8")  # TOML is UTF-8 by definition, whatever the locale says
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise RecipeError(f"recipe {source} is not UTF-8 text (TOML files must be): byte 0x{data[e.start]:02x} "
+                          f"on line {line} (offset {e.start}); re-save the file as UTF-8") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise RecipeError(f"recipe {source} is not valid TOML: {e}") from None
+    except RecursionError:  # tomllib recurses once per nested array / inline table
+        raise RecipeError(f"recipe {source} nests arrays or inline tables too deeply to read; recipes nest at "
+                          f"most {MAX_NESTING} levels") from None
+    except ValueError as e:  # an integer of more than 4300 digits (Python refuses to convert it)
+        raise RecipeError(f"recipe {source} is not valid TOML: {str(e).split(';')[0]}") from None
+
+
+def _check_structure(value: Any, where: str) -> None:
+    """Refuse tables/arrays nested deeper than MAX_NESTING before anything recurses over them
+    (deep_merge, deepcopy, pydantic), and text that is not UTF-8 (a --set argument's undecodable bytes
+    arrive as lone surrogates, which pass validation and fail when the run writes recipe.toml).
+    Walks with a stack, so the check itself cannot overflow."""
+    stack = [(value, 0, "")]
+    while stack:
+        node, depth, key = stack.pop()
+        if depth > MAX_NESTING:
+            raise RecipeError(f"{where}: tables or arrays nested more than {MAX_NESTING} levels deep "
+                              f"(at '{_short_repr(key, 60)[1:-1]}'); recipes need a few levels")
+        for text in (node, key):
+            if isinstance(text, str) and not _is_utf8(text):
+                raise RecipeError(f"{where}: '{_short_repr(key, 60)[1:-1]}' holds text that is not valid UTF-8: "
+                                  f"{_short_repr(text)}; pass UTF-8 text")
+        if isinstance(node, dict):
+            stack.extend((v, depth + 1, f"{key}.{k}" if key else str(k)) for k, v in node.items())
+        elif isinstance(node, (list, tuple)):
+            stack.extend((v, depth + 1, f"{key}.{i}" if key else str(i)) for i, v in enumerate(node))
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def deep_merge(base: dict, top: dict) -> dict:
@@ -463,14 +647,24 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, value = text.split("=", 1)
     key = key.strip()
     if not key:
-        raise RecipeError(f"--set '{text}': empty key")
+        raise RecipeError(f"--set '{_short_repr(text)[1:-1]}': empty key")
+    keys = key.split(".")
+    if len(keys) > MAX_NESTING:
+        raise RecipeError(f"--set {_short_repr(key, 60)[1:-1]}: {len(keys)} dotted parts; recipes nest at most "
+                          f"{MAX_NESTING} levels")
     try:
         parsed = tomllib.loads(f"v = {value.strip()}")["v"]
     except tomllib.TOMLDecodeError:
         parsed = value.strip()
+    except RecursionError:  # [[[[...]]]] thousands deep
+        raise RecipeError(f"--set {key}: the value nests arrays or tables too deeply; recipes nest at most "
+                          f"{MAX_NESTING} levels") from None
+    except ValueError as e:  # an integer of more than 4300 digits
+        raise RecipeError(f"--set {key}: {str(e).split(';')[0]}") from None
     if isinstance(parsed, str) and parsed.lower() in {"none", "null"}:
         parsed = None
-    return key.split("."), parsed
+    _check_structure(parsed, f"--set {key}")
+    return keys, parsed
 
 
 def apply_override(raw: dict, keys: list[str], value: Any) -> None:
@@ -478,13 +672,13 @@ def apply_override(raw: dict, keys: list[str], value: Any) -> None:
     for i, k in enumerate(keys[:-1]):
         where = ".".join(keys[: i + 1])
         if isinstance(node, list):
-            node = node[_list_index(node, k, where)]
-            continue
-        if k not in node:
-            node[k] = {}
-        if not isinstance(node[k], (dict, list)):
+            child = node[_list_index(node, k, where)]
+        else:
+            child = node.setdefault(k, {})
+        # checked for list items too: optim.betas.0.x must not index into a float
+        if not isinstance(child, (dict, list)):
             raise RecipeError(f"--set {'.'.join(keys)}: '{where}' is a value, not a section")
-        node = node[k]
+        node = child
     last = keys[-1]
     if isinstance(node, list):
         node[_list_index(node, last, ".".join(keys))] = value
@@ -509,8 +703,8 @@ def _valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     return keys
 
 
-def _format_validation_error(err: ValidationError) -> str:
-    return "invalid recipe:\n  " + _format_errors(err, Recipe)
+def _format_validation_error(err: ValidationError, source: str | None = None) -> str:
+    return f"invalid recipe{' ' + source if source else ''}:\n  " + _format_errors(err, Recipe)
 
 
 def _format_errors(err: ValidationError, schema: type[BaseModel], prefix: str = "") -> str:
@@ -531,9 +725,40 @@ def _format_errors(err: ValidationError, schema: type[BaseModel], prefix: str = 
             lines.append(str(e["msg"]).removeprefix("Value error, "))
         else:
             got = e.get("input")
-            got_text = f", got {got!r}" if not isinstance(got, dict) else ""
-            lines.append(f"bad value for '{loc}': {e['msg']}{got_text}")
+            got_text = f", got {_short_repr(got)}" if not isinstance(got, dict) else ""
+            allowed = _allowed_range(schema, e["loc"]) if e["type"] in _BOUND_ERRORS else ""
+            lines.append(f"bad value for '{loc}': {e['msg']}{allowed}{got_text}")
     return "\n  ".join(lines)
+
+
+_BOUND_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal"}
+
+
+def _allowed_range(schema: type[BaseModel], loc: tuple) -> str:
+    """' (allowed: 0 <= seed <= 4294967295)' for a field with bounds: pydantic names only the side that failed."""
+    field, name = None, ""
+    node: Any = schema
+    for part in loc:
+        if isinstance(part, int):
+            continue  # an item of a list/tuple field: its bounds are the field's
+        # the section class inside the annotation (Section, list[Section], Section | None)
+        models = [o for a in _options(node) for o in (a, *get_args(a))
+                  if isinstance(o, type) and issubclass(o, BaseModel)]
+        if not models or part not in models[0].model_fields:
+            return ""
+        field, name = models[0].model_fields[part], part
+        node = field.annotation
+    if field is None:
+        return ""
+    low = high = ""
+    for m in field.metadata:
+        for attr, text in (("ge", "{} <= "), ("gt", "{} < ")):
+            if getattr(m, attr, None) is not None:
+                low = text.format(getattr(m, attr))
+        for attr, text in (("le", " <= {}"), ("lt", " < {}")):
+            if getattr(m, attr, None) is not None:
+                high = text.format(getattr(m, attr))
+    return f" (allowed: {low}{name}{high})" if low or high else ""
 
 
 def import_plugins(modules: list[str]) -> None:
@@ -542,6 +767,12 @@ def import_plugins(modules: list[str]) -> None:
     import importlib.util
 
     for name in modules:
+        # importlib raises ValueError/TypeError (not ImportError) for "", ".x" or "a..b"
+        if not name.endswith(".py") and not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", name):
+            raise RecipeError(f"imports: {_short_repr(name)} is neither a module name (package.module) nor a "
+                              "path to a .py file")
+        if "\x00" in name:
+            raise RecipeError(f"imports: file not found: {name!r}")
         try:
             if name.endswith(".py"):
                 path = Path(name)
@@ -557,13 +788,16 @@ def import_plugins(modules: list[str]) -> None:
             raise RecipeError(f"imports: cannot import '{name}' ({e}); install it or put it on PYTHONPATH") from None
 
 
-def validate_recipe(raw: dict[str, Any]) -> Recipe:
+def validate_recipe(raw: dict[str, Any], source: str | None = None) -> Recipe:
+    """Validate a recipe dict; ``source`` (the file or recipe name) is named in the error."""
+    _check_structure(raw, f"recipe {source}" if source else "recipe")
     if isinstance(raw.get("imports"), list):
-        import_plugins([str(m) for m in raw["imports"]])
+        # non-strings are left for validation to report (str() of one could be anything)
+        import_plugins([m for m in raw["imports"] if isinstance(m, str)])
     try:
         return Recipe.model_validate(raw)
     except ValidationError as err:
-        raise RecipeError(_format_validation_error(err)) from None
+        raise RecipeError(_format_validation_error(err, source)) from None
 
 
 def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe:
@@ -573,7 +807,7 @@ def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe
     for text in overrides or []:
         keys, value = parse_override(text)
         apply_override(raw, keys, value)
-    return validate_recipe(raw)
+    return validate_recipe(raw, name_or_path)
 
 
 def recipe_to_toml(recipe: Recipe) -> str:
@@ -581,11 +815,15 @@ def recipe_to_toml(recipe: Recipe) -> str:
     return _dict_to_toml(recipe.model_dump(mode="json", exclude_none=True))
 
 
+_TOML_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\t": "\\t", "\r": "\\r"}
+
+
 def _toml_value(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        # control characters (a multi-line description) are not allowed raw in a TOML string
+        return '"' + "".join(_TOML_ESCAPES.get(c, f"\\u{ord(c):04x}" if c < " " or c == "\x7f" else c) for c in v) + '"'
     if isinstance(v, float):
         return repr(v) if math.isfinite(v) else ("inf" if v > 0 else "-inf" if v < 0 else "nan")
     if isinstance(v, (list, tuple)):
