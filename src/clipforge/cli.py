@@ -21,6 +21,7 @@ console = Console(stderr=True)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from clipforge.bench import BenchError
     from clipforge.config import RecipeError
     from clipforge.data.sources import DataError
     from clipforge.eval.evaluate import EvalError
@@ -34,7 +35,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     return (RecipeError, CheckpointError, TrainingError, FileNotFoundError, ConversionError, FileExistsError,
             EmbedError, SearchIndexError, ServerError, DataError, EvalError,
-            MissingDependencyError)
+            MissingDependencyError, BenchError)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -123,6 +124,34 @@ def _print_summary(summary: dict) -> None:
         table.add_row(split, *(f"{100 * summary[k]:.1f}%" if k in summary else "-" for k in keys))
     Console().print(table)
     console.print(f"report: {summary['report']}   metrics: {Path(summary['report']).parent / 'eval.json'}")
+
+
+@app.command()
+def bench(
+    recipe: str = typer.Argument(..., help="A shipped recipe name or a path to a .toml file."),
+    set_: list[str] = typer.Option([], "--set", help="Override a recipe value (repeatable)."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda [default: the recipe's train.device]."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="fp32 or bf16 [default: the recipe's]."),
+    compile_: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the model [default: the recipe's train.compile]."),
+    batch: Optional[int] = typer.Option(None, "--batch", min=1, help="Per-step batch (data.batch_size)."),
+    steps: int = typer.Option(5, "--steps", min=1, help="Optimiser steps per timed round."),
+    rounds: int = typer.Option(5, "--rounds", min=1, help="Timed rounds (per side, interleaved with --against)."),
+    warmup: int = typer.Option(3, "--warmup", min=0, help="Untimed steps per side first (compilation happens here)."),
+    against: Optional[str] = typer.Option(None, "--against", help="Also time the same model in: openclip."),
+    loader_batches: int = typer.Option(10, "--loader-batches", min=0, help="Batches to time the data loader alone (0: skip)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Also write the JSON here."),
+) -> None:
+    """Time the trainer's own step for a recipe: img/s, FLOPs, MFU, peak memory, loader img/s (JSON)."""
+    from clipforge.bench import format_table, run_bench
+
+    result = run_bench(recipe, set_, device=device, precision=precision, compile=compile_, batch=batch,
+                       steps=steps, rounds=rounds, warmup=warmup, against=against, loader_batches=loader_batches)
+    text = json.dumps(result, indent=1)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+    console.print(format_table(result), highlight=False)
+    typer.echo(text)
 
 
 @app.command()

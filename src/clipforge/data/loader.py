@@ -98,6 +98,24 @@ def make_batch(dataset: ShapesDataset, indices: list[int], tokenizer=None) -> di
     return batch
 
 
+def trim_text_padding(batch: dict, multiple: int = 8) -> dict:
+    """The batch with ``input_ids`` / ``attention_mask`` cut to its longest caption (rounded up to a
+    multiple of ``multiple``, for aligned kernels and few distinct shapes under torch.compile).
+
+    Captions are right-padded and the text tower is causal, so no real token ever sees the cut
+    columns and the pooled features are the same (``tests/test_perf_paths.py``). CIFAR captions
+    use 7 of 32 positions: the text tower then runs a quarter of the context.
+    """
+    mask = batch.get("attention_mask")
+    if mask is None or mask.dim() != 2:
+        return batch
+    longest = int(mask.sum(dim=1).max()) if mask.numel() else 0
+    keep = min(mask.shape[1], max(multiple, -(-longest // multiple) * multiple))
+    if keep == mask.shape[1]:
+        return batch
+    return {**batch, "input_ids": batch["input_ids"][:, :keep], "attention_mask": mask[:, :keep]}
+
+
 class _BatchDataset(Dataset):
     """Item k is the whole k-th batch of the stream (rendered and tokenized in the worker)."""
 

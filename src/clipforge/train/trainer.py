@@ -328,7 +328,6 @@ class Trainer:
         resume_from = self._prepare_run_dir()
         tokenizer, model, optimizer, loader, state = self._build(resume_from, device)
         plain = D.unwrap(model)  # the training step (model, objective, teachers, heads)
-        dtype = resolve_precision(r, device)
         if ctx.is_main:
             log = MetricsLog(self.run_dir, state["step"] if resume_from else None, r.logging.tensorboard)
         else:
@@ -367,11 +366,7 @@ class Trainer:
             D.barrier(ctx)  # nobody moves on (or exits) before the checkpoint is complete
             return where
 
-        def forward(batch):
-            return model(batch)  # the step's passes (through the DDP/FSDP wrapper)
-
-        def autocast():
-            return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+        runner = StepRunner(model, optimizer, r, device, ctx)
 
         progress = _progress_bar(r.logging.progress and ctx.is_main, total, state["step"])
         model.train()
@@ -380,21 +375,10 @@ class Trainer:
                 task = progress.add_task("train", total=total, completed=state["step"], info="")
                 while state["step"] < total:
                     step = state["step"]
-                    lr = lr_at(step, total, r.optim.lr, r.schedule)
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr * group.get("lr_scale", 1.0)
+                    lr = runner.set_lr(step)
                     t0 = time.perf_counter()
-                    micro_batches = [
-                        {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in next(loader).items()}
-                        for _ in range(r.train.accum_steps)
-                    ]
-                    if r.train.accum_mode == "gradcache":
-                        loss_sum, metrics = gradcache_accumulation(model, plain.compute_loss, micro_batches, forward,
-                                                                   autocast, device)
-                    else:
-                        loss_sum, metrics = plain_accumulation(model, plain.compute_loss, micro_batches, forward, autocast)
-                    D.average_replicated_grads(model, ctx, r.train.fsdp)
-                    grad_norm = _clip_and_measure(model, r.optim.grad_clip)
+                    micro_batches = [runner.to_device(next(loader)) for _ in range(r.train.accum_steps)]
+                    loss_sum, metrics, grad_norm = runner.forward_backward(micro_batches)
                     # one small all_reduce: the global loss and metrics, and whether any rank must stop
                     time_up = bool(r.train.max_minutes and time.monotonic() - start_time > 60 * r.train.max_minutes)
                     names = sorted(metrics)
@@ -409,7 +393,7 @@ class Trainer:
                     state["samples_seen"] += samples_per_step
                     state["step"] += 1
                     if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
-                        optimizer.zero_grad(set_to_none=True)
+                        runner.skip()
                         state["bad_steps"] += 1
                         warnings.warn(f"step {step}: non-finite loss or gradient ({loss_sum}); step skipped")
                         if state["bad_steps"] > r.train.max_bad_steps:
@@ -419,9 +403,7 @@ class Trainer:
                                 "check the data, or use train.precision=fp32."
                             )
                     else:
-                        optimizer.step()
-                        optimizer.zero_grad(set_to_none=True)
-                        plain.after_optimizer_step(state["step"])  # clamp t, EMA teachers, term state
+                        runner.apply(state["step"])
                     dt = time.perf_counter() - t0
                     done = state["step"]
                     last_metrics = {
@@ -489,6 +471,66 @@ class Trainer:
         return results
 
 
+
+class StepRunner:
+    """One optimiser step as ``train`` runs it; ``clipforge bench`` times this same object.
+
+    ``to_device`` trims the text padding and copies a batch to the device; ``forward_backward``
+    runs the micro-batches (plain or GradCache accumulation, autocast), averages replicated
+    gradients across ranks and clips; ``apply`` steps the optimiser and runs the step module's
+    after-step hook (logit-scale clamp, EMA teachers, term state); ``skip`` drops a bad step.
+    """
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, recipe: Recipe,
+                 device: torch.device, ctx: D.DistContext = D.SINGLE_PROCESS) -> None:
+        self.model, self.optimizer, self.recipe, self.device, self.ctx = model, optimizer, recipe, device, ctx
+        self.step_module = D.unwrap(model)  # the training step (model, objective, teachers, heads)
+        self.dtype = resolve_precision(recipe, device)
+        # pooled text features do not depend on padding after the longest caption (causal attention);
+        # terms that read per-token text features get the full context (their shapes must match across ranks)
+        self.trim_text = not any(k.endswith(("text_tokens", "text_token_embeds")) for k in self.step_module.needs)
+
+    def set_lr(self, step: int) -> float:
+        r = self.recipe
+        lr = lr_at(step, r.train.steps, r.optim.lr, r.schedule)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        return lr
+
+    def to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        from clipforge.data.loader import trim_text_padding
+
+        if self.trim_text:
+            batch = trim_text_padding(batch)
+        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def _forward(self, batch: dict[str, Any]):
+        return self.model(batch)  # the step's passes (through the DDP/FSDP wrapper)
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+
+    def forward_backward(self, micro_batches: list[dict[str, Any]]) -> tuple[float, dict[str, float], float]:
+        """(mean loss, last micro-batch's metrics, gradient norm before clipping); gradients left in place."""
+        r, model = self.recipe, self.model
+        if r.train.accum_mode == "gradcache":
+            loss_sum, metrics = gradcache_accumulation(model, self.step_module.compute_loss, micro_batches,
+                                                       self._forward, self._autocast, self.device)
+        else:
+            loss_sum, metrics = plain_accumulation(model, self.step_module.compute_loss, micro_batches,
+                                                   self._forward, self._autocast)
+        D.average_replicated_grads(model, self.ctx, r.train.fsdp)
+        return loss_sum, metrics, _clip_and_measure(model, r.optim.grad_clip)
+
+    def apply(self, done: int) -> None:
+        """Step the optimiser; ``done`` = optimiser steps done including this one."""
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step_module.after_optimizer_step(done)  # clamp t, EMA teachers, term state
+
+    def skip(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
 def build_step(recipe: Recipe, device: torch.device, resume_from: Path | None = None, log: bool = True):
     """The training step module of a recipe: model (+ warm start or resumed weights), objective,
     teachers and the method's heads, on ``device``. Call after seeding (the init is seeded)."""
@@ -508,6 +550,9 @@ def build_step(recipe: Recipe, device: torch.device, resume_from: Path | None = 
     step = method_class(recipe.method.name).from_recipe(recipe, model, objective, teachers).to(device)
     if resume_from is not None:
         ckpt.load_method_state(step, resume_from)
+    if recipe.train.compile:
+        # in place (state-dict keys unchanged), after the teachers copied the eager model
+        step.model.compile()
     return step
 
 

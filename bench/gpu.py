@@ -1,0 +1,111 @@
+"""The GPU benchmark, ready for the first GPU: ViT-B/32 and ViT-B/16 at 224 px, bf16 autocast,
+clipforge's trainer step against OpenCLIP on the same config in the same run, compile off/on,
+and FLIP with 50 % patch dropout. Each case runs ``clipforge bench`` in its own process (a
+failure or out-of-memory ends that case only) and its JSON is written as soon as it finishes.
+
+    bash bench/gpu.sh                       # on a GPU machine; JSON into $OUT (or bench-out/)
+    bash bench/gpu.sh --device cpu --tiny   # the same script on a CPU with tiny models (a smoke test)
+
+Prints one JSON object: a summary line per case, and the paths of the full per-case JSON files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# (case, recipe, extra --set overrides, compile, batches to try, largest first)
+CASES = [
+    ("vit-b32", "clip-vit-b32", [], False, [1024, 512]),
+    ("vit-b16", "clip-vit-b16", [], False, [512, 384, 256]),
+    ("vit-b16-flip50", "clip-vit-b16", ["model.patch_dropout=0.5"], False, [512, 384, 256]),
+    ("vit-b16-compile", "clip-vit-b16", [], True, [512, 384, 256]),
+]
+
+TINY = ["model.image_size=32", "model.patch_size=8", "model.vision_width=64", "model.vision_layers=2",
+        "model.vision_heads=2", "model.text_width=64", "model.text_layers=2", "model.text_heads=2",
+        "model.vocab_size=512", "data.tokenizer.vocab_size=512", "model.context_length=16", "model.embed_dim=32",
+        "data.num_workers=1"]
+
+
+def run_case(args, name: str, recipe: str, overrides: list[str], compile: bool, batch: int, out_dir: Path) -> dict:
+    out = out_dir / f"{name}.json"
+    cmd = [sys.executable, "-m", "clipforge", "bench", recipe, "--device", args.device, "--precision", args.precision,
+           "--batch", str(batch), "--steps", str(args.steps), "--rounds", str(args.rounds), "--warmup", str(args.warmup),
+           "--loader-batches", str(args.loader_batches), "--out", str(out),
+           "--compile" if compile else "--no-compile"]
+    if not args.no_openclip:
+        cmd += ["--against", "openclip"]
+    for o in overrides + (TINY if args.tiny else []):
+        cmd += ["--set", o]
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.case_timeout)
+    seconds = round(time.perf_counter() - started, 1)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout)[-1500:]
+        oom = "OutOfMemoryError" in tail or "out of memory" in tail
+        return {"case": name, "batch": batch, "ok": False, "oom": oom, "seconds": seconds, "error_tail": tail}
+    result = json.loads(out.read_text())
+    sides = result["sides"]
+    summary = {"case": name, "batch": batch, "ok": True, "seconds": seconds, "json": str(out),
+               "device": result["device"], "peak_memory_gb": result["peak_memory_gb"]}
+    for side, v in sides.items():
+        summary[side] = {"img_per_s": v["img_per_s"]["median"], "spread_pct": v["img_per_s"]["spread_pct"],
+                         "mfu": v["mfu"], "gflops_per_sample": v["gflops_per_sample"], "warmup_s": v["warmup_s"]}
+    if "ratio_ours_over_openclip" in result:
+        summary["ratio_ours_over_openclip"] = result["ratio_ours_over_openclip"]
+    if "loader" in result:
+        summary["loader_img_per_s"] = result["loader"]["img_per_s"]
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--precision", default="bf16")
+    parser.add_argument("--tiny", action="store_true", help="tiny models and batches (CPU smoke test)")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--loader-batches", type=int, default=4)
+    parser.add_argument("--case-timeout", type=float, default=240.0)
+    parser.add_argument("--cases", default=",".join(c[0] for c in CASES))
+    parser.add_argument("--no-openclip", action="store_true")
+    parser.add_argument("--out", default=os.environ.get("OUT") or "bench-out")
+    args = parser.parse_args()
+    if args.tiny:
+        args.steps, args.rounds, args.warmup, args.loader_batches = 1, 2, 1, 1
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    wanted = args.cases.split(",")
+    summaries = []
+    for name, recipe, overrides, compile, batches in CASES:
+        if name not in wanted:
+            continue
+        for batch in ([8] if args.tiny else batches):  # the largest batch that fits
+            try:
+                summary = run_case(args, name, recipe, overrides, compile, batch, out_dir)
+            except subprocess.TimeoutExpired:
+                summary = {"case": name, "batch": batch, "ok": False, "oom": False,
+                           "error_tail": f"timed out after {args.case_timeout} s"}
+            summaries.append(summary)
+            print(json.dumps(summary), flush=True)  # partial results survive a later failure
+            (out_dir / "summary.json").write_text(json.dumps(summaries, indent=1))
+            if not summary.get("oom"):
+                break
+    flip = next((s for s in summaries if s["case"] == "vit-b16-flip50" and s["ok"]), None)
+    base = next((s for s in summaries if s["case"] == "vit-b16" and s["ok"]), None)
+    final = {"bench": "gpu", "cases": summaries}
+    if flip and base and flip["batch"] == base["batch"]:
+        final["flip50_speedup"] = round(flip["clipforge"]["img_per_s"] / base["clipforge"]["img_per_s"], 3)
+    (out_dir / "summary.json").write_text(json.dumps(final, indent=1))
+    print(json.dumps(final))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""``clipforge bench``: the result's shape and keys, and the FLOP count against a hand count.
+
+Numbers of speed are never asserted (tests do not time); counts are.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from clipforge.bench import clipforge_side, load_bench_recipe, run_bench
+from clipforge.data.loader import trim_text_padding
+
+TINY = ["model.image_size=16", "model.patch_size=8", "model.vision_width=32", "model.vision_layers=2",
+        "model.vision_heads=2", "model.text_width=32", "model.text_layers=2", "model.text_heads=2",
+        "model.embed_dim=16", "model.context_length=32", "data.batch_size=8", "data.num_workers=0"]
+
+
+def hand_count_train_flops(m, n: int, text_len: int) -> int:
+    """Training FLOPs of one step of the plain CLIP model by hand, with FlopCounterMode's conventions:
+    a matmul is 2mnk; a linear layer costs 3x its forward in training (forward, input grad, weight
+    grad); the patch convolution 2x (images need no gradient); attention 2 bmm forward and 5 in
+    backward (scores recomputed), counted over the full square also when causal."""
+
+    def tower(tokens: int, width: int, layers: int) -> int:
+        hidden = int(width * m.mlp_ratio)
+        linear = 2 * n * tokens * (3 * width * width + width * width + 2 * width * hidden)
+        attention = (4 + 10) * n * tokens * tokens * width
+        return layers * (3 * linear + attention)
+
+    patches = (m.image_size // m.patch_size) ** 2
+    vision = tower(patches + 1, m.vision_width, m.vision_layers)
+    patch_embed = 2 * (2 * n * patches * 3 * m.patch_size**2 * m.vision_width)
+    text = tower(text_len, m.text_width, m.text_layers)
+    projections = 3 * 2 * n * (m.vision_width + m.text_width) * m.embed_dim
+    logits = 3 * 2 * n * n * m.embed_dim  # one N x N matmul; both operands need gradients
+    return vision + patch_embed + text + projections + logits
+
+
+def test_flop_count_matches_a_hand_count():
+    recipe = load_bench_recipe("tiny-shapes", TINY, device="cpu", precision="fp32", compile=False, batch=None)
+    side, host_batch = clipforge_side(recipe, torch.device("cpu"))
+    text_len = trim_text_padding(host_batch)["input_ids"].shape[1]
+    assert text_len < recipe.model.context_length  # the padding was trimmed
+    assert side.flops_per_step == hand_count_train_flops(recipe.model, 8, text_len)
+
+
+def test_bench_result_shape_and_keys():
+    result = run_bench("tiny-shapes", TINY, device="cpu", precision="fp32", steps=1, rounds=2, warmup=1,
+                       against="openclip", loader_batches=2)
+    for key in ("recipe", "device", "precision", "global_batch", "peak_tflops", "peak_source", "sides",
+                "peak_memory_gb", "ratio_ours_over_openclip", "ratio_per_round", "loader"):
+        assert key in result, key
+    assert result["global_batch"] == 8 and result["precision"] == "fp32"
+    assert set(result["sides"]) == {"clipforge", "openclip 3.3.0"}
+    ours = result["sides"]["clipforge"]
+    assert len(ours["img_per_s"]["rounds"]) == 2 and ours["img_per_s"]["median"] > 0
+    assert ours["gflops_per_sample"] > 0 and 0 < ours["mfu"]
+    assert ours["params"] == result["sides"]["openclip 3.3.0"]["params"]  # the same architecture
+    assert result["peak_tflops"] > 0 and result["peak_source"].startswith("measured")
+    assert result["loader"]["img_per_s"] > 0
+    json.dumps(result)  # JSON-ready
+
+
+def test_against_openclip_refuses_what_openclip_cannot_run():
+    from clipforge.bench import BenchError
+
+    with pytest.raises(BenchError, match="plain CLIP / SigLIP"):
+        run_bench("filip-shapes", TINY, device="cpu", steps=1, rounds=1, warmup=0, against="openclip",
+                  loader_batches=0)
+
+
+def test_cli_bench_prints_json(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "clipforge", "bench", "tiny-shapes", "--device", "cpu", "--steps", "1", "--rounds", "1",
+         "--warmup", "0", "--loader-batches", "0", "--out", str(out), *[a for s in TINY for a in ("--set", s)]],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    printed = json.loads(proc.stdout)
+    assert printed == json.loads(out.read_text())
+    assert "img/s" in proc.stderr  # the human table goes to stderr, the JSON to stdout

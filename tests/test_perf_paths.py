@@ -1,0 +1,105 @@
+"""Speed paths give the plain path's numbers: the text tower on the batch's longest caption only,
+and ``train.compile`` (torch.compile of the model)."""
+
+from __future__ import annotations
+
+import torch
+
+from clipforge.config import load_recipe
+from clipforge.data.loader import trim_text_padding
+from clipforge.models.clip import CLIP
+from clipforge.train.trainer import StepRunner, build_optimizer, build_step, seed_everything
+
+SMALL = ["model.image_size=16", "model.patch_size=8", "model.vision_width=32", "model.vision_layers=1",
+         "model.vision_heads=2", "model.text_width=32", "model.text_layers=2", "model.text_heads=2",
+         "model.embed_dim=16", "model.context_length=32", "data.batch_size=8", "data.num_workers=0"]
+
+
+def _batch(recipe, n: int = 8) -> dict:
+    from clipforge.bench import first_batch
+    from clipforge.models.tokenizer import train_tokenizer_for
+
+    return first_batch(recipe, train_tokenizer_for(recipe.data, recipe.model.context_length))
+
+
+def test_trim_cuts_to_the_longest_caption_rounded_up():
+    mask = torch.zeros(3, 32, dtype=torch.long)
+    mask[0, :5], mask[1, :11], mask[2, :3] = 1, 1, 1
+    batch = {"input_ids": torch.arange(96).view(3, 32) * mask, "attention_mask": mask, "captions": ["a", "b", "c"]}
+    out = trim_text_padding(batch)
+    assert out["input_ids"].shape == (3, 16) and out["attention_mask"].shape == (3, 16)
+    assert torch.equal(out["input_ids"], batch["input_ids"][:, :16])
+    assert out["attention_mask"].sum() == mask.sum()  # no real token is cut
+    assert trim_text_padding({**batch, "attention_mask": torch.ones(3, 32, dtype=torch.long)})["input_ids"].shape[1] == 32
+
+
+def test_trimmed_text_gives_the_same_embeddings():
+    recipe = load_recipe("tiny-shapes", SMALL)
+    torch.manual_seed(0)
+    model = CLIP(recipe.model).eval()
+    batch = _batch(recipe)
+    trimmed = trim_text_padding(batch)
+    assert trimmed["input_ids"].shape[1] < batch["input_ids"].shape[1]
+    with torch.no_grad():
+        full = model(None, batch["input_ids"], batch["attention_mask"])["text_embeds"]
+        short = model(None, trimmed["input_ids"], trimmed["attention_mask"])["text_embeds"]
+    # the same maths on fewer rows: equal up to the GEMM's blocking (bitwise on this CPU in practice)
+    torch.testing.assert_close(short, full, rtol=0, atol=1e-6)
+
+
+def _losses(recipe, trim: bool, steps: int = 3) -> list[float]:
+    seed_everything(recipe.train.seed)
+    step_module = build_step(recipe, torch.device("cpu"), log=False).train()
+    runner = StepRunner(step_module, build_optimizer(step_module, recipe), recipe, torch.device("cpu"))
+    runner.trim_text = trim
+    batch = _batch(recipe)
+    losses = []
+    for done in range(1, steps + 1):
+        runner.set_lr(done - 1)
+        loss, _, _ = runner.forward_backward([runner.to_device(batch)])
+        runner.apply(done)
+        losses.append(loss)
+    return losses
+
+
+def test_training_with_trimmed_text_follows_the_full_context_run():
+    recipe = load_recipe("tiny-shapes", SMALL)
+    full, trimmed = _losses(recipe, trim=False), _losses(recipe, trim=True)
+    assert trimmed == [__import__("pytest").approx(v, rel=1e-5, abs=1e-6) for v in full]
+
+
+def test_terms_reading_text_tokens_get_the_full_context():
+    recipe = load_recipe("filip-shapes", SMALL)
+    step_module = build_step(recipe, torch.device("cpu"), log=False)
+    runner = StepRunner(step_module, build_optimizer(step_module, recipe), recipe, torch.device("cpu"))
+    assert not runner.trim_text  # FILIP gathers per-token text features across ranks: shapes must agree
+
+
+def test_compiled_model_matches_eager():
+    recipe = load_recipe("tiny-shapes", SMALL)
+    batch = trim_text_padding(_batch(recipe))
+    results = []
+    for compiled in (False, True):
+        seed_everything(0)
+        model = CLIP(recipe.model).train()
+        if compiled:
+            model.compile()
+        out = model(batch["images"], batch["input_ids"], batch["attention_mask"])
+        loss = (out["image_embeds"] @ out["text_embeds"].T * out["logit_scale"]).logsumexp(1).mean()
+        loss.backward()
+        grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+        results.append((loss.detach(), out["image_embeds"].detach(), grads))
+    (eager_loss, eager_emb, eager_grads), (comp_loss, comp_emb, comp_grads) = results
+    # inductor fuses and reorders float ops: equal within float32 rounding, not bitwise
+    torch.testing.assert_close(comp_loss, eager_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(comp_emb, eager_emb, rtol=1e-4, atol=1e-5)
+    assert comp_grads.keys() == eager_grads.keys()
+    for name in eager_grads:
+        torch.testing.assert_close(comp_grads[name], eager_grads[name], rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_train_compile_option_reaches_the_model():
+    recipe = load_recipe("tiny-shapes", [*SMALL, "train.compile=true"])
+    step_module = build_step(recipe, torch.device("cpu"), log=False)
+    assert step_module.model._compiled_call_impl is not None  # nn.Module.compile(): keys unchanged
+    assert all(not k.startswith("_orig_mod") for k in step_module.model.state_dict())
