@@ -186,11 +186,10 @@ def first_batch(recipe: Recipe, tokenizer) -> dict[str, Any]:
     return next(loader)
 
 
-def clipforge_side(recipe: Recipe, device: torch.device) -> tuple[Side, Any]:
-    """The trainer's step for ``recipe`` on ``device`` (single process)."""
+def clipforge_side(recipe: Recipe, device: torch.device, count: bool = True) -> tuple[Side, Any]:
+    """The trainer's step for ``recipe`` on ``device`` (single process); ``count``: count its FLOPs."""
     from clipforge.models.tokenizer import train_tokenizer_for
-    from clipforge.train.params import freeze_parameters
-    from clipforge.train.trainer import StepRunner, build_optimizer, build_step, seed_everything
+    from clipforge.train.trainer import StepRunner, seed_everything
 
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
@@ -201,12 +200,14 @@ def clipforge_side(recipe: Recipe, device: torch.device) -> tuple[Side, Any]:
         host_batch = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in host_batch.items()}
     micro = recipe.train.accum_steps
 
-    # FLOPs of one training pass, counted on an eager copy (FlopCounterMode does not see into compiled graphs)
-    eager = recipe.model_copy(update={"train": recipe.train.model_copy(update={"compile": False})})
-    counting = StepRunner(*_step_and_optimizer(eager, device), eager, device)
-    flops = count_flops(lambda: counting.forward_backward([counting.to_device(host_batch)] * micro))
-    del counting
-    seed_everything(recipe.train.seed)
+    flops = 0.0
+    if count:
+        # one training pass counted on an eager copy (FlopCounterMode does not see into compiled graphs)
+        eager = recipe.model_copy(update={"train": recipe.train.model_copy(update={"compile": False})})
+        counting = StepRunner(*_step_and_optimizer(eager, device), eager, device)
+        flops = count_flops(lambda: counting.forward_backward([counting.to_device(host_batch)] * micro))
+        del counting
+        seed_everything(recipe.train.seed)
     step_module, optimizer = _step_and_optimizer(recipe, device)
     runner = StepRunner(step_module, optimizer, recipe, device)
     done = [0]
@@ -305,6 +306,62 @@ def openclip_side(recipe: Recipe, device: torch.device, host_batch: dict[str, An
     return Side(f"openclip {open_clip.__version__}", step, images_host.shape[0], flops, params)
 
 
+# ----------------------------------------------------------------------------- where the time goes
+# profiler op name -> category; the first matching rule wins (ancestors are checked first for
+# "optimizer" and "embedding backward", so their elementwise ops are not counted as model ops)
+CATEGORY_RULES = [
+    ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul")),
+    ("attention (SDPA)", ("aten::_scaled_dot_product", "aten::_flash_attention")),
+    ("softmax / loss", ("aten::_softmax", "aten::_log_softmax", "aten::nll_loss", "aten::cross_entropy")),
+    ("layernorm", ("aten::native_layer_norm",)),
+    ("gelu", ("aten::gelu",)),
+    ("patch-embed conv", ("aten::mkldnn_convolution", "aten::convolution_backward", "aten::_convolution")),
+    ("copies (copy_/clone/cat/stack)", ("aten::copy_", "aten::clone", "aten::cat", "aten::stack", "aten::contiguous")),
+    ("reductions (bias grads, sums)", ("aten::sum", "aten::mean")),
+    ("zero fills", ("aten::fill_", "aten::zero_", "aten::zeros")),
+    ("elementwise (add/mul/div/...)", ("aten::add", "aten::mul", "aten::div", "aten::sub", "aten::exp", "aten::neg")),
+]
+
+
+def categorise(event) -> str:
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name.startswith("Optimizer.step"):
+            return "optimizer (AdamW)"
+        if parent.name == "aten::embedding_dense_backward" or parent.name == "aten::embedding_backward":
+            return "embedding backward (49k vocab)"
+        parent = parent.cpu_parent
+    if event.name in ("aten::embedding_dense_backward", "aten::embedding_backward"):
+        return "embedding backward (49k vocab)"
+    for category, prefixes in CATEGORY_RULES:
+        if event.name.startswith(prefixes):
+            return category
+    return "other"
+
+
+def profile_breakdown(step: Callable[[], Any], steps: int = 2) -> dict:
+    """Self CPU time per op category, in ms per step and % of the step (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    totals: dict[str, float] = {}
+    for event in prof.events():
+        if event.device_type != torch.autograd.DeviceType.CPU:
+            continue
+        key = categorise(event)
+        totals[key] = totals.get(key, 0.0) + event.self_cpu_time_total / 1e3 / steps
+    whole = sum(totals.values())
+    return {
+        "step_ms_under_profiler": round(whole, 1),
+        "categories": {
+            k: {"ms": round(v, 1), "pct": round(100 * v / whole, 1)}
+            for k, v in sorted(totals.items(), key=lambda kv: -kv[1])
+        },
+    }
+
+
 # ----------------------------------------------------------------------------- timing
 def time_rounds(sides: list[Side], device: torch.device, rounds: int, steps: int) -> dict[str, list[float]]:
     """img/s per round per side, interleaved A B, B A, ... (one device sync per round)."""
@@ -342,7 +399,7 @@ def loader_throughput(recipe: Recipe, batches: int) -> dict[str, float]:
 def run_bench(recipe: str | Recipe, overrides: list[str] | None = None, *, device: str | None = None,
               precision: str | None = None, compile: bool | None = None, batch: int | None = None,
               steps: int = 5, rounds: int = 5, warmup: int = 3, against: str | None = None,
-              loader_batches: int = 10) -> dict[str, Any]:
+              loader_batches: int = 10, profile: bool = False) -> dict[str, Any]:
     """Benchmark ``recipe`` (a name, path or Recipe); returns the JSON-ready result."""
     from clipforge.train.trainer import resolve_device, resolve_precision
 
@@ -404,6 +461,8 @@ def run_bench(recipe: str | Recipe, overrides: list[str] | None = None, *, devic
         result["ratio_per_round"] = summarise(per_round)
         if sides[1].flops_per_step == 0 and ours.flops_per_step:
             result["note"] = "OpenCLIP FLOPs are not counted under compile; compare img/s"
+    if profile:  # self time per op category (CPU ops; on CUDA the launch side only)
+        result["profile"] = {side.name: profile_breakdown(side.step) for side in sides}
     if loader_batches:
         result["loader"] = loader_throughput(r, loader_batches)
     return result

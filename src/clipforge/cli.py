@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -10,14 +11,163 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
+from typer.core import TyperCommand, TyperGroup
 
-app = typer.Typer(
+
+class _PlainHelp:
+    """Help shown as written. typer renders help text as rich markup, which drops "[default: x]" or
+    "[[teachers]]" as if they were style tags (we use no markup in help), and it prints a <bool> type
+    after on/off flags (--help, --no-plots), which reads as if the flag took a value."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if self.help:
+            self.help = escape(self.help)
+        for param in self.params:
+            _plain_param(param)
+
+    def get_help_option(self, ctx):
+        option = super().get_help_option(ctx)
+        if option is not None:
+            _plain_param(option)
+        return option
+
+
+def _plain_param(param) -> None:
+    if getattr(param, "_plain_help", False):
+        return  # escaped already (the help option is cached and asked for again)
+    param._plain_help = True
+    if getattr(param, "help", None):
+        param.help = escape(param.help)
+    if getattr(param, "is_flag", False) and param.metavar is None:
+        param.metavar = ""  # no type column for a flag
+
+
+class _Command(_PlainHelp, TyperCommand):
+    pass
+
+
+class _Group(_PlainHelp, TyperGroup):
+    pass
+
+
+class _App(typer.Typer):
+    """A Typer whose commands use _Command (plain help text, no <bool> on flags)."""
+
+    def command(self, *args, cls=None, **kwargs):
+        return super().command(*args, cls=cls or _Command, **kwargs)
+
+
+app = _App(
+    cls=_Group,
     add_completion=False,
     no_args_is_help=True,
     help="Pre-train, evaluate and serve CLIP-family language-image models.",
     pretty_exceptions_enable=False,
+    rich_markup_mode="rich",  # the escaping in _PlainHelp assumes it
 )
 console = Console(stderr=True)
+
+# Choices of options whose values the library checks itself (with messages that name the choices);
+# shown in --help in place of the type (typer's own choice types would replace those messages with
+# its generic one). Literals, so that --help imports nothing heavy; tests/test_user_paths.py checks
+# that they match the library's lists.
+TASK_CHOICES = ("zeroshot", "retrieval", "linear-probe")  # clipforge.eval.evaluate.TASKS
+SIMILARITY_CHOICES = ("pooled", "late-interaction")
+INDEX_KIND_CHOICES = ("flat", "ivf", "hnsw")  # clipforge.index.dense.INDEX_KINDS
+EXPORT_CHOICES = ("hf", "onnx")  # clipforge.export.EXPORT_KINDS
+EMBEDDING_CHOICES = ("images", "texts")  # clipforge.index.embed.KINDS
+DTYPE_CHOICES = ("float16", "float32")  # clipforge.index.embed.DTYPES
+
+
+def _choices(values: tuple[str, ...]) -> str:
+    return "[" + "|".join(values) + "]"
+
+
+def _print_version(value: bool) -> None:
+    if not value:
+        return
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        typer.echo(f"clipforge {version('clipforge')}")
+    except PackageNotFoundError:  # running from a source tree that is not installed
+        from clipforge import __version__
+
+        typer.echo(f"clipforge {__version__}")
+    raise typer.Exit()
+
+
+@app.callback()
+def _main_options(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Print the clipforge version and exit."),
+) -> None:
+    """Pre-train, evaluate and serve CLIP-family language-image models."""
+
+
+def _train_recipe(recipe: str | None, run_dir: Path | None, overrides: list[str], resume: str | None):
+    """(recipe to run, run dir, resume notes) for `clipforge train`; the notes are None unless the run
+    resumes under its own recipe, else (changes as `key: old -> new`, keys of RECIPE the run does not take).
+
+    With --resume and a RUN_DIR/recipe.toml (the trainer writes it at every start), the run continues
+    under that recipe plus this command's overrides: a run started with --set keeps those values, and
+    an edited or different recipe file cannot silently change it. Without one, RECIPE is used as before.
+    """
+    from clipforge.config import RecipeError, load_recipe
+    from clipforge.train.params import ResumeError, check_resume_compatible
+
+    if recipe is None and (resume is None or run_dir is None):
+        raise typer.BadParameter("required, except with --resume and --run-dir (the run's own recipe.toml "
+                                 "is used then)", param_hint="RECIPE")
+    given = load_recipe(recipe, overrides) if recipe is not None else None
+    run_dir = run_dir or Path("runs") / given.name
+    saved = run_dir / "recipe.toml"
+    if resume is None or not saved.is_file():
+        if given is None:
+            raise RecipeError(f"{run_dir} has no recipe.toml to resume with; name the recipe: "
+                              f"clipforge train RECIPE --run-dir {run_dir} --resume {resume}")
+        return given, run_dir, None
+    own = load_recipe(str(saved))
+    if given is not None and given.name != own.name:
+        raise RecipeError(
+            f"{run_dir} is a run of recipe '{own.name}' ({saved}), not '{given.name}': --resume continues a run "
+            f"under its own recipe. Leave RECIPE out (or pass {own.name}) and change values with --set, or start "
+            f"a new --run-dir that warm-starts from it with --set model.init_from={run_dir}")
+    r = load_recipe(str(saved), overrides)
+    try:
+        changes = check_resume_compatible(own.model_dump(mode="json"), r)
+    except ResumeError as e:
+        # refused here, before the trainer rewrites recipe.toml with a recipe the run cannot take
+        err = RecipeError(f"cannot resume {run_dir}: {e}")
+        err.every_rank = True  # under torchrun every rank gets here: rank 0 prints it
+        raise err from None
+    ignored = []
+    if given is not None:
+        now = _flat(r.model_dump(mode="json"))
+        ignored = [k for k, v in _flat(given.model_dump(mode="json")).items()
+                   if k not in ("name", "description") and now.get(k) != v]
+    return r, run_dir, (changes, ignored)
+
+
+def _report_resume(recipe_arg: str | None, run_dir: Path, changes: list[str], ignored: list[str]) -> None:
+    """Say that a resume runs the run's own recipe, list what --set changes in it (`key: old -> new`, the
+    trainer's own list) and warn about values of a RECIPE file that the run does not take."""
+    console.print(f"resuming {run_dir} with its recipe.toml" + (", changed by --set:" if changes else ""),
+                  highlight=False, markup=False)
+    for line in changes:
+        console.print(f"  {line}", highlight=False, markup=False)
+    if ignored:
+        warnings.warn(f"{recipe_arg} differs from {run_dir / 'recipe.toml'} at {', '.join(ignored[:8])}"
+                      f"{', ...' if len(ignored) > 8 else ''}; the run keeps its own values (change them with --set)")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -39,7 +189,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    console.print(f"[yellow]warning:[/yellow] {message}", soft_wrap=True, highlight=False)
+    # escaped: messages quote lists and paths ("optim.betas: [0.9, 0.98] -> ..."), which markup would eat
+    console.print(f"[yellow]warning:[/yellow] {escape(str(message))}", soft_wrap=True, highlight=False)
 
 
 @app.command()
@@ -60,7 +211,10 @@ def recipes(
 
 @app.command()
 def train(
-    recipe: str = typer.Argument(..., help="A shipped recipe name (see `clipforge recipes`) or a path to a .toml file."),
+    recipe: Optional[str] = typer.Argument(
+        None, show_default=False,
+        help="A shipped recipe name (see `clipforge recipes`) or a path to a .toml file. With --resume it may be "
+             "left out: the run's own recipe.toml is used."),
     run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Where checkpoints and logs go [default: runs/<recipe>]."),
     set_: list[str] = typer.Option([], "--set", help="Override a recipe value: --set optim.lr=3e-4 (repeatable)."),
     resume: Optional[str] = typer.Option(None, "--resume", help="'latest' or a checkpoint directory to continue from."),
@@ -68,30 +222,39 @@ def train(
 ) -> None:
     """Train a model from a recipe; Ctrl-C / SIGTERM saves a checkpoint and exits cleanly.
 
+    --resume continues a run under its own recipe (RUN_DIR/recipe.toml) with this command's --set
+    values on top, and lists them as `key: old -> new`. RECIPE may then be left out; a RECIPE with
+    another name than the run's is refused.
+
     Multi-process: `torchrun --nproc_per_node N -m clipforge train ...`, srun (SLURM), or --nproc N.
     data.batch_size is per process.
     """
-    from clipforge.config import load_recipe
     from clipforge.train import distributed as D
     from clipforge.train.trainer import Trainer
 
-    r = load_recipe(recipe, set_)  # validate before launching anything
+    r, run_dir, resume_notes = _train_recipe(recipe, run_dir, set_, resume)  # validate before launching anything
     if nproc is not None and nproc > 1:
         if D.read_launch_env()[2] > 1:
             raise typer.BadParameter("--nproc inside an already distributed launch (torchrun/srun); drop --nproc")
-        args = ["train", recipe, *(["--run-dir", str(run_dir)] if run_dir else []),
+        args = ["train", *([recipe] if recipe else []), "--run-dir", str(run_dir),
                 *[a for s in set_ for a in ("--set", s)], *(["--resume", resume] if resume else [])]
         D.relaunch_with_torchrun(nproc, args)
-    run_dir = run_dir or Path("runs") / r.name
     rank, _, world, _ = D.read_launch_env()
     hooks = [D.sharded_shapes_eval(r)] if world > 1 and r.data.train == "shapes" else _default_eval_hooks(r)
-    result = Trainer(r, run_dir, resume=resume, eval_hooks=hooks).fit()
+    with warnings.catch_warnings():
+        if resume_notes is not None and rank == 0:
+            changes, ignored = resume_notes
+            _report_resume(recipe, run_dir, changes, ignored)
+            if changes:  # the trainer warns the same list on one line when the checkpoint agrees: once is enough
+                warnings.filterwarnings("ignore", message=re.escape("resuming with recipe changes: "
+                                                                    + "; ".join(changes)) + r"\Z")
+        result = Trainer(r, run_dir, resume=resume, eval_hooks=hooks).fit()
     if rank != 0:
         return  # rank 0 reports for the group
     where = result.last_checkpoint
     if result.stopped_by == "signal":
         console.print(f"stopped by signal at step {result.step}; checkpoint saved to {where}. "
-                      f"Continue with: clipforge train {recipe} --run-dir {run_dir} --resume latest")
+                      f"Continue with: clipforge train --run-dir {run_dir} --resume latest")
     elif result.stopped_by == "time-budget":
         console.print(f"time budget reached at step {result.step}; checkpoint saved to {where}")
     else:
@@ -139,18 +302,20 @@ def bench(
     warmup: int = typer.Option(3, "--warmup", min=0, help="Untimed steps per side first (compilation happens here)."),
     against: Optional[str] = typer.Option(None, "--against", help="Also time the same model in: openclip."),
     loader_batches: int = typer.Option(10, "--loader-batches", min=0, help="Batches to time the data loader alone (0: skip)."),
+    profile: bool = typer.Option(False, "--profile", help="Add a torch.profiler breakdown (ms per op category) per side."),
     out: Optional[Path] = typer.Option(None, "--out", help="Also write the JSON here."),
 ) -> None:
     """Time the trainer's own step for a recipe: img/s, FLOPs, MFU, peak memory, loader img/s (JSON)."""
     from clipforge.bench import format_table, run_bench
 
     result = run_bench(recipe, set_, device=device, precision=precision, compile=compile_, batch=batch,
-                       steps=steps, rounds=rounds, warmup=warmup, against=against, loader_batches=loader_batches)
+                       steps=steps, rounds=rounds, warmup=warmup, against=against, loader_batches=loader_batches,
+                       profile=profile)
     text = json.dumps(result, indent=1)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text + "\n")
-    console.print(format_table(result), highlight=False)
+    console.print(format_table(result), highlight=False, soft_wrap=True)
     typer.echo(text)
 
 
@@ -165,7 +330,7 @@ def report(run_dir: Path = typer.Argument(..., help="A run directory written by 
 @app.command("eval")
 def eval_(
     ckpt: str = typer.Argument(..., help="A checkpoint directory (or a run directory: its checkpoints/latest)."),
-    task: str = typer.Option(..., "--task", help="zeroshot | retrieval | linear-probe"),
+    task: str = typer.Option(..., "--task", metavar=_choices(TASK_CHOICES), help="What to measure."),
     data: str = typer.Option(..., "--data", help="Evaluation data: imagefolder:DIR, jsonl:FILE, csv:FILE, or shapes:binding (built in, retrieval)."),
     train_data: Optional[str] = typer.Option(None, "--train-data", help="Training data for --task linear-probe."),
     classnames: Optional[Path] = typer.Option(None, "--classnames", help="Class names, one per line, in sorted class order."),
@@ -178,7 +343,9 @@ def eval_(
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... [default: cuda if available]"),
     seed: int = typer.Option(0, "--seed", help="Seeds the linear probe's few-shot draw and validation split."),
     max_bad_fraction: float = typer.Option(0.05, "--max-bad-fraction", help="Stop when more images than this are unreadable."),
-    similarity: str = typer.Option("pooled", "--similarity", help="Retrieval scores: pooled (one embedding each) or late-interaction (FILIP, token-wise)."),
+    similarity: str = typer.Option("pooled", "--similarity", metavar=_choices(SIMILARITY_CHOICES),
+                                   help="Retrieval scores: pooled (one embedding each) or late-interaction "
+                                        "(FILIP, token-wise)."),
 ) -> None:
     """Evaluate a checkpoint on your data: zero-shot classification, retrieval or a linear probe."""
     from clipforge.eval.evaluate import evaluate, result_table
@@ -201,7 +368,7 @@ def embed(
     out: Path = typer.Option(..., "--out", help="Embedding directory (resumes if it holds an unfinished run)."),
     batch_size: int = typer.Option(64, "--batch-size", min=1),
     shard_size: int = typer.Option(8192, "--shard-size", min=1, help="Rows per .npy shard (the unit of resume)."),
-    dtype: str = typer.Option("float16", "--dtype", help="float16 or float32 shards."),
+    dtype: str = typer.Option("float16", "--dtype", metavar=_choices(DTYPE_CHOICES), help="Shard dtype."),
     workers: int = typer.Option(2, "--workers", min=0, help="DataLoader worker processes decoding images."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, ... [default: cuda if available]"),
     max_bad_fraction: float = typer.Option(0.05, "--max-bad-fraction", help="Stop when more images than this are unreadable."),
@@ -227,9 +394,11 @@ def embed(
 @app.command("index")
 def index_(
     emb: Path = typer.Argument(..., help="An embedding directory written by `clipforge embed`."),
-    kind: str = typer.Option("flat", "--kind", help="flat (exact), ivf or hnsw (approximate)."),
+    kind: str = typer.Option("flat", "--kind", metavar=_choices(INDEX_KIND_CHOICES),
+                             help="flat (exact), ivf or hnsw (approximate)."),
     out: Path = typer.Option(..., "--out", help="Index directory to write."),
-    what: str = typer.Option("images", "--what", help="Index the image or the text embeddings."),
+    what: str = typer.Option("images", "--what", metavar=_choices(EMBEDDING_CHOICES),
+                             help="Index the image or the text embeddings."),
     nlist: Optional[int] = typer.Option(None, "--nlist", min=1, help="IVF: clusters [default: ~4 sqrt(N)]."),
     nprobe: int = typer.Option(16, "--nprobe", min=1, help="IVF: clusters searched per query."),
     hnsw_m: int = typer.Option(32, "--hnsw-m", min=4, help="HNSW: links per node."),
@@ -263,7 +432,8 @@ def serve(
 def export(
     ckpt: str = typer.Argument(..., help="A checkpoint directory."),
     out: Path = typer.Argument(..., help="Output directory (new or empty)."),
-    to: str = typer.Option(..., "--to", help="hf (transformers CLIPModel) or onnx (two encoders)."),
+    to: str = typer.Option(..., "--to", metavar=_choices(EXPORT_CHOICES),
+                           help="hf (transformers CLIPModel) or onnx (two encoders)."),
 ) -> None:
     """Export a checkpoint to a Hugging Face CLIPModel directory or to ONNX."""
     from clipforge.export import EXPORT_KINDS, export as export_checkpoint
@@ -289,7 +459,8 @@ def import_(
     console.print(f"imported to {import_openclip(weights, config, out, vocab_file=vocab)}")
 
 
-data_app = typer.Typer(no_args_is_help=True, help="Prepare and check training data: WebDataset shards.")
+data_app = _App(cls=_Group, no_args_is_help=True, rich_markup_mode="rich",
+               help="Prepare and check training data: WebDataset shards.")
 app.add_typer(data_app, name="data")
 
 
@@ -368,8 +539,7 @@ def main() -> None:
     except _user_errors() as e:
         rank = _launch_rank()
         if rank == 0 or not getattr(e, "every_rank", False):  # shared errors: rank 0 prints them once
-            from rich.markup import escape  # messages may quote brackets (paths, C++ locations)
-
+            # escaped: messages may quote brackets (paths, C++ locations)
             console.print(f"[red]error:[/red] {'' if rank == 0 else f'(rank {rank}) '}{escape(str(e))}", soft_wrap=True, highlight=False)
         sys.exit(2)
 

@@ -18,38 +18,22 @@ from clipforge.config import Recipe, load_recipe
 
 
 class StepTimer:
-    """Times the trainer's own optimiser step (the recipe's training step module, its loss, the
-    optimiser and the after-step hook) on one fixed synthetic batch, built once."""
+    """Times the trainer's own optimiser step (``clipforge.train.trainer.StepRunner``: the recipe's
+    step module, its loss, clipping, the optimiser and the after-step hook) on one fixed batch of
+    the recipe's data, built once."""
 
     def __init__(self, recipe: Recipe):
-        from clipforge.data.loader import build_train_dataset, make_batch
-        from clipforge.models.tokenizer import train_tokenizer_for
-        from clipforge.train.trainer import build_optimizer, build_step, seed_everything
+        from clipforge.bench import clipforge_side
 
-        if recipe.train.threads:
-            torch.set_num_threads(recipe.train.threads)
-        seed_everything(recipe.train.seed)
         self.recipe = recipe
-        tokenizer = train_tokenizer_for(recipe.data, recipe.model.context_length)
-        self.step = build_step(recipe, torch.device("cpu"), log=False).train()
-        self.optimizer = build_optimizer(self.step, recipe)
-        dataset = build_train_dataset(recipe.data, recipe.model.image_size)
-        self.batch = make_batch(dataset, list(range(recipe.data.batch_size)), tokenizer)
-        self.done = 0
+        self.side, self.batch = clipforge_side(recipe, torch.device("cpu"), count=False)
 
     def seconds(self, steps: int) -> list[float]:
         """Wall-clock seconds of each of ``steps`` optimiser steps."""
-        from clipforge.train.gradcache import plain_accumulation
-
         times = []
         for _ in range(steps):
             start = time.perf_counter()
-            plain_accumulation(self.step, self.step.compute_loss, [self.batch] * self.recipe.train.accum_steps,
-                               self.step, lambda: torch.autocast("cpu", enabled=False))
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.done += 1
-            self.step.after_optimizer_step(self.done)
+            self.side.step()
             times.append(time.perf_counter() - start)
         return times
 
