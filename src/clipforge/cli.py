@@ -253,8 +253,10 @@ def train(
         return  # rank 0 reports for the group
     where = result.last_checkpoint
     if result.stopped_by == "signal":
+        # soft_wrap: the command stays on one line, ready to copy
         console.print(f"stopped by signal at step {result.step}; checkpoint saved to {where}. "
-                      f"Continue with: clipforge train --run-dir {run_dir} --resume latest")
+                      f"Continue with: clipforge train --run-dir {run_dir} --resume latest",
+                      soft_wrap=True, markup=False)
     elif result.stopped_by == "time-budget":
         console.print(f"time budget reached at step {result.step}; checkpoint saved to {where}")
     else:

@@ -51,7 +51,10 @@ class Section(BaseModel):
     @field_validator("*", mode="before")
     @classmethod
     def _plain_numbers(cls, value: Any, info: ValidationInfo) -> Any:
-        problem = _number_problem(cls.model_fields[info.field_name].annotation, value)
+        annotation = cls.model_fields[info.field_name].annotation
+        if _is_none_text(annotation, value):
+            return None
+        problem = _number_problem(annotation, value)
         if problem:
             raise PydanticCustomError("recipe_number", problem)
         return value
@@ -60,6 +63,21 @@ class Section(BaseModel):
 def _options(annotation: Any) -> tuple:
     """The alternatives of ``A | B | None`` (or just the annotation)."""
     return get_args(annotation) if get_origin(annotation) in (Union, types.UnionType) else (annotation,)
+
+
+# TOML has no null: a saved recipe writes None as this text, and recipe files (like --set) read
+# "none" / "null" as None wherever a field can be None but cannot be text (see recipe_to_toml)
+NONE_TEXT = "none"
+
+
+def _takes_none_not_text(annotation: Any) -> bool:
+    options = _options(annotation)
+    return type(None) in options and not any(o is str or o is Any for o in options)
+
+
+def _is_none_text(annotation: Any, value: Any) -> bool:
+    return (isinstance(value, str) and value.strip().lower() in ("none", "null")
+            and _takes_none_not_text(annotation))
 
 
 def _number_problem(annotation: Any, value: Any) -> str | None:
@@ -326,7 +344,10 @@ def _registered_config(item: Any, where: str, lookup) -> Any:
         raise ValueError(f"'{where}' must be a table with a 'name' key, got {_short_repr(item)}")
     name = item.get("name", "")
     config_cls = lookup(name if isinstance(name, str) else _short_repr(name))
-    # term configs are plain BaseModels (not Sections): refuse true/false, NaN and huge numbers here too
+    # term configs are plain BaseModels (not Sections): read "none" as None and refuse true/false, NaN
+    # and huge numbers here too
+    item = {k: None if k in config_cls.model_fields and _is_none_text(config_cls.model_fields[k].annotation, v)
+            else v for k, v in item.items()}
     for key, value in item.items():
         field = config_cls.model_fields.get(key)
         problem = _number_problem(field.annotation, value) if field is not None else None
@@ -811,8 +832,36 @@ def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe
 
 
 def recipe_to_toml(recipe: Recipe) -> str:
-    """The resolved recipe as TOML (saved in the run dir); None values are left out."""
-    return _dict_to_toml(recipe.model_dump(mode="json", exclude_none=True))
+    """The resolved recipe as TOML (saved in the run dir); it reads back as the same recipe.
+
+    TOML has no null. A None whose field defaults to None is left out (it reads back as the default);
+    any other None (``optim.grad_clip``: off, where the default is 1.0) is written as "none", which
+    loading reads back as None.
+    """
+    return _dict_to_toml(_none_as_text(recipe, recipe.model_dump(mode="json")))
+
+
+def _none_as_text(model: BaseModel, dumped: dict[str, Any]) -> dict[str, Any]:
+    """``dumped`` (model's JSON dump) with None values left out or written as NONE_TEXT, recursively."""
+    out = {}
+    for key, value in dumped.items():
+        field = type(model).model_fields.get(key)
+        attr = getattr(model, key, None)
+        if value is None:
+            if field is None or field.get_default(call_default_factory=True) is None:
+                continue  # leaving it out reads back as the default, None
+            if not _takes_none_not_text(field.annotation):  # "none" would read back as text
+                raise ValueError(f"recipe_to_toml: cannot write None for '{key}', which defaults to "
+                                 f"{field.get_default(call_default_factory=True)!r} and also takes text")
+            out[key] = NONE_TEXT
+        elif isinstance(attr, BaseModel) and isinstance(value, dict):
+            out[key] = _none_as_text(attr, value)
+        elif isinstance(attr, (list, tuple)) and isinstance(value, list):  # teachers, optim.groups, terms
+            out[key] = [_none_as_text(a, v) if isinstance(a, BaseModel) and isinstance(v, dict) else v
+                        for a, v in zip(attr, value)]
+        else:
+            out[key] = value
+    return out
 
 
 _TOML_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\t": "\\t", "\r": "\\r"}

@@ -8,6 +8,7 @@ Prediction is argmax over classes of image · class embedding (the logit scale c
 from __future__ import annotations
 
 import re
+import warnings
 from typing import Sequence
 
 import torch
@@ -29,9 +30,25 @@ def zero_shot_classifier(
 ) -> torch.Tensor:
     """(num_classes, embed_dim) matrix of unit-norm class embeddings."""
     prompts = [fill_template(t, c) for c in classnames for t in templates]
+    _warn_if_cut(tokenizer, prompts)
     embeds = embed_captions(model, tokenizer, prompts, batch_size=batch_size)
     per_prompt = F.normalize(embeds, dim=-1).view(len(classnames), len(templates), -1)
     return F.normalize(per_prompt.mean(dim=1), dim=-1)
+
+
+def _warn_if_cut(tokenizer, prompts: list[str]) -> None:
+    """Warn (once per call: once per dataset's classifier) when prompts do not fit the text context: the
+    tokenizer cuts them silently, and a cut that drops the class name makes classes indistinguishable."""
+    truncated = getattr(tokenizer, "truncated", None)  # clipforge's tokenizers; others are not checked
+    if truncated is None or not prompts:
+        return
+    cut = [p for p, was_cut in zip(prompts, truncated(prompts)) if was_cut]
+    if cut:
+        context = getattr(tokenizer, "context_length", "?")
+        warnings.warn(
+            f"{len(cut)} of {len(prompts)} zero-shot prompts are longer than the model's context ({context} "
+            f"tokens) and were cut, e.g. {cut[0]!r}; shorter templates or class names keep the whole prompt",
+            stacklevel=2)
 
 
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, float]:

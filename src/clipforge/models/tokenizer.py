@@ -122,6 +122,14 @@ class BPETokenizer:
         mask = torch.tensor([e.attention_mask for e in encodings], dtype=torch.long).reshape(ids.shape)
         return ids, mask
 
+    def truncated(self, texts: list[str] | str) -> list[bool]:
+        """For each text, whether ``__call__`` cuts it to fit the context (its outputs are unchanged);
+        callers use it to say how many texts lost their end."""
+        if isinstance(texts, str):
+            texts = [texts]
+        # a cut encoding keeps the tokens it dropped in ``overflowing``
+        return [bool(e.overflowing) for e in self._tok.encode_batch(list(texts))]
+
     def decode(self, ids) -> str:
         """Text of one id sequence (list or 1-D tensor); special tokens and padding are dropped."""
         if isinstance(ids, torch.Tensor):

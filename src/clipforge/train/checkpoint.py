@@ -17,6 +17,7 @@ import json
 import os
 import random
 import shutil
+import stat
 import warnings
 from pathlib import Path
 from typing import Any
@@ -129,6 +130,7 @@ def save_checkpoint(
     if method_state:  # EMA teachers, heads, term parameters/buffers: everything of the step but the model
         save_file({k: v.detach().to("cpu").contiguous() for k, v in method_state.items()}, str(tmp / METHOD_WEIGHTS),
                   metadata={"format": "pt"})
+        _same_mode_as(tmp / METHOD_WEIGHTS, tmp / CONFIG)
     if train_state is not None:
         torch.save(train_state, tmp / TRAIN_STATE)
     _fsync_dir(tmp)
@@ -146,6 +148,14 @@ def write_model_files(directory: Path, model: torch.nn.Module, config: dict[str,
     save_file(state, str(directory / WEIGHTS), metadata={"format": "pt"})
     (directory / CONFIG).write_text(json.dumps(config, indent=2))
     tokenizer.save(directory)
+    _same_mode_as(directory / WEIGHTS, directory / CONFIG)
+
+
+def _same_mode_as(path: Path, like: Path) -> None:
+    """Give ``path`` the permissions of ``like``. safetensors writes its files 0600 whatever the umask,
+    while everything else in a checkpoint gets the usual 0644, so others who can read the run could not
+    load its weights."""
+    os.chmod(path, stat.S_IMODE(like.stat().st_mode))
 
 
 def _fsync_dir(path: Path) -> None:
