@@ -25,6 +25,7 @@ CASES = [
     ("vit-b16", "clip-vit-b16", [], False, [512, 384, 256]),
     ("vit-b16-flip50", "clip-vit-b16", ["model.patch_dropout=0.5"], False, [512, 384, 256]),
     ("vit-b16-compile", "clip-vit-b16", [], True, [512, 384, 256]),
+    ("vit-b16-flip50-compile", "clip-vit-b16", ["model.patch_dropout=0.5"], True, [512, 384, 256]),
 ]
 
 TINY = ["model.image_size=32", "model.patch_size=8", "model.vision_width=64", "model.vision_layers=2",
@@ -41,6 +42,8 @@ def run_case(args, name: str, recipe: str, overrides: list[str], compile: bool, 
            "--compile" if compile else "--no-compile"]
     if not args.no_openclip:
         cmd += ["--against", "openclip"]
+    if args.profile:
+        cmd += ["--profile"]
     for o in overrides + (TINY if args.tiny else []):
         cmd += ["--set", o]
     started = time.perf_counter()
@@ -74,8 +77,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--loader-batches", type=int, default=4)
     parser.add_argument("--case-timeout", type=float, default=240.0)
-    parser.add_argument("--cases", default=",".join(c[0] for c in CASES))
+    parser.add_argument("--cases", default=",".join(c[0] for c in CASES[:4]))
     parser.add_argument("--no-openclip", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="add a kernel-time breakdown per side")
     parser.add_argument("--out", default=os.environ.get("OUT") or "bench-out")
     args = parser.parse_args()
     if args.tiny:
@@ -98,11 +102,12 @@ def main() -> None:
             (out_dir / "summary.json").write_text(json.dumps(summaries, indent=1))
             if not summary.get("oom"):
                 break
-    flip = next((s for s in summaries if s["case"] == "vit-b16-flip50" and s["ok"]), None)
-    base = next((s for s in summaries if s["case"] == "vit-b16" and s["ok"]), None)
     final = {"bench": "gpu", "cases": summaries}
-    if flip and base and flip["batch"] == base["batch"]:
-        final["flip50_speedup"] = round(flip["clipforge"]["img_per_s"] / base["clipforge"]["img_per_s"], 3)
+    for suffix in ("", "-compile"):  # FLIP's speed-up over the same model without patch dropout
+        flip = next((s for s in summaries if s["case"] == f"vit-b16-flip50{suffix}" and s["ok"]), None)
+        base = next((s for s in summaries if s["case"] == f"vit-b16{suffix}" and s["ok"]), None)
+        if flip and base and flip["batch"] == base["batch"]:
+            final[f"flip50{suffix}_speedup"] = round(flip["clipforge"]["img_per_s"] / base["clipforge"]["img_per_s"], 3)
     (out_dir / "summary.json").write_text(json.dumps(final, indent=1))
     print(json.dumps(final))
 

@@ -362,6 +362,53 @@ def profile_breakdown(step: Callable[[], Any], steps: int = 2) -> dict:
     }
 
 
+# CUDA kernel name -> category; the first matching rule wins
+KERNEL_RULES = [
+    ("attention (flash / fused SDPA)", ("flash", "fmha", "attention", "sdpa")),
+    ("matmul (GEMM)", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "sm90_", "sm80_")),
+    ("optimizer (fused AdamW)", ("adam",)),
+    ("compiled fused kernels (triton)", ("triton",)),
+    ("layernorm", ("layer_norm", "layernorm")),
+    ("gelu", ("gelu",)),
+    ("softmax / cross-entropy", ("softmax", "nll_loss", "cross_entropy")),
+    ("reductions", ("reduce",)),
+    ("copies / casts", ("copy", "cast", "convert", "cat", "memcpy")),
+    ("elementwise", ("elementwise", "vectorized", "unrolled")),
+]
+
+
+def cuda_kernel_breakdown(step: Callable[[], Any], device: torch.device, steps: int = 3) -> dict:
+    """GPU time per kernel category in ms per step, and how busy the GPU was (kernel time / wall)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    synchronize(device)
+    start = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        synchronize(device)
+    wall_ms = (time.perf_counter() - start) * 1e3 / steps
+    totals: dict[str, float] = {}
+    top: dict[str, float] = {}
+    for event in prof.events():
+        if event.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        name = event.name.lower()
+        key = next((cat for cat, words in KERNEL_RULES if any(w in name for w in words)), "other")
+        ms = event.device_time_total / 1e3 / steps
+        totals[key] = totals.get(key, 0.0) + ms
+        top[event.name[:90]] = top.get(event.name[:90], 0.0) + ms
+    busy = sum(totals.values())
+    return {
+        "wall_ms_per_step_under_profiler": round(wall_ms, 1),
+        "gpu_kernel_ms_per_step": round(busy, 1),
+        "gpu_busy_pct": round(100 * busy / wall_ms, 1),
+        "categories": {k: {"ms": round(v, 2), "pct": round(100 * v / busy, 1)}
+                       for k, v in sorted(totals.items(), key=lambda kv: -kv[1])},
+        "top_kernels_ms": {k: round(v, 2) for k, v in sorted(top.items(), key=lambda kv: -kv[1])[:12]},
+    }
+
+
 # ----------------------------------------------------------------------------- timing
 def time_rounds(sides: list[Side], device: torch.device, rounds: int, steps: int) -> dict[str, list[float]]:
     """img/s per round per side, interleaved A B, B A, ... (one device sync per round)."""
@@ -461,8 +508,14 @@ def run_bench(recipe: str | Recipe, overrides: list[str] | None = None, *, devic
         result["ratio_per_round"] = summarise(per_round)
         if sides[1].flops_per_step == 0 and ours.flops_per_step:
             result["note"] = "OpenCLIP FLOPs are not counted under compile; compare img/s"
-    if profile:  # self time per op category (CPU ops; on CUDA the launch side only)
-        result["profile"] = {side.name: profile_breakdown(side.step) for side in sides}
+    if profile:  # CPU: self time per op category; CUDA: kernel time per category and GPU busy share
+        result["profile"] = {}
+        for side in sides:
+            try:
+                result["profile"][side.name] = (cuda_kernel_breakdown(side.step, dev) if dev.type == "cuda"
+                                                else profile_breakdown(side.step))
+            except Exception as e:  # the profiler varies between torch builds: keep the timings
+                result["profile"][side.name] = {"error": f"{type(e).__name__}: {e}"}
     if loader_batches:
         result["loader"] = loader_throughput(r, loader_batches)
     return result
