@@ -50,7 +50,7 @@ def prepare_data(out: Path, samples: int) -> tuple[Path, Path]:
         out.mkdir(parents=True, exist_ok=True)
         with tarfile.open(DATA_TAR) as tar:
             tar.extractall(out, filter="data")
-    files = sorted((root / "train").glob("*/*.jpg"))
+    files = sorted((root / "train").resolve().glob("*/*.jpg"))  # absolute: the tables live elsewhere
     # interleave the classes so that every batch mixes them, deterministically
     by_class: dict[str, list[Path]] = {}
     for f in files:
