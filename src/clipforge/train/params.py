@@ -382,6 +382,32 @@ def load_init_from(model: nn.Module, cfg: str | InitFromConfig | dict[str, Any])
     return report
 
 
+TOKEN_EMBEDDING = "text.token_embed.weight"
+
+
+def init_from_tokenizer(report: InitReport, context_length: int):
+    """The tokenizer that goes with ``model.init_from``'s weights, or None.
+
+    Token ids index the text tower's embedding rows, so once those rows come from a checkpoint the
+    run must tokenize as that checkpoint did: a clipforge checkpoint's own tokenizer, CLIP's BPE for
+    OpenCLIP weights. None when the token embedding was not loaded (the run trains its own)."""
+    if TOKEN_EMBEDDING not in report.loaded:
+        return None
+    from clipforge.models.tokenizer import ClipBPETokenizer, load_tokenizer
+    from clipforge.train import checkpoint as ckpt
+
+    if report.kind == "clipforge checkpoint":
+        spec = ckpt.read_config(Path(report.source))["tokenizer"]
+        return load_tokenizer({**spec, "context_length": context_length}, report.source)
+    if report.kind == "OpenCLIP state dict":
+        return ClipBPETokenizer.from_vocab_file(None, context_length)
+    raise InitFromError(
+        f"model.init_from: {report.source} is a plain state dict that includes {TOKEN_EMBEDDING}, but no "
+        "tokenizer goes with it. Import it as a checkpoint first (clipforge import openclip ... --out DIR) or "
+        f"exclude the text tower's embedding (model.init_from.exclude = [\"{TOKEN_EMBEDDING}\"])"
+    )
+
+
 def _read_init_state(cfg: InitFromConfig) -> tuple[str, str, dict[str, torch.Tensor]]:
     """(source shown in reports, kind, state dict with clipforge names)."""
     from safetensors.torch import load_file

@@ -260,6 +260,13 @@ class Trainer:
                 "raise model.vocab_size"
             )
         step_module = build_step(r, device, resume_from, log=ctx.is_main)
+        if step_module.init_report is not None:  # a warm start that loaded the token embedding brings its tokenizer
+            from clipforge.train.params import init_from_tokenizer
+
+            tokenizer = init_from_tokenizer(step_module.init_report, r.model.context_length) or tokenizer
+            if ctx.is_main and "text.token_embed.weight" in step_module.init_report.loaded:
+                print(f"tokenizer: {tokenizer.kind} from {step_module.init_report.source} (its token embedding "
+                      "was loaded by model.init_from)", flush=True)
         freeze_parameters(step_module, r.optim.groups)  # before DDP, which registers trainable params only
         model = D.wrap_model(step_module, ctx, device, r.train.fsdp)
         optimizer = build_optimizer(model, r)
@@ -540,14 +547,16 @@ def build_step(recipe: Recipe, device: torch.device, resume_from: Path | None = 
     from clipforge.train.teachers import build_teachers
 
     model = CLIP(recipe.model)
+    report = None
     if resume_from is not None:  # every rank reads the weights (before sharding them under FSDP)
         ckpt.load_model_weights(model, resume_from)
     else:
-        _warm_start(model, recipe, log)
+        report = _warm_start(model, recipe, log)
     model = model.to(device)
     objective = build_objective(recipe.objective).to(device)
     teachers = build_teachers(recipe.teachers, model, device)
     step = method_class(recipe.method.name).from_recipe(recipe, model, objective, teachers).to(device)
+    step.init_report = report  # what model.init_from loaded (None without a warm start)
     if resume_from is not None:
         ckpt.load_method_state(step, resume_from)
     if recipe.train.compile:
@@ -556,16 +565,17 @@ def build_step(recipe: Recipe, device: torch.device, resume_from: Path | None = 
     return step
 
 
-def _warm_start(model: torch.nn.Module, recipe: Recipe, log: bool) -> None:
-    """``model.init_from``: partial weights from another checkpoint, with a report of what was loaded."""
+def _warm_start(model: torch.nn.Module, recipe: Recipe, log: bool):
+    """``model.init_from``: partial weights from another checkpoint; returns the report of what was loaded."""
     spec = getattr(recipe.model, "init_from", None)
     if spec is None:
-        return
+        return None
     from clipforge.train.params import load_init_from
 
     report = load_init_from(model, spec)
     if log:
         print(report.summary(), flush=True)
+    return report
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
