@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 import clipforge
 from clipforge.cli import app
 from clipforge.export import ExportError, export_hf, export_onnx
+from clipforge.models.clip import CLIP
 from clipforge.models.convert import ConversionError, import_openclip, openclip_config_to_ours
 from clipforge.models.tokenizer import ClipBPETokenizer
 from tiny_checkpoint import make_tiny_checkpoint
@@ -125,7 +126,8 @@ OPENCLIP_TINY = {
 def random_openclip_model(cfg: dict):
     open_clip = pytest.importorskip("open_clip")
     torch.manual_seed(0)
-    model = open_clip.model.CLIP(cfg["embed_dim"], cfg["vision_cfg"], cfg["text_cfg"]).eval()
+    model = open_clip.model.CLIP(cfg["embed_dim"], cfg["vision_cfg"], cfg["text_cfg"],
+                                 quick_gelu=cfg.get("quick_gelu", False)).eval()
     with torch.no_grad():  # non-trivial biases / norms, so a mapping mistake cannot hide behind zeros and ones
         for name, p in model.named_parameters():
             if name.endswith("bias") or "ln" in name:
@@ -199,10 +201,41 @@ def test_imported_model_exports_to_hf_with_clip_tokenizer(openclip_files, tmp_pa
         assert (got - theirs.encode_text(their_ids, normalize=True)).abs().max() <= ATOL
 
 
+def test_quick_gelu_models_import_and_export_with_the_same_embeddings(tmp_path):
+    """OpenAI-style weights (QuickGELU): a random open_clip QuickGELU model imports with
+    model.activation = quick_gelu, embeds as OpenCLIP does, and exports to HF CLIPModel likewise."""
+    open_clip = pytest.importorskip("open_clip")
+    transformers = pytest.importorskip("transformers")
+    cfg = {**OPENCLIP_TINY, "quick_gelu": True}
+    theirs = random_openclip_model(cfg)
+    save_file({k: v.contiguous() for k, v in theirs.state_dict().items()}, tmp_path / "w.safetensors")
+    (tmp_path / "c.json").write_text(json.dumps(cfg))
+    out = import_openclip(tmp_path / "w.safetensors", tmp_path / "c.json", tmp_path / "ckpt")
+    ours, _, tokenizer = clipforge.load(out)
+    assert ours.cfg.activation == "quick_gelu"
+    texts = ["a photo of a cat.", "two dogs"]
+    ids, mask = tokenizer(texts)
+    images = torch.randn(2, 3, 32, 32)  # float input: already normalised, same for both
+    with torch.no_grad():
+        their_text = theirs.encode_text(open_clip.tokenize(texts, context_length=24), normalize=True)
+        assert (ours.encode_text(ids, mask) - their_text).abs().max() <= ATOL
+        assert (ours.encode_image(images) - theirs.encode_image(images, normalize=True)).abs().max() <= ATOL
+        # the same weights with exact GELU differ: the option matters
+        gelu = CLIP(ours.cfg.model_copy(update={"activation": "gelu"})).eval()
+        gelu.load_state_dict(ours.state_dict())
+        assert (gelu.encode_text(ids, mask) - their_text).abs().max() > 100 * ATOL
+
+    hf_dir = export_hf(out, tmp_path / "hf")
+    hf = transformers.CLIPModel.from_pretrained(hf_dir, local_files_only=True).eval()
+    assert hf.config.text_config.hidden_act == "quick_gelu"
+    with torch.no_grad():
+        got = F.normalize(features(hf.get_image_features(pixel_values=images)), dim=-1)
+        assert (got - theirs.encode_image(images, normalize=True)).abs().max() <= ATOL
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"quick_gelu": True}, "quick_gelu = true.*exact GELU"),
         ({"vision_cfg": {**OPENCLIP_TINY["vision_cfg"], "ls_init_value": 1e-5}}, r"vision_cfg.ls_init_value.*layer scale"),
         ({"vision_cfg": {**OPENCLIP_TINY["vision_cfg"], "timm_model_name": "convnext_base"}}, "timm image tower"),
         ({"vision_cfg": {**OPENCLIP_TINY["vision_cfg"], "layers": [3, 4, 6, 3]}}, "ModifiedResNet"),

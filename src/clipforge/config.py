@@ -177,6 +177,7 @@ class ModelConfig(Section):
     token_selection: Literal["random", "attentive"] = "random"
     attentive_block: int = Field(2, ge=1)
     mlp_ratio: float = Field(4.0, gt=0.0)
+    activation: Literal["gelu", "quick_gelu"] = "gelu"  # MLP activation; quick_gelu: OpenAI-trained CLIP weights
     # text tower (causal transformer pooled at end-of-text)
     vocab_size: int = Field(49408, ge=4)
     context_length: int = Field(32, ge=4)

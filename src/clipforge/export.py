@@ -72,7 +72,8 @@ def check_hf_compatible(cfg) -> None:
 
 def hf_clip_config(cfg, tokenizer) -> dict[str, Any]:
     """``transformers.CLIPConfig`` arguments describing our architecture."""
-    common = dict(hidden_act="gelu", layer_norm_eps=1e-5, projection_dim=cfg.embed_dim)  # exact GELU, torch's eps
+    # HF's "gelu" is exact GELU, "quick_gelu" x * sigmoid(1.702 x), as ours; torch's LayerNorm eps
+    common = dict(hidden_act=cfg.activation, layer_norm_eps=1e-5, projection_dim=cfg.embed_dim)
     text = dict(
         common,
         vocab_size=cfg.vocab_size,

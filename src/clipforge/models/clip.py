@@ -39,6 +39,7 @@ class CLIP(nn.Module):
             layers=cfg.vision_layers,
             heads=cfg.vision_heads,
             mlp_ratio=cfg.mlp_ratio,
+            activation=cfg.activation,
             pool=cfg.vision_pool,
             patch_dropout=cfg.patch_dropout,
         )
@@ -49,6 +50,7 @@ class CLIP(nn.Module):
             layers=cfg.text_layers,
             heads=cfg.text_heads,
             mlp_ratio=cfg.mlp_ratio,
+            activation=cfg.activation,
         )
         self.image_projection = nn.Linear(cfg.vision_width, cfg.embed_dim, bias=False)
         self.text_projection = nn.Linear(cfg.text_width, cfg.embed_dim, bias=False)

@@ -4,7 +4,7 @@
 
 OpenCLIP's ViT CLIP and ours are the same network op for op (tests/test_model.py checks it), so
 importing is renaming keys and transposing the two projections. What has no counterpart here
-(QuickGELU, layer scale, attentional pooling, timm or Hugging Face towers, ...) is refused with a
+(layer scale, attentional pooling, timm or Hugging Face towers, ...) is refused with a
 message naming the option, instead of producing a model that silently computes something else.
 """
 
@@ -165,11 +165,6 @@ def openclip_config_to_ours(model_cfg: dict[str, Any], preprocess_cfg: dict[str,
     """Our ModelConfig for an OpenCLIP ViT CLIP config; options with no equivalent are refused by name."""
     preprocess_cfg = preprocess_cfg or {}
     vision, text = model_cfg.get("vision_cfg", {}), model_cfg.get("text_cfg", {})
-    if model_cfg.get("quick_gelu"):
-        raise ConversionError(
-            "cannot import: quick_gelu = true (OpenAI-trained weights use QuickGELU); clipforge's towers use "
-            "exact GELU, so the embeddings would differ. Use weights trained with GELU (e.g. LAION's ViT-B-32)"
-        )
     if isinstance(vision.get("layers", 12), (list, tuple)):
         raise ConversionError("cannot import: vision_cfg.layers is a list, i.e. a ModifiedResNet image tower; "
                               "clipforge imports ViT image towers only")
@@ -207,6 +202,7 @@ def openclip_config_to_ours(model_cfg: dict[str, Any], preprocess_cfg: dict[str,
         vision_pool="cls",
         patch_dropout=float(vision.get("patch_dropout", 0.0)),
         mlp_ratio=float(vision_mlp),
+        activation="quick_gelu" if model_cfg.get("quick_gelu") else "gelu",  # OpenAI-trained weights
         vocab_size=int(text.get("vocab_size", 49408)),
         context_length=int(text.get("context_length", 77)),
         text_width=int(text.get("width", 512)),

@@ -19,13 +19,14 @@ class TextTransformer(nn.Module):
     """Token ids N×L -> pooled feature N×W (plus per-token features on request)."""
 
     def __init__(
-        self, vocab_size: int, context_length: int, width: int, layers: int, heads: int, mlp_ratio: float = 4.0
+        self, vocab_size: int, context_length: int, width: int, layers: int, heads: int, mlp_ratio: float = 4.0,
+        activation: str = "gelu",
     ):
         super().__init__()
         self.context_length = context_length
         self.token_embed = nn.Embedding(vocab_size, width)
         self.pos_embed = nn.Parameter(torch.zeros(context_length, width))
-        self.blocks = nn.ModuleList([Block(width, heads, mlp_ratio) for _ in range(layers)])
+        self.blocks = nn.ModuleList([Block(width, heads, mlp_ratio, activation) for _ in range(layers)])
         self.ln_final = nn.LayerNorm(width)
         self.init_weights_()
 

@@ -51,25 +51,34 @@ class Attention(nn.Module):
         return self.proj(out), weights
 
 
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    """x * sigmoid(1.702 x): the GELU approximation OpenAI's CLIP weights were trained with."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {"gelu": F.gelu, "quick_gelu": quick_gelu}
+
+
 class MLP(nn.Module):
-    def __init__(self, width: int, hidden: int):
+    def __init__(self, width: int, hidden: int, activation: str = "gelu"):
         super().__init__()
         self.fc = nn.Linear(width, hidden)
         self.proj = nn.Linear(hidden, width)
+        self.activation = ACTIVATIONS[activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(F.gelu(self.fc(x)))
+        return self.proj(self.activation(self.fc(x)))
 
 
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float):
+    def __init__(self, width: int, heads: int, mlp_ratio: float, activation: str = "gelu"):
         super().__init__()
         self.ln_1 = nn.LayerNorm(width)
         self.attn = Attention(width, heads)
         self.ln_2 = nn.LayerNorm(width)
-        self.mlp = MLP(width, int(width * mlp_ratio))
+        self.mlp = MLP(width, int(width * mlp_ratio), activation)
 
     def forward(
         self, x: torch.Tensor, is_causal: bool = False, return_weights: bool = False
@@ -131,6 +140,7 @@ class VisionTransformer(nn.Module):
         mlp_ratio: float = 4.0,
         pool: str = "cls",
         patch_dropout: float = 0.0,
+        activation: str = "gelu",
     ):
         super().__init__()
         if pool not in ("cls", "mean"):
@@ -145,7 +155,7 @@ class VisionTransformer(nn.Module):
         num_positions = self.num_patches + (1 if pool == "cls" else 0)
         self.pos_embed = nn.Parameter(torch.zeros(num_positions, width))  # class token first, if any
         self.ln_pre = nn.LayerNorm(width)  # as in CLIP; keeps OpenCLIP weights convertible
-        self.blocks = nn.ModuleList([Block(width, heads, mlp_ratio) for _ in range(layers)])
+        self.blocks = nn.ModuleList([Block(width, heads, mlp_ratio, activation) for _ in range(layers)])
         self.ln_post = nn.LayerNorm(width)
         self.init_weights_()
 

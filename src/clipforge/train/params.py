@@ -332,7 +332,7 @@ def load_init_from(model: nn.Module, cfg: str | InitFromConfig | dict[str, Any])
     model = _unwrap(model)
     if _is_step(model):
         model = model.model
-    source, kind, state = _read_init_state(cfg)
+    source, kind, state = _read_init_state(cfg, getattr(model, "cfg", None))
     target = model.state_dict()
 
     renamed = _apply_map(state, cfg.map, source)
@@ -408,7 +408,7 @@ def init_from_tokenizer(report: InitReport, context_length: int):
     )
 
 
-def _read_init_state(cfg: InitFromConfig) -> tuple[str, str, dict[str, torch.Tensor]]:
+def _read_init_state(cfg: InitFromConfig, model_cfg=None) -> tuple[str, str, dict[str, torch.Tensor]]:
     """(source shown in reports, kind, state dict with clipforge names)."""
     from safetensors.torch import load_file
 
@@ -433,8 +433,13 @@ def _read_init_state(cfg: InitFromConfig) -> tuple[str, str, dict[str, torch.Ten
             "pass a clipforge checkpoint directory or an OpenCLIP weights file"
         )
     try:
-        if cfg.config is not None:  # refuse what our towers cannot compute (QuickGELU, layer scale, ...)
-            convert.openclip_config_to_ours(*convert.read_openclip_config(cfg.config))
+        if cfg.config is not None:  # refuse what our towers cannot compute (layer scale, ...)
+            theirs = convert.openclip_config_to_ours(*convert.read_openclip_config(cfg.config))
+            ours = getattr(model_cfg, "activation", theirs.activation)
+            if theirs.activation != ours:  # loads fine, computes something else
+                raise convert.ConversionError(
+                    f"{cfg.config} uses the activation {theirs.activation} but model.activation = {ours!r}; "
+                    f"set model.activation = \"{theirs.activation}\"")
         state = convert.read_openclip_weights(path)  # safetensors, or torch.load(weights_only=True)
     except (convert.ConversionError, FileNotFoundError) as e:
         raise InitFromError(f"model.init_from: {e}") from None
