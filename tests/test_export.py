@@ -289,3 +289,55 @@ def test_cli_import_and_export_and_their_errors(openclip_files, tmp_path):
     assert result.exit_code != 0 and "hf, onnx" in result.output
     result = runner.invoke(app, ["import", "hf", str(weights), "--config", str(config), "--out", str(tmp_path / "y")])
     assert result.exit_code != 0 and "openclip" in result.output
+
+
+def random_hf_clip(tmp_path, hidden_act: str = "quick_gelu"):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.CLIPConfig(
+        text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=24, hidden_act=hidden_act),
+        vision_config=dict(hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=32, patch_size=8, hidden_act=hidden_act),
+        projection_dim=16)
+    model = transformers.CLIPModel(config).eval()
+    with torch.no_grad():  # non-trivial biases / norms
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name or "layrnorm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(tmp_path / "hf_in")
+    return model
+
+
+@pytest.mark.parametrize("hidden_act", ["quick_gelu", "gelu"])
+def test_import_hf_gives_the_same_embeddings(tmp_path, hidden_act):
+    open_clip = pytest.importorskip("open_clip")
+    theirs = random_hf_clip(tmp_path, hidden_act)
+    proc = CliRunner().invoke(app, ["import", "hf", str(tmp_path / "hf_in"), "--out", str(tmp_path / "ckpt")])
+    assert proc.exit_code == 0, proc.output
+    ours, _, tokenizer = clipforge.load(tmp_path / "ckpt")
+    assert ours.cfg.activation == hidden_act and tokenizer.kind == "clip-bpe"
+    texts = ["a photo of a cat.", "two dogs on a sofa"]
+    ids, mask = tokenizer(texts)
+    their_ids = open_clip.tokenize(texts, context_length=24)  # CLIP's ids; HF pools at argmax = end-of-text
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        their_text = F.normalize(features(theirs.get_text_features(input_ids=their_ids)), dim=-1)
+        their_image = F.normalize(features(theirs.get_image_features(pixel_values=images)), dim=-1)
+        assert (ours.encode_text(ids, mask) - their_text).abs().max() <= ATOL
+        assert (ours.encode_image(images) - their_image).abs().max() <= ATOL
+    assert ours.logit_scale.item() == pytest.approx(theirs.logit_scale.item())
+
+
+def test_import_hf_refuses_what_it_cannot_reproduce(tmp_path):
+    random_hf_clip(tmp_path)
+    config = json.loads((tmp_path / "hf_in" / "config.json").read_text())
+    config["vision_config"]["layer_norm_eps"] = 1e-6
+    (tmp_path / "hf_in" / "config.json").write_text(json.dumps(config))
+    proc = CliRunner().invoke(app, ["import", "hf", str(tmp_path / "hf_in"), "--out", str(tmp_path / "ckpt")])
+    assert proc.exit_code != 0
+    assert "layer_norm_eps" in str(proc.exception or proc.output)
+    with pytest.raises(ConversionError, match="config.json is missing"):
+        from clipforge.models.convert import import_hf
+
+        import_hf(tmp_path, tmp_path / "c2")

@@ -447,18 +447,24 @@ def export(
 
 @app.command("import")
 def import_(
-    source: str = typer.Argument(..., help="Where the weights come from: openclip."),
-    weights: Path = typer.Argument(..., help="OpenCLIP weights: .safetensors or a torch state dict / checkpoint."),
-    config: Path = typer.Option(..., "--config", help="The model's OpenCLIP JSON config (or Hub open_clip_config.json)."),
+    source: str = typer.Argument(..., help="Where the weights come from: openclip | hf."),
+    weights: Path = typer.Argument(..., help="openclip: .safetensors or a torch state dict / checkpoint; hf: a transformers CLIPModel directory."),
+    config: Optional[Path] = typer.Option(None, "--config", help="openclip: the model's OpenCLIP JSON config (or Hub open_clip_config.json)."),
     out: Path = typer.Option(..., "--out", help="Checkpoint directory to write (new or empty)."),
     vocab: Optional[Path] = typer.Option(None, "--vocab", help="CLIP BPE merges file [default: from installed open_clip_torch]."),
 ) -> None:
-    """Convert OpenCLIP ViT weights into a clipforge checkpoint (with CLIP's BPE tokenizer)."""
-    from clipforge.models.convert import import_openclip
+    """Convert OpenCLIP or Hugging Face CLIP weights into a clipforge checkpoint (with CLIP's BPE tokenizer)."""
+    from clipforge.models.convert import import_hf, import_openclip
 
-    if source != "openclip":
-        raise typer.BadParameter(f"unknown source {source!r}; supported: openclip", param_hint="SOURCE")
-    console.print(f"imported to {import_openclip(weights, config, out, vocab_file=vocab)}")
+    if source == "hf":
+        console.print(f"imported to {import_hf(weights, out, vocab_file=vocab)}")
+    elif source == "openclip":
+        if config is None:
+            raise typer.BadParameter("openclip weights need their JSON config: --config open_clip_config.json",
+                                     param_hint="--config")
+        console.print(f"imported to {import_openclip(weights, config, out, vocab_file=vocab)}")
+    else:
+        raise typer.BadParameter(f"unknown source {source!r}; supported: openclip, hf", param_hint="SOURCE")
 
 
 data_app = _App(cls=_Group, no_args_is_help=True, rich_markup_mode="rich",

@@ -258,3 +258,132 @@ def import_openclip(
         )
     source = {"from": "openclip", "weights": str(weights), "config": str(config)}
     return write_model_checkpoint(out, model, tokenizer, ckpt.checkpoint_config(cfg, tokenizer, source=source))
+
+
+# ----------------------------------------------------------------------------- Hugging Face CLIPModel
+_HF_BLOCK_RENAMES = {"self_attn.out_proj": "attn.proj", "layer_norm1": "ln_1", "layer_norm2": "ln_2",
+                     "mlp.fc1": "mlp.fc", "mlp.fc2": "mlp.proj"}
+
+
+def hf_config_to_ours(config: dict[str, Any], preprocessor: dict[str, Any] | None = None) -> ModelConfig:
+    """Our ModelConfig for a ``transformers.CLIPModel`` config.json; what has no equivalent is refused."""
+    if config.get("model_type", "clip") != "clip":
+        raise ConversionError(f"cannot import: model_type = {config.get('model_type')!r}; "
+                              "clipforge imports transformers' CLIPModel (model_type 'clip')")
+    text, vision = config.get("text_config", {}), config.get("vision_config", {})
+    acts = {text.get("hidden_act", "quick_gelu"), vision.get("hidden_act", "quick_gelu")}
+    if len(acts) != 1 or not acts <= {"gelu", "quick_gelu"}:
+        raise ConversionError(f"cannot import: hidden_act {sorted(acts)}; clipforge has gelu or quick_gelu, "
+                              "the same in both towers")
+    for where, cfg in (("text_config", text), ("vision_config", vision)):
+        if abs(float(cfg.get("layer_norm_eps", 1e-5)) - 1e-5) > 1e-12:
+            raise ConversionError(f"cannot import: {where}.layer_norm_eps = {cfg['layer_norm_eps']}; "
+                                  "clipforge's LayerNorms use 1e-5")
+    t_width, v_width = int(text.get("hidden_size", 512)), int(vision.get("hidden_size", 768))
+    t_ratio = int(text.get("intermediate_size", 2048)) / t_width
+    v_ratio = int(vision.get("intermediate_size", 3072)) / v_width
+    if t_ratio != v_ratio:
+        raise ConversionError(f"cannot import: MLP ratio {v_ratio} (vision) != {t_ratio} (text); "
+                              "clipforge uses one model.mlp_ratio for both towers")
+    preprocessor = preprocessor or {}
+    return ModelConfig(
+        image_size=int(vision.get("image_size", 224)),
+        patch_size=int(vision.get("patch_size", 32)),
+        vision_width=v_width,
+        vision_layers=int(vision.get("num_hidden_layers", 12)),
+        vision_heads=int(vision.get("num_attention_heads", 12)),
+        vision_pool="cls",
+        mlp_ratio=float(v_ratio),
+        activation=acts.pop(),
+        vocab_size=int(text.get("vocab_size", 49408)),
+        context_length=int(text.get("max_position_embeddings", 77)),
+        text_width=t_width,
+        text_layers=int(text.get("num_hidden_layers", 12)),
+        text_heads=int(text.get("num_attention_heads", 8)),
+        embed_dim=int(config.get("projection_dim", 512)),
+        logit_scale_init=float(config.get("logit_scale_init_value", 2.6592)),
+        image_mean=tuple(preprocessor.get("image_mean", OPENAI_MEAN)),
+        image_std=tuple(preprocessor.get("image_std", OPENAI_STD)),
+    )
+
+
+def hf_state_dict_to_ours(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """transformers CLIPModel key names -> ours (q, k, v projections fused into one qkv)."""
+    out = {
+        "logit_scale": sd["logit_scale"],
+        "image_projection.weight": sd["visual_projection.weight"],
+        "text_projection.weight": sd["text_projection.weight"],
+        "text.token_embed.weight": sd["text_model.embeddings.token_embedding.weight"],
+        "text.pos_embed": sd["text_model.embeddings.position_embedding.weight"],
+        "visual.class_token": sd["vision_model.embeddings.class_embedding"],
+        "visual.patch_embed.weight": sd["vision_model.embeddings.patch_embedding.weight"],
+        "visual.pos_embed": sd["vision_model.embeddings.position_embedding.weight"],
+    }
+    for theirs, ours in (("text_model.final_layer_norm", "text.ln_final"), ("vision_model.pre_layrnorm", "visual.ln_pre"),
+                         ("vision_model.post_layernorm", "visual.ln_post")):
+        for p in ("weight", "bias"):
+            out[f"{ours}.{p}"] = sd[f"{theirs}.{p}"]
+    for theirs, ours, layers in (("text_model", "text.blocks", cfg.text_layers),
+                                 ("vision_model", "visual.blocks", cfg.vision_layers)):
+        for i in range(layers):
+            src, dst = f"{theirs}.encoder.layers.{i}", f"{ours}.{i}"
+            for p in ("weight", "bias"):  # our fused rows are [q; k; v]
+                out[f"{dst}.attn.qkv.{p}"] = torch.cat([sd[f"{src}.self_attn.{n}_proj.{p}"] for n in "qkv"])
+                for a, b in _HF_BLOCK_RENAMES.items():
+                    out[f"{dst}.{b}.{p}"] = sd[f"{src}.{a}.{p}"]
+    return {k: v.detach().clone().contiguous() for k, v in out.items()}
+
+
+def _read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    if (directory / "model.safetensors").is_file():
+        return load_file(str(directory / "model.safetensors"))
+    if (directory / "pytorch_model.bin").is_file():
+        try:
+            return torch.load(directory / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        except Exception as e:  # a pickle with code in it, or a damaged file
+            raise ConversionError(f"{directory / 'pytorch_model.bin'} cannot be read safely ({e}); "
+                                  "re-save it as model.safetensors") from None
+    if any(directory.glob("model-*.safetensors")):
+        raise ConversionError(f"{directory} holds sharded weights; merge them (save_pretrained with a larger "
+                              "max_shard_size) before importing")
+    raise ConversionError(f"{directory} has no model.safetensors or pytorch_model.bin")
+
+
+def import_hf(directory: str | Path, out: str | Path, vocab_file: str | Path | None = None) -> Path:
+    """Convert a ``transformers.CLIPModel`` directory (config.json + weights) into a clipforge checkpoint.
+
+    The tokenizer is CLIP's BPE (ids as OpenAI's CLIP and HF's CLIPTokenizer), so only models with its
+    49,408-token vocabulary import; HF pools text at the end-of-text token, as ours does.
+    """
+    from clipforge.models.clip import CLIP
+    from clipforge.models.tokenizer import ClipBPETokenizer
+
+    directory = Path(directory)
+    if not (directory / "config.json").is_file():
+        raise ConversionError(f"{directory} is not a Hugging Face model directory: config.json is missing")
+    config = json.loads((directory / "config.json").read_text())
+    preprocessor_file = directory / "preprocessor_config.json"
+    preprocessor = json.loads(preprocessor_file.read_text()) if preprocessor_file.is_file() else None
+    cfg = hf_config_to_ours(config, preprocessor)
+    tokenizer = ClipBPETokenizer.from_vocab_file(vocab_file, cfg.context_length)
+    if tokenizer.vocab_size != cfg.vocab_size:
+        raise ConversionError(f"{directory} has a text vocabulary of {cfg.vocab_size}, not CLIP's "
+                              f"{tokenizer.vocab_size}; clipforge cannot rebuild its tokenizer")
+    eos = config.get("text_config", {}).get("eos_token_id", 2)
+    if eos not in (2, tokenizer.eot_id):  # 2: legacy configs pool at argmax(ids), which is CLIP's EOT
+        raise ConversionError(f"{directory}: text_config.eos_token_id = {eos}, not CLIP's end-of-text "
+                              f"{tokenizer.eot_id}; the text tower would pool elsewhere")
+    state = _read_hf_weights(directory)
+    try:
+        ours = hf_state_dict_to_ours(state, cfg)
+    except KeyError as e:
+        raise ConversionError(f"{directory} is not a CLIPModel checkpoint: no weight {e}") from None
+    model = CLIP(cfg)
+    try:
+        model.load_state_dict(ours, strict=True)
+    except RuntimeError as e:
+        raise ConversionError(f"{directory} does not match its config.json: {str(e).splitlines()[-1].strip()}") from None
+    source = {"from": "huggingface", "directory": str(directory)}
+    return write_model_checkpoint(out, model, tokenizer, ckpt.checkpoint_config(cfg, tokenizer, source=source))
