@@ -59,6 +59,9 @@ CASES = {
     # a term that owns a parameter but gives no gradient (weight 0): DDP must not stall on it
     "weight-zero-term-with-parameter": ([{"name": "clip"}, {"name": "learned_scale_clip", "weight": 0.0}],
                                         False, False),
+    # TinyCLIP: affinities of local rows against gathered keys, the teacher's keys gathered without grad
+    "affinity-distill+clip": ([{"name": "affinity_distill", "teacher": "teacher", "weight": 0.7},
+                               {"name": "clip", "weight": 0.3}], False, False),
 }
 
 
@@ -71,6 +74,8 @@ def recipe_for(terms: list[dict], siglip: bool):
            "data": {"tokenizer": {"vocab_size": 64}}, "objective": {"terms": terms}}
     if siglip:
         raw["model"].update(logit_scale_init=2.302585, logit_bias_init=-10.0)
+    if any(t["name"] == "affinity_distill" for t in terms):
+        raw["teachers"] = [{"name": "teacher", "kind": "ema", "momentum": 1.0, "momentum_end": 1.0}]
     return validate_recipe(raw)
 
 
@@ -105,6 +110,11 @@ def build(case: str):
     terms, multi, weighted = CASES[case]
     torch.manual_seed(0)
     step = build_step(recipe_for(terms, any(t["name"] == "siglip" for t in terms)), torch.device("cpu"), log=False)
+    if "teacher" in step.teachers:  # a teacher that differs from the student, the same on every rank
+        g = torch.Generator().manual_seed(3)
+        with torch.no_grad():
+            for p in step.teachers["teacher"].module.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
     return step, (2 if multi else 1), weighted
 
 

@@ -1,6 +1,6 @@
 """Training objectives: weighted sums of loss terms built from the recipe's ``[objective]`` section.
 
-Importing this package registers the shipped terms (``clip``, ``siglip``, ``filip``).
+Importing this package registers the shipped terms (``clip``, ``siglip``, ``filip``, ``affinity_distill``).
 """
 
 from clipforge.objectives.base import (
@@ -20,6 +20,7 @@ from clipforge.objectives.contrastive import (
     multi_positive_clip_loss,
     symmetric_cross_entropy,
 )
+from clipforge.objectives.distill import AffinityDistill, affinity_distill_loss
 from clipforge.objectives.filip import FilipLoss, late_interaction_scores
 from clipforge.objectives.sigmoid import (
     SigLipLoss,
@@ -31,6 +32,8 @@ from clipforge.objectives.sigmoid import (
 
 __all__ = [
     "TERMS",
+    "AffinityDistill",
+    "affinity_distill_loss",
     "FilipLoss",
     "TermConfig",
     "late_interaction_scores",
