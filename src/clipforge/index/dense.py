@@ -155,15 +155,38 @@ class DenseIndex:
         if not (directory / INFO_FILE).is_file() or not (directory / INDEX_FILE).is_file():
             raise SearchIndexError(f"{directory} is not an index directory; build one with `clipforge index`")
         self.directory = directory
-        self.info = json.loads((directory / INFO_FILE).read_text())
-        self.index = faiss.read_index(str(directory / INDEX_FILE))
-        params = self.info.get("params", {})
-        if self.info["kind"] == "ivf" and params.get("nprobe"):
-            self.index.nprobe = params["nprobe"]
-        if self.info["kind"] == "hnsw" and params.get("ef_search"):
+        self.info = _read_info(directory / INFO_FILE)
+        try:
+            self.index = faiss.read_index(str(directory / INDEX_FILE))
+        except (RuntimeError, MemoryError) as e:
+            # FAISS reports a short or corrupt file as a RuntimeError naming C++ source lines; keep its reason
+            reason = str(e).rsplit("Error: ", 1)[-1].strip()[:160] or type(e).__name__
+            raise SearchIndexError(
+                f"{directory / INDEX_FILE} is damaged or truncated and FAISS cannot read it ({reason}); "
+                f"{REBUILD}") from None
+        params = self.info.get("params") or {}
+        if hasattr(self.index, "nprobe"):  # IVF (asked of the index itself, in case index.json disagrees)
+            if params.get("nprobe"):
+                self.index.nprobe = params["nprobe"]
+            self.index.make_direct_map()  # so vector(id) can reconstruct stored vectors (search by an item)
+        if hasattr(self.index, "hnsw") and params.get("ef_search"):
             self.index.hnsw.efSearch = params["ef_search"]
-        self.ids = np.load(directory / IDS_FILE)
+        self.ids = _read_ids(directory / IDS_FILE, self.index.ntotal)
         self.dim = self.index.d
+        self._sorted = None  # (order, sorted ids), built on the first vector() call
+
+    def vector(self, item_id: int) -> np.ndarray | None:
+        """The stored (unit-norm) vector of indexed item ``item_id``, or None if it is not indexed."""
+        if self._sorted is None:
+            order = np.argsort(self.ids, kind="stable")
+            self._sorted = (order, self.ids[order])  # a benign race: two threads build the same arrays
+        order, sorted_ids = self._sorted
+        if not -2**63 <= item_id < 2**63:  # beyond int64 no id can match (and numpy would overflow)
+            return None
+        at = int(np.searchsorted(sorted_ids, np.int64(item_id)))
+        if at >= len(sorted_ids) or sorted_ids[at] != item_id:
+            return None
+        return self.index.reconstruct(int(order[at]))
 
     def __len__(self) -> int:
         return self.index.ntotal
@@ -173,3 +196,37 @@ class DenseIndex:
         scores, positions = self.index.search(queries, min(k, len(self)))
         ids = np.where(positions >= 0, self.ids[np.clip(positions, 0, None)], -1)
         return scores, ids
+
+
+REBUILD = "rebuild the index with `clipforge index EMB_DIR --out NEW_DIR` (from its embedding directory)"
+
+
+def _read_info(path: Path) -> dict[str, Any]:
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # ValueError: bad JSON or bad UTF-8
+        raise SearchIndexError(f"{path} is damaged ({type(e).__name__}: {str(e)[:120]}); {REBUILD}") from None
+    if not isinstance(info, dict) or info.get("kind") not in INDEX_KINDS:
+        raise SearchIndexError(f"{path} does not describe a clipforge index (no known \"kind\"); {REBUILD}")
+    return info
+
+
+def _read_ids(path: Path, count: int) -> np.ndarray:
+    """ids.npy, refused unless it is a plain integer array with one id per indexed vector."""
+    try:
+        ids = np.load(path, allow_pickle=False)  # never unpickle: a pickle can run code when loaded
+    except FileNotFoundError:
+        raise SearchIndexError(f"{path} is missing; {REBUILD}") from None
+    except ValueError as e:
+        if "allow_pickle" in str(e):
+            raise SearchIndexError(
+                f"{path} holds pickled Python objects, not integer ids; clipforge never loads pickles "
+                f"(loading one can run code), so the file is unsafe or was not written by clipforge; {REBUILD}"
+            ) from None
+        raise SearchIndexError(f"{path} is damaged or truncated ({str(e)[:160]}); {REBUILD}") from None
+    except (OSError, EOFError) as e:
+        raise SearchIndexError(f"{path} is damaged or truncated ({type(e).__name__}); {REBUILD}") from None
+    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer) or len(ids) != count:
+        raise SearchIndexError(f"{path} holds {ids.dtype} {ids.shape}, not {count} integer ids (one per indexed "
+                               f"vector): it does not belong to this index; {REBUILD}")
+    return ids.astype(np.int64, copy=False)

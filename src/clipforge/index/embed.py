@@ -17,8 +17,10 @@ counted (their ids simply do not appear), and the run stops if too many are bad.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -82,8 +84,14 @@ def _open_output(out: Path, settings: dict[str, Any]) -> dict[str, Any]:
     """Start a new directory or continue one made with the same settings; anything else is an error."""
     path = out / MANIFEST
     if path.is_file():
-        manifest = json.loads(path.read_text())
+        manifest = _read_manifest(path)
         changed = [k for k, v in settings.items() if manifest.get(k) != v]
+        if changed and not any(_shards(out, kind) for kind in KINDS):
+            # a run that failed before its first shard holds nothing to keep: start over with these
+            # settings rather than block the corrected command
+            manifest = {**settings, "complete": False, "skipped_images": []}
+            _write_json_atomic(path, manifest)
+            return manifest
         if changed:
             raise EmbedError(
                 f"{out} holds embeddings made with different settings ({', '.join(changed)} changed); "
@@ -126,6 +134,24 @@ def _save_shard(out: Path, kind: str, i: int, embeds: np.ndarray, rows: dict[str
 
 
 # ----------------------------------------------------------------------------- embedding
+def _remove_new_output_on_failure(embed):
+    """A failed run that wrote no shard removes the output directory it created itself, so nothing
+    is left for the corrected command to trip over (one with shards stays: a rerun resumes it)."""
+
+    @functools.wraps(embed)
+    def run(ckpt, data, out, **options):
+        out = Path(out)
+        created = not out.exists()
+        try:
+            return embed(ckpt, data, out, **options)
+        except BaseException:
+            if created and out.is_dir() and not any(_shards(out, kind) for kind in KINDS):
+                shutil.rmtree(out, ignore_errors=True)
+            raise
+
+    return run
+
+
 def _embed_image_shard(model, paths: list[str], preprocess, image_size: int, batch_size: int, workers: int,
                        advance: Callable[[int], None]) -> tuple[np.ndarray, list[bool], list[tuple[str, str]]]:
     from clipforge.eval.datasets import DecodedImages
@@ -143,6 +169,7 @@ def _embed_text_shard(model, tokenizer, texts: list[str], batch_size: int, advan
     return embed_captions(model, tokenizer, texts, batch_size=batch_size, out_device="cpu", advance=advance).numpy()
 
 
+@_remove_new_output_on_failure
 def embed_dataset(
     ckpt: str | Path,
     data: str,
@@ -159,11 +186,14 @@ def embed_dataset(
 ) -> dict[str, Any]:
     """Embed every image and caption of ``data`` with the checkpoint; resume an unfinished ``out``.
 
+    ``ckpt``: a checkpoint directory or a run directory (its latest checkpoint), as for evaluation.
+
     ``stop_after_shards`` stops after writing that many new shards (to test resuming).
     Returns counts: images, texts, skipped_images, shards_written.
     """
     from clipforge.api import load
     from clipforge.eval.datasets import check_bad_fraction, progress_bar
+    from clipforge.eval.evaluate import checkpoint_dir
 
     if dtype not in DTYPES:
         raise EmbedError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -171,6 +201,7 @@ def embed_dataset(
         raise EmbedError("--shard-size and --batch-size must be >= 1")
     require_pyarrow()
     out = Path(out)
+    ckpt = checkpoint_dir(ckpt)  # a run directory means its latest checkpoint, as in `clipforge eval`
     items = read_items(data)
     manifest = _open_output(out, _settings(str(ckpt), data, dtype, shard_size, items))
     if manifest.get("complete"):
@@ -259,14 +290,53 @@ def load_embeddings(emb_dir: str | Path, kind: str = "images") -> tuple[np.ndarr
         raise EmbedError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
     if not (emb_dir / MANIFEST).is_file():
         raise EmbedError(f"{emb_dir} is not an embedding directory ({MANIFEST} missing); run `clipforge embed` first")
-    manifest = json.loads((emb_dir / MANIFEST).read_text())
+    manifest = _read_manifest(emb_dir / MANIFEST)
     if not manifest.get("complete"):
         raise EmbedError(f"{emb_dir} is unfinished; rerun the same `clipforge embed` command to complete it")
     shards = _shards(emb_dir, kind)
     if not shards:
         raise EmbedError(f"{emb_dir} has no {kind} embeddings")
-    vectors = np.concatenate([np.load(p).astype(np.float32) for p in shards])
-    table = pq.read_table(emb_dir / f"{kind}.parquet")
+    vectors = [_read_shard(p) for p in shards]
+    if len({v.shape[1] for v in vectors}) != 1:
+        raise EmbedError(f"{emb_dir}: the {kind} shards have different widths ({sorted({v.shape[1] for v in vectors})}); "
+                         f"they come from different runs; {REEMBED}")
+    vectors = np.concatenate(vectors)
+    try:
+        table = pq.read_table(emb_dir / f"{kind}.parquet")
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        raise EmbedError(f"{emb_dir / f'{kind}.parquet'} is missing or damaged ({str(e)[:160]}); {REEMBED}") from None
     if table.num_rows != len(vectors):
         raise EmbedError(f"{emb_dir}: {kind}.parquet has {table.num_rows} rows but the shards hold {len(vectors)}")
     return vectors, table, manifest
+
+
+REEMBED = "re-create the embeddings with `clipforge embed CKPT --data ... --out NEW_DIR`"
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # ValueError: bad JSON or bad UTF-8
+        raise EmbedError(f"{path} is damaged ({type(e).__name__}: {str(e)[:120]}); {REEMBED}") from None
+    if not isinstance(manifest, dict):
+        raise EmbedError(f"{path} is not a clipforge embedding manifest; {REEMBED}")
+    return manifest
+
+
+def _read_shard(path: Path) -> np.ndarray:
+    """One .npy shard as float32, refused unless it is a plain 2-D float array."""
+    try:
+        array = np.load(path, allow_pickle=False)  # never unpickle: a pickle can run code when loaded
+    except ValueError as e:
+        if "allow_pickle" in str(e):
+            raise EmbedError(
+                f"{path} holds pickled Python objects, not embeddings; clipforge never loads pickles "
+                f"(loading one can run code), so the file is unsafe or was not written by clipforge; {REEMBED}"
+            ) from None
+        raise EmbedError(f"{path} is damaged or truncated ({str(e)[:160]}); {REEMBED}") from None
+    except (OSError, EOFError) as e:
+        raise EmbedError(f"{path} is damaged or truncated ({type(e).__name__}); {REEMBED}") from None
+    if array.ndim != 2 or not np.issubdtype(array.dtype, np.floating):
+        raise EmbedError(f"{path} holds {array.dtype} {array.shape}, not an N x E float array of embeddings; "
+                         f"{REEMBED}")
+    return array.astype(np.float32)

@@ -2,13 +2,16 @@
 
     clipforge serve idx/ --port 8000      # http://127.0.0.1:8000/ (page), /docs and /openapi.json (schema)
 
-    POST /search     {"text": "..."} | {"image": "<base64 or data: URL>"} | {"embedding": [...]}, "k": 10
-                     -> {"query": "text", "k": 10, "results": [{"id", "score", "caption", "image_url"}], "took_ms"}
-    GET  /image/{id} a JPEG thumbnail of an indexed image (only those: ids, never paths, come in)
-    GET  /health     index kind, size, dimension
+    POST /search       {"text": "..."} | {"image": "<base64 or data: URL>"} | {"embedding": [...]}, "k": 10
+                       -> {"query": "text", "k": 10, "results": [{"id", "score", "caption", "image_url"}], "took_ms"}
+    GET  /similar/{id} ?k=10: search by the stored vector of an indexed item (image -> image in an image index)
+    GET  /image/{id}   a JPEG thumbnail of an indexed image (only those: ids, never paths, come in)
+    GET  /health       index kind, size, dimension
+    GET  /modes        which query modes this server can answer (text needs a model), with labels
 
 Safe by default: binds 127.0.0.1, refuses request bodies over ``max_request_bytes`` (413), decodes
-at most ``max_image_pixels`` pixels, and answers every malformed field with 422 and a message.
+at most ``max_image_pixels`` pixels, refuses images longer than ``MAX_ASPECT_RATIO``:1 (whose resize
+would be huge), and answers every malformed field with 422 and a message: no input gives a 5xx.
 """
 
 from __future__ import annotations
@@ -32,7 +35,9 @@ MAX_TEXT_CHARS = 1000
 MAX_REQUEST_BYTES = 8 * 1024 * 1024
 MAX_IMAGE_BASE64_CHARS = MAX_REQUEST_BYTES  # the body limit applies first; this names the field in errors
 MAX_IMAGE_PIXELS = 40_000_000  # ~ 6300 x 6300; larger uploads are refused before decoding
+MAX_ASPECT_RATIO = 32  # longer side / shorter side; beyond it the shorter-side resize makes a huge strip
 MAX_EMBED_DIM = 8192
+MAX_ITEM_ID = 2**63 - 1  # ids are int64 in the index
 THUMBNAIL_SIZE = 256
 
 
@@ -78,10 +83,31 @@ class Hit(BaseModel):
 
 
 class SearchResponse(BaseModel):
-    query: Literal["text", "image", "embedding"]
+    query: Literal["text", "image", "embedding", "item"]
     k: int
     results: list[Hit]
     took_ms: float
+
+
+class Item(BaseModel):
+    id: int
+    caption: str
+    image_url: str | None
+
+
+class SimilarResponse(SearchResponse):
+    item: Item = Field(description="The indexed item searched by (its stored vector is the query).")
+
+
+class Mode(BaseModel):
+    query: Literal["text", "image", "item"]
+    label: str
+
+
+class Modes(BaseModel):
+    what: str
+    model: bool
+    modes: list[Mode]
 
 
 class Health(BaseModel):
@@ -96,8 +122,24 @@ class QueryError(ValueError):
     """A well-formed request whose content cannot be used (bad image, wrong dimension): 422."""
 
 
-def decode_image(data: str, max_pixels: int = MAX_IMAGE_PIXELS):
-    """base64 (or a data: URL) -> RGB PIL image; every failure is a QueryError with a message."""
+def check_image_size(w: int, h: int, max_pixels: int, name: str = "image") -> None:
+    """Refuse, from the header alone, images whose decoding or resizing would be unbounded."""
+    if w < 1 or h < 1:
+        raise QueryError(f"{name}: {w}x{h} has no pixels")
+    if w * h > max_pixels:
+        raise QueryError(f"{name}: {w}x{h} is more than {max_pixels} pixels; send a smaller image")
+    # the model resizes the shorter side up or down to its input size, so a 1 x 1,000,000 strip would
+    # become 224 x 224,000,000: the output, not only the input, has to be bounded
+    if max(w, h) > MAX_ASPECT_RATIO * min(w, h):
+        raise QueryError(f"{name}: {w}x{h} is more than {MAX_ASPECT_RATIO} times longer than it is wide; "
+                         "crop it to the part to search for")
+
+
+def decode_image(data: str, max_pixels: int = MAX_IMAGE_PIXELS, size_hint: int | None = None):
+    """base64 (or a data: URL) -> RGB PIL image; every failure is a QueryError with a message.
+
+    ``size_hint`` (the model's input size) lets a JPEG decode at 1/2 .. 1/8 scale when the model
+    would throw that resolution away anyway."""
     from PIL import Image, ImageOps
 
     from clipforge.data.transforms import to_rgb
@@ -112,14 +154,17 @@ def decode_image(data: str, max_pixels: int = MAX_IMAGE_PIXELS):
         raise QueryError("image: not valid base64") from None
     try:
         with Image.open(io.BytesIO(raw)) as image:
-            w, h = image.size
-            if w * h > max_pixels:
-                raise QueryError(f"image: {w}x{h} is more than {max_pixels} pixels; send a smaller image")
+            check_image_size(*image.size, max_pixels)
+            if size_hint and image.format == "JPEG":
+                image.draft("RGB", (size_hint, size_hint))  # keeps both sides >= size_hint
             image.load()
-            return to_rgb(ImageOps.exif_transpose(image))
+            image = to_rgb(ImageOps.exif_transpose(image))
+            check_image_size(*image.size, max_pixels)  # EXIF may swap sides; draft only shrinks
+            return image
     except QueryError:
         raise
-    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as e:
         raise QueryError(f"image: cannot be decoded ({type(e).__name__})") from None
 
 
@@ -127,10 +172,10 @@ def unit_vector(values: list[float], dim: int) -> np.ndarray:
     v = np.asarray(values, dtype=np.float32)
     if v.shape != (dim,):
         raise QueryError(f"embedding: expected {dim} numbers (the index's dimension), got {v.size}")
-    norm = float(np.linalg.norm(v))
-    if not np.isfinite(v).all() or norm == 0.0:
+    if not np.isfinite(v).all() or not v.any():
         raise QueryError("embedding: must be finite and not all zero")
-    return v / norm
+    v = v / np.abs(v).max()  # first to <= 1, so the norm of huge (finite) values does not overflow
+    return v / np.linalg.norm(v)
 
 
 class Searcher:
@@ -140,10 +185,14 @@ class Searcher:
                  max_image_pixels: int = MAX_IMAGE_PIXELS):
         import pyarrow.parquet as pq
 
-        from clipforge.index.dense import META_FILE, DenseIndex
+        from clipforge.index.dense import META_FILE, REBUILD, DenseIndex, SearchIndexError
 
         self.index = DenseIndex(index_dir)
-        meta = pq.read_table(Path(index_dir) / META_FILE).to_pydict()
+        try:
+            meta = pq.read_table(Path(index_dir) / META_FILE).to_pydict()
+        except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+            raise SearchIndexError(f"{Path(index_dir) / META_FILE} is missing or damaged ({str(e)[:160]}); "
+                                   f"{REBUILD}") from None
         self.captions = dict(zip(meta["id"], meta.get("caption", [""] * len(meta["id"]))))
         self.images = dict(zip(meta["id"], meta["image"])) if "image" in meta else {}
         checkpoint = checkpoint or self.index.info.get("checkpoint")
@@ -163,9 +212,11 @@ class Searcher:
 
         if request.embedding is not None:
             return unit_vector(request.embedding, self.index.dim)
-        image = decode_image(request.image, self.max_image_pixels) if request.image is not None else None
+        size_hint = self.model.cfg.image_size if self.model is not None else None
+        image = decode_image(request.image, self.max_image_pixels, size_hint) if request.image is not None else None
         if self.model is None:
-            raise QueryError("this server has no model loaded (start it with --ckpt); only embedding queries work")
+            raise QueryError("this server has no model loaded (start it with --ckpt); only embedding queries and "
+                             "searches by an indexed item (GET /similar/{id}) work")
         with self._lock, torch.inference_mode():
             if request.text is not None:
                 ids, mask = self.tokenizer([request.text])
@@ -177,21 +228,55 @@ class Searcher:
     def search(self, request: SearchRequest) -> SearchResponse:
         start = time.perf_counter()
         query = self.embed_query(request)
-        scores, ids = self.index.search(query[None], request.k)
-        hits = [
-            Hit(id=int(i), score=float(s), caption=self.captions.get(int(i), ""),
-                image_url=f"/image/{int(i)}" if int(i) in self.images else None)
-            for s, i in zip(scores[0], ids[0]) if i >= 0
-        ]
         kind = "text" if request.text is not None else "image" if request.image is not None else "embedding"
-        return SearchResponse(query=kind, k=request.k, results=hits, took_ms=round(1000 * (time.perf_counter() - start), 3))
+        return SearchResponse(query=kind, k=request.k, results=self.hits(query, request.k),
+                              took_ms=round(1000 * (time.perf_counter() - start), 3))
+
+    def similar(self, item_id: int, k: int) -> SimilarResponse | None:
+        """Search by the stored vector of an indexed item (None if ``item_id`` is not indexed)."""
+        start = time.perf_counter()
+        query = self.index.vector(item_id)
+        if query is None:
+            return None
+        return SimilarResponse(query="item", k=k, item=self.item(item_id), results=self.hits(query, k),
+                               took_ms=round(1000 * (time.perf_counter() - start), 3))
+
+    def hits(self, query: np.ndarray, k: int) -> list[Hit]:
+        scores, ids = self.index.search(query[None], k)
+        return [Hit(score=float(s), **self.item(int(i)).model_dump()) for s, i in zip(scores[0], ids[0]) if i >= 0]
+
+    def item(self, item_id: int) -> Item:
+        return Item(id=item_id, caption=self.captions.get(item_id, ""),
+                    image_url=f"/image/{item_id}" if item_id in self.images else None)
+
+    def modes(self) -> Modes:
+        # an index holds one kind of vector; every query searches that kind
+        what = self.index.info.get("what", "images")
+        target = "text" if what == "texts" else "image"
+        modes = [Mode(query="text", label=f"text → {target}"), Mode(query="image", label=f"image → {target}")]
+        modes = modes if self.model is not None else []  # text and image queries need the model
+        modes.append(Mode(query="item", label=f"indexed {target} → {target}"))  # stored vectors: no model needed
+        return Modes(what=what, model=self.model is not None, modes=modes)
 
 
-def make_thumbnail(path: str, size: int = THUMBNAIL_SIZE) -> bytes:
-    from clipforge.data.sources import load_image
+def make_thumbnail(path: str, size: int = THUMBNAIL_SIZE, max_pixels: int = MAX_IMAGE_PIXELS) -> bytes:
+    """A JPEG of at most size x size; QueryError for files too large to decode (a bomb's header is
+    read, never its pixels)."""
+    from PIL import Image, ImageOps
 
-    image = load_image(path, size)
-    image.thumbnail((size, size))
+    from clipforge.data.transforms import to_rgb
+
+    # Image.open raises DecompressionBombError for headers over 2x Pillow's limit; ours is checked
+    # after draft, so a big JPEG still gets a thumbnail by decoding at 1/8 scale
+    with Image.open(path) as image:
+        if image.format == "JPEG":
+            image.draft("RGB", (size, size))
+        w, h = image.size
+        if w * h > max_pixels:
+            raise QueryError(f"{w}x{h} is more than the {max_pixels} pixels this server decodes")
+        image.load()
+        image = to_rgb(ImageOps.exif_transpose(image))
+    image.thumbnail((size, size))  # keeps the aspect ratio; the output is at most size x size
     buf = io.BytesIO()
     image.save(buf, format="JPEG", quality=85)
     return buf.getvalue()
@@ -229,7 +314,7 @@ def create_app(index_dir: str | Path, checkpoint: str | Path | None = None, *,
                max_request_bytes: int = MAX_REQUEST_BYTES, max_image_pixels: int = MAX_IMAGE_PIXELS):
     """The FastAPI app serving ``index_dir`` (query model: ``checkpoint`` or the one the index records)."""
     require_server_deps()
-    from fastapi import FastAPI, HTTPException, Path as PathParam
+    from fastapi import FastAPI, HTTPException, Path as PathParam, Query
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, JSONResponse, Response
 
@@ -244,9 +329,18 @@ def create_app(index_dir: str | Path, checkpoint: str | Path | None = None, *,
         # one readable message per problem, e.g. "k: Input should be less than or equal to 100"
         messages = []
         for err in exc.errors():
-            where = ".".join(str(p) for p in err["loc"] if p != "body")
-            messages.append(f"{where}: {err['msg']}" if where else str(err["msg"]).removeprefix("Value error, "))
-        return JSONResponse({"detail": "; ".join(messages), "errors": jsonable(exc.errors())}, status_code=422)
+            where = ".".join(str(p) for p in err["loc"] if p not in ("body", "query", "path"))
+            message = str(err["msg"]).removeprefix("Value error, ")
+            if err["type"] == "string_unicode":  # JSON's "\ud800": a lone surrogate, not a character
+                message = "not valid Unicode text (it holds a lone surrogate such as \\ud800); send UTF-8 text"
+                where = where or "a field name"
+            if err["type"] == "json_invalid":  # loc is ("body", offset): say so rather than "12: JSON decode error"
+                where, reason = "", (err.get("ctx") or {}).get("error", "cannot parse")
+                message = f"the body is not valid JSON: {reason} (character {err['loc'][-1]})"
+            messages.append(f"{where}: {message}" if where else message)
+        # the input is echoed back, and a lone surrogate cannot be encoded as UTF-8: escape them all
+        return JSONResponse(utf8_safe({"detail": "; ".join(messages), "errors": jsonable(exc.errors())}),
+                            status_code=422)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page() -> str:
@@ -257,6 +351,11 @@ def create_app(index_dir: str | Path, checkpoint: str | Path | None = None, *,
         info = searcher.index.info
         return Health(kind=info["kind"], what=info.get("what", "images"), count=len(searcher.index), dim=searcher.index.dim)
 
+    @app.get("/modes", response_model=Modes)
+    def modes() -> Modes:
+        """The query modes this server answers, labelled source → target (what the page offers)."""
+        return searcher.modes()
+
     @app.post("/search", response_model=SearchResponse, responses={422: {"description": "Invalid query"}})
     def search(request: SearchRequest) -> SearchResponse:
         try:
@@ -264,13 +363,28 @@ def create_app(index_dir: str | Path, checkpoint: str | Path | None = None, *,
         except QueryError as e:
             raise HTTPException(status_code=422, detail=str(e)) from None
 
-    @app.get("/image/{item_id}", responses={200: {"content": {"image/jpeg": {}}}, 404: {"description": "Not indexed"}})
-    def image(item_id: int = PathParam(..., ge=0, description="An id from /search results.")):
+    @app.get("/similar/{item_id}", response_model=SimilarResponse, responses={404: {"description": "Not indexed"}})
+    def similar(item_id: int = PathParam(..., ge=0, le=MAX_ITEM_ID, description="An id from /search results."),
+                k: int = Query(10, ge=1, le=MAX_K, description=f"Number of results (1..{MAX_K}).")) -> SimilarResponse:
+        """Search by an indexed item: its stored vector is the query (the item itself comes first)."""
+        found = searcher.similar(item_id, k)
+        if found is None:
+            raise HTTPException(status_code=404, detail=f"no indexed item with id {item_id}")
+        return found
+
+    @app.get("/image/{item_id}", responses={200: {"content": {"image/jpeg": {}}}, 404: {"description": "Not indexed"},
+                                            422: {"description": "Too large to decode"}})
+    def image(item_id: int = PathParam(..., ge=0, le=MAX_ITEM_ID, description="An id from /search results.")):
+        from PIL import Image
+
         path = searcher.images.get(item_id)
         if path is None:
             raise HTTPException(status_code=404, detail=f"no indexed image with id {item_id}")
         try:
-            data = _cached_thumbnail(path)
+            data = _cached_thumbnail(path, searcher.max_image_pixels)
+        except (QueryError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            # a file in the index whose header claims a huge size: refused before decoding
+            raise HTTPException(status_code=422, detail=f"image {item_id} is too large to decode: {e}") from None
         except (OSError, ValueError, SyntaxError, EOFError) as e:
             raise HTTPException(status_code=404, detail=f"image {item_id} cannot be read ({type(e).__name__})") from None
         return Response(content=data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
@@ -279,13 +393,24 @@ def create_app(index_dir: str | Path, checkpoint: str | Path | None = None, *,
 
 
 @lru_cache(maxsize=2048)
-def _cached_thumbnail(path: str) -> bytes:
-    return make_thumbnail(path)
+def _cached_thumbnail(path: str, max_pixels: int = MAX_IMAGE_PIXELS) -> bytes:
+    return make_thumbnail(path, max_pixels=max_pixels)
 
 
 def jsonable(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
     # pydantic puts the exception object in "ctx"; keep only what JSON can carry
     return [{k: (str(v)[:200] if k in ("ctx", "input") else v) for k, v in e.items() if k != "url"} for e in errors]
+
+
+def utf8_safe(value: Any) -> Any:
+    """``value`` with every string encodable as UTF-8: lone surrogates become the text ``\\ud800``."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {utf8_safe(k): utf8_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [utf8_safe(v) for v in value]
+    return value
 
 
 def is_loopback(host: str) -> bool:
