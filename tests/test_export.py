@@ -287,8 +287,10 @@ def test_cli_import_and_export_and_their_errors(openclip_files, tmp_path):
     assert (tmp_path / "onnx" / "text_encoder.onnx").is_file()
     result = runner.invoke(app, ["export", str(tmp_path / "ck"), "--to", "tflite", str(tmp_path / "x")])
     assert result.exit_code != 0 and "hf, onnx" in result.output
-    result = runner.invoke(app, ["import", "hf", str(weights), "--config", str(config), "--out", str(tmp_path / "y")])
-    assert result.exit_code != 0 and "openclip" in result.output
+    result = runner.invoke(app, ["import", "timm", str(weights), "--config", str(config), "--out", str(tmp_path / "y")])
+    assert result.exit_code != 0 and "openclip, hf" in result.output
+    result = runner.invoke(app, ["import", "openclip", str(weights), "--out", str(tmp_path / "y")])
+    assert result.exit_code != 0 and "--config" in result.output  # openclip weights need their config
 
 
 def random_hf_clip(tmp_path, hidden_act: str = "quick_gelu"):

@@ -3,6 +3,10 @@
     clipforge export CKPT --to hf out_hf/      # transformers.CLIPModel / AutoTokenizer / CLIPImageProcessor
     clipforge export CKPT --to onnx out_onnx/  # image_encoder.onnx + text_encoder.onnx (+ tokenizer.json)
 
+CKPT is a checkpoint directory or a run directory (its latest checkpoint), resolved as for
+``clipforge eval``. The output is written next to OUT and renamed into place at the end, so a
+failed export leaves nothing behind.
+
 Hugging Face's CLIP is the same network as ours (pre-LN blocks, ln_pre, class token, bias-free
 patch conv and projections) once the fused QKV is split into q/k/v. Options HF's CLIPModel cannot
 express are refused by name instead of exporting a model that computes something else.
@@ -12,8 +16,11 @@ Needs the ``export`` extra: ``pip install 'clipforge[export]'``.
 from __future__ import annotations
 
 import json
+import os
+import secrets
 import shutil
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -42,16 +49,37 @@ def _require(module: str, extra: str = "export"):
 
 
 def _checkpoint_dir(path: str | Path) -> Path:
-    path = Path(path)
-    return path.parent if path.is_file() else path
+    # the resolution `clipforge eval` uses: a checkpoint directory (or its model.safetensors), or a
+    # run directory, meaning its latest checkpoint
+    from clipforge.eval.evaluate import checkpoint_dir
+
+    return checkpoint_dir(path)
 
 
-def _prepare_out(out: Path) -> Path:
+def _check_out(out: Path) -> Path:
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} exists and is not empty; choose a new output directory")
-    out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+@contextmanager
+def _staged_output(out: Path):
+    """Yield a hidden directory next to ``out`` to write into; it becomes ``out`` only when the block
+    succeeds. A failed export leaves nothing behind, so the corrected command is not told that
+    ``out`` exists."""
+    out = _check_out(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = out.parent / f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(3)}"
+    stage.mkdir()  # mkdir, not mkdtemp: the result gets the usual permissions (mkdtemp's are 0700)
+    try:
+        yield stage
+        if out.exists():
+            out.rmdir()  # an empty directory made beforehand (checked above): take its place
+        stage.rename(out)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
 
 
 # ----------------------------------------------------------------------------- Hugging Face
@@ -188,6 +216,8 @@ def export_hf(ckpt_path: str | Path, out: str | Path) -> Path:
     from clipforge.api import load
     from clipforge.train import checkpoint as ckpt
 
+    ckpt_path = _checkpoint_dir(ckpt_path)
+    _check_out(Path(out))  # before the slow part: a taken directory is refused at once
     model, _, tokenizer = load(ckpt_path)
     cfg = model.cfg
     check_hf_compatible(cfg)
@@ -199,11 +229,11 @@ def export_hf(ckpt_path: str | Path, out: str | Path) -> Path:
     if missing or result.unexpected_keys:
         raise ExportError(f"internal: HF key mapping incomplete (missing {missing[:5]}, "
                           f"unexpected {result.unexpected_keys[:5]}); transformers {transformers.__version__}")
-    out = _prepare_out(Path(out))
-    hf_model.save_pretrained(out, safe_serialization=True)
-    _hf_tokenizer(tokenizer).save_pretrained(out)
-    _hf_image_processor(ckpt.read_config(_checkpoint_dir(ckpt_path))).save_pretrained(out)
-    return out
+    with _staged_output(Path(out)) as stage:
+        hf_model.save_pretrained(stage, safe_serialization=True)
+        _hf_tokenizer(tokenizer).save_pretrained(stage)
+        _hf_image_processor(ckpt.read_config(ckpt_path)).save_pretrained(stage)
+    return Path(out)
 
 
 # ----------------------------------------------------------------------------- ONNX
@@ -246,18 +276,25 @@ def export_onnx(ckpt_path: str | Path, out: str | Path) -> Path:
     how to feed them (``onnx_config.json``)."""
     _require("onnx")
     from clipforge.api import load
+
+    source = _checkpoint_dir(ckpt_path)
+    _check_out(Path(out))  # before the slow part: a taken directory is refused at once
+    model, _, tokenizer = load(source)
+    with _staged_output(Path(out)) as stage:
+        _write_onnx(model, tokenizer, source, stage)
+    return Path(out)
+
+
+def _write_onnx(model, tokenizer, source: Path, out: Path) -> None:
     from clipforge.train import checkpoint as ckpt
 
-    model, _, tokenizer = load(ckpt_path)
     cfg = model.cfg
-    out = _prepare_out(Path(out))
     images = torch.zeros(2, 3, cfg.image_size, cfg.image_size, dtype=torch.uint8)
     ids, mask = tokenizer(["a photo", "an example caption"])
     with torch.no_grad():
         _onnx_export(ImageEncoder(model).eval(), (images,), out / ONNX_IMAGE_FILE, ["images"], "image_embeds")
         _onnx_export(TextEncoder(model).eval(), (ids, mask), out / ONNX_TEXT_FILE, ["input_ids", "attention_mask"],
                      "text_embeds")
-    source = _checkpoint_dir(ckpt_path)
     config = ckpt.read_config(source)
     shutil.copy(source / ckpt.TOKENIZER, out / ckpt.TOKENIZER)
     (out / "onnx_config.json").write_text(json.dumps({
@@ -268,10 +305,10 @@ def export_onnx(ckpt_path: str | Path, out: str | Path) -> Path:
         "preprocess": config["preprocess"], "tokenizer": config["tokenizer"], "embed_dim": cfg.embed_dim,
         "logit_scale": float(model.logit_scale.detach().exp()), "opset": ONNX_OPSET,
     }, indent=2))
-    return out
 
 
 def export(ckpt_path: str | Path, to: str, out: str | Path) -> Path:
+    """Export ``ckpt_path`` (a checkpoint directory, or a run directory: its latest checkpoint) to ``out``."""
     if to not in EXPORT_KINDS:
         raise ExportError(f"unknown export target {to!r}; choose one of {', '.join(EXPORT_KINDS)}")
     return export_hf(ckpt_path, out) if to == "hf" else export_onnx(ckpt_path, out)

@@ -55,11 +55,15 @@ from clipforge.data.sources import (
     DECODE_ERRORS,
     DataError,
     DataSpec,
+    _columns_found,
     _image_column,
     caption_cell,
+    caption_column,
     _image_path,
+    named_column,
     read_image_folder,
     read_table,
+    table_labels,
 )
 
 IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")  # first one present in a tar sample is its image
@@ -294,23 +298,35 @@ class TableSource:
     """``csv:`` / ``jsonl:`` rows with an image path (relative to the table) and a caption (or a list).
 
     Optional columns: ``id``/``key`` (the sample key; else ``<file name>:<line>``) and ``weight``.
+    ``data.image_key`` / ``caption_key`` / ``label_key`` name the columns and ``data.csv_separator``
+    the CSV separator (see ``DataConfig``); with a label column, ``labels`` are class indices
+    (sorted class names, or integer ids as they are) and a table without captions gets
+    ``data.caption_template`` filled with the class name, as an image folder does.
     """
 
-    def __init__(self, spec: SourceSpec) -> None:
+    def __init__(self, spec: SourceSpec, data_cfg: DataConfig | None = None) -> None:
+        cfg = data_cfg or DataConfig()
         self.spec = spec
         path = Path(spec.target).expanduser()
-        rows = read_table(DataSpec(spec.kind, path))
-        column = _image_column(rows, path)
-        caption_col = next((c for c in CAPTION_COLUMNS if c in rows[0]), None)
-        if caption_col is None:
-            found = ", ".join(k for k in rows[0] if k != "_line")
-            raise DataError(f"{path}: training needs a caption column, one of {', '.join(CAPTION_COLUMNS)} (found {found})")
+        rows = read_table(DataSpec(spec.kind, path), cfg.csv_separator)
+        column = _image_column(rows, path, cfg.image_key)
+        caption_col = caption_column(rows, path, cfg.caption_key)
+        self.labels = self.classnames = None
+        if cfg.label_key is not None:
+            self.labels, self.classnames = table_labels(rows, named_column(rows, path, cfg.label_key, "data.label_key"),
+                                                        path)
+        if caption_col is None and self.labels is None:
+            raise DataError(f"{path}: training needs a caption column, one of {', '.join(CAPTION_COLUMNS)} "
+                            f"(found {_columns_found(rows, path)}); name another with data.caption_key, or name a "
+                            "class column with data.label_key to caption images with data.caption_template")
         self.paths = [_row_path(r, column, path) for r in rows]
-        self.caption_list = [r.get(caption_col) for r in rows]
-        if spec.kind == "csv":  # a cell may hold a JSON list of captions
+        if caption_col is None:  # labels only: the class name fills the template, as for an image folder
+            self.caption_list = [cfg.caption_template.format(self.classnames[i]) for i in self.labels]
+        else:
+            self.caption_list = [r.get(caption_col) for r in rows]
+        if spec.kind == "csv" and caption_col is not None:  # a cell may hold a JSON list of captions
             self.caption_list = [caption_cell(c) for c in self.caption_list]
         self.sizes = np.ones(len(rows), dtype=np.int64)
-        self.labels = None
         self.ids = [_row_id(r) for r in rows]
         self.lines = [int(r["_line"]) for r in rows]
         self.weights = [_row_weight(r, path) for r in rows] if WEIGHT_COLUMN in rows[0] else None
@@ -326,6 +342,7 @@ class TableSource:
         path = self.paths[part]
         key = self.ids[part] or f"{self.key_name}:{self.lines[part]}"
         yield RawSample(uid0, image=path, caption=self.caption_list[part], reason=None if path else "missing_image",
+                        label=-1 if self.labels is None else self.labels[part],
                         key=key, weight=None if self.weights is None else self.weights[part])
 
     def captions(self, n: int) -> list[str]:
@@ -398,7 +415,7 @@ def open_source(spec: SourceSpec, data_cfg: DataConfig):
     if spec.kind == "wds":
         return TarShardSource(spec, data_cfg.sizes_file)
     if spec.kind in ("csv", "jsonl"):
-        return TableSource(spec)
+        return TableSource(spec, data_cfg)
     if spec.kind == "imagefolder":
         return ImageFolderSource(spec, data_cfg.caption_template)
     raise DataError(f"source '{spec}' cannot be read from disk")  # shapes goes through data.loader

@@ -4,7 +4,13 @@
     jsonl:FILE        one JSON object per line with an image path (relative to FILE) and either
                       ``label`` (classification) or ``text``/``caption`` (a string or a list)
     csv:FILE          the same columns in a CSV file with a header row; a caption cell holding a
-                      JSON list of strings (``["a cat", "a kitten"]``) is a caption list
+                      JSON list of strings (``["a cat", "a kitten"]``) is a caption list. The
+                      separator (comma, tab, semicolon or pipe) is sniffed from the header line,
+                      so OpenCLIP's tab-separated ``filepath``/``title`` files read as they are
+
+The readers take the column names (``image_key``, ``caption_key``, ``label_key``) and the CSV
+separator when they are given (the recipe's ``data.*`` fields); otherwise the first column present
+of ``IMAGE_COLUMNS`` / ``CAPTION_COLUMNS`` is used, and labels come from ``label``.
 
 Training (``clipforge.data.pipeline``) also reads an ``id``/``key`` column (the sample key) and a
 ``weight`` column (per-sample weight) when a table has them.
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -30,8 +37,9 @@ from clipforge.data.transforms import to_rgb
 DATA_KINDS = ("imagefolder", "jsonl", "csv")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 IMAGE_COLUMNS = ("image", "filepath", "image_path", "path")  # first one present is used
-CAPTION_COLUMNS = ("text", "caption", "captions")
+CAPTION_COLUMNS = ("text", "caption", "captions", "title")  # title: OpenCLIP's default --csv-caption-key
 LABEL_COLUMN = "label"
+CSV_SEPARATORS = (",", "\t", ";", "|")  # sniffed from the header line; on a tie the earlier one wins
 # what Pillow raises on a file it cannot decode (truncated, not an image, absurdly large, missing)
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
@@ -176,14 +184,17 @@ def read_classnames(path: Path, class_ids: Sequence[str], what: str) -> list[str
 
 
 # ----------------------------------------------------------------------------- tables (jsonl / csv)
-def read_table(spec: DataSpec) -> list[dict[str, Any]]:
-    """Rows of a ``jsonl:`` or ``csv:`` file as dicts; every row remembers its line number."""
+def read_table(spec: DataSpec, separator: str | None = None) -> list[dict[str, Any]]:
+    """Rows of a ``jsonl:`` or ``csv:`` file as dicts; every row remembers its line number.
+
+    ``separator``: the CSV field separator; None sniffs it from the header line.
+    """
     path = spec.path
     if not path.exists():
         raise DataError(f"{spec.kind} file not found: {path}")
     if not path.is_file():
         raise DataError(f"{spec.kind}:{path} is a directory; pass the .{spec.kind} file itself")
-    rows = _read_jsonl(path) if spec.kind == "jsonl" else _read_csv(path)
+    rows = _read_jsonl(path) if spec.kind == "jsonl" else _read_csv(path, separator)
     if not rows:
         raise DataError(f"{path} has no rows")
     return rows
@@ -219,19 +230,64 @@ def caption_cell(value: Any) -> Any:
     return value
 
 
-def _read_csv(path: Path) -> list[dict[str, Any]]:
+def _read_csv(path: Path, separator: str | None = None) -> list[dict[str, Any]]:
     with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:  # see _read_jsonl
-        reader = csv.DictReader(f)
+        if separator is None:
+            separator = sniff_separator(f.readline())
+            f.seek(0)
+        reader = csv.DictReader(f, delimiter=separator)
         # line numbers count the header as line 1
         return [{**row, "_line": lineno} for lineno, row in enumerate(reader, 2)]
 
 
-def _image_column(rows: list[dict[str, Any]], path: Path) -> str:
+def sniff_separator(header: str) -> str:
+    """The field separator of a CSV header line: the candidate it holds most often outside quotes.
+
+    Counting beats ``csv.Sniffer`` on a single line: the Sniffer guesses from character frequencies
+    and picks letters or spaces on short headers like ``filepath<TAB>title``. No candidate: a comma.
+    """
+    unquoted = re.sub(r'"[^"]*"', "", header)
+    count, _, best = max((unquoted.count(sep), -i, sep) for i, sep in enumerate(CSV_SEPARATORS))
+    return best if count else ","
+
+
+def table_columns(rows: list[dict[str, Any]]) -> list[str]:
+    """The column names of a table (of its first row), for error messages."""
+    # csv.DictReader files the cells past the header's under the key None
+    return [k for k in rows[0] if isinstance(k, str) and k != "_line"]
+
+
+def _columns_found(rows: list[dict[str, Any]], path: Path) -> str:
+    found = table_columns(rows)
+    text = ", ".join(found)
+    if path.suffix.lower() != ".jsonl" and len(found) == 1 and any(c in found[0] for c in " :"):
+        # one column whose name looks like several: the file uses a separator that was not sniffed
+        text += "; if that is several columns, name the separator with data.csv_separator"
+    return text
+
+
+def named_column(rows: list[dict[str, Any]], path: Path, key: str, option: str) -> str:
+    """``key`` if the table has that column (in any row: JSONL rows may differ), else a DataError naming the columns."""
+    if any(key in row for row in rows):
+        return key
+    raise DataError(f"{path}: no column '{key}' (named by {option}); the columns are: {_columns_found(rows, path)}")
+
+
+def _image_column(rows: list[dict[str, Any]], path: Path, key: str | None = None) -> str:
+    if key is not None:
+        return named_column(rows, path, key, "data.image_key")
     for col in IMAGE_COLUMNS:
         if col in rows[0]:
             return col
     raise DataError(f"{path}: no image path column; expected one of {', '.join(IMAGE_COLUMNS)} "
-                    f"(found {', '.join(k for k in rows[0] if k != '_line')})")
+                    f"(found {_columns_found(rows, path)}); a recipe names another with data.image_key")
+
+
+def caption_column(rows: list[dict[str, Any]], path: Path, key: str | None = None) -> str | None:
+    """The caption column: ``key`` (which must exist), else the first of ``CAPTION_COLUMNS`` present, else None."""
+    if key is not None:
+        return named_column(rows, path, key, "data.caption_key")
+    return next((c for c in CAPTION_COLUMNS if c in rows[0]), None)
 
 
 def _image_path(row: dict[str, Any], column: str, table: Path) -> Path:
@@ -242,14 +298,20 @@ def _image_path(row: dict[str, Any], column: str, table: Path) -> Path:
     return p if p.is_absolute() else table.parent / p  # relative to the table, not to the cwd
 
 
-def read_labelled_table(spec: DataSpec, classnames_file: Path | None = None) -> ClassificationData:
-    """Rows with an image path and a ``label``: class names (strings, sorted) or ids 0..C-1."""
-    rows = read_table(spec)
-    column = _image_column(rows, spec.path)
-    if LABEL_COLUMN not in rows[0]:
+def read_labelled_table(spec: DataSpec, classnames_file: Path | None = None, *, image_key: str | None = None,
+                        label_key: str | None = None, separator: str | None = None) -> ClassificationData:
+    """Rows with an image path and a label (``label``, or the ``label_key`` column): class names
+    (strings, sorted) or ids 0..C-1."""
+    rows = read_table(spec, separator)
+    column = _image_column(rows, spec.path, image_key)
+    if label_key is not None:
+        label_col = named_column(rows, spec.path, label_key, "data.label_key")
+    elif LABEL_COLUMN in rows[0]:
+        label_col = LABEL_COLUMN
+    else:
         raise DataError(f"{spec.path}: classification needs a '{LABEL_COLUMN}' column "
-                        f"(found {', '.join(k for k in rows[0] if k != '_line')})")
-    raw = [_label_value(r, spec.path) for r in rows]
+                        f"(found {_columns_found(rows, spec.path)})")
+    raw = [_label_value(r, spec.path, label_col) for r in rows]
     if all(isinstance(v, int) for v in raw):
         labels, ids, names = _integer_labels(raw, spec.path, classnames_file)
     else:
@@ -262,15 +324,28 @@ def read_labelled_table(spec: DataSpec, classnames_file: Path | None = None) -> 
     return ClassificationData(str(spec), paths, labels, names, ids)
 
 
-def _label_value(row: dict[str, Any], table: Path) -> int | str:
-    value = row.get(LABEL_COLUMN)
+def _label_value(row: dict[str, Any], table: Path, column: str = LABEL_COLUMN) -> int | str:
+    value = row.get(column)
     if isinstance(value, str):
         value = value.strip()
         if value.lstrip("-").isdigit():
             value = int(value)  # CSV cells are strings; "3" is class id 3
     if value is None or value == "" or isinstance(value, (bool, float, list, dict)):
-        raise DataError(f"{table}, line {row['_line']}: '{LABEL_COLUMN}' must be a class name or an integer id, got {value!r}")
+        raise DataError(f"{table}, line {row['_line']}: '{column}' must be a class name or an integer id, got {value!r}")
     return value
+
+
+def table_labels(rows: list[dict[str, Any]], column: str, table: Path) -> tuple[list[int], list[str]]:
+    """(label per row, class ids) from a label column: names -> their index in sorted order, or
+    integer ids 0..C-1 as they are. Training uses it for ``data.label_key``."""
+    raw = [_label_value(r, table, column) for r in rows]
+    if all(isinstance(v, int) for v in raw):
+        if min(raw) < 0:
+            raise DataError(f"{table}: integer labels in '{column}' must be >= 0 (found {min(raw)})")
+        return raw, [str(i) for i in range(max(raw) + 1)]
+    ids = sorted({str(v) for v in raw})
+    index = {c: i for i, c in enumerate(ids)}
+    return [index[str(v)] for v in raw], ids
 
 
 def _integer_labels(raw: list[int], table: Path, classnames_file: Path | None):
@@ -286,14 +361,15 @@ def _integer_labels(raw: list[int], table: Path, classnames_file: Path | None):
     return raw, [str(i) for i in range(len(names))], names
 
 
-def read_caption_table(spec: DataSpec) -> CaptionData:
+def read_caption_table(spec: DataSpec, *, image_key: str | None = None, caption_key: str | None = None,
+                       separator: str | None = None) -> CaptionData:
     """Rows with an image path and captions, grouped by image (several rows and/or lists per row)."""
-    rows = read_table(spec)
-    column = _image_column(rows, spec.path)
-    caption_col = next((c for c in CAPTION_COLUMNS if c in rows[0]), None)
+    rows = read_table(spec, separator)
+    column = _image_column(rows, spec.path, image_key)
+    caption_col = caption_column(rows, spec.path, caption_key)
     if caption_col is None:
         raise DataError(f"{spec.path}: retrieval needs a caption column, one of {', '.join(CAPTION_COLUMNS)} "
-                        f"(found {', '.join(k for k in rows[0] if k != '_line')})")
+                        f"(found {_columns_found(rows, spec.path)})")
     image_index: dict[Path, int] = {}
     captions, text_to_image = [], []
     for row in rows:
@@ -315,16 +391,22 @@ def _captions_of(row: dict[str, Any], column: str, table: Path) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- entry points
-def read_classification_data(spec: str | DataSpec, classnames_file: Path | None = None) -> ClassificationData:
+def read_classification_data(spec: str | DataSpec, classnames_file: Path | None = None, *,
+                             image_key: str | None = None, label_key: str | None = None,
+                             separator: str | None = None) -> ClassificationData:
+    """Labelled images; the keyword arguments name a table's columns and CSV separator (None: found)."""
     spec = spec if isinstance(spec, DataSpec) else parse_data_spec(spec)
     if spec.kind == "imagefolder":
         return read_image_folder(spec.path, classnames_file)
-    return read_labelled_table(spec, classnames_file)
+    return read_labelled_table(spec, classnames_file, image_key=image_key, label_key=label_key,
+                               separator=separator)
 
 
-def read_caption_data(spec: str | DataSpec) -> CaptionData:
+def read_caption_data(spec: str | DataSpec, *, image_key: str | None = None, caption_key: str | None = None,
+                      separator: str | None = None) -> CaptionData:
+    """Images and captions; the keyword arguments name a table's columns and CSV separator (None: found)."""
     spec = spec if isinstance(spec, DataSpec) else parse_data_spec(spec)
     if spec.kind == "imagefolder":
         raise DataError(f"retrieval needs captions, which an image folder does not have; "
                         f"use jsonl:FILE or csv:FILE with an image column and a text or caption column")
-    return read_caption_table(spec)
+    return read_caption_table(spec, image_key=image_key, caption_key=caption_key, separator=separator)
