@@ -233,14 +233,15 @@ def train(
     from clipforge.train.trainer import Trainer
 
     r, run_dir, resume_notes = _train_recipe(recipe, run_dir, set_, resume)  # validate before launching anything
+    rank, _, world, _ = D.read_launch_env()
+    # built before any launch too: the hooks read the [[eval.tasks]] data, so a wrong path stops here
+    hooks = _default_eval_hooks(r, world)
     if nproc is not None and nproc > 1:
-        if D.read_launch_env()[2] > 1:
+        if world > 1:
             raise typer.BadParameter("--nproc inside an already distributed launch (torchrun/srun); drop --nproc")
         args = ["train", *([recipe] if recipe else []), "--run-dir", str(run_dir),
                 *[a for s in set_ for a in ("--set", s)], *(["--resume", resume] if resume else [])]
         D.relaunch_with_torchrun(nproc, args)
-    rank, _, world, _ = D.read_launch_env()
-    hooks = [D.sharded_shapes_eval(r)] if world > 1 and r.data.train == "shapes" else _default_eval_hooks(r)
     with warnings.catch_warnings():
         if resume_notes is not None and rank == 0:
             changes, ignored = resume_notes
@@ -331,41 +332,83 @@ def report(run_dir: Path = typer.Argument(..., help="A run directory written by 
 
 @app.command("eval")
 def eval_(
-    ckpt: str = typer.Argument(..., help="A checkpoint directory (or a run directory: its checkpoints/latest)."),
-    task: str = typer.Option(..., "--task", metavar=_choices(TASK_CHOICES), help="What to measure."),
-    data: str = typer.Option(..., "--data", help="Evaluation data: imagefolder:DIR, jsonl:FILE, csv:FILE, or shapes:binding (built in, retrieval)."),
+    ckpts: list[str] = typer.Argument(
+        ..., metavar="CKPT", show_default=False,
+        help="Checkpoint directories (or run directories: their checkpoints/latest); several models give one result "
+             "each. `clipforge eval merge RESULT.json... [--out table.csv]` merges result files (clipforge's or "
+             "CLIP_benchmark's) into one table instead (a checkpoint directory named merge: write ./merge)."),
+    task: Optional[str] = typer.Option(None, "--task", metavar=_choices(TASK_CHOICES),
+                                       help="What to measure (required, except for merge)."),
+    data: Optional[str] = typer.Option(None, "--data", help="Evaluation data: imagefolder:DIR, jsonl:FILE, csv:FILE, or shapes:binding (built in, retrieval)."),
     train_data: Optional[str] = typer.Option(None, "--train-data", help="Training data for --task linear-probe."),
-    classnames: Optional[Path] = typer.Option(None, "--classnames", help="Class names, one per line, in sorted class order."),
-    templates: str = typer.Option("photo", "--templates", help="Zero-shot prompts: a shipped set (photo, name, shapes) or a file."),
+    classnames: Optional[Path] = typer.Option(None, "--classnames", help="Class names, one per line, in sorted class "
+                                              "order [default: classnames.txt in the dataset folder, else the folder "
+                                              "names]."),
+    templates: Optional[str] = typer.Option(None, "--templates", help="Zero-shot prompts: a shipped set (photo, name, "
+                                            "shapes) or a file, one per line with {} or {c} for the class [default: "
+                                            "the dataset folder's zeroshot_classification_templates.txt or "
+                                            "templates.txt, else photo]."),
     fewshot_k: Optional[int] = typer.Option(None, "--fewshot-k", help="Linear probe: k training images per class."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Write the result JSON here (and plots next to it)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write the result JSON here (and plots next to it); with "
+                                       "several models a directory or a pattern with {model}. For merge: the CSV "
+                                       "table."),
     no_plots: bool = typer.Option(False, "--no-plots", help="Do not write the confusion-matrix PNG."),
     batch_size: int = typer.Option(64, "--batch-size"),
     workers: int = typer.Option(2, "--workers", help="DataLoader worker processes decoding images."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... [default: cuda if available]"),
-    seed: int = typer.Option(0, "--seed", help="Seeds the linear probe's few-shot draw and validation split."),
+    seed: int = typer.Option(0, "--seed", help="Seeds the linear probe's few-shot draw and validation split, and the "
+                                               "--max-samples subset."),
     max_bad_fraction: float = typer.Option(0.05, "--max-bad-fraction", help="Stop when more images than this are unreadable."),
     similarity: str = typer.Option("pooled", "--similarity", metavar=_choices(SIMILARITY_CHOICES),
                                    help="Retrieval scores: pooled (one embedding each) or late-interaction "
                                         "(FILIP, token-wise)."),
+    max_samples: Optional[int] = typer.Option(None, "--max-samples", help="Evaluate a random subset of at most N "
+                                              "images (zeroshot, retrieval), drawn with --seed."),
 ) -> None:
-    """Evaluate a checkpoint on your data: zero-shot classification, retrieval or a linear probe."""
-    from clipforge.eval.evaluate import evaluate, result_table
+    """Evaluate checkpoints on your data: zero-shot classification, retrieval or a linear probe."""
+    from clipforge.eval.evaluate import evaluate, result_paths, result_table
 
-    result = evaluate(
-        ckpt, task, data, train_data=train_data, classnames=classnames, templates=templates,
-        fewshot_k=fewshot_k, out=out, plots=not no_plots, batch_size=batch_size, workers=workers,
-        device=device, seed=seed, max_bad_fraction=max_bad_fraction, similarity=similarity, progress=True,
-    )
-    Console().print(result_table(result))
-    if out is not None:
-        plots = ", ".join(result.get("plots", {}).values())
-        console.print(f"result: {out}" + (f"   plot: {plots}" if plots else ""))
+    if ckpts[0] == "merge":
+        if task is not None or data is not None:
+            raise typer.BadParameter("merge takes result files and --out only", param_hint="--task/--data")
+        _eval_merge(ckpts[1:], out)
+        return
+    for value, hint in ((task, "--task"), (data, "--data")):
+        if value is None:  # optional in the signature only because merge takes neither
+            raise typer.BadParameter("missing; it is required to evaluate a checkpoint", param_hint=hint)
+    # all the file names first: a bad --out stops before any model is loaded
+    paths = result_paths(out, ckpts, task, data)
+    for ckpt, path in zip(ckpts, paths):
+        result = evaluate(
+            ckpt, task, data, train_data=train_data, classnames=classnames, templates=templates,
+            fewshot_k=fewshot_k, out=path, plots=not no_plots, batch_size=batch_size, workers=workers,
+            device=device, seed=seed, max_bad_fraction=max_bad_fraction, similarity=similarity, progress=True,
+            max_samples=max_samples,
+        )
+        Console().print(result_table(result))
+        if path is not None:
+            plots = ", ".join(result.get("plots", {}).values())
+            console.print(f"result: {path}" + (f"   plot: {plots}" if plots else ""))
+
+
+def _eval_merge(files: list[str], out: Optional[Path]) -> None:
+    """`clipforge eval merge`: result JSONs -> one CSV row each (to --out, else stdout), as CLIP_benchmark's build."""
+    from clipforge.eval.evaluate import EvalError, merge_results, merged_table, write_merged_csv
+
+    if not files:
+        raise EvalError("merge needs result files: clipforge eval merge results/*.json --out table.csv")
+    rows = merge_results(files)
+    if out is None:
+        write_merged_csv(rows, sys.stdout)
+        return
+    write_merged_csv(rows, out)
+    console.print(merged_table(rows))
+    console.print(f"table: {out} ({len(rows)} results)")
 
 
 @app.command()
 def embed(
-    ckpt: str = typer.Argument(..., help="A checkpoint directory."),
+    ckpt: str = typer.Argument(..., help="A checkpoint directory (or a run directory: its checkpoints/latest)."),
     data: str = typer.Option(..., "--data", help="Images and captions: jsonl:FILE, csv:FILE or imagefolder:DIR."),
     out: Path = typer.Option(..., "--out", help="Embedding directory (resumes if it holds an unfinished run)."),
     batch_size: int = typer.Option(64, "--batch-size", min=1),
@@ -379,6 +422,9 @@ def embed(
                                        "keyed by the loader's sample keys ([[teachers]] kind = \"cache\")."),
 ) -> None:
     """Embed images and captions into .npy shards plus a Parquet metadata table (resumable)."""
+    from clipforge.eval.evaluate import checkpoint_dir
+
+    ckpt = str(checkpoint_dir(ckpt))  # the model `clipforge eval` would use for the same argument
     if teacher_cache:
         from clipforge.train.teacher_cache import write_teacher_cache
 
@@ -422,18 +468,23 @@ def serve(
     index: Path = typer.Argument(..., help="An index directory written by `clipforge index`."),
     port: int = typer.Option(8000, "--port"),
     host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind; 0.0.0.0 exposes it to the network."),
-    ckpt: Optional[str] = typer.Option(None, "--ckpt", help="Checkpoint for text/image queries [default: the one embedded with]."),
+    ckpt: Optional[str] = typer.Option(None, "--ckpt", help="Checkpoint (or run directory) for text/image queries "
+                                                          "[default: the one embedded with]."),
 ) -> None:
     """Serve the search API and page at http://HOST:PORT/ (OpenAPI schema at /docs)."""
+    from clipforge.eval.evaluate import checkpoint_dir
     from clipforge.index.server import run_server
+
+    if ckpt is not None:
+        ckpt = str(checkpoint_dir(ckpt))  # a run directory means its latest checkpoint, as for eval
 
     run_server(index, host=host, port=port, checkpoint=ckpt)
 
 
 @app.command()
 def export(
-    ckpt: str = typer.Argument(..., help="A checkpoint directory."),
-    out: Path = typer.Argument(..., help="Output directory (new or empty)."),
+    ckpt: str = typer.Argument(..., help="A checkpoint directory (or a run directory: its checkpoints/latest)."),
+    out: Path = typer.Argument(..., help="Output directory (new or empty; written only when the export succeeds)."),
     to: str = typer.Option(..., "--to", metavar=_choices(EXPORT_CHOICES),
                            help="hf (transformers CLIPModel) or onnx (two encoders)."),
 ) -> None:
@@ -531,13 +582,14 @@ class _done_of_total_bar:
         self._bar.__exit__(*exc)
 
 
-def _default_eval_hooks(recipe) -> list:
-    """The built-in evaluation for the training data (if the evaluation module provides one)."""
+def _default_eval_hooks(recipe, world_size: int = 1) -> list:
+    """The built-in evaluation for the training data (if the evaluation module provides one) and the
+    recipe's [[eval.tasks]]."""
     try:
         from clipforge.eval.hooks import default_eval_hooks
     except ImportError:
         return []
-    return default_eval_hooks(recipe)
+    return default_eval_hooks(recipe, world_size)
 
 
 def main() -> None:

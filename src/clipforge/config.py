@@ -262,13 +262,35 @@ class DataConfig(Section):
     shuffle_buffer: int = Field(2000, ge=1)  # samples shuffled together (undecoded) in each worker
     max_skip_fraction: float = Field(0.05, ge=0.0, le=1.0)  # stop when more samples than this are unreadable
     sizes_file: str | None = None  # sizes.json for wds shards that have none next to them (e.g. pipe: URLs)
-    caption_template: str = "a photo of a {}."  # imagefolder: caption from the class name
+    # imagefolder (and a jsonl/csv table with data.label_key but no caption column): caption from the class name
+    caption_template: str = "a photo of a {}."
+    # jsonl:/csv: columns, as OpenCLIP's --csv-img-key / --csv-caption-key; None = the first present of
+    # image, filepath, image_path, path / text, caption, captions, title. label_key: the column whose
+    # class names (or integer ids) become batch["labels"] (None: no labels, -1)
+    image_key: str | None = Field(None, min_length=1)
+    caption_key: str | None = Field(None, min_length=1)
+    label_key: str | None = Field(None, min_length=1)
+    # csv: field separator, one character ("\t" or "tab" for a tab, as OpenCLIP's --csv-separator);
+    # None = sniffed from the header line (comma, tab, semicolon or pipe)
+    csv_separator: str | None = None
     # T captions per image from its caption list (jsonl/csv list column, wds .json "captions");
     # T > 1 makes input_ids (N*T) x L with text_owner[j] = the image of caption row j
     captions_per_sample: int = Field(1, ge=1)
     augment: AugmentConfig = AugmentConfig()
     shapes: ShapesConfig = ShapesConfig()
     tokenizer: TokenizerConfig = TokenizerConfig()
+
+    @field_validator("csv_separator")
+    @classmethod
+    def _one_character(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        # a shell or TOML literal '\t' arrives as backslash + t; "tab" is easier to type
+        value = {"\\t": "\t", "tab": "\t"}.get(value, value)
+        if len(value) != 1 or value in "\"\r\n":
+            raise ValueError(f"data.csv_separator must be one character (e.g. ',', ';', '|', or '\\t' / 'tab' for "
+                             f"a tab), not a quote or line break; got {value!r}")
+        return value
 
     @model_validator(mode="after")
     def _check_train_spec(self) -> "DataConfig":
@@ -295,6 +317,11 @@ class DataConfig(Section):
                 "mixture weights in data.train need data.mode = \"resampled\" (in epoch mode every sample "
                 "is seen once per epoch, so weights have no meaning); drop the weights or set data.mode=resampled"
             )
+        named = [f"data.{k}" for k in ("image_key", "caption_key", "label_key", "csv_separator") if getattr(self, k)]
+        if named and not any(s.kind in ("csv", "jsonl") for s in sources):
+            # they would be ignored: say so instead of training without the labels the recipe asked for
+            raise ValueError(f"{', '.join(named)}: only csv:/jsonl: tables have columns, and data.train "
+                             f"({self.train!r}) has none; drop the setting or train on a csv:/jsonl: source")
         if len(sources) > 1 and any(s.kind == "shapes" for s in sources):
             raise ValueError("the built-in 'shapes' source cannot be mixed with other sources; use it alone")
         if self.captions_per_sample > 1 and sources[0].kind == "shapes":
@@ -464,16 +491,85 @@ class TrainConfig(Section):
     compile: bool = False
 
 
+EVAL_TASKS = ("zeroshot", "retrieval", "val_loss")  # [[eval.tasks]] task names
+EVAL_DATA_KINDS = ("imagefolder", "jsonl", "csv")  # clipforge.data.sources.DATA_KINDS (not imported: it loads PIL)
+
+
+class EvalTaskConfig(Section):
+    """One ``[[eval.tasks]]`` entry: an evaluation on data on disk, run with the built-in one (every
+    ``eval.every_steps`` and at the end); metrics are logged as ``val/<task>/<name>/<metric>``.
+    Checked here as text; the files are read (and a missing one refused) before training starts."""
+
+    task: Literal["zeroshot", "retrieval", "val_loss"]
+    data: str  # imagefolder:DIR (zeroshot), jsonl:FILE or csv:FILE (any task)
+    name: str | None = None  # the <name> in the metric keys; default: the folder's or the file's name
+    classnames: str | None = None  # zeroshot: one per line; default: classnames.txt in the dataset folder
+    templates: str | None = None  # zeroshot: a shipped set or a file; default: the folder's templates file, else photo
+    max_samples: int | None = Field(None, ge=1)  # default: eval.max_samples
+
+    @field_validator("task", mode="before")
+    @classmethod
+    def _task_spelling(cls, value: Any) -> Any:
+        # the spellings `clipforge eval --task` accepts ("zero-shot") and "val-loss"
+        if isinstance(value, str):
+            value = value.strip().lower().replace("-", "_")
+            value = {"zero_shot": "zeroshot", "valloss": "val_loss", "loss": "val_loss"}.get(value, value)
+        return value
+
+    def dataset_name(self) -> str:
+        """``name``, else the folder name (imagefolder) or the file name without suffix (tables)."""
+        if self.name:
+            return self.name
+        kind, _, path = self.data.partition(":")
+        p = Path(path).expanduser()
+        stem = (p.name or p.resolve().name) if kind == "imagefolder" else p.stem
+        return re.sub(r"[^\w.-]", "_", stem) or kind
+
+
 class EvalConfig(Section):
     every_steps: int | None = Field(None, ge=1)
     at_end: bool = True
     batch_size: int = Field(256, ge=1)
+    # [[eval.tasks]]: at most this many images per task, a fixed random subset (the same at every evaluation)
+    max_samples: int | None = Field(None, ge=1)
+    tasks: list[EvalTaskConfig] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _check_tasks(self) -> "EvalConfig":
+        # here rather than on EvalTaskConfig: an entry's own errors would not say which entry they are about
+        seen: dict[tuple[str, str], int] = {}
+        for i, t in enumerate(self.tasks):
+            key = f"eval.tasks[{i}]"
+            kind, sep, path = t.data.partition(":")
+            if not sep or not path.strip() or kind not in EVAL_DATA_KINDS:
+                raise ValueError(f"{key}.data = {t.data!r}: write KIND:PATH with KIND one of "
+                                 f"{', '.join(k + ':' for k in EVAL_DATA_KINDS)} (e.g. imagefolder:val/)")
+            if t.task != "zeroshot" and kind == "imagefolder":
+                raise ValueError(f"{key}: task '{t.task}' needs captions, which an image folder does not have; "
+                                 "use jsonl:FILE or csv:FILE with an image and a text/caption column")
+            if t.task != "zeroshot" and (t.classnames or t.templates):
+                raise ValueError(f"{key}: classnames and templates apply to task 'zeroshot' only (got '{t.task}')")
+            if t.name is not None and not re.fullmatch(r"[\w.-]+", t.name):
+                raise ValueError(f"{key}.name = {t.name!r}: use letters, digits, '_', '-' or '.' (it becomes part "
+                                 "of the metric keys val/<task>/<name>/<metric>)")
+            other = seen.setdefault((t.task, t.dataset_name()), i)
+            if other != i:
+                raise ValueError(f"eval.tasks[{other}] and {key} both log val/{t.task}/{t.dataset_name()}/...; "
+                                 f"give one a different name (name = \"...\")")
+        return self
 
 
 class LoggingConfig(Section):
     tensorboard: bool = True
     progress: bool = True
     every_steps: int = Field(1, ge=1)
+    # when stdout is not a terminal (SLURM, nohup, CI) progress is a plain line this often...
+    print_every_seconds: float = Field(30.0, gt=0.0)
+    # ...and at least every this many steps (None: every 10% of train.steps)
+    print_every_steps: int | None = Field(None, ge=1)
+    # also send the recipe and metrics to these trackers; each needs its extra: pip install 'clipforge[wandb]'
+    report_to: list[Literal["wandb", "trackio", "mlflow"]] = Field(default_factory=list)
+    project: str = "clipforge"  # the trackers' project (W&B, trackio) or experiment (MLflow)
 
 
 class Recipe(Section):

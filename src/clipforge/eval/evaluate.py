@@ -9,7 +9,10 @@ One call = one task on one dataset; the returned dict is what ``--out`` writes a
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import random
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -35,6 +38,10 @@ SIMILARITIES = ("pooled", "late-interaction")  # how retrieval scores an image-c
 SHAPES_SPLITS = ("binding",)  # built-in evaluation data: shapes:<split>, rendered, nothing on disk
 RETRIEVAL_KS = (1, 5, 10)
 MAX_LISTED_BAD = 20  # skipped files named in the JSON; the count is always complete
+# a dataset folder's own class names and prompts, named as CLIP_benchmark names them
+CLASSNAMES_FILES = ("classnames.txt",)
+TEMPLATES_FILES = ("zeroshot_classification_templates.txt", "templates.txt")
+DEFAULT_TEMPLATES = "photo"
 
 
 class EvalError(ValueError):
@@ -57,7 +64,7 @@ def evaluate(
     *,
     train_data: str | None = None,
     classnames: str | Path | None = None,
-    templates: str = "photo",
+    templates: str | None = None,
     fewshot_k: int | None = None,
     val_fraction: float = 0.2,
     out: str | Path | None = None,
@@ -69,6 +76,7 @@ def evaluate(
     max_bad_fraction: float = 0.05,
     similarity: str = "pooled",
     progress: bool = False,
+    max_samples: int | None = None,
 ) -> dict[str, Any]:
     """Evaluate a checkpoint (path) or a loaded ``(model, preprocess, tokenizer)`` on ``data``.
 
@@ -78,10 +86,20 @@ def evaluate(
     embeddings ("pooled") or FILIP's token-wise "late-interaction". Writes ``out`` (JSON) and,
     for classification, a confusion-matrix PNG next to it unless ``plots=False``. Returns the
     same dict as the JSON file.
+
+    Zero-shot without ``classnames`` / ``templates`` uses the dataset folder's ``classnames.txt`` /
+    ``zeroshot_classification_templates.txt`` (or ``templates.txt``) when there are such files
+    (CLIP_benchmark's names), else the folder names and the ``photo`` set. ``max_samples`` evaluates
+    a seeded random subset of at most that many images (zeroshot and retrieval).
     """
     task = normalise_task(task)
     _check_options(task, train_data, fewshot_k, val_fraction, batch_size, workers, max_bad_fraction, similarity)
+    if max_samples is not None and (max_samples < 1 or task == "linear-probe"):
+        raise EvalError(f"--max-samples takes a count >= 1 and applies to zeroshot and retrieval "
+                        f"(got {max_samples} with --task {task})")
     shapes_split = parse_shapes_spec(data, task)
+    if shapes_split and max_samples is not None:
+        raise EvalError(f"--max-samples applies to data on disk; {data} is rendered at a fixed size")
     spec = None if shapes_split else parse_data_spec(data)
     train_spec = parse_data_spec(train_data) if train_data else None
     model, preprocess, tokenizer, model_name = resolve_model(model_or_ckpt, device)
@@ -96,14 +114,17 @@ def evaluate(
         result = evaluate_binding(model, tokenizer, checkpoint_shapes_config(model_or_ckpt), model.cfg.image_size,
                                   similarity=similarity, batch_size=batch_size, progress=progress)
     elif task == "zeroshot":
-        result = run_zeroshot(model, preprocess, tokenizer, spec, classnames, templates, **common)
+        result = run_zeroshot(model, preprocess, tokenizer, spec, classnames, templates, max_samples=max_samples,
+                              seed=seed, **common)
     elif task == "retrieval":
-        result = run_retrieval(model, preprocess, tokenizer, spec, similarity=similarity, **common)
+        result = run_retrieval(model, preprocess, tokenizer, spec, similarity=similarity, max_samples=max_samples,
+                               seed=seed, **common)
     else:
         result = run_linear_probe(model, preprocess, train_spec, spec, classnames, fewshot_k, val_fraction,
                                   seed, **common)
 
     confusion = result.pop("_confusion", None)
+    found = result.pop("_options", {})  # what zero-shot used: the given or the dataset folder's files
     output = {
         "task": task,
         "dataset": data,
@@ -111,8 +132,8 @@ def evaluate(
         "metrics": result.pop("metrics"),
         **result,
         "options": _without_none({
-            "train_data": train_data, "classnames": str(classnames) if classnames else None,
-            "templates": templates if task == "zeroshot" else None, "fewshot_k": fewshot_k,
+            "train_data": train_data, "classnames": str(classnames) if classnames else found.get("classnames"),
+            "templates": found.get("templates"), "fewshot_k": fewshot_k, "max_samples": max_samples,
             "val_fraction": val_fraction if task == "linear-probe" else None, "seed": seed,
             "batch_size": batch_size, "workers": workers, "device": str(next(model.parameters()).device),
             "max_bad_fraction": max_bad_fraction,
@@ -186,13 +207,24 @@ def resolve_model(model_or_ckpt, device: str | None):
 
 
 def checkpoint_dir(path: str | Path) -> Path:
-    """A checkpoint directory as given, or a run directory's (or its checkpoints/ folder's) latest one."""
+    """A checkpoint directory as given, or a run directory's (or its checkpoints/ folder's) latest one.
+
+    The one notion of "model" of every verb that takes one (eval, embed, export, serve --ckpt): a
+    checkpoint's model.safetensors stands for its directory too.
+    """
     path = Path(path)
+    if path.is_file():
+        return path.parent
     if not (path / "config.json").exists():
         # a run directory or its checkpoints/ folder: take the newest complete checkpoint
         for latest in (path / "checkpoints" / "latest", path / "latest"):
             if latest.exists():
                 return latest
+        if (path / "checkpoints").is_dir():
+            from clipforge.train.checkpoint import CheckpointError
+
+            raise CheckpointError(f"{path} is a run directory without a checkpoint yet ({path / 'checkpoints'} "
+                                  "has no 'latest'); train it further or pass a checkpoint directory")
     return path
 
 
@@ -209,19 +241,98 @@ def checkpoint_shapes_config(model_or_ckpt):
 
 
 # ----------------------------------------------------------------------------- tasks
-def run_zeroshot(model, preprocess, tokenizer, spec, classnames, templates, **common) -> dict:
-    from clipforge.eval.templates import resolve_templates
-    from clipforge.eval.zeroshot import classification_metrics, zero_shot_classifier
+def run_zeroshot(model, preprocess, tokenizer, spec, classnames, templates, max_samples: int | None = None,
+                 seed: int = 0, **common) -> dict:
+    data, names_file = read_zeroshot_data(spec, classnames)
+    prompt_templates, templates_from = zeroshot_templates(templates, spec)
+    result = score_zeroshot(model, preprocess, tokenizer, subset_classification(data, max_samples, seed),
+                            prompt_templates, **common)
+    result["_options"] = {"classnames": str(names_file) if names_file else None, "templates": templates_from}
+    return result
 
-    data = read_classification_data(spec, Path(classnames) if classnames else None)
-    if classnames is None and data.classnames == data.class_ids and all(n.isdigit() for n in data.classnames):
+
+def read_zeroshot_data(spec, classnames: str | Path | None):
+    """(the labelled images, the class names file used): ``classnames``, else the dataset folder's own."""
+    names_file = Path(classnames) if classnames else dataset_file(spec, CLASSNAMES_FILES)
+    data = read_classification_data(spec, names_file)
+    if names_file is None and data.classnames == data.class_ids and all(n.isdigit() for n in data.classnames):
         raise EvalError(f"{spec}: the classes are only numbers ({', '.join(data.classnames[:3])}, ...), so zero-shot "
                         "has nothing to put in its prompts; pass --classnames names.txt (one name per line, "
-                        "in class order)")
+                        f"in class order) or put a {CLASSNAMES_FILES[0]} in the dataset folder")
+    return data, names_file
+
+
+def zeroshot_templates(templates: str | None, spec) -> tuple[list[str], str]:
+    """(the prompt templates, where they came from): ``templates`` (a shipped set or a file), else the
+    dataset folder's templates file, else the ``photo`` set."""
+    if templates is None:
+        found = dataset_file(spec, TEMPLATES_FILES)
+        templates = str(found) if found else DEFAULT_TEMPLATES
+    return read_templates(templates), templates
+
+
+def read_templates(templates: str) -> list[str]:
+    """A shipped set or a file of one template per line; a file may write the class name as
+    CLIP_benchmark does, ``{c}``, instead of ``{}``."""
+    from clipforge.eval.templates import TEMPLATE_SETS, resolve_templates
+
+    path = Path(templates)
+    if templates not in TEMPLATE_SETS and path.is_file():
+        lines = [line.strip().replace("{c}", "{}") for line in path.read_text(encoding="utf-8").splitlines()]
+        lines = [line for line in lines if line]
+        bad = [t for t in lines if "{}" not in t]
+        if not lines or bad:
+            raise EvalError(f"templates file {templates}: every line needs '{{}}' (or '{{c}}') for the class name; "
+                            f"bad: {bad[:3]}")
+        return lines
     try:
-        prompt_templates = resolve_templates(templates)
-    except ValueError as e:
+        return resolve_templates(templates)
+    except ValueError as e:  # FileNotFoundError is an OSError: the CLI reports it as it is
         raise EvalError(str(e)) from None
+
+
+def dataset_file(spec, names: Sequence[str]) -> Path | None:
+    """The first of ``names`` in the dataset folder: the image folder itself, then the folder above it
+    (a dataset root holding split folders, as CLIP_benchmark lays them out), or a table's folder."""
+    folders = [spec.path, spec.path.parent] if spec.kind == "imagefolder" else [spec.path.parent]
+    for folder in folders:
+        for name in names:
+            if (folder / name).is_file():
+                return folder / name
+    return None
+
+
+def subset_indices(n: int, max_samples: int | None, seed: int = 0) -> list[int] | None:
+    """A seeded random subset of 0..n-1 in order (None: keep all); the same for the same n and seed."""
+    if max_samples is None or n <= max_samples:
+        return None
+    return sorted(random.Random(seed).sample(range(n), max_samples))
+
+
+def subset_classification(data, max_samples: int | None, seed: int = 0):
+    """At most ``max_samples`` of the images (all classes stay in the classifier)."""
+    keep = subset_indices(len(data.paths), max_samples, seed)
+    if keep is None:
+        return data
+    return dataclasses.replace(data, paths=[data.paths[i] for i in keep], labels=[data.labels[i] for i in keep])
+
+
+def subset_captions(data, max_samples: int | None, seed: int = 0):
+    """At most ``max_samples`` of the images, with all their captions."""
+    keep = subset_indices(len(data.paths), max_samples, seed)
+    if keep is None:
+        return data
+    new = {old: i for i, old in enumerate(keep)}
+    pairs = [(c, new[o]) for c, o in zip(data.captions, data.text_to_image) if o in new]
+    return dataclasses.replace(data, paths=[data.paths[i] for i in keep], captions=[c for c, _ in pairs],
+                               text_to_image=[o for _, o in pairs])
+
+
+def score_zeroshot(model, preprocess, tokenizer, data, prompt_templates: Sequence[str], **common) -> dict:
+    """Zero-shot classification of read data (``ClassificationData``): the loop `clipforge eval` and
+    the trainer's ``[[eval.tasks]]`` share."""
+    from clipforge.eval.zeroshot import classification_metrics, zero_shot_classifier
+
     images = embed_image_files(model, data.paths, preprocess, label="images", **common)
     labels = torch.tensor(data.labels)[images.ok]
     classifier = zero_shot_classifier(model, tokenizer, data.classnames, prompt_templates).float().cpu()
@@ -235,23 +346,68 @@ def run_zeroshot(model, preprocess, tokenizer, spec, classnames, templates, **co
     }
 
 
-def run_retrieval(model, preprocess, tokenizer, spec, similarity: str = "pooled", **common) -> dict:
+def run_retrieval(model, preprocess, tokenizer, spec, similarity: str = "pooled", max_samples: int | None = None,
+                  seed: int = 0, **common) -> dict:
+    data = subset_captions(read_caption_data(spec), max_samples, seed)
+    return score_retrieval(model, preprocess, tokenizer, data, similarity=similarity, **common)
+
+
+def score_retrieval(model, preprocess, tokenizer, data, similarity: str = "pooled", **common) -> dict:
+    """Retrieval on read data (``CaptionData``); shared with the trainer's ``[[eval.tasks]]``."""
     from clipforge.eval.retrieval import retrieval_metrics
 
-    data = read_caption_data(spec)
     if similarity == "late-interaction":
         return run_late_interaction_retrieval(model, preprocess, tokenizer, data, **common)
+    images, captions, owners = _embed_pairs(model, preprocess, data, **common)
+    texts = embed_text_list(model, tokenizer, captions, progress=common["progress"])
+    metrics = retrieval_metrics(images.embeds, texts, owners, ks=RETRIEVAL_KS)
+    return {
+        "metrics": metrics,
+        "data": {**_data_summary(len(data.paths), images), "captions": len(captions)},
+    }
+
+
+def _embed_pairs(model, preprocess, data, **common):
+    """(image embeddings, the captions of the readable images, the embedding row each caption belongs to)."""
     images = embed_image_files(model, data.paths, preprocess, label="images", **common)
     # drop the captions of skipped images, renumbering the images that remain
     new_index = torch.cumsum(images.ok.long(), 0) - 1
     owners = torch.tensor(data.text_to_image)
     keep = images.ok[owners]
     captions = [c for c, k in zip(data.captions, keep.tolist()) if k]
-    texts = embed_text_list(model, tokenizer, captions, progress=common["progress"])
-    metrics = retrieval_metrics(images.embeds, texts, new_index[owners[keep]], ks=RETRIEVAL_KS)
+    return images, captions, new_index[owners[keep]]
+
+
+def score_val_loss(model, preprocess, tokenizer, data, pairs_per_batch: int, **common) -> dict:
+    """The contrastive loss on held-out pairs (``CaptionData``), as training computes it on a batch:
+    consecutive batches of ``pairs_per_batch`` image-caption pairs, the mean weighted by batch size.
+
+    Each image is paired with its first caption: a second caption of the same image in a batch would
+    count as a negative. ``clip_loss`` is CLIP's symmetric InfoNCE at the model's logit scale;
+    ``siglip_loss`` (models with a logit bias) the sigmoid loss per image, as SigLIP trains.
+    """
+    from clipforge.objectives.contrastive import clip_loss
+    from clipforge.objectives.sigmoid import siglip_loss
+
+    images, captions, owners = _embed_pairs(model, preprocess, data, **common)
+    first_caption: dict[int, int] = {}
+    for j, row in enumerate(owners.tolist()):
+        first_caption.setdefault(row, j)
+    texts = embed_text_list(model, tokenizer, [captions[first_caption[i]] for i in range(len(images.embeds))],
+                            progress=common["progress"])
+    scale = model.logit_scale.detach().exp().float().cpu()
+    bias = getattr(model, "logit_bias", None)
+    bias = None if bias is None else bias.detach().float().cpu()
+    sums = {"clip_loss": 0.0, **({"siglip_loss": 0.0} if bias is not None else {})}
+    n = len(texts)
+    for start in range(0, n, pairs_per_batch):
+        x, y = images.embeds[start:start + pairs_per_batch], texts[start:start + pairs_per_batch]
+        sums["clip_loss"] += clip_loss(x, y, scale).item() * len(x)
+        if bias is not None:
+            sums["siglip_loss"] += siglip_loss(x, y, scale, bias).item() * len(x)
     return {
-        "metrics": metrics,
-        "data": {**_data_summary(len(data.paths), images), "captions": len(captions)},
+        "metrics": {k: v / max(n, 1) for k, v in sums.items()},
+        "data": {**_data_summary(len(data.paths), images), "pairs": n},
     }
 
 
@@ -397,4 +553,106 @@ def result_table(result: dict):
         table.add_row(f"{prefix}images evaluated", str(summary["images"]))
         if summary["skipped"]:
             table.add_row(f"{prefix}images skipped (unreadable)", str(summary["skipped"]))
+    return table
+
+
+# ----------------------------------------------------------------------------- several models, merged tables
+def model_slug(model: str | Path) -> str:
+    """A file-name-safe name for a checkpoint argument: ``runs/a/checkpoints/latest`` -> ``runs_a_checkpoints_latest``
+    (for result file names)."""
+    text = str(model).strip().strip("/")
+    while text.startswith("./"):
+        text = text[2:]
+    return re.sub(r"[^\w.-]+", "_", text).strip("_.") or "model"
+
+
+def result_paths(out: str | Path | None, models: Sequence[str], task: str, data: str) -> list[Path | None]:
+    """Where each model's result JSON goes: ``out`` itself for one model; for several, ``out`` is a
+    directory (``out/<model>.json``) or a pattern with ``{model}`` (also ``{task}``, ``{dataset}``),
+    as CLIP_benchmark's ``--output``."""
+    if out is None:
+        return [None] * len(models)
+    out = str(out)
+    if "{" in out:
+        try:
+            paths = [Path(out.format(model=model_slug(m), task=task, dataset=model_slug(data))) for m in models]
+        except (KeyError, IndexError, ValueError) as e:
+            raise EvalError(f"--out {out}: a pattern may use {{model}}, {{task}} and {{dataset}} only ({e})") from None
+    elif len(models) == 1:
+        paths = [Path(out)]
+    else:
+        if out.endswith(".json") or Path(out).is_file():
+            raise EvalError(f"--out {out}: with {len(models)} models, --out is a directory (results/) or a pattern "
+                            "with {model} (results/{model}_zeroshot.json), so each model gets its own file")
+        paths = [Path(out) / f"{model_slug(m)}.json" for m in models]
+    if len(set(paths)) != len(paths):
+        raise EvalError(f"--out {out}: two models would write the same file ({', '.join(map(str, paths))}); "
+                        "use {model} in the pattern, or models whose paths differ")
+    return paths
+
+
+def merge_results(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
+    """One row per result JSON (``clipforge eval`` or CLIP_benchmark's ``eval``): model, pretrained,
+    dataset, task, the metrics and the file, as CLIP_benchmark's ``build`` makes them. A directory
+    stands for the .json files in it."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files += sorted(p.glob("*.json"))
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise EvalError(f"result file not found: {p}")
+    if not files:
+        raise EvalError(f"no .json result files in {', '.join(map(str, paths))}")
+    rows = []
+    for f in files:
+        try:
+            result = json.loads(f.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise EvalError(f"{f}: not a JSON result file ({e})") from None
+        if not isinstance(result, dict) or not isinstance(result.get("metrics"), dict):
+            raise EvalError(f"{f}: not an evaluation result (it has no 'metrics' object)")
+        rows.append({"model": result.get("model", ""), "pretrained": result.get("pretrained", ""),
+                     "dataset": result.get("dataset", ""), "task": result.get("task", ""),
+                     **{k: v for k, v in result["metrics"].items() if isinstance(v, (int, float))},
+                     "file": str(f)})
+    return rows
+
+
+def merged_columns(rows: list[dict[str, Any]]) -> list[str]:
+    """model, [pretrained], dataset, task, every metric in first-seen order, file."""
+    metrics = [k for row in rows for k in row if k not in ("model", "pretrained", "dataset", "task", "file")]
+    head = ["model"] + (["pretrained"] if any(r["pretrained"] for r in rows) else []) + ["dataset", "task"]
+    return head + list(dict.fromkeys(metrics)) + ["file"]
+
+
+def write_merged_csv(rows: list[dict[str, Any]], out) -> None:
+    """The merged rows as CSV to ``out`` (a path or an open text file); a missing metric is an empty cell."""
+    import csv
+
+    def write(f) -> None:
+        writer = csv.DictWriter(f, fieldnames=merged_columns(rows), restval="", extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+    if hasattr(out, "write"):
+        write(out)
+        return
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", newline="", encoding="utf-8") as f:
+        write(f)
+
+
+def merged_table(rows: list[dict[str, Any]]):
+    """A rich Table of merged results (metric values as stored: fractions)."""
+    from rich.table import Table
+
+    columns = [c for c in merged_columns(rows) if c != "file"]
+    table = Table(title=f"clipforge eval merge: {len(rows)} results")
+    for c in columns:
+        table.add_column(c, justify="right" if c not in ("model", "pretrained", "dataset", "task") else "left")
+    for row in rows:
+        table.add_row(*(f"{row[c]:.4f}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in columns))
     return table
