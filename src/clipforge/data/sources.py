@@ -7,6 +7,9 @@
                       JSON list of strings (``["a cat", "a kitten"]``) is a caption list. The
                       separator (comma, tab, semicolon or pipe) is sniffed from the header line,
                       so OpenCLIP's tab-separated ``filepath``/``title`` files read as they are
+    wds:SHARDS        local WebDataset tar shards (a pattern, ``a.tar::b.tar`` or a directory); the
+                      readers below extract them once into a cache (``clipforge.data.wds_files``)
+                      and read that as a jsonl: table
 
 The readers take the column names (``image_key``, ``caption_key``, ``label_key``) and the CSV
 separator when they are given (the recipe's ``data.*`` fields); otherwise the first column present
@@ -34,7 +37,7 @@ from PIL import Image, ImageOps
 
 from clipforge.data.transforms import to_rgb
 
-DATA_KINDS = ("imagefolder", "jsonl", "csv")
+DATA_KINDS = ("imagefolder", "jsonl", "csv", "wds")  # wds: last, so messages and guesses lead with files
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 IMAGE_COLUMNS = ("image", "filepath", "image_path", "path")  # first one present is used
 CAPTION_COLUMNS = ("text", "caption", "captions", "title")  # title: OpenCLIP's default --csv-caption-key
@@ -398,6 +401,9 @@ def read_classification_data(spec: str | DataSpec, classnames_file: Path | None 
     spec = spec if isinstance(spec, DataSpec) else parse_data_spec(spec)
     if spec.kind == "imagefolder":
         return read_image_folder(spec.path, classnames_file)
+    if spec.kind == "wds":  # imported here: wds_files imports the training pipeline, which imports this module
+        from clipforge.data.wds_files import read_wds_labels
+        return read_wds_labels(spec, classnames_file)
     return read_labelled_table(spec, classnames_file, image_key=image_key, label_key=label_key,
                                separator=separator)
 
@@ -409,4 +415,7 @@ def read_caption_data(spec: str | DataSpec, *, image_key: str | None = None, cap
     if spec.kind == "imagefolder":
         raise DataError(f"retrieval needs captions, which an image folder does not have; "
                         f"use jsonl:FILE or csv:FILE with an image column and a text or caption column")
+    if spec.kind == "wds":
+        from clipforge.data.wds_files import read_wds_captions
+        return read_wds_captions(spec)
     return read_caption_table(spec, image_key=image_key, caption_key=caption_key, separator=separator)
