@@ -179,3 +179,19 @@ def test_remote_shards_are_refused_with_a_message():
         read_caption_data("wds:https://example.com/{00000..00001}.tar")
     with pytest.raises(DataError, match="local wds: shards only"):
         read_caption_data("wds:pipe:curl -s https://example.com/00000.tar")
+
+
+def test_recipe_eval_tasks_take_shards(ckpt, data):
+    """[[eval.tasks]] on wds: builds its hook from the same cache and scores like the jsonl table."""
+    import clipforge
+    from clipforge.config import load_recipe
+    from clipforge.eval.hooks import eval_task_hooks
+
+    pairs, shards = data
+    model, _, tokenizer = clipforge.load(ckpt)
+    scores = []
+    for spec in (wds(shards), f"jsonl:{pairs}"):
+        recipe = load_recipe("tiny-shapes", [f'eval.tasks=[{{task="retrieval", data="{spec}", name="pairs"}}]'])
+        (hook,) = eval_task_hooks(recipe)
+        scores.append(hook(model, tokenizer, 1))
+    assert scores[0] == scores[1] and any(k.startswith("val/retrieval/pairs/") for k in scores[0])

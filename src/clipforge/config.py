@@ -492,7 +492,7 @@ class TrainConfig(Section):
 
 
 EVAL_TASKS = ("zeroshot", "retrieval", "val_loss")  # [[eval.tasks]] task names
-EVAL_DATA_KINDS = ("imagefolder", "jsonl", "csv")  # clipforge.data.sources.DATA_KINDS (not imported: it loads PIL)
+EVAL_DATA_KINDS = ("imagefolder", "jsonl", "csv", "wds")  # clipforge.data.sources.DATA_KINDS (not imported: it loads PIL)
 
 
 class EvalTaskConfig(Section):

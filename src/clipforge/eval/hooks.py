@@ -113,7 +113,7 @@ def _task_hook(recipe: Recipe, index: int) -> Callable:
     key = f"eval.tasks[{index}]"
     max_samples = cfg.max_samples or recipe.eval.max_samples
     spec = parse_data_spec(cfg.data)  # the recipe checked the kind already
-    if not spec.path.exists():
+    if spec.kind != "wds" and not spec.path.exists():  # wds: brace patterns are checked when the shards are read
         raise _shared(RecipeError(f"{key}.data = {cfg.data!r}: {spec.path} not found (a relative path is "
                                   f"relative to the directory clipforge runs in, {Path.cwd()})"))
     for field in ("classnames", "templates"):
