@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from clipforge.eval.hooks import default_eval_hooks
-from clipforge.train import trainer as T
+from clipforge.train import logs as L
 from clipforge.train.trainer import Trainer, TrainingError
 from test_train import small_recipe
 
@@ -53,7 +53,7 @@ def test_not_a_terminal_prints_banner_progress_lines_and_final_eval(tmp_path, ca
     session = json.loads((tmp_path / "run" / "run_info.json").read_text())["sessions"][-1]
     assert session["global_batch"] == 16 and session["end_step"] == 20 and session["stopped_by"] == "done"
     assert session["params_trainable"] == session["params_total"] > 0 and session["wall_s"] > 0
-    assert not T._live_display()  # why lines, not the bar: rich would draw nothing here until the end
+    assert not L._live_display()  # why lines, not the bar: rich would draw nothing here until the end
 
 
 def test_not_a_terminal_with_progress_off_still_prints_the_banner(tmp_path, capsys, no_terminal):
@@ -69,9 +69,9 @@ def test_progress_lines_come_every_n_seconds(monkeypatch, capsys):
     from clipforge.config import LoggingConfig
 
     clock = [1000.0]
-    monkeypatch.setattr(T.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(L.time, "monotonic", lambda: clock[0])
     cfg = LoggingConfig(print_every_seconds=30, print_every_steps=1000)
-    with T.TrainProgress(cfg, total=5000, start=100, enabled=True, live=False) as progress:
+    with L.TrainProgress(cfg, total=5000, start=100, enabled=True, live=False) as progress:
         for done in range(101, 121):
             clock[0] += 11.0  # 11 s a step
             progress.update(done, 2.5, 1e-3, 256, 0.5)
@@ -84,8 +84,8 @@ def test_progress_line_contents(monkeypatch, capsys):
     from clipforge.config import LoggingConfig
 
     clock = [0.0]
-    monkeypatch.setattr(T.time, "monotonic", lambda: clock[0])
-    with T.TrainProgress(LoggingConfig(), total=100, start=0, enabled=True, live=False) as progress:
+    monkeypatch.setattr(L.time, "monotonic", lambda: clock[0])
+    with L.TrainProgress(LoggingConfig(), total=100, start=0, enabled=True, live=False) as progress:
         clock[0] = 10.0
         progress.update(1, 3.14159, 2e-4, 512, 0.25)
     line = capsys.readouterr().out
@@ -130,7 +130,7 @@ def test_report_to_sends_recipe_and_metrics_to_the_tracker(tmp_path, monkeypatch
     assert calls["init"]["config"]["optim"]["lr"] == r.optim.lr
     assert [s for s, _ in calls["log"]] == [1, 2, 3] and "loss" in calls["log"][0][1]
     assert calls["finished"] == 1
-    assert T._mlflow_key("retrieval/seen/image_retrieval_recall@1") == "retrieval/seen/image_retrieval_recall_at_1"
+    assert L._mlflow_key("retrieval/seen/image_retrieval_recall@1") == "retrieval/seen/image_retrieval_recall_at_1"
 
 
 # ----------------------------------------------------------------------------- the report
