@@ -192,7 +192,7 @@ def test_eval_tasks_read_their_data_up_front(tmp_path):
 @pytest.mark.parametrize("override, message", [
     ("eval.tasks.0.task=segmentation", "eval.tasks.0.task': Input should be 'zeroshot', 'retrieval' or 'val_loss'"),
     ("eval.tasks.0.data=val", "eval.tasks[0].data = 'val': write KIND:PATH"),
-    ("eval.tasks.0.data=wds:val", "eval.tasks[0].data = 'wds:val': write KIND:PATH"),
+    ("eval.tasks.0.data=parquet:val", "eval.tasks[0].data = 'parquet:val': write KIND:PATH"),
     ("eval.tasks.1.data=imagefolder:val", "eval.tasks[1]: task 'retrieval' needs captions"),
     ("eval.tasks.2.templates=photo", "eval.tasks[2]: classnames and templates apply to task 'zeroshot' only"),
     ("eval.tasks.2.task=retrieval", "eval.tasks[1] and eval.tasks[2] both log val/retrieval/pairs/"),
