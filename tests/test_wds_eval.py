@@ -195,3 +195,19 @@ def test_recipe_eval_tasks_take_shards(ckpt, data):
         (hook,) = eval_task_hooks(recipe)
         scores.append(hook(model, tokenizer, 1))
     assert scores[0] == scores[1] and any(k.startswith("val/retrieval/pairs/") for k in scores[0])
+
+
+def test_cache_folders_get_the_usual_mode(data, cache):
+    """Not mkdtemp's 0700: a search server running as another user reads the thumbnails from here."""
+    import os
+
+    from clipforge.data.sources import read_caption_data
+
+    _, shards = data
+    old = os.umask(0o022)
+    try:
+        read_caption_data(wds(shards))
+    finally:
+        os.umask(old)
+    (folder,) = [p for p in cache.iterdir() if not p.name.startswith(".")]
+    assert folder.stat().st_mode & 0o777 == 0o755

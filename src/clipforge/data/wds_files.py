@@ -99,6 +99,10 @@ def materialise(spec: DataSpec) -> tuple[Path, dict]:
     if not (target / INFO_FILE).is_file():
         root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=root))
+        # mkdtemp makes it 0700; the usual mode (umask applied) lets a server running as another user read it
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)
         try:
             info = _extract(spec, shards, tmp)
             try:
