@@ -23,7 +23,7 @@ from clipforge.config import RecipeError, load_recipe
 from clipforge.eval.evaluate import EvalError, evaluate, model_slug
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiny_checkpoint import make_tiny_checkpoint  # noqa: E402
+from tiny_checkpoint import TINY_MODEL_TOML, make_tiny_checkpoint  # noqa: E402
 
 COLOURS = {"red_thing": (220, 30, 30), "green_thing": (30, 180, 60), "blue_thing": (30, 60, 220),
            "yellow_thing": (230, 210, 40), "purple_thing": (140, 40, 170), "black_thing": (10, 10, 10)}
@@ -83,18 +83,7 @@ def run_cli(capsys, *args) -> tuple[int, str, str]:
 # ----------------------------------------------------------------------------- item 8: [[eval.tasks]]
 RECIPE = """
 base = "tiny-shapes"
-[model]
-image_size = 32
-patch_size = 8
-vision_width = 32
-vision_layers = 1
-vision_heads = 2
-text_width = 32
-text_layers = 1
-text_heads = 2
-embed_dim = 32
-context_length = 16
-[data]
+""" + TINY_MODEL_TOML + """[data]
 batch_size = 8
 num_workers = 0
 [data.shapes]

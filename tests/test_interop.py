@@ -17,7 +17,7 @@ import clipforge
 from clipforge.config import DataConfig, RecipeError, load_recipe
 from clipforge.data.pipeline import build_source_train_loader
 from clipforge.data.sources import DataError, read_caption_data, read_classification_data
-from tiny_checkpoint import make_caption_jsonl
+from tiny_checkpoint import TINY_MODEL_TOML, make_caption_jsonl
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 EMOJI = SHARED_DATA / "emoji-noto-dev" / "captions.jsonl"
@@ -25,18 +25,7 @@ EMOJI = SHARED_DATA / "emoji-noto-dev" / "captions.jsonl"
 TINY = """
 base = "tiny-shapes"
 name = "tiny-interop"
-[model]
-image_size = 32
-patch_size = 8
-vision_width = 32
-vision_layers = 1
-vision_heads = 2
-text_width = 32
-text_layers = 1
-text_heads = 2
-embed_dim = 32
-context_length = 16
-[data]
+""" + TINY_MODEL_TOML + """[data]
 batch_size = 4
 num_workers = 0
 shuffle_buffer = 16

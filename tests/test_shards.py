@@ -17,6 +17,7 @@ from clipforge.data.shards import inspect_shards, write_shards
 from clipforge.data.sources import DataError
 
 from datafiles import FAULTS, write_faulty_shards, write_folder, write_good_shards, write_jsonl
+from tiny_checkpoint import TINY_MODEL_TOML
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 CIFAR = SHARED_DATA / "cifar10-train.tar.gz"
@@ -145,18 +146,7 @@ def test_cli_shard_and_inspect(tmp_path):
 # ----------------------------------------------------------------------------- trainer on shards
 TINY = """
 base = "tiny-shapes"
-[model]
-image_size = 32
-patch_size = 8
-vision_width = 32
-vision_layers = 1
-vision_heads = 2
-text_width = 32
-text_layers = 1
-text_heads = 2
-embed_dim = 32
-context_length = 16
-[data]
+""" + TINY_MODEL_TOML + """[data]
 batch_size = 8
 num_workers = 2
 max_skip_fraction = 0.5

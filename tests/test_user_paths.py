@@ -16,6 +16,7 @@ import torch
 from typer.testing import CliRunner
 
 from clipforge.config import available_recipes, load_recipe, recipe_to_toml, validate_recipe
+from tiny_checkpoint import TINY_MODEL_TOML
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -66,18 +67,7 @@ def test_recipe_files_read_none_text_like_set(tmp_path):
 TINY = """
 base = "tiny-shapes"
 description = "test recipe"
-[model]
-image_size = 32
-patch_size = 8
-vision_width = 32
-vision_layers = 1
-vision_heads = 2
-text_width = 32
-text_layers = 1
-text_heads = 2
-embed_dim = 16
-context_length = 16
-[data]
+""" + TINY_MODEL_TOML + """[data]
 batch_size = 8
 num_workers = 0
 [data.tokenizer]

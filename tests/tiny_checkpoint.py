@@ -15,6 +15,19 @@ TINY_MODEL = dict(
     image_size=32, patch_size=8, vision_width=32, vision_layers=2, vision_heads=2,
     vocab_size=256, context_length=16, text_width=32, text_layers=2, text_heads=2, embed_dim=16,
 )
+# the [model] section of the tiny recipes that tests train from TOML (base = "tiny-shapes")
+TINY_MODEL_TOML = """[model]
+image_size = 32
+patch_size = 8
+vision_width = 32
+vision_layers = 1
+vision_heads = 2
+text_width = 32
+text_layers = 1
+text_heads = 2
+embed_dim = 32
+context_length = 16
+"""
 CAPTIONS = [
     "a red circle", "a blue square", "a green triangle on the left", "two yellow stars",
     "a small purple heart", "an orange ring next to a black cross", "a photo of a dog", "a cat, sleeping!",
