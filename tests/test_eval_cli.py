@@ -25,6 +25,7 @@ from clipforge.eval.linear_probe import fewshot_indices, linear_probe, stratifie
 from clipforge.models.clip import CLIP
 from clipforge.models.tokenizer import BPETokenizer
 from clipforge.train.checkpoint import save_checkpoint
+from tiny_checkpoint import run_cli
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 EMOJI = SHARED_DATA / "emoji-noto-dev" / "captions.jsonl"
@@ -61,23 +62,6 @@ def make_colour_folder(root: Path, per_class: int, seed: int = 0) -> Path:
         for i in range(per_class):
             noisy_colour_image(rgb, seed * 1000 + c * 100 + i).save(root / name / f"{i:03d}.jpg")
     return root
-
-
-def run_cli(capsys, *args: str) -> tuple[int, str, str]:
-    """Run ``clipforge.cli.main`` in-process; returns (exit code, stdout, stderr)."""
-    from clipforge import cli
-
-    old = sys.argv
-    sys.argv = ["clipforge", *map(str, args)]
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as e:
-        code = e.code or 0
-    finally:
-        sys.argv = old
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 # ----------------------------------------------------------------------------- spec strings and readers

@@ -23,7 +23,7 @@ from clipforge.config import RecipeError, load_recipe
 from clipforge.eval.evaluate import EvalError, evaluate, model_slug
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiny_checkpoint import TINY_MODEL_TOML, make_tiny_checkpoint  # noqa: E402
+from tiny_checkpoint import TINY_MODEL_TOML, make_tiny_checkpoint, run_cli as cli_in_process  # noqa: E402
 
 COLOURS = {"red_thing": (220, 30, 30), "green_thing": (30, 180, 60), "blue_thing": (30, 60, 220),
            "yellow_thing": (230, 210, 40), "purple_thing": (140, 40, 170), "black_thing": (10, 10, 10)}
@@ -65,18 +65,7 @@ def ckpt(tmp_path_factory) -> Path:
 
 
 def run_cli(capsys, *args) -> tuple[int, str, str]:
-    from clipforge import cli
-
-    old = sys.argv
-    sys.argv = ["clipforge", *map(str, args)]
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as e:
-        code = e.code or 0
-    finally:
-        sys.argv = old
-    out, err = capsys.readouterr()
+    code, out, err = cli_in_process(capsys, *args)
     return code, out, " ".join(err.split())
 
 

@@ -5,19 +5,17 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import clipforge
 from clipforge.config import DataConfig, RecipeError, load_recipe
 from clipforge.data.pipeline import build_source_train_loader
 from clipforge.data.sources import DataError, read_caption_data, read_classification_data
-from tiny_checkpoint import TINY_MODEL_TOML, make_caption_jsonl
+from tiny_checkpoint import TINY_MODEL_TOML, make_caption_jsonl, run_cli as cli_in_process
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 EMOJI = SHARED_DATA / "emoji-noto-dev" / "captions.jsonl"
@@ -64,18 +62,7 @@ def write_images(folder: Path, n: int) -> list[str]:
 
 def run_cli(capsys, *args) -> tuple[int, str]:
     """``clipforge.cli.main`` in-process (user errors print and exit 2, as on the command line): (code, output)."""
-    from clipforge import cli
-
-    old = sys.argv
-    sys.argv = ["clipforge", *map(str, args)]
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as e:
-        code = e.code or 0
-    finally:
-        sys.argv = old
-    out, err = capsys.readouterr()
+    code, out, err = cli_in_process(capsys, *args)
     return code, out + err
 
 

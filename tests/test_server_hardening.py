@@ -23,7 +23,6 @@ import socket
 import struct
 import subprocess
 import sys
-import threading
 import time
 import zlib
 from pathlib import Path
@@ -41,28 +40,11 @@ import pyarrow.parquet as pq  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
 from clipforge.index.dense import DenseIndex, SearchIndexError, build_index_dir  # noqa: E402
-from clipforge.index.embed import EmbedError, embed_dataset, load_embeddings  # noqa: E402
+from clipforge.index.embed import EmbedError, load_embeddings  # noqa: E402
 from clipforge.index.server import MAX_ASPECT_RATIO, MAX_K, create_app  # noqa: E402
-from tiny_checkpoint import make_caption_jsonl, make_tiny_checkpoint  # noqa: E402
+from test_server import CHROMIUM, built, client, live_server  # noqa: E402,F401 (shared fixtures)
 
 REPO = Path(__file__).resolve().parents[1]
-CHROMIUM = Path("/usr/bin/chromium")
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    root = tmp_path_factory.mktemp("hardening")
-    ckpt = make_tiny_checkpoint(root / "ckpt")
-    pairs = make_caption_jsonl(root / "data", n=24)
-    embed_dataset(ckpt, f"jsonl:{pairs}", root / "emb", progress=False)
-    build_index_dir(root / "emb", root / "idx", kind="flat")
-    return ckpt, root
-
-
-@pytest.fixture(scope="module")
-def client(built):
-    _, root = built
-    return TestClient(create_app(root / "idx", max_request_bytes=200_000, max_image_pixels=500 * 500))
 
 
 def image_bytes(size=(40, 40), colour=(220, 30, 30), fmt="PNG", mode="RGB") -> bytes:
@@ -449,26 +431,6 @@ def test_modes_say_what_the_server_can_answer(built, client, tmp_path):
 
 
 # ----------------------------------------------------------------------------- item 16: the page in Chromium
-@pytest.fixture
-def live_server(built):
-    uvicorn = pytest.importorskip("uvicorn")
-    _, root = built
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(root / "idx"), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 20
-    while not server.started:
-        if time.time() > deadline:
-            raise RuntimeError("uvicorn did not start within 20 s")
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
-
-
 def status_is(page, pattern: str) -> None:
     page.wait_for_function(f"/{pattern}/.test(document.getElementById('status').textContent)", timeout=15_000)
 

@@ -16,7 +16,7 @@ import torch
 from typer.testing import CliRunner
 
 from clipforge.config import available_recipes, load_recipe, recipe_to_toml, validate_recipe
-from tiny_checkpoint import TINY_MODEL_TOML
+from tiny_checkpoint import TINY_MODEL_TOML, run_cli as cli_in_process
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -87,20 +87,8 @@ progress = false
 
 
 def run_cli(capsys, *args) -> tuple[int, str, str]:
-    from clipforge import cli
-
-    old_argv, old_show, old_threads = sys.argv, warnings.showwarning, torch.get_num_threads()
-    sys.argv = ["clipforge", *map(str, args)]
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as e:
-        code = e.code or 0
-    finally:
-        sys.argv, warnings.showwarning = old_argv, old_show
-        torch.set_num_threads(old_threads)
-    out = capsys.readouterr()
-    return code, out.out, " ".join(out.err.split())
+    code, out, err = cli_in_process(capsys, *args)
+    return code, out, " ".join(err.split())
 
 
 @pytest.fixture

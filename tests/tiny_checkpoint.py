@@ -82,3 +82,25 @@ def make_caption_jsonl(directory: Path, n: int = 24, broken: int = 0) -> Path:
     table = directory / "pairs.jsonl"
     table.write_text("\n".join(lines) + "\n")
     return table
+
+
+def run_cli(capsys, *args) -> tuple[int, str, str]:
+    """``clipforge.cli.main`` in-process, as on the command line (user errors print and exit 2):
+    (exit code, stdout, stderr). Restores argv, the warning printer and torch's thread count."""
+    import sys
+    import warnings
+
+    from clipforge import cli
+
+    old_argv, old_show, old_threads = sys.argv, warnings.showwarning, torch.get_num_threads()
+    sys.argv = ["clipforge", *map(str, args)]
+    try:
+        cli.main()
+        code = 0
+    except SystemExit as e:
+        code = e.code or 0
+    finally:
+        sys.argv, warnings.showwarning = old_argv, old_show
+        torch.set_num_threads(old_threads)
+    out = capsys.readouterr()
+    return code, out.out, out.err
