@@ -142,37 +142,16 @@ def _split_qkv(prefix: str, weight: torch.Tensor, bias: torch.Tensor) -> dict[st
     return out
 
 
-def _blocks_to_hf(sd: dict[str, torch.Tensor], ours: str, theirs: str, layers: int) -> dict[str, torch.Tensor]:
-    out = {}
-    for i in range(layers):
-        src, dst = f"{ours}.{i}", f"{theirs}.encoder.layers.{i}"
-        out.update(_split_qkv(dst, sd[f"{src}.attn.qkv.weight"], sd[f"{src}.attn.qkv.bias"]))
-        renames = {"attn.proj": "self_attn.out_proj", "ln_1": "layer_norm1", "ln_2": "layer_norm2",
-                   "mlp.fc": "mlp.fc1", "mlp.proj": "mlp.fc2"}
-        for a, b in renames.items():
-            for p in ("weight", "bias"):
-                out[f"{dst}.{b}.{p}"] = sd[f"{src}.{a}.{p}"]
-    return out
-
-
 def ours_to_hf_state_dict(sd: dict[str, torch.Tensor], cfg) -> dict[str, torch.Tensor]:
-    """Our state dict -> transformers CLIPModel key names."""
-    out = {
-        "logit_scale": sd["logit_scale"],
-        "visual_projection.weight": sd["image_projection.weight"],
-        "text_projection.weight": sd["text_projection.weight"],
-        "text_model.embeddings.token_embedding.weight": sd["text.token_embed.weight"],
-        "text_model.embeddings.position_embedding.weight": sd["text.pos_embed"],
-        "vision_model.embeddings.class_embedding": sd["visual.class_token"],
-        "vision_model.embeddings.patch_embedding.weight": sd["visual.patch_embed.weight"],
-        "vision_model.embeddings.position_embedding.weight": sd["visual.pos_embed"],
-    }
-    for ours, theirs in (("text.ln_final", "text_model.final_layer_norm"), ("visual.ln_pre", "vision_model.pre_layrnorm"),
-                         ("visual.ln_post", "vision_model.post_layernorm")):
-        for p in ("weight", "bias"):
-            out[f"{theirs}.{p}"] = sd[f"{ours}.{p}"]
-    out.update(_blocks_to_hf(sd, "text.blocks", "text_model", cfg.text_layers))
-    out.update(_blocks_to_hf(sd, "visual.blocks", "vision_model", cfg.vision_layers))
+    """Our state dict -> transformers CLIPModel key names (the mapping ``import hf`` reads back)."""
+    from clipforge.models.convert import HF_BLOCK_KEYS, HF_KEYS, HF_TOWERS
+
+    out = {theirs: sd[ours] for ours, theirs in HF_KEYS.items()}
+    for (ours, theirs), layers in zip(HF_TOWERS, (cfg.text_layers, cfg.vision_layers)):
+        for i in range(layers):
+            src, dst = f"{ours}.{i}", f"{theirs}.encoder.layers.{i}"
+            out.update(_split_qkv(dst, sd[f"{src}.attn.qkv.weight"], sd[f"{src}.attn.qkv.bias"]))
+            out.update({f"{dst}.{b}": sd[f"{src}.{a}"] for a, b in HF_BLOCK_KEYS.items()})
     return {k: v.detach().clone().contiguous() for k, v in out.items()}
 
 

@@ -261,8 +261,25 @@ def import_openclip(
 
 
 # ----------------------------------------------------------------------------- Hugging Face CLIPModel
-_HF_BLOCK_RENAMES = {"self_attn.out_proj": "attn.proj", "layer_norm1": "ln_1", "layer_norm2": "ln_2",
-                     "mlp.fc1": "mlp.fc", "mlp.fc2": "mlp.proj"}
+# our key -> transformers CLIPModel's, for import (here) and export (clipforge.export) alike
+HF_KEYS = {
+    "logit_scale": "logit_scale",
+    "image_projection.weight": "visual_projection.weight",
+    "text_projection.weight": "text_projection.weight",
+    "text.token_embed.weight": "text_model.embeddings.token_embedding.weight",
+    "text.pos_embed": "text_model.embeddings.position_embedding.weight",
+    "visual.class_token": "vision_model.embeddings.class_embedding",
+    "visual.patch_embed.weight": "vision_model.embeddings.patch_embedding.weight",
+    "visual.pos_embed": "vision_model.embeddings.position_embedding.weight",
+    **{f"{ours}.{p}": f"{theirs}.{p}" for ours, theirs in (
+        ("text.ln_final", "text_model.final_layer_norm"), ("visual.ln_pre", "vision_model.pre_layrnorm"),
+        ("visual.ln_post", "vision_model.post_layernorm")) for p in ("weight", "bias")},
+}
+# inside each transformer block (our qkv is fused: HF's q_proj, k_proj, v_proj are its row thirds)
+HF_BLOCK_KEYS = {f"{ours}.{p}": f"{theirs}.{p}" for ours, theirs in (
+    ("attn.proj", "self_attn.out_proj"), ("ln_1", "layer_norm1"), ("ln_2", "layer_norm2"),
+    ("mlp.fc", "mlp.fc1"), ("mlp.proj", "mlp.fc2")) for p in ("weight", "bias")}
+HF_TOWERS = (("text.blocks", "text_model"), ("visual.blocks", "vision_model"))
 
 
 def hf_config_to_ours(config: dict[str, Any], preprocessor: dict[str, Any] | None = None) -> ModelConfig:
@@ -309,28 +326,13 @@ def hf_config_to_ours(config: dict[str, Any], preprocessor: dict[str, Any] | Non
 
 def hf_state_dict_to_ours(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """transformers CLIPModel key names -> ours (q, k, v projections fused into one qkv)."""
-    out = {
-        "logit_scale": sd["logit_scale"],
-        "image_projection.weight": sd["visual_projection.weight"],
-        "text_projection.weight": sd["text_projection.weight"],
-        "text.token_embed.weight": sd["text_model.embeddings.token_embedding.weight"],
-        "text.pos_embed": sd["text_model.embeddings.position_embedding.weight"],
-        "visual.class_token": sd["vision_model.embeddings.class_embedding"],
-        "visual.patch_embed.weight": sd["vision_model.embeddings.patch_embedding.weight"],
-        "visual.pos_embed": sd["vision_model.embeddings.position_embedding.weight"],
-    }
-    for theirs, ours in (("text_model.final_layer_norm", "text.ln_final"), ("vision_model.pre_layrnorm", "visual.ln_pre"),
-                         ("vision_model.post_layernorm", "visual.ln_post")):
-        for p in ("weight", "bias"):
-            out[f"{ours}.{p}"] = sd[f"{theirs}.{p}"]
-    for theirs, ours, layers in (("text_model", "text.blocks", cfg.text_layers),
-                                 ("vision_model", "visual.blocks", cfg.vision_layers)):
+    out = {ours: sd[theirs] for ours, theirs in HF_KEYS.items()}
+    for (ours, theirs), layers in zip(HF_TOWERS, (cfg.text_layers, cfg.vision_layers)):
         for i in range(layers):
             src, dst = f"{theirs}.encoder.layers.{i}", f"{ours}.{i}"
             for p in ("weight", "bias"):  # our fused rows are [q; k; v]
                 out[f"{dst}.attn.qkv.{p}"] = torch.cat([sd[f"{src}.self_attn.{n}_proj.{p}"] for n in "qkv"])
-                for a, b in _HF_BLOCK_RENAMES.items():
-                    out[f"{dst}.{b}.{p}"] = sd[f"{src}.{a}.{p}"]
+            out.update({f"{dst}.{a}": sd[f"{src}.{b}"] for a, b in HF_BLOCK_KEYS.items()})
     return {k: v.detach().clone().contiguous() for k, v in out.items()}
 
 
