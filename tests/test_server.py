@@ -183,8 +183,8 @@ def live_server(built):
     thread.join(timeout=10)
 
 
-@pytest.mark.browser
-def test_search_page_in_headless_chromium(live_server, tmp_path):
+def browser_or_skip(tmp_path):
+    """(playwright's sync_api, the screenshot folder); skips without Chromium, fails in CI."""
     if not CHROMIUM.exists():
         reason = f"BROWSER TEST NOT RUN: {CHROMIUM} is missing; install it with .ci/install-browser (apt-get install chromium)"
         if os.environ.get("CI"):
@@ -193,6 +193,12 @@ def test_search_page_in_headless_chromium(live_server, tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api")
     shots = Path(os.environ.get("CLIPFORGE_ARTIFACTS", tmp_path))
     shots.mkdir(parents=True, exist_ok=True)
+    return sync_api, shots
+
+
+@pytest.mark.browser
+def test_search_page_in_headless_chromium(live_server, tmp_path):
+    sync_api, shots = browser_or_skip(tmp_path)
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(
             executable_path=str(CHROMIUM),

@@ -16,7 +16,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import random
 import shutil
 import socket
@@ -42,7 +41,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from clipforge.index.dense import DenseIndex, SearchIndexError, build_index_dir  # noqa: E402
 from clipforge.index.embed import EmbedError, load_embeddings  # noqa: E402
 from clipforge.index.server import MAX_ASPECT_RATIO, MAX_K, create_app  # noqa: E402
-from test_server import CHROMIUM, built, client, live_server  # noqa: E402,F401 (shared fixtures)
+from test_server import CHROMIUM, browser_or_skip, built, client, live_server  # noqa: E402,F401 (shared fixtures)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -437,14 +436,7 @@ def status_is(page, pattern: str) -> None:
 
 @pytest.mark.browser
 def test_search_page_urls_k_modes_and_search_by_image(live_server, tmp_path):
-    if not CHROMIUM.exists():
-        reason = f"BROWSER TEST NOT RUN: {CHROMIUM} is missing; install it with .ci/install-browser (apt-get install chromium)"
-        if os.environ.get("CI"):
-            pytest.fail(reason)  # in CI a missing browser is a set-up bug, not a reason to pass
-        pytest.skip(reason)
-    sync_api = pytest.importorskip("playwright.sync_api")
-    shots = Path(os.environ.get("CLIPFORGE_ARTIFACTS", tmp_path))
-    shots.mkdir(parents=True, exist_ok=True)
+    sync_api, shots = browser_or_skip(tmp_path)
     upload = tmp_path / "query.png"
     upload.write_bytes(image_bytes((40, 40), (30, 180, 60)))
     with sync_api.sync_playwright() as p:
