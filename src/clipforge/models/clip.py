@@ -43,19 +43,30 @@ class CLIP(nn.Module):
             pool=cfg.vision_pool,
             patch_dropout=cfg.patch_dropout,
         )
-        self.text = TextTransformer(
-            vocab_size=cfg.vocab_size,
-            context_length=cfg.context_length,
-            width=cfg.text_width,
-            layers=cfg.text_layers,
-            heads=cfg.text_heads,
-            mlp_ratio=cfg.mlp_ratio,
-            activation=cfg.activation,
-        )
+        if cfg.text_tower == "hf":  # a pretrained encoder (LiT, FLAME); its weights: load_pretrained or a checkpoint
+            from clipforge.models.hf_text import HFTextTower
+
+            self.text = HFTextTower(cfg.text_source, cfg.text_pooling, cfg.text_unlocked_layers)
+            text_width = self.text.width
+        else:
+            self.text = TextTransformer(
+                vocab_size=cfg.vocab_size,
+                context_length=cfg.context_length,
+                width=cfg.text_width,
+                layers=cfg.text_layers,
+                heads=cfg.text_heads,
+                mlp_ratio=cfg.mlp_ratio,
+                activation=cfg.activation,
+            )
+            text_width = cfg.text_width
         self.image_projection = nn.Linear(cfg.vision_width, cfg.embed_dim, bias=False)
-        self.text_projection = nn.Linear(cfg.text_width, cfg.embed_dim, bias=False)
         nn.init.normal_(self.image_projection.weight, std=cfg.vision_width**-0.5)
-        nn.init.normal_(self.text_projection.weight, std=cfg.text_width**-0.5)
+        if cfg.text_projection == "mlp":  # FLAME's adapter: 2-layer GELU MLP + norm
+            self.text_projection = nn.Sequential(nn.Linear(text_width, text_width), nn.GELU(),
+                                                 nn.Linear(text_width, cfg.embed_dim), nn.LayerNorm(cfg.embed_dim))
+        else:
+            self.text_projection = nn.Linear(text_width, cfg.embed_dim, bias=False)
+            nn.init.normal_(self.text_projection.weight, std=text_width**-0.5)
 
         # ln of the logit scale t; the trainer keeps t <= logit_scale_max via clamp_logit_scale_()
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.logit_scale_init)))
@@ -114,6 +125,7 @@ class CLIP(nn.Module):
         attention_mask: torch.Tensor | None = None,
         need: Iterable[str] = frozenset(),
         keep_indices: torch.Tensor | None = None,
+        text_features: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor | list[torch.Tensor]]:
         """Embeddings and logit scale; extras only when named in ``need``:
 
@@ -128,6 +140,8 @@ class CLIP(nn.Module):
 
         ``keep_indices`` (N×K) selects patches explicitly, e.g. A-CLIP's attentive masking.
         ``images`` or ``input_ids`` may be None to run one tower only (its outputs are then absent).
+        ``text_features`` (T×Wt): pooled text features computed elsewhere (a frozen tower's cache,
+        clipforge.train.text_cache); the text tower is skipped and only the projection runs.
         """
         need = frozenset(need)
         unknown = need - EXTRAS
@@ -139,7 +153,9 @@ class CLIP(nn.Module):
             out["logit_bias"] = self.logit_bias
         if images is not None:
             out.update(self._image_outputs(images, need, keep_indices))
-        if input_ids is not None:
+        if text_features is not None:
+            out["text_embeds"] = F.normalize(self.text_projection(text_features), dim=-1)
+        elif input_ids is not None:
             text = self.text(input_ids, attention_mask, return_tokens=bool({"text_tokens", "text_token_embeds"} & need))
             out["text_embeds"] = F.normalize(self.text_projection(text["pooled"]), dim=-1)
             if "text_tokens" in need:
