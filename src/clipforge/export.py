@@ -85,6 +85,12 @@ def _staged_output(out: Path):
 # ----------------------------------------------------------------------------- Hugging Face
 def check_hf_compatible(cfg) -> None:
     """Refuse, by name, architecture options that transformers' CLIPModel has no equivalent for."""
+    if cfg.text_tower != "clip" or cfg.text_projection != "linear":
+        raise ExportError(
+            f"cannot export to Hugging Face: the text tower is a pretrained encoder (model.text_tower = "
+            f"{cfg.text_tower!r}, text_projection = {cfg.text_projection!r}); HF CLIPModel only has CLIP's causal "
+            "text transformer with a linear projection. Export to ONNX instead (--to onnx)"
+        )
     if cfg.vision_pool != "cls":
         raise ExportError(
             f"cannot export to Hugging Face: model.vision_pool = {cfg.vision_pool!r}; HF CLIPModel always pools "

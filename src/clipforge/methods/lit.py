@@ -143,7 +143,8 @@ class LitStep(TrainStep):
         keys = self.text_keys(captions)
         m = self.texts_per_caption
         _, missing = self.cache.lookup(keys)
-        todo = sorted({i // m for i in missing})  # captions with any row missing: encode all their rows
+        # captions with any row missing, each distinct caption once: encode all their rows
+        todo = sorted({keys[i - i % m]: i // m for i in reversed(missing)}.values())
         if todo:
             rows = torch.tensor(todo, device=batch["input_ids"].device)
             with torch.no_grad():
