@@ -158,7 +158,7 @@ class LitStep(TrainStep):
             return super().encode(batch)
         model_needs = frozenset(k for k in self.needs if "/" not in k)
         outputs = self.teacher_outputs(batch, self.needs)
-        if self.use_cache:
+        if self.use_cache and "captions" in batch:  # the keys; a batch without raw captions runs the tower
             features = self.cached_text_features(batch)
         else:
             features = self.encode_texts(batch["input_ids"], batch["attention_mask"])
@@ -168,7 +168,7 @@ class LitStep(TrainStep):
         if self.facets:  # text row r belongs to the image of caption r // M
             owner = batch.get("text_owner")
             if owner is None:
-                owner = torch.arange(len(batch["captions"]), device=features.device)
+                owner = torch.arange(batch["input_ids"].shape[0], device=features.device)
             outputs["text_owner"] = owner.repeat_interleave(self.texts_per_caption)
         return outputs
 

