@@ -180,5 +180,7 @@ def test_checkpoint_loads_offline_resumes_bitwise_and_exports(tmp_path, monkeypa
     assert isinstance(tok, HFTokenizer)
     emb = model.encode_text(*tok(["a red circle"]))
     assert emb.shape == (1, 16) and torch.allclose(emb.norm(dim=-1), torch.ones(1))
+    classifier = clipforge.zero_shot_classifier(model, tok, ["circle", "square"], ["a {}.", "a red {}."])
+    assert classifier.shape == (2, 16)
     with pytest.raises(ExportError, match="pretrained encoder.*Export to ONNX instead"):
         export(tmp_path / "a" / "checkpoints" / "latest", "hf", tmp_path / "hf")
