@@ -1,0 +1,146 @@
+"""TinyCLIP weight inheritance (methods.md section 4): manual (layers at a stride, leading
+heads/width slices) through model.init_from, and the student shapes of `clipforge distill`."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from clipforge.config import ModelConfig
+from clipforge.models.clip import CLIP
+from clipforge.models.inherit import (
+    InheritError,
+    inherit_state_dict,
+    layer_map,
+    parse_student_spec,
+    student_config,
+)
+from clipforge.train.params import InitFromError, load_init_from
+
+TEACHER = dict(image_size=32, patch_size=8, vision_width=64, vision_layers=6, vision_heads=4,
+               vocab_size=64, context_length=12, text_width=48, text_layers=4, text_heads=3, embed_dim=16)
+
+
+def _teacher() -> CLIP:
+    torch.manual_seed(0)
+    model = CLIP(ModelConfig(**TEACHER))
+    with torch.no_grad():  # non-trivial biases and LayerNorms, so a slicing mistake shows
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "ln" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8, generator=g)
+    ids = torch.randint(1, 64, (3, 12), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, 7:] = 0
+    return images, ids, mask
+
+
+def test_layer_map_is_arange_times_the_stride():
+    for lt, ls in [(6, 3), (6, 4), (12, 5), (4, 4), (7, 1)]:
+        assert layer_map(lt, ls) == (torch.arange(ls) * (lt // ls)).tolist()
+    with pytest.raises(InheritError, match="1..4 layers"):
+        layer_map(4, 5)
+
+
+def test_a_student_with_the_teachers_shape_inherits_it_exactly():
+    teacher = _teacher()
+    state, maps = inherit_state_dict(teacher.state_dict(), teacher.cfg, teacher.cfg)
+    assert maps == {"visual": list(range(6)), "text": list(range(4))}
+    student = CLIP(teacher.cfg).eval()
+    student.load_state_dict(state, strict=True)
+    for k, v in teacher.state_dict().items():
+        assert torch.equal(state[k], v), k
+    with torch.no_grad():
+        a, b = teacher(*_inputs()), student(*_inputs())
+    assert torch.equal(a["image_embeds"], b["image_embeds"]) and torch.equal(a["text_embeds"], b["text_embeds"])
+
+
+def test_qkv_keeps_the_first_heads_and_input_dims_at_the_layer_stride():
+    teacher = _teacher()
+    # vision: 64 wide, 4 heads of 16 -> 32 wide, 2 heads of 16 (head_dim kept); text: 48/3 heads -> 32/2 heads
+    cfg = ModelConfig(**{**TEACHER, "vision_width": 32, "vision_heads": 2, "vision_layers": 3,
+                         "text_width": 32, "text_heads": 2, "text_layers": 2})
+    state, maps = inherit_state_dict(teacher.state_dict(), teacher.cfg, cfg)
+    sd = teacher.state_dict()
+    assert maps["visual"] == [0, 2, 4] and maps["text"] == [0, 2]
+    for j, i in enumerate(maps["visual"]):
+        qkv = sd[f"visual.blocks.{i}.attn.qkv.weight"]
+        expected = qkv.view(3, 4, 16, 64)[:, :2, :, :32].reshape(3 * 32, 32)
+        assert torch.equal(state[f"visual.blocks.{j}.attn.qkv.weight"], expected)
+        bias = sd[f"visual.blocks.{i}.attn.qkv.bias"].view(3, 4, 16)[:, :2].reshape(-1)
+        assert torch.equal(state[f"visual.blocks.{j}.attn.qkv.bias"], bias)
+        assert torch.equal(state[f"visual.blocks.{j}.attn.proj.weight"], sd[f"visual.blocks.{i}.attn.proj.weight"][:32, :32])
+        assert torch.equal(state[f"visual.blocks.{j}.mlp.fc.weight"], sd[f"visual.blocks.{i}.mlp.fc.weight"][:128, :32])
+        assert torch.equal(state[f"visual.blocks.{j}.ln_1.weight"], sd[f"visual.blocks.{i}.ln_1.weight"][:32])
+    # text: 16-dim heads -> 16-dim heads: the qkv rule again, at stride 2
+    qkv = sd["text.blocks.2.attn.qkv.weight"]
+    assert torch.equal(state["text.blocks.1.attn.qkv.weight"], qkv.view(3, 3, 16, 48)[:, :2, :, :32].reshape(96, 32))
+    # embeddings, positions, projections: leading slices; the joint space is kept
+    assert torch.equal(state["visual.pos_embed"], sd["visual.pos_embed"][:, :32])
+    assert torch.equal(state["text.token_embed.weight"], sd["text.token_embed.weight"][:, :32])
+    assert torch.equal(state["image_projection.weight"], sd["image_projection.weight"][:, :32])
+    assert torch.equal(state["logit_scale"], sd["logit_scale"])
+    CLIP(cfg).load_state_dict(state, strict=True)
+
+
+def test_a_narrower_head_keeps_the_leading_dims_of_each_kept_head():
+    teacher = _teacher()
+    cfg = ModelConfig(**{**TEACHER, "vision_width": 32, "vision_heads": 4})  # head_dim 16 -> 8
+    state, _ = inherit_state_dict(teacher.state_dict(), teacher.cfg, cfg)
+    qkv = teacher.state_dict()["visual.blocks.1.attn.qkv.weight"]
+    assert torch.equal(state["visual.blocks.1.attn.qkv.weight"], qkv.view(3, 4, 16, 64)[:, :, :8, :32].reshape(96, 32))
+    proj = teacher.state_dict()["visual.blocks.1.attn.proj.weight"]
+    assert torch.equal(state["visual.blocks.1.attn.proj.weight"], proj.view(64, 4, 16)[:32, :, :8].reshape(32, 32))
+
+
+def test_a_student_that_is_no_slice_of_the_teacher_is_refused_by_key():
+    teacher = _teacher()
+    for change, message in [({"vision_layers": 8}, "vision_layers = 8 is larger"), ({"patch_size": 16}, "model.patch_size"),
+                            ({"text_width": 64, "text_heads": 2}, "text_width = 64 is larger"),
+                            ({"vision_width": 64, "vision_heads": 2}, "head_dim 32")]:
+        with pytest.raises(InheritError, match=message):
+            inherit_state_dict(teacher.state_dict(), teacher.cfg, ModelConfig(**{**TEACHER, **change}))
+
+
+def test_init_from_with_inherit_manual_warm_starts_a_smaller_model(tmp_path):
+    from tests.tiny_checkpoint import make_tiny_checkpoint
+
+    big = make_tiny_checkpoint(tmp_path / "big", vision_layers=4, vision_width=64, vision_heads=4)
+    cfg = ModelConfig(**{**dict(image_size=32, patch_size=8, vocab_size=256, context_length=16, embed_dim=16,
+                                text_width=32, text_layers=1, text_heads=2),
+                         "vision_width": 32, "vision_layers": 2, "vision_heads": 2})
+    student = CLIP(cfg)
+    report = load_init_from(student, {"path": str(big), "inherit": "manual"})
+    assert not report.left_at_init and "vision layers [0, 2]" in report.kind
+    from safetensors.torch import load_file
+
+    sd = load_file(str(big / "model.safetensors"))
+    assert torch.equal(student.state_dict()["visual.blocks.1.mlp.fc.bias"], sd["visual.blocks.2.mlp.fc.bias"][:128])
+    # without inherit the shapes clash, and the error says so
+    with pytest.raises(InitFromError, match="shapes differ"):
+        load_init_from(CLIP(cfg), {"path": str(big)})
+    with pytest.raises(InitFromError, match="larger than the teacher"):
+        load_init_from(CLIP(ModelConfig(**{**cfg.model_dump(), "text_width": 64})), {"path": str(big), "inherit": "manual"})
+
+
+def test_student_spec_and_progressive_stage_shapes():
+    assert parse_student_spec("width=0.5, layers=0.5") == {"width": 0.5, "layers": 0.5}
+    for bad, message in [("width", "KEY=VALUE"), ("depth=0.5", "KEY=VALUE"), ("width=2", r"in \(0, 1\]"),
+                         ("vision_layers=1.5", "whole number"), ("width=half", "not a number"), ("", "empty")]:
+        with pytest.raises(InheritError, match=message):
+            parse_student_spec(bad)
+    teacher = ModelConfig(**{**TEACHER, "vision_width": 192, "vision_heads": 3, "text_width": 128, "text_heads": 2,
+                             "text_layers": 2})
+    spec = parse_student_spec("width=0.5,layers=0.5")
+    stages = [student_config(teacher, spec, k / 3) for k in (1, 2, 3)]
+    # vision 192 = 3 x 64 -> 96 is no multiple of 64: three heads throughout, head_dim shrinks (53, 43, 32)
+    assert [(s.vision_width, s.vision_heads, s.vision_layers) for s in stages] == [(159, 3, 5), (129, 3, 4), (96, 3, 3)]
+    # text 128 = 2 x 64 -> 64 is: head_dim 64 throughout, whole heads dropped
+    assert [(s.text_width, s.text_heads, s.text_layers) for s in stages] == [(128, 2, 2), (64, 1, 1), (64, 1, 1)]
+    for a, b in zip([teacher, *stages], stages):  # each stage can inherit from the one before
+        inherit_state_dict(CLIP(a).state_dict(), a, b)
