@@ -16,6 +16,7 @@ from clipforge.models.inherit import (
     student_config,
 )
 from clipforge.train.params import InitFromError, load_init_from
+from tiny_checkpoint import TINY_MODEL_TOML, run_cli
 
 TEACHER = dict(image_size=32, patch_size=8, vision_width=64, vision_layers=6, vision_heads=4,
                vocab_size=64, context_length=12, text_width=48, text_layers=4, text_heads=3, embed_dim=16)
@@ -108,7 +109,7 @@ def test_a_student_that_is_no_slice_of_the_teacher_is_refused_by_key():
 
 
 def test_init_from_with_inherit_manual_warm_starts_a_smaller_model(tmp_path):
-    from tests.tiny_checkpoint import make_tiny_checkpoint
+    from tiny_checkpoint import make_tiny_checkpoint
 
     big = make_tiny_checkpoint(tmp_path / "big", vision_layers=4, vision_width=64, vision_heads=4)
     cfg = ModelConfig(**{**dict(image_size=32, patch_size=8, vocab_size=256, context_length=16, embed_dim=16,
@@ -144,3 +145,80 @@ def test_student_spec_and_progressive_stage_shapes():
     assert [(s.text_width, s.text_heads, s.text_layers) for s in stages] == [(128, 2, 2), (64, 1, 1), (64, 1, 1)]
     for a, b in zip([teacher, *stages], stages):  # each stage can inherit from the one before
         inherit_state_dict(CLIP(a).state_dict(), a, b)
+
+
+# ----------------------------------------------------------------------------- clipforge distill
+TEACHER_TOML = """
+base = "tiny-shapes"
+name = "tiny-teacher"
+""" + TINY_MODEL_TOML.replace("vision_layers = 1", "vision_layers = 4").replace("text_layers = 1", "text_layers = 2") + """
+[data]
+batch_size = 8
+num_workers = 0
+[data.tokenizer]
+vocab_size = 300
+corpus_size = 200
+[schedule]
+kind = "constant"
+warmup_steps = 0
+[train]
+threads = 1
+steps = 2
+[eval]
+at_end = false
+every_steps = "none"
+[logging]
+tensorboard = false
+progress = false
+every_steps = 1
+"""
+
+
+def _losses(run_dir) -> dict[int, float]:
+    import json
+
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {line["step"]: line["loss"] for line in lines if "loss" in line}
+
+
+def test_distill_cli_runs_the_stages_and_resumes_an_interrupted_one(tmp_path, capsys):
+    import json
+    import os
+    import shutil
+
+    from clipforge.api import load
+
+    (tmp_path / "teacher.toml").write_text(TEACHER_TOML)
+    code, _, err = run_cli(capsys, "train", tmp_path / "teacher.toml", "--run-dir", tmp_path / "big")
+    assert code == 0, err
+    args = ["distill", tmp_path / "big", "--student", "width=0.5,layers=0.5", "--stages", "2",
+            "--run-dir", tmp_path / "tiny", "--set", "train.steps=4", "--set", "train.checkpoint_every_steps=2",
+            "--clip-weight", "0.25"]
+    code, out, err = run_cli(capsys, *args)
+    assert code == 0, err
+    assert "stage 2/2" in err and "done: the student is" in err
+    plan = json.loads((tmp_path / "tiny" / "distill.json").read_text())
+    assert [(m["vision_width"], m["vision_layers"]) for m in plan["models"]] == [(32, 3), (16, 2)]  # whole 16-dim heads
+    model, _, _ = load(tmp_path / "tiny" / "stage_2" / "checkpoints" / "latest")  # an ordinary checkpoint
+    assert (model.cfg.vision_width, model.cfg.vision_layers, model.cfg.text_layers) == (16, 2, 1)
+    stage2 = tmp_path / "tiny" / "stage_2"
+    recipe = (stage2 / "recipe.toml").read_text()
+    assert 'inherit = "manual"' in recipe and "stage_1" in recipe and "affinity_distill" in recipe
+    full = _losses(stage2)
+    assert "affinity_distill/loss" in (stage2 / "metrics.jsonl").read_text()
+
+    # a kill after step 2 of stage 2: its last checkpoint is gone, 'latest' points at step 2
+    ckpts = stage2 / "checkpoints"
+    shutil.rmtree(ckpts / "step_0000004")
+    os.remove(ckpts / "latest")
+    os.symlink("step_0000002", ckpts / "latest")
+    stage1_before = sorted(p.name for p in (tmp_path / "tiny" / "stage_1" / "checkpoints").iterdir())
+    code, out, err = run_cli(capsys, *args)
+    assert code == 0, err
+    assert "stage 1/2" in err and "done already" in err and "resuming" in err
+    assert sorted(p.name for p in (tmp_path / "tiny" / "stage_1" / "checkpoints").iterdir()) == stage1_before
+    assert "step_0000002 at step 2" in out + err  # the trainer's banner: stage 2 went on from its step 2
+    assert _losses(stage2)[4] == full[4]  # ... along the same trajectory (the log is rewritten from step 3)
+    # another plan in the same run dir is refused, by key
+    code, _, err = run_cli(capsys, *[a if a != "width=0.5,layers=0.5" else "width=0.25" for a in args])
+    assert code == 2 and "student" in err and "new --run-dir" in err

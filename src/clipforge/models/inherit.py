@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from clipforge.config import ModelConfig
+from clipforge.config import ModelConfig, RecipeError
 
 TOWERS = {"visual": ("vision_width", "vision_layers", "vision_heads"),
           "text": ("text_width", "text_layers", "text_heads")}
@@ -33,7 +33,7 @@ TOWERS = {"visual": ("vision_width", "vision_layers", "vision_heads"),
 SAME = ("patch_size", "image_size", "vision_pool", "activation", "mlp_ratio")
 
 
-class InheritError(ValueError):
+class InheritError(RecipeError):
     """A student that cannot inherit from this teacher; the message names the key and the fix."""
 
 
