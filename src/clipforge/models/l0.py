@@ -44,13 +44,22 @@ class HardConcreteGates(nn.Module):
         return torch.sigmoid(self.log_alpha - self.temperature * math.log(-self.low / self.high))
 
     def forward(self) -> Tensor:
-        """Sampled gates in training mode, deterministic ones (the mean's hard version) in eval mode."""
-        if self.training:
-            u = torch.rand_like(self.log_alpha).clamp(1e-6, 1 - 1e-6)
-            s = torch.sigmoid((u.log() - (-u).log1p() + self.log_alpha) / self.temperature)
-        else:
-            s = torch.sigmoid(self.log_alpha)
+        """Sampled gates in training mode, deterministic ones in eval mode (``deterministic``)."""
+        if not self.training:
+            return self.deterministic()
+        u = torch.rand_like(self.log_alpha).clamp(1e-6, 1 - 1e-6)
+        s = torch.sigmoid((u.log() - (-u).log1p() + self.log_alpha) / self.temperature)
         return (s * (self.high - self.low) + self.low).clamp(0.0, 1.0)
+
+    def deterministic(self) -> Tensor:
+        """CoFi's test-time gates: as many closed (exactly 0) as expected, round(sum(1 - P(z > 0))),
+        the lowest-scored ones; the others keep the soft value sigmoid(0.8 log_alpha / beta)."""
+        soft = torch.sigmoid(self.log_alpha / self.temperature * 0.8)
+        closed = self.log_alpha.numel() - int(torch.round(self.prob_nonzero().sum()))
+        if closed > 0:
+            soft = soft.clone()
+            soft[torch.topk(soft, closed, largest=False).indices] = 0.0
+        return soft
 
 
 def expected_tower_params(layer_mha: Tensor, layer_ffn: Tensor, heads: Tensor, units: Tensor, hidden: Tensor,
