@@ -222,3 +222,33 @@ def test_distill_cli_runs_the_stages_and_resumes_an_interrupted_one(tmp_path, ca
     # another plan in the same run dir is refused, by key
     code, _, err = run_cli(capsys, *[a if a != "width=0.5,layers=0.5" else "width=0.25" for a in args])
     assert code == 2 and "student" in err and "new --run-dir" in err
+
+
+def test_distill_cli_automatic_inheritance_learns_gates_prunes_and_distils(tmp_path, capsys):
+    import json
+
+    from clipforge.api import load
+
+    (tmp_path / "teacher.toml").write_text(TEACHER_TOML)
+    code, _, err = run_cli(capsys, "train", tmp_path / "teacher.toml", "--run-dir", tmp_path / "big")
+    assert code == 0, err
+    args = ["distill", tmp_path / "big", "--student", "sparsity=0.5", "--prune-steps", "3", "--stages", "2",
+            "--run-dir", tmp_path / "auto", "--set", "train.steps=2"]
+    code, _, err = run_cli(capsys, *args)
+    assert code == 0, err
+    plan = json.loads((tmp_path / "auto" / "distill.json").read_text())
+    assert plan["sparsity_targets"] == [0.25, 0.333333]  # kept 100% -> 75% -> 50%
+    for k in (1, 2):
+        stage = tmp_path / "auto" / f"stage_{k}"
+        masks = [json.loads(line) for line in (stage / "masks" / "metrics.jsonl").read_text().splitlines()]
+        assert masks[-1]["step"] == 3 and "prune/expected_sparsity" in masks[-1]
+        assert (stage / "pruned" / "config.json").is_file()
+    model, _, _ = load(tmp_path / "auto" / "stage_2" / "checkpoints" / "latest")  # ordinary, not larger
+    assert model.cfg.vision_width <= 32 and model.cfg.vision_layers <= 4
+    before = (tmp_path / "auto" / "stage_1" / "masks" / "metrics.jsonl").read_text()
+    code, _, err = run_cli(capsys, *args)  # again: everything is done already (pruned stages are kept)
+    assert code == 0 and err.count("done already") == 2 and "training" not in err, err
+    assert (tmp_path / "auto" / "stage_1" / "masks" / "metrics.jsonl").read_text() == before
+    code, _, err = run_cli(capsys, "distill", tmp_path / "big", "--student", "sparsity=0.5,width=0.5", "--run-dir",
+                           tmp_path / "x", "--prune-steps", "3")
+    assert code == 2 and "takes no other key" in err

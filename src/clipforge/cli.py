@@ -273,15 +273,19 @@ def distill(
     run_dir: Path = typer.Option(..., "--run-dir", help="Holds distill.json and one run directory per stage."),
     recipe: Optional[str] = typer.Option(None, "--recipe", help="Data/optimiser/schedule recipe [default: the teacher's own]."),
     clip_weight: float = typer.Option(0.0, "--clip-weight", help="Share of the hard CLIP loss (TinyCLIP's 1 - alpha)."),
+    prune_steps: Optional[int] = typer.Option(None, "--prune-steps", min=1, help="Automatic inheritance (--student "
+                                              "sparsity=S): steps per stage that learn the L0 gates before pruning."),
     set_: list[str] = typer.Option([], "--set", help="Override a value of every stage's recipe (repeatable)."),
 ) -> None:
     """TinyCLIP multi-stage distillation: each stage's student inherits the previous stage's weights
-    (layers at a stride, leading heads/width) and mimics the original teacher's affinities.
+    (manual: layers at a stride, leading heads/width; automatic with --student sparsity=S and
+    --prune-steps: learnt L0 gates, then pruning) and mimics the original teacher's affinities.
     Rerunning the same command resumes: finished stages are skipped."""
     from clipforge.distill import run
 
     dirs = run(teacher, student, stages, run_dir, recipe, clip_weight, set_, eval_hooks=_default_eval_hooks,
-               log=lambda line: console.print(line, highlight=False, markup=False, soft_wrap=True))
+               log=lambda line: console.print(line, highlight=False, markup=False, soft_wrap=True),
+               prune_steps=prune_steps)
     if len(dirs) == stages:
         console.print(f"done: the student is {dirs[-1] / 'checkpoints' / 'latest'}", soft_wrap=True, markup=False)
 

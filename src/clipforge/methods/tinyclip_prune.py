@@ -232,19 +232,22 @@ def pruned_model(model: nn.Module, gates: dict[str, Tensor]) -> nn.Module:
             out[p + "token_embed.weight"] = sd[p + "token_embed.weight"][:, dims] * z_dims
             out[p + "pos_embed"] = sd[p + "pos_embed"][:, dims] * z_dims
             final = "ln_final"
-        out[p + final + ".weight"], out[p + final + ".bias"] = sd[p + final + ".weight"][dims], sd[p + final + ".bias"][dims]
+        for name in (f"{p}{final}.weight", f"{p}{final}.bias"):
+            out[name] = sd[name][dims]
         for j, i in enumerate(kept_layers):
             s, d = f"{p}blocks.{i}.", f"{p}blocks.{j}."
             scale = gates[f"{tower}_layers"][i] * z_dims  # on everything a sublayer adds to the stream
-            for ln in ("ln_1", "ln_2"):
-                out[d + ln + ".weight"], out[d + ln + ".bias"] = sd[s + ln + ".weight"][dims], sd[s + ln + ".bias"][dims]
-            out[d + "attn.qkv.weight"] = sd[s + "attn.qkv.weight"].view(3, width, width)[:, dims][:, :, dims].reshape(-1, len(dims))
+            for name in ("ln_1.weight", "ln_1.bias", "ln_2.weight", "ln_2.bias"):
+                out[d + name] = sd[s + name][dims]
+            qkv = sd[s + "attn.qkv.weight"].view(3, width, width)  # rows: q, k, v of head g at g*hd.., as the dims
+            out[d + "attn.qkv.weight"] = qkv[:, dims][:, :, dims].reshape(-1, len(dims))
             out[d + "attn.qkv.bias"] = sd[s + "attn.qkv.bias"].view(3, width)[:, dims].reshape(-1)
             out[d + "attn.proj.weight"] = sd[s + "attn.proj.weight"][dims][:, dims] * z_dims[None, :] * scale[:, None]
             out[d + "attn.proj.bias"] = sd[s + "attn.proj.bias"][dims] * scale
             out[d + "mlp.fc.weight"] = sd[s + "mlp.fc.weight"][unit_idx][:, dims]
             out[d + "mlp.fc.bias"] = sd[s + "mlp.fc.bias"][unit_idx]
-            out[d + "mlp.proj.weight"] = sd[s + "mlp.proj.weight"][dims][:, unit_idx] * z_units[None, :] * scale[:, None]
+            mlp_proj = sd[s + "mlp.proj.weight"][dims][:, unit_idx]
+            out[d + "mlp.proj.weight"] = mlp_proj * z_units[None, :] * scale[:, None]
             out[d + "mlp.proj.bias"] = sd[s + "mlp.proj.bias"][dims] * scale
         projection = "image_projection.weight" if tower == "visual" else "text_projection.weight"
         out[projection] = sd[projection][:, dims]
@@ -281,6 +284,7 @@ def prune_checkpoint(ckpt_dir: str | Path, out: str | Path) -> Path:
         gates[name] = g.eval()().detach()
     small = pruned_model(model, gates)
     recipe = ckpt.read_config(ckpt_dir).get("recipe")
-    config = ckpt.checkpoint_config(small.cfg, tokenizer, source={"from": "tinyclip_prune", "checkpoint": str(ckpt_dir)})
+    source = {"from": "tinyclip_prune", "checkpoint": str(ckpt_dir)}
+    config = ckpt.checkpoint_config(small.cfg, tokenizer, source=source)
     config["recipe"] = recipe  # the data the pruned model continues on (clipforge distill reads it)
     return write_model_checkpoint(out, small, tokenizer, config)

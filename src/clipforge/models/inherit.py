@@ -128,8 +128,9 @@ def _round_width(width: float, goal: float, teacher_width: int, teacher_heads: i
 
 def parse_student_spec(spec: str) -> dict[str, float]:
     """``"width=0.5,layers=0.5"`` -> {"width": 0.5, "layers": 0.5}; also any ModelConfig width /
-    layers / heads key with an absolute value (``vision_layers=3``)."""
-    allowed = {"width", "layers", *TOWERS["visual"], *TOWERS["text"]}
+    layers / heads key with an absolute value (``vision_layers=3``), or ``sparsity=0.5`` alone
+    (automatic inheritance: the shape is learnt)."""
+    allowed = {"width", "layers", "sparsity", *TOWERS["visual"], *TOWERS["text"]}
     out: dict[str, float] = {}
     for part in filter(None, (p.strip() for p in spec.split(","))):
         key, eq, value = part.partition("=")
@@ -143,7 +144,9 @@ def parse_student_spec(spec: str) -> dict[str, float]:
             raise InheritError(f"--student {spec!r}: {key} = {value!r} is not a number") from None
         if key in ("width", "layers") and not 0 < number <= 1:
             raise InheritError(f"--student {spec!r}: {key} is a fraction of the teacher's, in (0, 1]; got {number}")
-        if key not in ("width", "layers") and (number < 1 or number != int(number)):
+        if key == "sparsity" and not 0 < number < 1:
+            raise InheritError(f"--student {spec!r}: sparsity is the share of block weights to remove, in (0, 1)")
+        if key not in ("width", "layers", "sparsity") and (number < 1 or number != int(number)):
             raise InheritError(f"--student {spec!r}: {key} is an absolute size, a whole number >= 1; got {value}")
         out[key] = number
     if not out:
