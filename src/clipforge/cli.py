@@ -265,6 +265,32 @@ def train(
 
 
 @app.command()
+def distill(
+    teacher: Path = typer.Argument(..., help="The teacher: a checkpoint or run directory (its latest checkpoint)."),
+    student: str = typer.Option(..., "--student", help="The final student: fractions of the teacher "
+                                "(width=0.5,layers=0.5) and/or sizes (vision_layers=3,text_width=64)."),
+    stages: int = typer.Option(1, "--stages", min=1, help="Compress in this many stages, each inheriting from the last."),
+    run_dir: Path = typer.Option(..., "--run-dir", help="Holds distill.json and one run directory per stage."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="Data/optimiser/schedule recipe [default: the teacher's own]."),
+    clip_weight: float = typer.Option(0.0, "--clip-weight", help="Share of the hard CLIP loss (TinyCLIP's 1 - alpha)."),
+    prune_steps: Optional[int] = typer.Option(None, "--prune-steps", min=1, help="Automatic inheritance (--student "
+                                              "sparsity=S): steps per stage that learn the L0 gates before pruning."),
+    set_: list[str] = typer.Option([], "--set", help="Override a value of every stage's recipe (repeatable)."),
+) -> None:
+    """TinyCLIP multi-stage distillation: each stage's student inherits the previous stage's weights
+    (manual: layers at a stride, leading heads/width; automatic with --student sparsity=S and
+    --prune-steps: learnt L0 gates, then pruning) and mimics the original teacher's affinities.
+    Rerunning the same command resumes: finished stages are skipped."""
+    from clipforge.distill import run
+
+    dirs = run(teacher, student, stages, run_dir, recipe, clip_weight, set_, eval_hooks=_default_eval_hooks,
+               log=lambda line: console.print(line, highlight=False, markup=False, soft_wrap=True),
+               prune_steps=prune_steps)
+    if len(dirs) == stages:
+        console.print(f"done: the student is {dirs[-1] / 'checkpoints' / 'latest'}", soft_wrap=True, markup=False)
+
+
+@app.command()
 def demo(
     run_dir: Path = typer.Option(Path("runs/demo"), "--run-dir", help="Where the demo run goes (replaced if it exists)."),
     minutes: float = typer.Option(5.0, "--minutes", help="Wall-clock budget for training."),

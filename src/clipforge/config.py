@@ -147,6 +147,9 @@ class InitFromConfig(Section):
     map: dict[str, str] = Field(default_factory=dict)
     strict_shapes: bool = True  # False: skip (and report) tensors whose shape differs instead of failing
     config: str | None = None  # OpenCLIP weights: the JSON config `clipforge import openclip --config` takes
+    # "manual": TinyCLIP weight inheritance from a larger clipforge checkpoint (layers at a stride,
+    # leading heads / width slices; clipforge.models.inherit); "none": tensors are copied as they are
+    inherit: Literal["none", "manual"] = "none"
 
     @field_validator("map", mode="before")
     @classmethod
