@@ -276,6 +276,9 @@ class DataConfig(Section):
     # T captions per image from its caption list (jsonl/csv list column, wds .json "captions");
     # T > 1 makes input_ids (N*T) x L with text_owner[j] = the image of caption row j
     captions_per_sample: int = Field(1, ge=1)
+    # a keep-list (Parquet with a 'key' column, or text: one sample key per line): train on those samples
+    # only, without rewriting the data (clipforge.data.keep; `clipforge data dedup|reduce` write one)
+    keep: str | None = Field(None, min_length=1)
     augment: AugmentConfig = AugmentConfig()
     shapes: ShapesConfig = ShapesConfig()
     tokenizer: TokenizerConfig = TokenizerConfig()
