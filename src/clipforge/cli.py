@@ -563,6 +563,29 @@ def data_inspect(
                       f"details per shard in {report.get('report')}")
 
 
+@data_app.command("dedup")
+def data_dedup(
+    source: str = typer.Argument(..., help="A training source: wds:SHARDS, jsonl:FILE, csv:FILE or imagefolder:DIR."),
+    model: Path = typer.Option(..., "--model", help="Checkpoint (or run) directory to embed with, or a teacher cache "
+                                                    "directory (`clipforge embed --teacher-cache`) of this source."),
+    out: Path = typer.Option(..., "--out", help="The keep-list to write (.parquet); the report goes next to it."),
+    eps: float = typer.Option(0.05, "--eps", help="Remove an item whose cosine to an earlier one is above 1 - eps."),
+    clusters: Optional[int] = typer.Option(None, "--clusters", help="K-means clusters [default: about sqrt(N)]."),
+    order: str = typer.Option("hard", "--order", help="Who is kept in a group: hard (farthest from the centroid, "
+                                                       "the paper's default), easy or random."),
+    seed: int = typer.Option(0, "--seed", help="K-means seed."),
+    batch_size: int = typer.Option(256, "--batch-size", min=1),
+    device: Optional[str] = typer.Option(None, "--device"),
+) -> None:
+    """SemDeDup: drop semantic near-duplicates; write a keep-list for data.keep, a report and example pairs."""
+    from clipforge.data.dedup import dedup_source
+
+    report = dedup_source(source, model, out, eps=eps, clusters=clusters, seed=seed, order=order,
+                          batch_size=batch_size, device=device)
+    console.print(f"kept {report['kept']} of {report['samples']} samples ({report['kept_fraction']:.1%}) in "
+                  f"{report['clusters']} clusters -> {out}; train with --set data.keep={out}", soft_wrap=True)
+
+
 class _done_of_total_bar:
     """A transient rich bar driven by progress(done, total) callbacks."""
 
