@@ -519,7 +519,7 @@ def import_(
 
 
 data_app = _App(cls=_Group, no_args_is_help=True, rich_markup_mode="rich",
-               help="Prepare and check training data: WebDataset shards.")
+               help="Prepare and check training data: WebDataset shards, dedup, reduce, concept counts.")
 app.add_typer(data_app, name="data")
 
 
@@ -583,6 +583,28 @@ def data_dedup(
     report = dedup_source(source, model, out, eps=eps, clusters=clusters, seed=seed, order=order,
                           batch_size=batch_size, device=device)
     console.print(f"kept {report['kept']} of {report['samples']} samples ({report['kept_fraction']:.1%}) in "
+                  f"{report['clusters']} clusters -> {out}; train with --set data.keep={out}", soft_wrap=True)
+
+
+@data_app.command("reduce")
+def data_reduce(
+    source: str = typer.Argument(..., help="A training source: wds:SHARDS, jsonl:FILE, csv:FILE or imagefolder:DIR."),
+    model: Path = typer.Option(..., "--model", help="Checkpoint (or run) directory, or a teacher cache of this source."),
+    out: Path = typer.Option(..., "--out", help="The keep-list to write (.parquet); the report goes next to it."),
+    keep: float = typer.Option(0.5, "--keep", help="Fraction of every cluster to keep."),
+    clusters: Optional[int] = typer.Option(None, "--clusters", help="K-means clusters [default: about sqrt(N)]."),
+    min_match_quantile: float = typer.Option(0.0, "--min-match-quantile", help="First drop the samples whose "
+                                             "image-caption cosine is in this lowest quantile (TL;DR: 0.5)."),
+    seed: int = typer.Option(0, "--seed", help="K-means seed."),
+    batch_size: int = typer.Option(256, "--batch-size", min=1),
+    device: Optional[str] = typer.Option(None, "--device"),
+) -> None:
+    """TL;DR-style reduction: keep a representative fraction of every embedding cluster (a keep-list)."""
+    from clipforge.data.reduce import reduce_source
+
+    report = reduce_source(source, model, out, keep=keep, clusters=clusters, seed=seed,
+                           min_match_quantile=min_match_quantile, batch_size=batch_size, device=device)
+    console.print(f"kept {report['kept']} of {report['samples']} samples ({report['kept_fraction']:.1%}) from "
                   f"{report['clusters']} clusters -> {out}; train with --set data.keep={out}", soft_wrap=True)
 
 
