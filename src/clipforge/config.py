@@ -224,6 +224,9 @@ class ShapesConfig(Section):
     two_objects_prob: float = Field(0.0, ge=0.0, le=1.0)  # chance of a second object with a relation
     textured_background_prob: float = Field(0.0, ge=0.0, le=1.0)
     eval_samples_per_class: int = Field(20, ge=1)
+    # 0: every trained colour-shape pair equally often; s > 0: pair of frequency rank r (a fixed shuffle
+    # by holdout_seed) drawn with probability ~ 1/r^s, a long tail for concept-frequency studies
+    pair_zipf_exponent: float = Field(0.0, ge=0.0, le=4.0)
 
 
 class TokenizerConfig(Section):
