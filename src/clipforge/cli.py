@@ -364,6 +364,8 @@ def eval_(
                                         "(FILIP, token-wise)."),
     max_samples: Optional[int] = typer.Option(None, "--max-samples", help="Evaluate a random subset of at most N "
                                               "images (zeroshot, retrieval), drawn with --seed."),
+    per_class: bool = typer.Option(False, "--per-class", help="Add each class's top-1 accuracy and image count "
+                                   "(zeroshot, linear-probe) to the result."),
 ) -> None:
     """Evaluate checkpoints on your data: zero-shot classification, retrieval or a linear probe."""
     from clipforge.eval.evaluate import evaluate, result_paths, result_table
@@ -383,7 +385,7 @@ def eval_(
             ckpt, task, data, train_data=train_data, classnames=classnames, templates=templates,
             fewshot_k=fewshot_k, out=path, plots=not no_plots, batch_size=batch_size, workers=workers,
             device=device, seed=seed, max_bad_fraction=max_bad_fraction, similarity=similarity, progress=True,
-            max_samples=max_samples,
+            max_samples=max_samples, per_class=per_class,
         )
         Console().print(result_table(result))
         if path is not None:
@@ -606,6 +608,43 @@ def data_reduce(
                            min_match_quantile=min_match_quantile, batch_size=batch_size, device=device)
     console.print(f"kept {report['kept']} of {report['samples']} samples ({report['kept_fraction']:.1%}) from "
                   f"{report['clusters']} clusters -> {out}; train with --set data.keep={out}", soft_wrap=True)
+
+
+@data_app.command("concepts")
+def data_concepts(
+    source: str = typer.Argument(..., help="The pre-training source: wds:, jsonl:, csv:, imagefolder:, or shapes "
+                                           "(with --max-samples)."),
+    concepts: str = typer.Option(..., "--concepts", help="cifar10, shapes, an image folder (its class names) or a "
+                                                         "file with one concept per line."),
+    out: Path = typer.Option(..., "--out", help="Output directory: concepts.json, the plot, longtail.*"),
+    model: Optional[Path] = typer.Option(None, "--model", help="Checkpoint (or run) directory: image-concept "
+                                         "matches and zero-shot accuracy [default: caption counts only]."),
+    eval_data: Optional[str] = typer.Option(None, "--eval-data", help="Labelled eval data for per-concept zero-shot "
+                                            "accuracy (imagefolder:DIR, jsonl:, csv:)."),
+    accuracy: Optional[Path] = typer.Option(None, "--accuracy", help="Or a result of `clipforge eval --per-class`."),
+    image_threshold: Optional[float] = typer.Option(None, "--image-threshold", help="Cosine for an image-concept "
+                                                    "match [default: calibrated against the caption hits]."),
+    max_samples: Optional[int] = typer.Option(None, "--max-samples", help="Count the first N samples (required "
+                                              "for shapes)."),
+    tail: float = typer.Option(0.2, "--tail", help="Fraction of rarest concepts in the long-tail subset."),
+    measure: Optional[str] = typer.Option(None, "--measure", help="text_frequency, image_frequency or "
+                                          "matched_frequency [default: matched with --model, else text]."),
+    batch_size: int = typer.Option(256, "--batch-size", min=1),
+    device: Optional[str] = typer.Option(None, "--device"),
+    seed: int = typer.Option(0, "--seed", help="Bootstrap seed."),
+) -> None:
+    """Concept frequency in captions and images vs per-concept zero-shot accuracy: log-linear fit, plot, long tail."""
+    from clipforge.data.concepts import concept_frequencies
+
+    result = concept_frequencies(source, concepts, out, model=model, eval_data=eval_data, accuracy=accuracy,
+                                 image_threshold=image_threshold, max_samples=max_samples, tail=tail,
+                                 measure=measure, batch_size=batch_size, device=device, seed=seed)
+    fit = result.get("fit")
+    if fit:
+        console.print(f"accuracy = {fit['intercept']:.3f} + {fit['slope']:.3f} x log10({fit['measure']}) "
+                      f"(r2 {fit['r2']:.2f}, slope 95% CI [{fit['slope_ci95'][0]:.3f}, {fit['slope_ci95'][1]:.3f}], "
+                      f"{fit['points']} concepts)", soft_wrap=True)
+    console.print(f"{result['concepts']} concepts over {result['captions']} captions -> {out}/concepts.json")
 
 
 class _done_of_total_bar:

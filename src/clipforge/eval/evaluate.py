@@ -77,6 +77,7 @@ def evaluate(
     similarity: str = "pooled",
     progress: bool = False,
     max_samples: int | None = None,
+    per_class: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a checkpoint (path) or a loaded ``(model, preprocess, tokenizer)`` on ``data``.
 
@@ -90,9 +91,12 @@ def evaluate(
     Zero-shot without ``classnames`` / ``templates`` uses the dataset folder's ``classnames.txt`` /
     ``zeroshot_classification_templates.txt`` (or ``templates.txt``) when there are such files
     (CLIP_benchmark's names), else the folder names and the ``photo`` set. ``max_samples`` evaluates
-    a seeded random subset of at most that many images (zeroshot and retrieval).
+    a seeded random subset of at most that many images (zeroshot and retrieval). ``per_class``
+    adds ``per_class``: {class name: {"accuracy", "count"}} (zeroshot and linear-probe).
     """
     task = normalise_task(task)
+    if per_class and (task == "retrieval" or parse_shapes_spec(data, task)):
+        raise EvalError(f"--per-class applies to classification (zeroshot, linear-probe), not {task} on {data}")
     _check_options(task, train_data, fewshot_k, val_fraction, batch_size, workers, max_bad_fraction, similarity)
     if max_samples is not None and (max_samples < 1 or task == "linear-probe"):
         raise EvalError(f"--max-samples takes a count >= 1 and applies to zeroshot and retrieval "
@@ -141,6 +145,8 @@ def evaluate(
         }),
         "clipforge_version": __version__,
     }
+    if per_class and confusion is not None:
+        output["per_class"] = per_class_accuracy(*confusion)
     if out is not None:
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -492,6 +498,15 @@ def _data_summary(total: int, images, num_classes: int | None = None) -> dict:
 
 
 # ----------------------------------------------------------------------------- confusion matrix
+def per_class_accuracy(counts: torch.Tensor, classnames: Sequence[str]) -> dict[str, dict]:
+    """{class name: {"accuracy": top-1 recall of the class, "count": its test images}} from a confusion
+    matrix (rows: true class); classes without test images are left out."""
+    totals = counts.sum(dim=1)
+    return {name: {"accuracy": float(counts[c, c] / totals[c]), "count": int(totals[c])}
+            for c, name in enumerate(classnames) if totals[c] > 0}
+
+
+
 def confusion_matrix(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """(C, C) counts; row = true class, column = predicted class."""
     flat = labels.long() * num_classes + predictions.long()
