@@ -366,6 +366,8 @@ def eval_(
                                               "images (zeroshot, retrieval), drawn with --seed."),
     per_class: bool = typer.Option(False, "--per-class", help="Add each class's top-1 accuracy and image count "
                                    "(zeroshot, linear-probe) to the result."),
+    nmtune: bool = typer.Option(False, "--nmtune", help="Linear probe: NMTune feature-space tuning (residual MLP + "
+                                "MSE/covariance/spectrum regularisers) on the frozen features."),
 ) -> None:
     """Evaluate checkpoints on your data: zero-shot classification, retrieval or a linear probe."""
     from clipforge.eval.evaluate import evaluate, result_paths, result_table
@@ -385,7 +387,7 @@ def eval_(
             ckpt, task, data, train_data=train_data, classnames=classnames, templates=templates,
             fewshot_k=fewshot_k, out=path, plots=not no_plots, batch_size=batch_size, workers=workers,
             device=device, seed=seed, max_bad_fraction=max_bad_fraction, similarity=similarity, progress=True,
-            max_samples=max_samples, per_class=per_class,
+            max_samples=max_samples, per_class=per_class, nmtune=nmtune,
         )
         Console().print(result_table(result))
         if path is not None:

@@ -78,6 +78,7 @@ def evaluate(
     progress: bool = False,
     max_samples: int | None = None,
     per_class: bool = False,
+    nmtune: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a checkpoint (path) or a loaded ``(model, preprocess, tokenizer)`` on ``data``.
 
@@ -95,6 +96,8 @@ def evaluate(
     adds ``per_class``: {class name: {"accuracy", "count"}} (zeroshot and linear-probe).
     """
     task = normalise_task(task)
+    if nmtune and task != "linear-probe":
+        raise EvalError(f"--nmtune tunes a probe on frozen features: it applies to --task linear-probe, not {task}")
     if per_class and (task == "retrieval" or parse_shapes_spec(data, task)):
         raise EvalError(f"--per-class applies to classification (zeroshot, linear-probe), not {task} on {data}")
     _check_options(task, train_data, fewshot_k, val_fraction, batch_size, workers, max_bad_fraction, similarity)
@@ -125,7 +128,7 @@ def evaluate(
                                seed=seed, **common)
     else:
         result = run_linear_probe(model, preprocess, train_spec, spec, classnames, fewshot_k, val_fraction,
-                                  seed, **common)
+                                  seed, nmtune=nmtune, **common)
 
     confusion = result.pop("_confusion", None)
     found = result.pop("_options", {})  # what zero-shot used: the given or the dataset folder's files
@@ -142,6 +145,7 @@ def evaluate(
             "batch_size": batch_size, "workers": workers, "device": str(next(model.parameters()).device),
             "max_bad_fraction": max_bad_fraction,
             "similarity": similarity if task == "retrieval" else None,
+            "nmtune": True if nmtune else None,
         }),
         "clipforge_version": __version__,
     }
@@ -451,7 +455,7 @@ def run_late_interaction_retrieval(model, preprocess, tokenizer, data, *, batch_
 
 
 def run_linear_probe(model, preprocess, train_spec, test_spec, classnames, fewshot_k, val_fraction, seed,
-                     **common) -> dict:
+                     nmtune: bool = False, **common) -> dict:
     from clipforge.eval.linear_probe import linear_probe, require_sklearn
 
     require_sklearn()  # before spending minutes on embeddings
@@ -464,8 +468,14 @@ def run_linear_probe(model, preprocess, train_spec, test_spec, classnames, fewsh
     train_y = torch.tensor(train.labels)[train_images.ok]
     test_y = torch.tensor(test_labels)[test_images.ok]
     try:
-        probe = linear_probe(train_images.embeds, train_y, test_images.embeds, test_y, len(train.classnames),
-                             fewshot_k=fewshot_k, val_fraction=val_fraction, seed=seed)
+        if nmtune:  # feature-space tuning with its regularisers instead of the L-BFGS probe (eval/nmtune.py)
+            from clipforge.eval.nmtune import nmtune_probe
+
+            probe = nmtune_probe(train_images.embeds, train_y, test_images.embeds, test_y, len(train.classnames),
+                                 fewshot_k=fewshot_k, seed=seed)
+        else:
+            probe = linear_probe(train_images.embeds, train_y, test_images.embeds, test_y, len(train.classnames),
+                                 fewshot_k=fewshot_k, val_fraction=val_fraction, seed=seed)
     except ValueError as e:
         raise EvalError(str(e)) from None
     predictions = probe.pop("predictions")
