@@ -105,6 +105,8 @@ def test_a_changed_keep_list_is_noticed_on_resume(data_dir, tmp_path):
     write_keep_list(path, all_keys(train)[:12])
     with pytest.warns(UserWarning, match="keep"):
         build_source_train_loader(cfg, 16, None, state=state)
+    with pytest.warns(UserWarning, match="keep"):  # and a keep-list dropped on resume
+        build_source_train_loader(cfg.model_copy(update={"keep": None}), 16, None, state=state)
 
 
 def test_shapes_keep_list_cycles_the_kept_indices(tmp_path):

@@ -878,6 +878,8 @@ def build_source_train_loader(
                                                   slot_lengths)
     if state is not None:
         changed = [k for k, v in fingerprint.items() if state.get(k) != v]
+        if state.get("keep") and "keep" not in fingerprint:  # a keep-list dropped on resume
+            changed.append("keep")
         if changed:
             warnings.warn(f"the saved data cursor does not match the data config ({', '.join(changed)}); "
                           "placing the data stream from the sample count instead (not exact)")
