@@ -310,6 +310,14 @@ def concept_frequencies(data: str, concepts_spec: str, out: str | Path, *, model
         joined = [r for r in rows if r["accuracy"] is not None]
         fit = log_linear_fit([r[measure] for r in joined], [r["accuracy"] for r in joined], seed=seed)
         summary["fit"] = {"measure": measure, "x": "log10(frequency)", **fit.__dict__}
+        summary["fits_by_measure"] = {}  # the other frequency measures too, for comparison
+        for other in ("text_frequency", "image_frequency", "matched_frequency"):
+            if other in joined[0]:
+                try:
+                    summary["fits_by_measure"][other] = log_linear_fit(
+                        [r[other] for r in joined], [r["accuracy"] for r in joined], seed=seed).__dict__
+                except DataError as e:
+                    summary["fits_by_measure"][other] = {"error": str(e)}
         summary["plot"] = str(plot_fit(joined, fit, measure, out / "frequency_vs_accuracy.png"))
     ranked = sorted(rows, key=lambda r: (r[measure], r["concept"]))
     rare = ranked[:max(1, round(tail * len(rows)))]
