@@ -13,10 +13,10 @@ python bench/datacentric_data.py cifar-dups "$W/cifar/cifar10/train" "$W/cdup" -
 for n in 0 0.3; do python bench/datacentric_data.py shapes-pairs "$W/shapes-n$n" --samples 6000 --noise $n --seed 0; done
 
 # step 1: the two shapes backbones (noise 0 / 0.3), a teacher cache of the CIFAR set with the clean one, the eps sweep, CIFAR on all data
-for n in 0 0.3; do $T "$W/runs/sh$n" "jsonl:$W/shapes-n$n/train.jsonl" 200; done
+for n in 0 0.3; do $T "$W/runs/sh$n" "jsonl:$W/shapes-n$n/train.jsonl" 150; done
 python -m clipforge embed "$W/runs/sh0" --data "jsonl:$W/cdup/train.jsonl" --out "$W/cache-sh0" --teacher-cache
 python bench/dedup_sweep.py "$W/cache-sh0" "$W/cdup/dups.json" --eps 0.0005 0.001 0.002 0.005 0.01 0.02 0.05 > "$W/sweep.json"
-$T "$W/runs/c-all" "jsonl:$W/cdup/train.jsonl" 200
+$T "$W/runs/c-all" "jsonl:$W/cdup/train.jsonl" 150
 
 # step 2: dedup (eps keeping about 55%) and reduce (keep 0.5); train at equal steps and at equal epochs; zero-shot; NMTune probes
 EPS=$(python -c "import json,sys; s=json.load(open(sys.argv[1])); print(min(s, key=lambda r: abs(r['kept_fraction']-0.55))['eps'])" "$W/sweep.json")
@@ -25,8 +25,8 @@ python -m clipforge data reduce "jsonl:$W/cdup/train.jsonl" --model "$W/cache-sh
 N=$(wc -l < "$W/cdup/train.jsonl")
 for k in dedup reduce; do
   kept=$(python -c "import json,sys; print(json.load(open(sys.argv[1]))['kept'])" "$W/keep-$k.report.json")
-  $T "$W/runs/c-$k" "jsonl:$W/cdup/train.jsonl" 200 "data.keep=$W/keep-$k.parquet"
-  $T "$W/runs/c-$k-ep" "jsonl:$W/cdup/train.jsonl" $(( (200 * kept + N / 2) / N )) "data.keep=$W/keep-$k.parquet"
+  $T "$W/runs/c-$k" "jsonl:$W/cdup/train.jsonl" 150 "data.keep=$W/keep-$k.parquet"
+  $T "$W/runs/c-$k-ep" "jsonl:$W/cdup/train.jsonl" $(( (150 * kept + N / 2) / N )) "data.keep=$W/keep-$k.parquet"
 done
 echo 'a photo of a {}.' > "$W/templates.txt"
 for r in c-all c-dedup c-dedup-ep c-reduce c-reduce-ep; do
