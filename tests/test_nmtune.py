@@ -73,7 +73,7 @@ def test_the_probe_learns_separable_classes_deterministically():
     assert result["metrics"]["acc1"] > 0.9 and result["metrics"] == again["metrics"]
 
 
-def test_eval_linear_probe_with_nmtune(tmp_path):
+def test_eval_linear_probe_with_nmtune(tmp_path, capsys):
     from clipforge.eval.evaluate import EvalError, evaluate
     from datafiles import write_folder
     from tiny_checkpoint import make_tiny_checkpoint
@@ -86,3 +86,8 @@ def test_eval_linear_probe_with_nmtune(tmp_path):
     assert set(result["per_class"]) == {"cat", "dog"}
     with pytest.raises(EvalError, match="--nmtune .* applies to --task linear-probe"):
         evaluate(ckpt, "zeroshot", f"imagefolder:{folder}", nmtune=True)
+    from tiny_checkpoint import run_cli
+
+    code, stdout, stderr = run_cli(capsys, "eval", ckpt, "--task", "linear-probe", "--train-data", f"imagefolder:{folder}",
+                                   "--data", f"imagefolder:{folder}", "--nmtune", "--workers", "0")
+    assert code == 0 and "NMTune" in stdout, stdout + stderr

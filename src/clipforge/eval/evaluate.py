@@ -569,9 +569,13 @@ def result_table(result: dict):
         table.add_row("chance: binding_acc / per kind", f"{100 * chance['binding_acc']:.2f}% / 50.00%")
     if "linear_probe" in result:
         probe = result["linear_probe"]
-        table.add_row("C (chosen on validation)", f"{probe['C']:.4g}")
-        table.add_row("train / val / test samples",
-                      f"{probe['train_samples']} / {probe['val_samples']} / {probe['test_samples']}")
+        if probe.get("method") == "nmtune":  # no C sweep and no validation split
+            table.add_row("NMTune (epochs, final alpha)", f"{probe['epochs']}, {probe['alpha']:.3g}")
+            table.add_row("train / test samples", f"{probe['train_samples']} / {probe['test_samples']}")
+        else:
+            table.add_row("C (chosen on validation)", f"{probe['C']:.4g}")
+            table.add_row("train / val / test samples",
+                          f"{probe['train_samples']} / {probe['val_samples']} / {probe['test_samples']}")
     data = result["data"]
     for split, summary in ([("", data)] if "images" in data else data.items()):
         prefix = f"{split} " if split else ""
