@@ -78,9 +78,14 @@ def test_blocked_triangle_equals_the_full_matrix():
     assert all(full[arg[j], j] == pytest.approx(expected[j]) for j in range(1, 57))
 
 
-def test_bad_eps_is_explained():
+def test_bad_eps_is_explained_and_cache_sources_compare_by_path(tmp_path, monkeypatch):
+    from clipforge.data.dedup import same_source
+
     with pytest.raises(DataError, match="--eps must be in"):
         semdedup(np.eye(4, dtype=np.float32), eps=1.5, clusters=1)
+    monkeypatch.chdir(tmp_path)
+    assert same_source("jsonl:pairs.jsonl", f"jsonl:{tmp_path}/pairs.jsonl")
+    assert not same_source("jsonl:pairs.jsonl", "csv:pairs.jsonl") and not same_source("jsonl:a.jsonl", "jsonl:b.jsonl")
 
 
 def test_cli_dedups_duplicate_images_of_a_table(tmp_path, capsys):

@@ -70,7 +70,7 @@ def source_embeddings(data: str, model: str | Path, batch_size: int = 256, devic
 def read_teacher_cache(root: Path, data: str | None = None) -> SourceEmbeddings:
     manifest_file = root / "manifest.json"
     manifest = json.loads(manifest_file.read_text()) if manifest_file.is_file() else {}
-    if data and manifest.get("data") and manifest["data"] != data:
+    if data and manifest.get("data") and not same_source(manifest["data"], data):
         raise DataError(f"teacher cache {root} was written for {manifest['data']!r}, not {data!r}; its keys would "
                         "not match. Pass the cache of this source, or a checkpoint to embed it now")
     if not (root / "image_embeds.npy").is_file():
@@ -83,6 +83,14 @@ def read_teacher_cache(root: Path, data: str | None = None) -> SourceEmbeddings:
         raise DataError(f"{root}: keys.json has {len(keys)} keys but image_embeds.npy {len(images)} rows")
     return SourceEmbeddings(keys, _unit(np.asarray(images, dtype=np.float32)),
                             None if texts is None else _unit(np.asarray(texts, dtype=np.float32)), str(root))
+
+
+def same_source(a: str, b: str) -> bool:
+    """Two data specs name the same source (``jsonl:pairs.jsonl`` == ``jsonl:/abs/pairs.jsonl`` from here)."""
+    if a == b:
+        return True
+    (ka, _, pa), (kb, _, pb) = a.partition(":"), b.partition(":")
+    return ka == kb and "{" not in pa + pb and Path(pa).expanduser().resolve() == Path(pb).expanduser().resolve()
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
