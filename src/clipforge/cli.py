@@ -390,6 +390,10 @@ def eval_(
                                         "(FILIP, token-wise)."),
     max_samples: Optional[int] = typer.Option(None, "--max-samples", help="Evaluate a random subset of at most N "
                                               "images (zeroshot, retrieval), drawn with --seed."),
+    per_class: bool = typer.Option(False, "--per-class", help="Add each class's top-1 accuracy and image count "
+                                   "(zeroshot, linear-probe) to the result."),
+    nmtune: bool = typer.Option(False, "--nmtune", help="Linear probe: NMTune feature-space tuning (residual MLP + "
+                                "MSE/covariance/spectrum regularisers) on the frozen features."),
 ) -> None:
     """Evaluate checkpoints on your data: zero-shot classification, retrieval or a linear probe."""
     from clipforge.eval.evaluate import evaluate, result_paths, result_table
@@ -409,7 +413,7 @@ def eval_(
             ckpt, task, data, train_data=train_data, classnames=classnames, templates=templates,
             fewshot_k=fewshot_k, out=path, plots=not no_plots, batch_size=batch_size, workers=workers,
             device=device, seed=seed, max_bad_fraction=max_bad_fraction, similarity=similarity, progress=True,
-            max_samples=max_samples,
+            max_samples=max_samples, per_class=per_class, nmtune=nmtune,
         )
         Console().print(result_table(result))
         if path is not None:
@@ -545,7 +549,7 @@ def import_(
 
 
 data_app = _App(cls=_Group, no_args_is_help=True, rich_markup_mode="rich",
-               help="Prepare and check training data: WebDataset shards.")
+               help="Prepare and check training data: WebDataset shards, dedup, reduce, concept counts.")
 app.add_typer(data_app, name="data")
 
 
@@ -587,6 +591,88 @@ def data_inspect(
     if report["bad_shards"]:
         console.print(f"[yellow]{len(report['bad_shards'])} shard(s) with unreadable samples[/yellow]; "
                       f"details per shard in {report.get('report')}")
+
+
+@data_app.command("dedup")
+def data_dedup(
+    source: str = typer.Argument(..., help="A training source: wds:SHARDS, jsonl:FILE, csv:FILE or imagefolder:DIR."),
+    model: Path = typer.Option(..., "--model", help="Checkpoint (or run) directory to embed with, or a teacher cache "
+                                                    "directory (`clipforge embed --teacher-cache`) of this source."),
+    out: Path = typer.Option(..., "--out", help="The keep-list to write (.parquet); the report goes next to it."),
+    eps: float = typer.Option(0.05, "--eps", help="Remove an item whose cosine to an earlier one is above 1 - eps."),
+    clusters: Optional[int] = typer.Option(None, "--clusters", help="K-means clusters [default: about sqrt(N)]."),
+    order: str = typer.Option("hard", "--order", help="Who is kept in a group: hard (farthest from the centroid, "
+                                                       "the paper's default), easy or random."),
+    seed: int = typer.Option(0, "--seed", help="K-means seed."),
+    batch_size: int = typer.Option(256, "--batch-size", min=1),
+    device: Optional[str] = typer.Option(None, "--device"),
+) -> None:
+    """SemDeDup: drop semantic near-duplicates; write a keep-list for data.keep, a report and example pairs."""
+    from clipforge.data.dedup import dedup_source
+
+    report = dedup_source(source, model, out, eps=eps, clusters=clusters, seed=seed, order=order,
+                          batch_size=batch_size, device=device)
+    console.print(f"kept {report['kept']} of {report['samples']} samples ({report['kept_fraction']:.1%}) in "
+                  f"{report['clusters']} clusters -> {out}; train with --set data.keep={out}", soft_wrap=True)
+
+
+@data_app.command("reduce")
+def data_reduce(
+    source: str = typer.Argument(..., help="A training source: wds:SHARDS, jsonl:FILE, csv:FILE or imagefolder:DIR."),
+    model: Path = typer.Option(..., "--model", help="Checkpoint (or run) directory, or a teacher cache of this source."),
+    out: Path = typer.Option(..., "--out", help="The keep-list to write (.parquet); the report goes next to it."),
+    keep: float = typer.Option(0.5, "--keep", help="Fraction of every cluster to keep."),
+    clusters: Optional[int] = typer.Option(None, "--clusters", help="K-means clusters [default: about sqrt(N)]."),
+    min_match_quantile: float = typer.Option(0.0, "--min-match-quantile", help="First drop the samples whose "
+                                             "image-caption cosine is in this lowest quantile (TL;DR: 0.5)."),
+    seed: int = typer.Option(0, "--seed", help="K-means seed."),
+    batch_size: int = typer.Option(256, "--batch-size", min=1),
+    device: Optional[str] = typer.Option(None, "--device"),
+) -> None:
+    """TL;DR-style reduction: keep a representative fraction of every embedding cluster (a keep-list)."""
+    from clipforge.data.reduce import reduce_source
+
+    report = reduce_source(source, model, out, keep=keep, clusters=clusters, seed=seed,
+                           min_match_quantile=min_match_quantile, batch_size=batch_size, device=device)
+    console.print(f"kept {report['kept']} of {report['samples']} samples ({report['kept_fraction']:.1%}) from "
+                  f"{report['clusters']} clusters -> {out}; train with --set data.keep={out}", soft_wrap=True)
+
+
+@data_app.command("concepts")
+def data_concepts(
+    source: str = typer.Argument(..., help="The pre-training source: wds:, jsonl:, csv:, imagefolder:, or shapes "
+                                           "(with --max-samples)."),
+    concepts: str = typer.Option(..., "--concepts", help="cifar10, shapes, an image folder (its class names) or a "
+                                                         "file with one concept per line."),
+    out: Path = typer.Option(..., "--out", help="Output directory: concepts.json, the plot, longtail.*"),
+    model: Optional[Path] = typer.Option(None, "--model", help="Checkpoint (or run) directory: image-concept "
+                                         "matches and zero-shot accuracy [default: caption counts only]."),
+    eval_data: Optional[str] = typer.Option(None, "--eval-data", help="Labelled eval data for per-concept zero-shot "
+                                            "accuracy (imagefolder:DIR, jsonl:, csv:)."),
+    accuracy: Optional[Path] = typer.Option(None, "--accuracy", help="Or a result of `clipforge eval --per-class`."),
+    image_threshold: Optional[float] = typer.Option(None, "--image-threshold", help="Cosine for an image-concept "
+                                                    "match [default: calibrated against the caption hits]."),
+    max_samples: Optional[int] = typer.Option(None, "--max-samples", help="Count the first N samples (required "
+                                              "for shapes)."),
+    tail: float = typer.Option(0.2, "--tail", help="Fraction of rarest concepts in the long-tail subset."),
+    measure: Optional[str] = typer.Option(None, "--measure", help="text_frequency, image_frequency or "
+                                          "matched_frequency [default: matched with --model, else text]."),
+    batch_size: int = typer.Option(256, "--batch-size", min=1),
+    device: Optional[str] = typer.Option(None, "--device"),
+    seed: int = typer.Option(0, "--seed", help="Bootstrap seed."),
+) -> None:
+    """Concept frequency in captions and images vs per-concept zero-shot accuracy: log-linear fit, plot, long tail."""
+    from clipforge.data.concepts import concept_frequencies
+
+    result = concept_frequencies(source, concepts, out, model=model, eval_data=eval_data, accuracy=accuracy,
+                                 image_threshold=image_threshold, max_samples=max_samples, tail=tail,
+                                 measure=measure, batch_size=batch_size, device=device, seed=seed)
+    fit = result.get("fit")
+    if fit:
+        console.print(f"accuracy = {fit['intercept']:.3f} + {fit['slope']:.3f} x log10({fit['measure']}) "
+                      f"(r2 {fit['r2']:.2f}, slope 95% CI [{fit['slope_ci95'][0]:.3f}, {fit['slope_ci95'][1]:.3f}], "
+                      f"{fit['points']} concepts)", soft_wrap=True)
+    console.print(f"{result['concepts']} concepts over {result['captions']} captions -> {out}/concepts.json")
 
 
 class _done_of_total_bar:

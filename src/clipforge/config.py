@@ -259,6 +259,9 @@ class ShapesConfig(Section):
     two_objects_prob: float = Field(0.0, ge=0.0, le=1.0)  # chance of a second object with a relation
     textured_background_prob: float = Field(0.0, ge=0.0, le=1.0)
     eval_samples_per_class: int = Field(20, ge=1)
+    # 0: every trained colour-shape pair equally often; s > 0: pair of frequency rank r (a fixed shuffle
+    # by holdout_seed) drawn with probability ~ 1/r^s, a long tail for concept-frequency studies
+    pair_zipf_exponent: float = Field(0.0, ge=0.0, le=4.0)
 
 
 class TokenizerConfig(Section):
@@ -311,6 +314,9 @@ class DataConfig(Section):
     # T captions per image from its caption list (jsonl/csv list column, wds .json "captions");
     # T > 1 makes input_ids (N*T) x L with text_owner[j] = the image of caption row j
     captions_per_sample: int = Field(1, ge=1)
+    # a keep-list (Parquet with a 'key' column, or text: one sample key per line): train on those samples
+    # only, without rewriting the data (clipforge.data.keep; `clipforge data dedup|reduce` write one)
+    keep: str | None = Field(None, min_length=1)
     augment: AugmentConfig = AugmentConfig()
     shapes: ShapesConfig = ShapesConfig()
     tokenizer: TokenizerConfig = TokenizerConfig()
