@@ -26,7 +26,10 @@ Layout of a lexical index directory::
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -56,6 +59,21 @@ def require_seismic():
     except ImportError:
         raise SearchIndexError("the seismic back end needs pyseismic-lsr: pip install 'clipforge[lexical]'") from None
     return seismic
+
+
+@contextlib.contextmanager
+def quiet_stdout():
+    """Send file descriptor 1 to stderr for a while: Seismic's Rust code prints progress to stdout,
+    which would mix into the JSON that `clipforge index` and the benchmarks print."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 # ----------------------------------------------------------------------------- embedding side
@@ -179,9 +197,10 @@ class SeismicPostings:
             start, end = docs.indptr[row], docs.indptr[row + 1]
             words = docs.indices[start:end].astype(str).astype(string)
             dataset.add_document(str(row), words, docs.data[start:end].astype(np.float32))
-        index = seismic.SeismicIndex.build_from_dataset(dataset, n_postings=n_postings,
-                                                        centroid_fraction=centroid_fraction,
-                                                        summary_energy=summary_energy)
+        with quiet_stdout():
+            index = seismic.SeismicIndex.build_from_dataset(dataset, n_postings=n_postings,
+                                                            centroid_fraction=centroid_fraction,
+                                                            summary_energy=summary_energy)
         return cls(index, query_cut, heap_factor)
 
     def search(self, queries, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -239,7 +258,8 @@ def build_lexical_index_dir(emb_dir: str | Path, out: str | Path, *, what: str =
     out.mkdir(parents=True, exist_ok=True)
     require_scipy().save_npz(out / POSTINGS_FILE, exact.lists, compressed=False)
     if backend == "seismic":
-        engine.index.save(str(out / "index"))  # writes index.index.seismic
+        with quiet_stdout():
+            engine.index.save(str(out / "index"))  # writes index.index.seismic
         (out / "index.index.seismic").rename(out / SEISMIC_FILE)
     np.save(out / IDS_FILE, ids)
     import pyarrow.parquet as pq
@@ -282,7 +302,8 @@ class LexicalIndex:
         if self.info.get("backend") == "seismic":
             seismic = require_seismic()
             try:
-                index = seismic.SeismicIndex.load(str(directory / SEISMIC_FILE))
+                with quiet_stdout():
+                    index = seismic.SeismicIndex.load(str(directory / SEISMIC_FILE))
             except (OSError, ValueError, RuntimeError) as e:
                 raise SearchIndexError(f"{directory / SEISMIC_FILE} cannot be read ({str(e)[:120]}); {REBUILD}") from None
             self.engine = SeismicPostings(index, query_cut=64, heap_factor=0.9)
