@@ -174,11 +174,76 @@ def test_lexlip_recipe_builds_a_model_with_heads_and_both_terms():
         load_recipe("lexlip-shapes", ["model.lexical_top_k=0"])
 
 
+# ----------------------------------------------------------------------------- phase 2: momentum queue
+def test_queue_is_fifo_with_pointer_wrap():
+    from clipforge.methods.lexlip import enqueue_
+
+    queue, pointer, count = torch.zeros(5, 2), torch.zeros((), dtype=torch.long), torch.zeros((), dtype=torch.long)
+    enqueue_(queue, pointer, count, torch.tensor([[1.0, 1], [2, 2], [3, 3]]))
+    assert int(pointer) == 3 and int(count) == 3
+    enqueue_(queue, pointer, count, torch.tensor([[4.0, 4], [5, 5], [6, 6]]))
+    # slots 3, 4, then wrap to 0: the oldest key (1) is replaced first
+    assert queue[:, 0].tolist() == [6, 2, 3, 4, 5] and int(pointer) == 1 and int(count) == 5
+    enqueue_(queue, pointer, count, torch.arange(14.0).view(7, 2))  # more keys than slots: the newest 5 stay
+    assert sorted(queue[:, 0].tolist()) == [4, 6, 8, 10, 12] and int(pointer) == 1
+
+
+def lexlip_step(queue_size: int = 6):
+    from clipforge.config import validate_recipe
+    from clipforge.train.trainer import build_step
+
+    raw = {"model": {"image_size": 16, "patch_size": 8, "vision_width": 16, "vision_layers": 1, "vision_heads": 2,
+                     "vocab_size": 64, "context_length": 8, "text_width": 16, "text_layers": 1, "text_heads": 2,
+                     "embed_dim": 16, "lexical_head": True},
+           "data": {"tokenizer": {"vocab_size": 64}}, "objective": {"terms": [{"name": "lexical"}]},
+           "method": {"name": "lexlip", "queue_size": queue_size, "temperature": 0.05},
+           "teachers": [{"name": "ema", "kind": "ema", "momentum": 0.99, "momentum_schedule": "constant"}]}
+    torch.manual_seed(0)
+    return build_step(validate_recipe(raw), torch.device("cpu"), log=False)
+
+
+def test_momentum_loss_uses_ema_keys_without_gradient_and_fills_the_queue():
+    from test_method_distributed import global_batch
+
+    step = lexlip_step(queue_size=6)
+    step.train()
+    batch = global_batch(4, 1, False)
+    outputs = step(batch)
+    loss, metrics = step.compute_loss(outputs, batch)
+    # reference with an empty queue: in-batch CE of online queries against the EMA keys
+    q_i, q_t = F.normalize(outputs["image_lexical"], dim=-1), F.normalize(outputs["text_lexical"], dim=-1)
+    k_i, k_t = F.normalize(outputs["ema/image_lexical"], dim=-1), F.normalize(outputs["ema/text_lexical"], dim=-1)
+    labels = torch.arange(4)
+    want = (F.cross_entropy(q_i @ k_t.T / 0.05, labels) + F.cross_entropy(q_t @ k_i.T / 0.05, labels)) / 2
+    assert metrics["moco/loss"] == pytest.approx(float(want), rel=1e-6) and metrics["moco/queue"] == 0
+    loss.backward()
+    assert all(p.grad is None for p in step.teachers["ema"].parameters())  # keys carry no gradient
+    assert not outputs["ema/image_lexical"].requires_grad
+    step.after_optimizer_step(1)
+    assert int(step.queue_count) == 4 and int(step.queue_pointer) == 4
+    assert torch.allclose(step.text_queue[:4], k_t.detach()) and torch.allclose(step.image_queue[:4], k_i.detach())
+    _, metrics = step.compute_loss(step(batch), batch)
+    assert metrics["moco/queue"] == 4  # the queued keys are negatives now
+    assert {"image_queue", "text_queue", "queue_pointer", "queue_count"} <= set(dict(step.named_buffers()))
+
+
+def test_lexlip_method_needs_heads_and_an_ema_teacher():
+    from clipforge.config import validate_recipe
+
+    raw = {"model": {"lexical_head": True}, "method": {"name": "lexlip"}}
+    with pytest.raises(ValueError, match='kind = \\"ema\\"|kind = "ema"'):
+        validate_recipe(raw)
+    with pytest.raises(ValueError, match="lexical_head = true"):
+        validate_recipe({"method": {"name": "lexlip"}, "teachers": [{"name": "ema", "kind": "ema"}]})
+
+
 # ----------------------------------------------------------------------------- 2 ranks == 1 process
 CASES = {
     "lexical+flops+clip": [{"name": "clip"}, {"name": "lexical"}, {"name": "flops", "weight": 0.05}],
     # lexical only: the dense projections get a zero gradient, so DDP still reduces every parameter
     "lexical-only": [{"name": "lexical", "temperature": 0.1}, {"name": "flops", "weight": 0.05}],
+    # phase 2: the momentum step, EMA keys gathered without gradient, a pre-filled queue as negatives
+    "lexlip-momentum": [{"name": "lexical"}, {"name": "flops", "weight": 0.05}],
 }
 
 
@@ -190,9 +255,20 @@ def build(case: str):
                      "vocab_size": 64, "context_length": 8, "text_width": 16, "text_layers": 1, "text_heads": 2,
                      "embed_dim": 16, "lexical_head": True},
            "data": {"tokenizer": {"vocab_size": 64}}, "objective": {"terms": CASES[case]}}
+    if case == "lexlip-momentum":
+        raw["method"] = {"name": "lexlip", "queue_size": 6}
+        raw["teachers"] = [{"name": "ema", "kind": "ema", "momentum": 1.0, "momentum_end": 1.0}]
     torch.manual_seed(0)
     step = build_step(validate_recipe(raw), torch.device("cpu"), log=False)
     step.objective.after_optimizer_step(10**6)  # the FLOPs ramp at full weight
+    if case == "lexlip-momentum":  # the same queue on every rank; a teacher that differs from the student
+        g = torch.Generator().manual_seed(3)
+        step.image_queue.copy_(F.normalize(torch.rand(6, 64, generator=g), dim=-1))
+        step.text_queue.copy_(F.normalize(torch.rand(6, 64, generator=g), dim=-1))
+        step.queue_count.fill_(6)
+        with torch.no_grad():
+            for p in step.teachers["ema"].module.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
     return step
 
 
@@ -246,9 +322,10 @@ def test_two_ranks_equal_one_process(report, case):
 # ----------------------------------------------------------------------------- exact resume
 @pytest.mark.slow
 def test_lexlip_sigkill_then_resume_is_exact(tmp_path):
-    """Kill during the FLOPs warm-up (its step counter is method state), resume: bitwise equal losses."""
+    """Kill during the FLOPs warm-up with a wrapped momentum queue (step counter, EMA, queues and pointer
+    are method state), resume: bitwise equal losses."""
     from test_method_resume import check_kill_and_resume
 
-    check_kill_and_resume(tmp_path, "lexlip-shapes", "\n[[objective.terms]]\nname = \"clip\"\n"
+    check_kill_and_resume(tmp_path, "lexlip-moco-shapes", "\n[[objective.terms]]\nname = \"clip\"\n"
                           "[[objective.terms]]\nname = \"lexical\"\n[[objective.terms]]\nname = \"flops\"\n"
-                          "warmup_steps = 16\n", 16, 7)
+                          "warmup_steps = 16\n[method]\nqueue_size = 20\n", 16, 7)
