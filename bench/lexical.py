@@ -127,9 +127,13 @@ def percentiles(times: list[float]) -> dict[str, float]:
     return {"p50_ms": round(float(np.percentile(times, 50)), 3), "p99_ms": round(float(np.percentile(times, 99)), 3)}
 
 
-def compare(image_dense, text_dense, image_lex, text_lex, truth, seismic: bool) -> dict:
-    """Every method on one data set; ``truth(found) -> {metric: value}`` scores results against ground truth."""
+def compare(image_dense, text_dense, image_lex, text_lex, truth, seismic: bool, joint_dense=None) -> dict:
+    """Every method on one data set; ``truth(found) -> {metric: value}`` scores results against ground truth.
+    ``joint_dense``: the LexLIP model's own dense head (image, text embeddings), searched exactly."""
     out = {}
+    if joint_dense is not None:
+        _, found = dense_method("flat", *joint_dense)
+        out["lexlip-model-dense-flat"] = truth(found)
     flat, flat_found = dense_method("flat", image_dense, text_dense)
     out["dense-flat"] = {**flat, "recall@10_vs_exact": 1.0, **truth(flat_found)}
     hnsw, found = dense_method("hnsw", image_dense, text_dense)
@@ -221,12 +225,9 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     require_faiss().omp_set_num_threads(args.threads)
-    seismic = not args.no_seismic
-    if seismic:
-        try:
-            import seismic as _  # noqa: F401
-        except ImportError:
-            seismic = False
+    import importlib.util
+
+    seismic = not args.no_seismic and importlib.util.find_spec("seismic") is not None
     clip, _, clip_tok = clipforge.load(args.clip)
     lex, _, lex_tok = clipforge.load(args.lexlip)
     if not lex.cfg.lexical_head:
@@ -242,8 +243,9 @@ def main() -> None:
     def shapes_truth(found):
         return {"precision@10": round(float(np.mean(labels[found] == query_labels[:, None])), 4)}
 
+    joint = embed(lex, lex_tok, images, captions, sparse=False)
     report["shapes"] = {"docs": len(images), "queries": len(captions),
-                        **compare(image_dense, text_dense, image_lex, text_lex, shapes_truth, seismic)}
+                        **compare(image_dense, text_dense, image_lex, text_lex, shapes_truth, seismic, joint)}
 
     if (args.emoji / "captions.jsonl").is_file():
         e_images, e_captions = emoji_data(args.emoji, clip.cfg.image_size)
@@ -253,8 +255,9 @@ def main() -> None:
         def emoji_truth(found):
             return {"recall@10": round(float(np.mean([i in row for i, row in enumerate(found)])), 4)}
 
+        joint = embed(lex, lex_tok, e_images, e_captions, sparse=False)
         report["emoji"] = {"docs": len(e_images), "queries": len(e_captions),
-                           **compare(e_dense, e_text_dense, e_lex, e_text_lex, emoji_truth, seismic)}
+                           **compare(e_dense, e_text_dense, e_lex, e_text_lex, emoji_truth, seismic, joint)}
     else:
         report["emoji"] = f"skipped: {args.emoji} not found (pass --emoji DIR)"
 
