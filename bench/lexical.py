@@ -220,6 +220,7 @@ def main() -> None:
     parser.add_argument("--hnsw-max", type=int, default=300_000, help="skip HNSW above this size (build time)")
     parser.add_argument("--emoji", type=Path, default=EMOJI, help="the emoji dev set (captions.jsonl + images/)")
     parser.add_argument("--no-seismic", action="store_true")
+    parser.add_argument("--top-k", type=int, default=None, help="override the model's lexical_top_k")
     parser.add_argument("--threads", type=int, default=1, help="torch / FAISS threads (1: per-query latency)")
     args = parser.parse_args()
 
@@ -232,6 +233,8 @@ def main() -> None:
     lex, _, lex_tok = clipforge.load(args.lexlip)
     if not lex.cfg.lexical_head:
         raise SystemExit(f"{args.lexlip} has no lexical heads; train it with the lexlip-shapes recipe")
+    if args.top_k is not None:
+        lex.cfg.lexical_top_k = args.top_k
     report = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads},
               "clip": str(args.clip), "lexlip": str(args.lexlip), "lexical_top_k": lex.cfg.lexical_top_k,
               "vocab_size": lex.cfg.vocab_size, "embed_dim": clip.cfg.embed_dim}
