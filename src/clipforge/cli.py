@@ -75,7 +75,7 @@ console = Console(stderr=True)
 # that they match the library's lists.
 TASK_CHOICES = ("zeroshot", "retrieval", "linear-probe")  # clipforge.eval.evaluate.TASKS
 SIMILARITY_CHOICES = ("pooled", "late-interaction")
-INDEX_KIND_CHOICES = ("flat", "ivf", "hnsw")  # clipforge.index.dense.INDEX_KINDS
+INDEX_KIND_CHOICES = ("flat", "ivf", "hnsw", "lexical")  # clipforge.index.dense.INDEX_KINDS + lexical
 EXPORT_CHOICES = ("hf", "onnx")  # clipforge.export.EXPORT_KINDS
 EMBEDDING_CHOICES = ("images", "texts")  # clipforge.index.embed.KINDS
 DTYPE_CHOICES = ("float16", "float32")  # clipforge.index.embed.DTYPES
@@ -450,6 +450,8 @@ def embed(
     teacher_cache: bool = typer.Option(False, "--teacher-cache", help="Write a teacher cache for training instead: "
                                        "one embedding per sample of a training source (wds:/jsonl:/csv:/imagefolder:), "
                                        "keyed by the loader's sample keys ([[teachers]] kind = \"cache\")."),
+    sparse: bool = typer.Option(False, "--sparse", help="Store the top-k vocabulary weights of a LexLIP model "
+                                "(model.lexical_head) for `clipforge index --kind lexical`."),
 ) -> None:
     """Embed images and captions into .npy shards plus a Parquet metadata table (resumable)."""
     from clipforge.eval.evaluate import checkpoint_dir
@@ -464,7 +466,8 @@ def embed(
     from clipforge.index.embed import embed_dataset
 
     summary = embed_dataset(ckpt, data, out, batch_size=batch_size, shard_size=shard_size, dtype=dtype,
-                            workers=workers, device=device, max_bad_fraction=max_bad_fraction, progress=True)
+                            workers=workers, device=device, max_bad_fraction=max_bad_fraction, progress=True,
+                            sparse=sparse)
     console.print(f"embedded {summary['images']} images and {summary['texts']} captions "
                   f"({summary['skipped_images']} unreadable images skipped) -> {out}")
 
@@ -473,7 +476,8 @@ def embed(
 def index_(
     emb: Path = typer.Argument(..., help="An embedding directory written by `clipforge embed`."),
     kind: str = typer.Option("flat", "--kind", metavar=_choices(INDEX_KIND_CHOICES),
-                             help="flat (exact), ivf or hnsw (approximate)."),
+                             help="flat (exact), ivf or hnsw (approximate); lexical: an inverted index over "
+                                  "sparse vocabulary weights (embed --sparse)."),
     out: Path = typer.Option(..., "--out", help="Index directory to write."),
     what: str = typer.Option("images", "--what", metavar=_choices(EMBEDDING_CHOICES),
                              help="Index the image or the text embeddings."),
@@ -482,10 +486,19 @@ def index_(
     hnsw_m: int = typer.Option(32, "--hnsw-m", min=4, help="HNSW: links per node."),
     ef_search: int = typer.Option(64, "--ef-search", min=1, help="HNSW: search breadth."),
     queries: int = typer.Option(1000, "--queries", min=1, help="Held-out queries for measuring recall@10."),
+    backend: str = typer.Option("scipy", "--backend", help="lexical: scipy (exact posting lists) or seismic "
+                                "(approximate, pyseismic-lsr)."),
 ) -> None:
     """Build a FAISS index; for approximate kinds, measure recall@10 against exact search."""
     import json as _json
 
+    if kind == "lexical":
+        from clipforge.index.lexical import build_lexical_index_dir
+
+        info = build_lexical_index_dir(emb, out, what=what, backend=backend, num_queries=queries)
+        typer.echo(_json.dumps({k: info[k] for k in ("kind", "backend", "count", "dim", "avg_nonzeros", "recall@10",
+                                                     "build_seconds", "index_bytes")}))
+        return
     from clipforge.index.dense import build_index_dir
 
     info = build_index_dir(emb, out, kind=kind, what=what, nlist=nlist, nprobe=nprobe, hnsw_m=hnsw_m,

@@ -200,6 +200,10 @@ class ModelConfig(Section):
     text_source: dict[str, Any] | None = None
     # joint space
     embed_dim: int = Field(128, ge=2)
+    # LexLIP: heads on both towers giving non-negative weights over the text vocabulary (models/lexical.py);
+    # encode_*(sparse=True) keeps the lexical_top_k largest weights of each vector
+    lexical_head: bool = False
+    lexical_top_k: int = Field(64, ge=1)
     logit_scale_init: float = math.log(1 / 0.07)  # ln of the initial logit scale t
     # t is clamped to <= this; ln t is clamped to [0, ln logit_scale_max], so it must be >= 1
     logit_scale_max: float = Field(100.0, ge=1.0)

@@ -1,6 +1,7 @@
 """Training objectives: weighted sums of loss terms built from the recipe's ``[objective]`` section.
 
-Importing this package registers the shipped terms (``clip``, ``siglip``, ``filip``, ``affinity_distill``).
+Importing this package registers the shipped terms (``clip``, ``siglip``, ``filip``, ``affinity_distill``,
+``lexical``, ``flops``).
 """
 
 from clipforge.objectives.base import (
@@ -22,6 +23,7 @@ from clipforge.objectives.contrastive import (
 )
 from clipforge.objectives.distill import AffinityDistill, affinity_distill_loss
 from clipforge.objectives.filip import FilipLoss, late_interaction_scores
+from clipforge.objectives.lexical import FlopsRegulariser, LexicalContrastive, flops, quadratic_warmup
 from clipforge.objectives.sigmoid import (
     SigLipLoss,
     sigmoid_pair_loss_sum,
@@ -35,6 +37,10 @@ __all__ = [
     "AffinityDistill",
     "affinity_distill_loss",
     "FilipLoss",
+    "FlopsRegulariser",
+    "LexicalContrastive",
+    "flops",
+    "quadratic_warmup",
     "TermConfig",
     "late_interaction_scores",
     "multi_positive_clip_loss",
