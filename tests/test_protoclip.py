@@ -181,3 +181,37 @@ warmup_episodes = 1
 def test_protoclip_sigkill_mid_episode_then_resume_is_exact(tmp_path):
     # episodes: 0 = steps 1-6 (warm-up), 1 = 7-12, 2 = 13-16; the checkpoint at step 8 is inside episode 1
     check_kill_and_resume(tmp_path, "protoclip-shapes", PROTO_EXTRA, 16, 10)
+
+
+def test_external_teacher_text_structure_adds_a_hard_label_term(tmp_path):
+    from tiny_checkpoint import make_tiny_checkpoint
+
+    teacher_dir = make_tiny_checkpoint(tmp_path / "teacher")
+    recipe_file = tmp_path / "r.toml"
+    recipe_file.write_text(f'base = "protoclip-shapes"\n[[teachers]]\nname = "ext"\nkind = "checkpoint"\n'
+                           f'path = "{teacher_dir}"\n')
+    recipe = load_recipe(str(recipe_file), list(TINY) + ["method.external_teacher=ext", "method.external_pca=8"])
+    step = build_step(recipe, torch.device("cpu"), None, log=False)
+    batches = _batches(recipe, 3)
+    step.train()
+    seen = {}
+
+    def read(n):
+        seen.update(step.episode_features(iter(batches[:n])))
+        return iter(batches[:n])
+
+    step.begin_step(0, read)
+    assert step.external_labels.shape == (24,)
+    assert torch.allclose(step.image_from_external, back_translate(seen["image"], step.external_labels, 4), atol=1e-6)
+    # the teacher's features are its own text embeddings of the captions (PCA 16 -> 8 dims before K-means)
+    assert seen["external"].shape == (24, 16)
+    _, metrics = step.compute_loss(step(batches[0]), batches[0])
+    assert metrics["external/loss"] > 0 and "proto/loss" in metrics
+
+
+def test_fewer_distinct_captions_than_clusters_is_warned_about():
+    from clipforge.methods.protoclip import warn_if_fewer_distinct_than_clusters
+
+    text = F.normalize(torch.randn(3, 8), dim=1).repeat(10, 1)  # 3 distinct captions, 30 samples
+    with pytest.warns(UserWarning, match="only 3 distinct values but method.clusters = 8"):
+        warn_if_fewer_distinct_than_clusters({"text": text, "image": torch.randn(30, 8)}, 8)

@@ -34,6 +34,7 @@ position comes from the loader's own exact resume.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -230,6 +231,7 @@ class ProtoclipStep(TrainStep):
 
     def _cluster(self, feats: dict[str, Tensor], k: int, seed: int) -> dict[str, Tensor]:
         cfg = self.cfg
+        warn_if_fewer_distinct_than_clusters(feats, k)
         out: dict[str, Tensor] = {}
         out["image_centroids"], out["image_labels"] = kmeans(feats["image"], k, cfg.kmeans_iters, cfg.kmeans_redo, seed)
         out["text_centroids"], out["text_labels"] = kmeans(feats["text"], k, cfg.kmeans_iters, cfg.kmeans_redo,
@@ -300,6 +302,19 @@ class ProtoclipStep(TrainStep):
     def after_optimizer_step(self, step: int) -> None:
         super().after_optimizer_step(step)
         self.proto_logit_scale.clamp_(0.0, math.log(self.cfg.proto_scale_max))
+
+
+def warn_if_fewer_distinct_than_clusters(feats: dict[str, Tensor], k: int) -> None:
+    """Captions made from class names (CIFAR's "a photo of a cat.") give few distinct text features. K-means
+    then fills the other centroids with near-copies that no sample is assigned to: their PBT prototypes are
+    zero while the soft targets spread over them, and the image student is pushed away from every class
+    (the embeddings collapse; docs/methods/protoclip.md). Say so instead of training into it."""
+    for name, x in feats.items():
+        distinct = torch.unique(x.round(decimals=4), dim=0).shape[0]
+        if distinct < k:
+            warnings.warn(f"ProtoCLIP: the episode's {name} features have only {distinct} distinct values but "
+                          f"method.clusters = {k}; most {name} clusters will be empty near-copies. Set "
+                          f"method.clusters <= {distinct} (e.g. the number of distinct captions)", stacklevel=3)
 
 
 def _gather_rows(x: Tensor) -> Tensor:
