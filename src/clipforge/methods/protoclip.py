@@ -198,10 +198,10 @@ class ProtoclipStep(TrainStep):
 
     @torch.no_grad()
     def build_episode(self, episode: int, batches: Iterator[dict[str, Any]]) -> None:
-        from clipforge.objectives.distributed import active_world_size
+        from clipforge.objectives.distributed import active_world_size, gather_no_grad
 
         local = self.episode_features(batches)
-        feats = {k: _gather_rows(v) for k, v in local.items()}  # every rank's samples, in rank order
+        feats = {k: gather_no_grad(v) for k, v in local.items()}  # every rank's samples, in rank order
         k, cfg = self.cfg.clusters, self.cfg
         seed = (self.seed * 1_000_003 + episode) % 2**31
         device = self.image_labels.device
@@ -315,16 +315,3 @@ def warn_if_fewer_distinct_than_clusters(feats: dict[str, Tensor], k: int) -> No
             warnings.warn(f"ProtoCLIP: the episode's {name} features have only {distinct} distinct values but "
                           f"method.clusters = {k}; most {name} clusters will be empty near-copies. Set "
                           f"method.clusters <= {distinct} (e.g. the number of distinct captions)", stacklevel=3)
-
-
-def _gather_rows(x: Tensor) -> Tensor:
-    """All ranks' rows in rank order (no gradient); the tensor itself in one process."""
-    from clipforge.objectives.distributed import active_world_size
-
-    if active_world_size() == 1:
-        return x
-    import torch.distributed as dist
-
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
