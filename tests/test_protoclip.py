@@ -102,7 +102,7 @@ def test_without_prototype_terms_the_loss_is_exactly_clip():
     outputs = step(batch)
     loss, metrics = step.compute_loss(outputs, batch)
     clip_loss, _ = step.objective(outputs, batch)
-    assert torch.equal(loss, clip_loss)
+    assert torch.equal(loss, clip_loss + 0.0)
     assert "proto/loss" not in metrics
 
 
@@ -215,3 +215,9 @@ def test_fewer_distinct_captions_than_clusters_is_warned_about():
     text = F.normalize(torch.randn(3, 8), dim=1).repeat(10, 1)  # 3 distinct captions, 30 samples
     with pytest.warns(UserWarning, match="only 3 distinct values but method.clusters = 8"):
         warn_if_fewer_distinct_than_clusters({"text": text, "image": torch.randn(30, 8)}, 8)
+
+
+@pytest.mark.slow
+def test_protoclip_two_processes_sigkill_then_resume_is_exact(tmp_path):
+    # features gathered from both ranks, clustered on rank 0 and broadcast; each rank reads its rows
+    check_kill_and_resume(tmp_path, "protoclip-shapes", PROTO_EXTRA, 14, 10, "--nproc", "2")

@@ -275,7 +275,9 @@ class ProtoclipStep(TrainStep):
         episode = self.episode_of(self.current_step)
         if int(self.episode) != episode or not self.training:  # warm-up, eval, or a step outside the trainer
             self.micro_batch += 1
-            return loss, metrics
+            # a zero that still reaches the heads and t_p: DDP expects every trainable parameter in the graph
+            unused = outputs["proto_image"].sum() + outputs["proto_text"].sum() + self.proto_logit_scale
+            return loss + 0.0 * unused, metrics
         rows = self.batch_rows(outputs["proto_image"].shape[0])
         self.micro_batch += 1
         scale = self.proto_logit_scale.exp()
