@@ -253,6 +253,18 @@ class Trainer:
                                     data_state=_rank_data_state(saved_state if resume_from else {}, ctx))
         return tokenizer, model, optimizer, loader, state
 
+    def _read_ahead(self, loader, tokenizer, samples_seen: int, runner: "StepRunner", n_batches: int):
+        """The next ``n_batches`` batches the training loader will serve, from a second loader at its
+        position (the stream is a function of the position, so they are the same batches)."""
+        from clipforge.data.loader import build_train_loader
+
+        r, ctx = self.recipe, self.dist
+        ahead = build_train_loader(r.data, r.model.image_size, tokenizer, start_sample=samples_seen,
+                                   rank=ctx.rank, world_size=ctx.world_size,
+                                   data_state=loader.state_dict() if hasattr(loader, "state_dict") else None)
+        for _ in range(n_batches):
+            yield runner.to_device(next(ahead))
+
     def _restore_rng(self, saved_state: dict[str, Any]) -> None:
         ctx = self.dist
         per_rank = saved_state.get("rng_per_rank")
@@ -342,6 +354,11 @@ class Trainer:
             return where
 
         runner = StepRunner(model, optimizer, r, device, ctx)
+        # methods that work in episodes (ProtoCLIP) look at the batches they are about to train on
+        begin_step = getattr(plain, "begin_step", None)
+
+        def read_ahead(n_batches: int):
+            return self._read_ahead(loader, tokenizer, state["samples_seen"], runner, n_batches)
 
         progress = TrainProgress(r.logging, total, state["step"], enabled=r.logging.progress and ctx.is_main)
         model.train()
@@ -350,6 +367,8 @@ class Trainer:
                 while state["step"] < total:
                     step = state["step"]
                     lr = runner.set_lr(step)
+                    if begin_step is not None:
+                        begin_step(step, read_ahead)
                     t0 = time.perf_counter()
                     micro_batches = [runner.to_device(next(loader)) for _ in range(r.train.accum_steps)]
                     loss_sum, metrics, grad_norm = runner.forward_backward(micro_batches)
