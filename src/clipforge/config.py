@@ -226,6 +226,9 @@ class ModelConfig(Section):
             raise ValueError(
                 f"model.vision_width ({self.vision_width}) must be divisible by model.vision_heads ({self.vision_heads})"
             )
+        if self.text_tower == "hf" and self.lexical_head:
+            raise ValueError("model.lexical_head works on the native text tower (its vocabulary and width): set "
+                             "model.text_tower = 'clip', or drop the lexical head for a pretrained tower")
         if self.text_tower == "hf":
             self._resolve_text_source()
         elif self.text_pretrained is not None or self.text_unlocked_layers:
