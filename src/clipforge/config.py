@@ -224,6 +224,12 @@ class ShapesConfig(Section):
     two_objects_prob: float = Field(0.0, ge=0.0, le=1.0)  # chance of a second object with a relation
     textured_background_prob: float = Field(0.0, ge=0.0, le=1.0)
     eval_samples_per_class: int = Field(20, ge=1)
+    # caption studies (clipforge.data.captions): which captions each training image carries --
+    # "raw" (the templated caption), "long" (one fact per sentence), "raw+long" (DreamLIP's source
+    # list), "raw+synthetic" (ALIP: a terse, always correct caption beside the raw one)
+    captions: Literal["raw", "long", "raw+long", "raw+synthetic"] = "raw"
+    # fraction of raw captions that describe another scene or drop / alter an attribute (batch["noise"])
+    raw_caption_noise: float = Field(0.0, ge=0.0, le=1.0)
 
 
 class TokenizerConfig(Section):
@@ -276,6 +282,10 @@ class DataConfig(Section):
     # T captions per image from its caption list (jsonl/csv list column, wds .json "captions");
     # T > 1 makes input_ids (N*T) x L with text_owner[j] = the image of caption row j
     captions_per_sample: int = Field(1, ge=1)
+    # DreamLIP: K sentences drawn per image per step from its long caption(s) (the caption list after
+    # its first entry, or the only caption), next to the raw caption (the first) when sub_caption_raw
+    sub_captions: int = Field(0, ge=0)
+    sub_caption_raw: bool = True
     augment: AugmentConfig = AugmentConfig()
     shapes: ShapesConfig = ShapesConfig()
     tokenizer: TokenizerConfig = TokenizerConfig()
@@ -324,6 +334,9 @@ class DataConfig(Section):
                              f"({self.train!r}) has none; drop the setting or train on a csv:/jsonl: source")
         if len(sources) > 1 and any(s.kind == "shapes" for s in sources):
             raise ValueError("the built-in 'shapes' source cannot be mixed with other sources; use it alone")
+        if self.sub_captions and self.captions_per_sample > 1:
+            raise ValueError("data.sub_captions and data.captions_per_sample > 1 both pick each image's captions; "
+                             "use one of them")
         if self.captions_per_sample > 1 and sources[0].kind == "shapes":
             raise ValueError(
                 f"data.captions_per_sample={self.captions_per_sample} needs caption lists, and the built-in "
