@@ -1,6 +1,7 @@
 """Training objectives: weighted sums of loss terms built from the recipe's ``[objective]`` section.
 
-Importing this package registers the shipped terms (``clip``, ``siglip``, ``filip``, ``affinity_distill``).
+Importing this package registers the shipped terms (``clip``, ``siglip``, ``filip``, ``affinity_distill``,
+``dreamlip_grouping``).
 """
 
 from clipforge.objectives.base import (
@@ -21,6 +22,7 @@ from clipforge.objectives.contrastive import (
     symmetric_cross_entropy,
 )
 from clipforge.objectives.distill import AffinityDistill, affinity_distill_loss
+from clipforge.objectives.dreamlip import DreamlipGrouping, grouped_features, grouping_weights
 from clipforge.objectives.filip import FilipLoss, late_interaction_scores
 from clipforge.objectives.sigmoid import (
     SigLipLoss,
@@ -33,6 +35,9 @@ from clipforge.objectives.sigmoid import (
 __all__ = [
     "TERMS",
     "AffinityDistill",
+    "DreamlipGrouping",
+    "grouped_features",
+    "grouping_weights",
     "affinity_distill_loss",
     "FilipLoss",
     "TermConfig",
