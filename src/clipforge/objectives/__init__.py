@@ -1,9 +1,10 @@
 """Training objectives: weighted sums of loss terms built from the recipe's ``[objective]`` section.
 
 Importing this package registers the shipped terms (``clip``, ``siglip``, ``filip``, ``affinity_distill``,
-``dreamlip_grouping``).
+``dreamlip_grouping``, ``alip``).
 """
 
+from clipforge.objectives.alip import AlipLoss, alip_gates
 from clipforge.objectives.base import (
     TERMS,
     Objective,
@@ -35,6 +36,8 @@ from clipforge.objectives.sigmoid import (
 __all__ = [
     "TERMS",
     "AffinityDistill",
+    "AlipLoss",
+    "alip_gates",
     "DreamlipGrouping",
     "grouped_features",
     "grouping_weights",
