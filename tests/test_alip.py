@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime
 import math
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -170,3 +171,10 @@ def test_two_ranks_equal_one_process(tmp_path):
     worst = max(errors, key=errors.get)
     assert errors[worst] <= 1e-6, (worst, errors[worst])
     assert torch.allclose(got["means"], step.objective.terms[0].running_means, rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_alip_sigkill_then_resume_is_exact(tmp_path):
+    from test_method_resume import check_kill_and_resume
+
+    check_kill_and_resume(tmp_path, "alip-shapes", "", 12, 6)  # the running means come back from the checkpoint
