@@ -88,6 +88,33 @@ def test_hf_export_refuses_mean_pooling_and_logit_bias_by_name(tmp_path):
     assert not (tmp_path / "out_mean").exists() and not (tmp_path / "out_siglip").exists()
 
 
+def test_siglip_refusal_names_why_and_its_reasons_hold_in_transformers(tmp_path):
+    """The SigLIP refusal says what SiglipModel lacks; if transformers grows a causal, end-of-text
+    pooled text tower or a class-token ViT with ln_pre, this fails and the export can be written."""
+    transformers = pytest.importorskip("transformers")
+    siglip = make_tiny_checkpoint(tmp_path / "siglip", logit_bias_init=-10.0)
+    with pytest.raises(ExportError) as err:
+        export_hf(siglip, tmp_path / "out")
+    for reason in ("bidirectional", "end-of-text", "class token", "ln_pre", "MAP", "--to onnx"):
+        assert reason in str(err.value)
+    small = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    model = transformers.SiglipModel(transformers.SiglipConfig(
+        text_config=dict(small, vocab_size=50, max_position_embeddings=8),
+        vision_config=dict(small, image_size=16, patch_size=8)))
+    names = [n for n, _ in model.named_parameters()]
+    assert not model.text_model.encoder.layers[0].self_attn.is_causal
+    assert not any("class_embedding" in n or "pre_layrnorm" in n or "visual_projection" in n for n in names)
+    assert model.vision_model.use_head  # the MAP head; without it pooler_output is None
+    ids = torch.tensor([[5, 6, 7, 0, 0, 0, 0, 0]])
+    with torch.no_grad():  # the last position is pooled, whatever the mask says
+        a = model.get_text_features(input_ids=ids, attention_mask=(ids > 0).long())
+        ids2 = ids.clone()
+        ids2[0, -1] = 9
+        b = model.get_text_features(input_ids=ids2, attention_mask=(ids > 0).long())
+    a, b = (getattr(x, "pooler_output", x) for x in (a, b))
+    assert not torch.allclose(a, b)
+
+
 def test_export_refuses_a_non_empty_output_directory(tiny_ckpt, tmp_path):
     (tmp_path / "keep.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="not empty"):

@@ -188,13 +188,13 @@ def first_batch(recipe: Recipe, tokenizer) -> dict[str, Any]:
 
 def clipforge_side(recipe: Recipe, device: torch.device, count: bool = True) -> tuple[Side, Any]:
     """The trainer's step for ``recipe`` on ``device`` (single process); ``count``: count its FLOPs."""
-    from clipforge.models.tokenizer import train_tokenizer_for
+    from clipforge.models.tokenizer import tokenizer_for_recipe
     from clipforge.train.trainer import StepRunner, seed_everything
 
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
     seed_everything(recipe.train.seed)
-    tokenizer = train_tokenizer_for(recipe.data, recipe.model.context_length)
+    tokenizer = tokenizer_for_recipe(recipe)
     host_batch = first_batch(recipe, tokenizer)
     if device.type == "cuda":
         host_batch = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in host_batch.items()}
@@ -427,9 +427,9 @@ def time_rounds(sides: list[Side], device: torch.device, rounds: int, steps: int
 def loader_throughput(recipe: Recipe, batches: int) -> dict[str, float]:
     """img/s of the recipe's own data loader alone (workers as in the recipe)."""
     from clipforge.data.loader import build_train_loader
-    from clipforge.models.tokenizer import train_tokenizer_for
+    from clipforge.models.tokenizer import tokenizer_for_recipe
 
-    tokenizer = train_tokenizer_for(recipe.data, recipe.model.context_length)
+    tokenizer = tokenizer_for_recipe(recipe)
     start = time.perf_counter()
     loader = build_train_loader(recipe.data, recipe.model.image_size, tokenizer)
     next(loader)

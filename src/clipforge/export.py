@@ -83,19 +83,31 @@ def _staged_output(out: Path):
 
 
 # ----------------------------------------------------------------------------- Hugging Face
+# transformers' SiglipModel is another network than ours with a logit bias, in both towers; a
+# weight mapping would export a model that computes something else (docs/export.md, "SigLIP")
+SIGLIP_REFUSAL = (
+    "cannot export to Hugging Face: the model has a logit bias (model.logit_bias_init, SigLIP). HF CLIPModel "
+    "has no bias, and transformers' SiglipModel cannot compute this network: its text tower attends "
+    "bidirectionally (ours is causal) and pools the last position, not end-of-text; its ViT has no class "
+    "token and no LayerNorm before the blocks (our ln_pre), pools with an attention head (MAP) and has no "
+    "image projection (the embedding width must equal the vision width). Export to ONNX instead (--to onnx), "
+    "which keeps the logit bias in onnx_config.json"
+)
 def check_hf_compatible(cfg) -> None:
     """Refuse, by name, architecture options that transformers' CLIPModel has no equivalent for."""
+    if cfg.text_tower != "clip" or cfg.text_projection != "linear":
+        raise ExportError(
+            f"cannot export to Hugging Face: the text tower is a pretrained encoder (model.text_tower = "
+            f"{cfg.text_tower!r}, text_projection = {cfg.text_projection!r}); HF CLIPModel only has CLIP's causal "
+            "text transformer with a linear projection. Export to ONNX instead (--to onnx)"
+        )
     if cfg.vision_pool != "cls":
         raise ExportError(
             f"cannot export to Hugging Face: model.vision_pool = {cfg.vision_pool!r}; HF CLIPModel always pools "
             "the image tower at the class token. Export to ONNX instead (--to onnx)"
         )
     if cfg.logit_bias_init is not None:
-        raise ExportError(
-            "cannot export to Hugging Face: the model has a logit bias (model.logit_bias_init, SigLIP); HF "
-            "CLIPModel has no bias. SigLIP models belong in transformers' SiglipModel, which clipforge "
-            "does not export to yet. Export to ONNX instead (--to onnx)"
-        )
+        raise ExportError(SIGLIP_REFUSAL)
 
 
 def hf_clip_config(cfg, tokenizer) -> dict[str, Any]:
@@ -283,6 +295,8 @@ def _write_onnx(model, tokenizer, source: Path, out: Path) -> None:
                          "output": "text_embeds: float32 N x E, unit norm"},
         "preprocess": config["preprocess"], "tokenizer": config["tokenizer"], "embed_dim": cfg.embed_dim,
         "logit_scale": float(model.logit_scale.detach().exp()), "opset": ONNX_OPSET,
+        # SigLIP: logits = logit_scale * cos + logit_bias (None: a softmax CLIP model)
+        "logit_bias": None if model.logit_bias is None else float(model.logit_bias.detach()),
     }, indent=2))
 
 

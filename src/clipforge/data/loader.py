@@ -130,9 +130,10 @@ class _BatchDataset(Dataset):
     """Item k is the whole k-th batch of the stream (rendered and tokenized in the worker)."""
 
     def __init__(self, dataset: ShapesDataset, tokenizer, batch_size: int, start_sample: int,
-                 rank: int = 0, world_size: int = 1, caption_plan: tuple[int, bool] | None = None):
+                 rank: int = 0, world_size: int = 1, kept=None, caption_plan: tuple[int, bool] | None = None):
         self.caption_plan = caption_plan  # (data.sub_captions, data.sub_caption_raw), or None for plain captions
         self.dataset = dataset
+        self.kept = kept  # data.keep: position p renders index kept[p % len(kept)] (clipforge.data.keep)
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.start_sample = start_sample
@@ -142,6 +143,8 @@ class _BatchDataset(Dataset):
     def __getitem__(self, k: int) -> dict:
         first = rank_batch_start(self.start_sample, k, self.batch_size, self.rank, self.world_size)
         indices = list(range(first, first + self.batch_size))
+        if self.kept is not None:
+            indices = [int(self.kept[p % len(self.kept)]) for p in indices]
         if self.caption_plan is not None:  # caption studies: lists, kinds, noise (clipforge.data.captions)
             from clipforge.data.captions import make_caption_batch
 
@@ -194,10 +197,15 @@ def build_train_loader(
         return build_source_train_loader(data_cfg, image_size, tokenizer, start_sample, rank=rank,
                                          world_size=world_size, state=data_state, pin_memory=pin_memory,
                                          prefetch_batches=prefetch_batches)
+    kept = None
+    if data_cfg.keep:
+        from clipforge.data.keep import read_keep_list, shapes_indices
+
+        kept = shapes_indices(read_keep_list(data_cfg.keep))
     shapes = data_cfg.shapes
     plain = shapes.captions == "raw" and shapes.raw_caption_noise == 0 and data_cfg.sub_captions == 0
     batches = _BatchDataset(build_train_dataset(data_cfg, image_size), tokenizer, data_cfg.batch_size,
-                            start_sample, rank, world_size,
+                            start_sample, rank, world_size, kept,
                             None if plain else (data_cfg.sub_captions, data_cfg.sub_caption_raw))
     workers = data_cfg.num_workers
     loader = DataLoader(

@@ -132,6 +132,19 @@ def tar_samples(stream) -> Iterator[dict[str, bytes]]:
         yield current
 
 
+def tar_sample_keys(path: str | Path) -> list[str]:
+    """The ``__key__`` of every sample of a local tar, in order (headers only, as ``count_tar_samples``)."""
+    keys: list[str] = []
+    with tarfile.open(path, "r:") as tar:
+        for member in tar:
+            if not member.isreg() or _is_meta(member.name):
+                continue
+            key, _ = sample_key(member.name)
+            if key is not None and (not keys or key != keys[-1]):
+                keys.append(key)
+    return keys
+
+
 def count_tar_samples(path: str | Path) -> int:
     """Number of samples in a local tar (headers only: member data is seeked over, not read)."""
     keys, last = 0, None
@@ -160,6 +173,7 @@ class TarShardSource:
         self.sizes = np.array(shard_sizes(self.urls, sizes_file, str(spec)), dtype=np.int64)
         self.labels = None
         self.weights = None
+        self.kept_positions = None  # data.keep: per shard, the tar-order positions of the kept samples
         # sample keys are "<shard name>/<__key__>"; open_sources() lengthens names that clash
         self.key_names = [Path(p).name for p in self.key_paths()]
 
@@ -175,16 +189,19 @@ class TarShardSource:
         from webdataset.gopen import gopen  # local paths, file:, pipe:, http(s): ...
 
         url, done, seen, reason = self.urls[part], 0, 0, None
+        # the tar-order positions to yield: start.. of the shard, or of its kept samples (data.keep)
+        wanted = range(start, start + count) if self.kept_positions is None else \
+            self.kept_positions[part][start:start + count].tolist()
         stream = None
         try:
             stream = gopen(url)
             for i, files in enumerate(tar_samples(stream)):
                 seen = i + 1
-                if i < start:
-                    continue
                 if done == count:
                     break
-                yield _tar_raw(files, uid0 + i, self.key_names[part])
+                if i != wanted[done]:
+                    continue
+                yield _tar_raw(files, uid0 + start + done, self.key_names[part])
                 done += 1
         except FileNotFoundError:
             reason = "missing_shard"
@@ -442,6 +459,10 @@ def open_sources(specs: list[SourceSpec], data_cfg: DataConfig) -> list:
                 src.key_name = f"{name}/" if len(group) > 1 else ""  # one folder: keys are its relative paths
             else:
                 src.key_name = next(names)
+    if data_cfg.keep:  # a subset by sample key, without rewriting anything (clipforge.data.keep)
+        from clipforge.data.keep import filter_sources, read_keep_list
+
+        filter_sources(sources, set(read_keep_list(data_cfg.keep)))
     return sources
 
 
@@ -884,10 +905,16 @@ def build_source_train_loader(
     fingerprint = {"kind": "sources", "train": data_cfg.train, "mode": data_cfg.mode, "seed": data_cfg.seed,
                    "world_size": world_size, "workers": workers, "batch_size": data_cfg.batch_size,
                    "shuffle_buffer": data_cfg.shuffle_buffer, "samples_per_epoch": total}
+    if data_cfg.keep:  # only when set: cursors saved before keep-lists existed still match
+        from clipforge.data.keep import keep_fingerprint
+
+        fingerprint["keep"] = keep_fingerprint(data_cfg.keep)
     batches_done, cursors = _cursors_from_samples(start_sample, data_cfg.batch_size, world_size, rank, workers,
                                                   slot_lengths)
     if state is not None:
         changed = [k for k, v in fingerprint.items() if state.get(k) != v]
+        if state.get("keep") and "keep" not in fingerprint:  # a keep-list dropped on resume
+            changed.append("keep")
         if changed:
             warnings.warn(f"the saved data cursor does not match the data config ({', '.join(changed)}); "
                           "placing the data stream from the sample count instead (not exact)")

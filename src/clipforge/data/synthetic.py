@@ -429,7 +429,7 @@ class ShapesDataset:
             raise IndexError(f"sample index must be >= 0, got {index}")
         if self.split == "train":
             rng = np.random.default_rng([self.seed, SPLIT_TAGS["train"], index])
-            label = self.train_classes[int(rng.integers(len(self.train_classes)))]
+            label = self._train_label(rng)
             two_objects = rng.random() < self.cfg.two_objects_prob
         elif self.split == "binding":
             rng = self._eval_rng(index)
@@ -448,6 +448,13 @@ class ShapesDataset:
         else:
             facts = self._draw_single(image, rng, label, background)
         return facts.caption, label, facts
+
+    def _train_label(self, rng: np.random.Generator) -> int:
+        """The main pair of a train sample: uniform, or Zipf over the trained pairs (pair_zipf_exponent)."""
+        if self.cfg.pair_zipf_exponent == 0.0:  # the uniform draw, unchanged
+            return self.train_classes[int(rng.integers(len(self.train_classes)))]
+        labels, probs = pair_frequencies(self.cfg)
+        return int(labels[int(np.searchsorted(np.cumsum(probs), rng.random(), side="right").clip(0, len(labels) - 1))])
 
     def _draw_single(self, image: np.ndarray, rng: np.random.Generator, label: int, background: str) -> SceneFacts:
         colour, shape = _split_label(label)
@@ -516,6 +523,22 @@ def _pair_facts(first: int, second: int, relation: str, background: str, caption
     # both objects of a pair are painted small, on opposite sides (see ``_paint_pair``)
     objects = tuple((*_split_label(k), "small", None) for k in (first, second))
     return SceneFacts(objects, relation, background, caption)
+
+
+@lru_cache(maxsize=16)
+def _pair_frequencies(holdout_fraction: float, holdout_seed: int, exponent: float) -> tuple[np.ndarray, np.ndarray]:
+    held = held_out_pairs(ShapesConfig(holdout_fraction=holdout_fraction, holdout_seed=holdout_seed))
+    trained = np.array([k for k in range(len(class_names())) if k not in held])
+    # which pair is frequent: a fixed shuffle, so the head is not simply the first colours
+    ranked = trained[np.random.default_rng([holdout_seed, 0x21FF]).permutation(len(trained))]
+    weights = 1.0 / np.arange(1, len(ranked) + 1) ** exponent
+    return ranked, weights / weights.sum()
+
+
+def pair_frequencies(cfg: ShapesConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(trained labels, their probability as the main object of a train sample), most frequent first."""
+    ranked, probs = _pair_frequencies(cfg.holdout_fraction, cfg.holdout_seed, cfg.pair_zipf_exponent)
+    return ranked.copy(), probs.copy()
 
 
 def _split_label(label: int) -> tuple[str, str]:

@@ -77,6 +77,8 @@ def evaluate(
     similarity: str = "pooled",
     progress: bool = False,
     max_samples: int | None = None,
+    per_class: bool = False,
+    nmtune: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a checkpoint (path) or a loaded ``(model, preprocess, tokenizer)`` on ``data``.
 
@@ -90,9 +92,14 @@ def evaluate(
     Zero-shot without ``classnames`` / ``templates`` uses the dataset folder's ``classnames.txt`` /
     ``zeroshot_classification_templates.txt`` (or ``templates.txt``) when there are such files
     (CLIP_benchmark's names), else the folder names and the ``photo`` set. ``max_samples`` evaluates
-    a seeded random subset of at most that many images (zeroshot and retrieval).
+    a seeded random subset of at most that many images (zeroshot and retrieval). ``per_class``
+    adds ``per_class``: {class name: {"accuracy", "count"}} (zeroshot and linear-probe).
     """
     task = normalise_task(task)
+    if nmtune and task != "linear-probe":
+        raise EvalError(f"--nmtune tunes a probe on frozen features: it applies to --task linear-probe, not {task}")
+    if per_class and (task == "retrieval" or parse_shapes_spec(data, task)):
+        raise EvalError(f"--per-class applies to classification (zeroshot, linear-probe), not {task} on {data}")
     _check_options(task, train_data, fewshot_k, val_fraction, batch_size, workers, max_bad_fraction, similarity)
     if max_samples is not None and (max_samples < 1 or task == "linear-probe"):
         raise EvalError(f"--max-samples takes a count >= 1 and applies to zeroshot and retrieval "
@@ -121,7 +128,7 @@ def evaluate(
                                seed=seed, **common)
     else:
         result = run_linear_probe(model, preprocess, train_spec, spec, classnames, fewshot_k, val_fraction,
-                                  seed, **common)
+                                  seed, nmtune=nmtune, **common)
 
     confusion = result.pop("_confusion", None)
     found = result.pop("_options", {})  # what zero-shot used: the given or the dataset folder's files
@@ -138,9 +145,12 @@ def evaluate(
             "batch_size": batch_size, "workers": workers, "device": str(next(model.parameters()).device),
             "max_bad_fraction": max_bad_fraction,
             "similarity": similarity if task == "retrieval" else None,
+            "nmtune": True if nmtune else None,
         }),
         "clipforge_version": __version__,
     }
+    if per_class and confusion is not None:
+        output["per_class"] = per_class_accuracy(*confusion)
     if out is not None:
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -445,7 +455,7 @@ def run_late_interaction_retrieval(model, preprocess, tokenizer, data, *, batch_
 
 
 def run_linear_probe(model, preprocess, train_spec, test_spec, classnames, fewshot_k, val_fraction, seed,
-                     **common) -> dict:
+                     nmtune: bool = False, **common) -> dict:
     from clipforge.eval.linear_probe import linear_probe, require_sklearn
 
     require_sklearn()  # before spending minutes on embeddings
@@ -458,8 +468,14 @@ def run_linear_probe(model, preprocess, train_spec, test_spec, classnames, fewsh
     train_y = torch.tensor(train.labels)[train_images.ok]
     test_y = torch.tensor(test_labels)[test_images.ok]
     try:
-        probe = linear_probe(train_images.embeds, train_y, test_images.embeds, test_y, len(train.classnames),
-                             fewshot_k=fewshot_k, val_fraction=val_fraction, seed=seed)
+        if nmtune:  # feature-space tuning with its regularisers instead of the L-BFGS probe (eval/nmtune.py)
+            from clipforge.eval.nmtune import nmtune_probe
+
+            probe = nmtune_probe(train_images.embeds, train_y, test_images.embeds, test_y, len(train.classnames),
+                                 fewshot_k=fewshot_k, seed=seed)
+        else:
+            probe = linear_probe(train_images.embeds, train_y, test_images.embeds, test_y, len(train.classnames),
+                                 fewshot_k=fewshot_k, val_fraction=val_fraction, seed=seed)
     except ValueError as e:
         raise EvalError(str(e)) from None
     predictions = probe.pop("predictions")
@@ -492,6 +508,15 @@ def _data_summary(total: int, images, num_classes: int | None = None) -> dict:
 
 
 # ----------------------------------------------------------------------------- confusion matrix
+def per_class_accuracy(counts: torch.Tensor, classnames: Sequence[str]) -> dict[str, dict]:
+    """{class name: {"accuracy": top-1 recall of the class, "count": its test images}} from a confusion
+    matrix (rows: true class); classes without test images are left out."""
+    totals = counts.sum(dim=1)
+    return {name: {"accuracy": float(counts[c, c] / totals[c]), "count": int(totals[c])}
+            for c, name in enumerate(classnames) if totals[c] > 0}
+
+
+
 def confusion_matrix(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """(C, C) counts; row = true class, column = predicted class."""
     flat = labels.long() * num_classes + predictions.long()
@@ -544,9 +569,13 @@ def result_table(result: dict):
         table.add_row("chance: binding_acc / per kind", f"{100 * chance['binding_acc']:.2f}% / 50.00%")
     if "linear_probe" in result:
         probe = result["linear_probe"]
-        table.add_row("C (chosen on validation)", f"{probe['C']:.4g}")
-        table.add_row("train / val / test samples",
-                      f"{probe['train_samples']} / {probe['val_samples']} / {probe['test_samples']}")
+        if probe.get("method") == "nmtune":  # no C sweep and no validation split
+            table.add_row("NMTune (epochs, final alpha)", f"{probe['epochs']}, {probe['alpha']:.3g}")
+            table.add_row("train / test samples", f"{probe['train_samples']} / {probe['test_samples']}")
+        else:
+            table.add_row("C (chosen on validation)", f"{probe['C']:.4g}")
+            table.add_row("train / val / test samples",
+                          f"{probe['train_samples']} / {probe['val_samples']} / {probe['test_samples']}")
     data = result["data"]
     for split, summary in ([("", data)] if "images" in data else data.items()):
         prefix = f"{split} " if split else ""

@@ -8,6 +8,7 @@ Layout of an embedding directory::
     images/shard_00000.npy    N x E unit-norm embeddings (float16 or float32)
     images/shard_00000.parquet  id, image, caption of each row of that shard (same order)
     texts/shard_00000.npy     captions, likewise (parquet: id, image_id, image, caption)
+    (--sparse: shard_00000.npz, a SciPy CSR matrix N x |V| of top-k lexical weights; see index/lexical.py)
     images.parquet / texts.parquet   all shards' metadata in one table (written at the end)
 
 A shard is written to a temporary name and renamed, so a shard file on disk is always complete;
@@ -118,16 +119,23 @@ def shard_name(i: int) -> str:
 
 
 def _done(out: Path, kind: str, i: int) -> bool:
-    # the .npy is renamed into place last, so its presence means the shard is complete
-    return (out / kind / f"{shard_name(i)}.npy").is_file()
+    # the .npy (.npz when sparse) is renamed into place last, so its presence means the shard is complete
+    return any((out / kind / f"{shard_name(i)}{suffix}").is_file() for suffix in (".npy", ".npz"))
 
 
-def _save_shard(out: Path, kind: str, i: int, embeds: np.ndarray, rows: dict[str, list]) -> None:
+def _save_shard(out: Path, kind: str, i: int, embeds: np.ndarray, rows: dict[str, list], sparse: bool = False) -> None:
     pa = require_pyarrow()
     import pyarrow.parquet as pq
 
     base = out / kind / shard_name(i)
     pq.write_table(pa.table(rows), f"{base}.parquet")
+    if sparse:  # top-k lexical weights: keep only the non-zeros (float32: SciPy has no float16 sparse maths)
+        from clipforge.index.lexical import require_scipy, to_csr
+
+        tmp = base.with_name(f".{base.name}.tmp.npz")
+        require_scipy().save_npz(tmp, to_csr(embeds), compressed=False)
+        os.replace(tmp, f"{base}.npz")
+        return
     tmp = base.with_name(f".{base.name}.tmp.npy")
     np.save(tmp, embeds)
     os.replace(tmp, f"{base}.npy")
@@ -183,12 +191,14 @@ def embed_dataset(
     max_bad_fraction: float = 0.05,
     progress: bool = True,
     stop_after_shards: int | None = None,
+    sparse: bool = False,
 ) -> dict[str, Any]:
     """Embed every image and caption of ``data`` with the checkpoint; resume an unfinished ``out``.
 
     ``ckpt``: a checkpoint directory or a run directory (its latest checkpoint), as for evaluation.
 
     ``stop_after_shards`` stops after writing that many new shards (to test resuming).
+    ``sparse``: store the top-k lexical weights of a LexLIP model (``model.lexical_head``) instead.
     Returns counts: images, texts, skipped_images, shards_written.
     """
     from clipforge.api import load
@@ -203,11 +213,18 @@ def embed_dataset(
     out = Path(out)
     ckpt = checkpoint_dir(ckpt)  # a run directory means its latest checkpoint, as in `clipforge eval`
     items = read_items(data)
-    manifest = _open_output(out, _settings(str(ckpt), data, dtype, shard_size, items))
+    settings = _settings(str(ckpt), data, dtype, shard_size, items)
+    if sparse:  # only when asked, so dense directories made before this option still resume
+        settings["sparse"] = True
+    manifest = _open_output(out, settings)
     if manifest.get("complete"):
         return _summary(manifest, 0)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, preprocess, tokenizer = load(ckpt, device=device)
+    if sparse:
+        from clipforge.index.lexical import SparseEncoder
+
+        model = SparseEncoder(model)  # encode_* give top-k vocabulary weights
     bad: list[tuple[str, str]] = [tuple(b) for b in manifest["skipped_images"]]
     written = 0
 
@@ -225,9 +242,9 @@ def embed_dataset(
             bad += shard_bad
             check_bad_fraction(bad, num_images, max_bad_fraction)
             kept = [j for j, good in zip(ids, ok) if good]
-            _save_shard(out, "images", i, embeds.astype(dtype),
+            _save_shard(out, "images", i, embeds.astype("float32" if sparse else dtype),
                         {"id": kept, "image": [items.image_paths[j] for j in kept],
-                         "caption": [items.image_captions[j] for j in kept]})
+                         "caption": [items.image_captions[j] for j in kept]}, sparse)
             manifest["skipped_images"] = [list(b) for b in bad]
             _write_json_atomic(out / MANIFEST, manifest)
             written += 1
@@ -244,9 +261,9 @@ def embed_dataset(
             texts = [items.captions[j] for j in ids]
             embeds = _embed_text_shard(model, tokenizer, texts, batch_size, advance)
             image_ids = [items.caption_image[j] for j in ids]
-            _save_shard(out, "texts", i, embeds.astype(dtype),
+            _save_shard(out, "texts", i, embeds.astype("float32" if sparse else dtype),
                         {"id": ids, "image_id": image_ids, "image": [items.image_paths[j] for j in image_ids],
-                         "caption": texts})
+                         "caption": texts}, sparse)
             written += 1
             if stop_after_shards is not None and written >= stop_after_shards:
                 return _summary(manifest, written)
@@ -266,7 +283,7 @@ def _summary(manifest: dict[str, Any], written: int) -> dict[str, Any]:
 
 
 def _shards(out: Path, kind: str) -> list[Path]:
-    return sorted((out / kind).glob("shard_*.npy"))
+    return sorted((out / kind).glob("shard_*.np[yz]"))
 
 
 def _merge_metadata(out: Path, kind: str) -> None:
@@ -291,6 +308,9 @@ def load_embeddings(emb_dir: str | Path, kind: str = "images") -> tuple[np.ndarr
     if not (emb_dir / MANIFEST).is_file():
         raise EmbedError(f"{emb_dir} is not an embedding directory ({MANIFEST} missing); run `clipforge embed` first")
     manifest = _read_manifest(emb_dir / MANIFEST)
+    if manifest.get("sparse"):
+        raise EmbedError(f"{emb_dir} holds sparse lexical weights (embed --sparse): build a lexical index, "
+                         "`clipforge index EMB_DIR --kind lexical --out NEW_DIR`, or re-embed without --sparse")
     if not manifest.get("complete"):
         raise EmbedError(f"{emb_dir} is unfinished; rerun the same `clipforge embed` command to complete it")
     shards = _shards(emb_dir, kind)

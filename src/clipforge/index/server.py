@@ -75,11 +75,17 @@ class SearchRequest(BaseModel):
         return self
 
 
+class Word(BaseModel):
+    word: str
+    weight: float
+
+
 class Hit(BaseModel):
     id: int
     score: float
     caption: str
     image_url: str | None
+    words: list[Word] | None = None  # lexical index: the result's top weighted words
 
 
 class SearchResponse(BaseModel):
@@ -87,6 +93,7 @@ class SearchResponse(BaseModel):
     k: int
     results: list[Hit]
     took_ms: float
+    query_words: list[Word] | None = None  # lexical index: the query's top weighted words
 
 
 class Item(BaseModel):
@@ -185,9 +192,11 @@ class Searcher:
                  max_image_pixels: int = MAX_IMAGE_PIXELS):
         import pyarrow.parquet as pq
 
-        from clipforge.index.dense import META_FILE, REBUILD, DenseIndex, SearchIndexError
+        from clipforge.index.dense import META_FILE, REBUILD, SearchIndexError
+        from clipforge.index.lexical import open_index
 
-        self.index = DenseIndex(index_dir)
+        self.index = open_index(index_dir)  # a DenseIndex, or a LexicalIndex (kind "lexical")
+        self.lexical = self.index.info.get("kind") == "lexical"
         try:
             meta = pq.read_table(Path(index_dir) / META_FILE).to_pydict()
         except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
@@ -201,6 +210,10 @@ class Searcher:
             from clipforge.api import load
 
             self.model, self.preprocess, self.tokenizer = load(checkpoint, device=device)
+            if self.lexical:
+                from clipforge.index.lexical import SparseEncoder
+
+                self.model = SparseEncoder(self.model)  # queries become top-k vocabulary weights
             if self.model.cfg.embed_dim != self.index.dim:
                 raise ServerError(f"checkpoint {checkpoint} embeds into {self.model.cfg.embed_dim} dimensions but "
                                   f"the index has {self.index.dim}; pass the checkpoint the index was built with")
@@ -230,7 +243,13 @@ class Searcher:
         query = self.embed_query(request)
         kind = "text" if request.text is not None else "image" if request.image is not None else "embedding"
         return SearchResponse(query=kind, k=request.k, results=self.hits(query, request.k),
-                              took_ms=round(1000 * (time.perf_counter() - start), 3))
+                              took_ms=round(1000 * (time.perf_counter() - start), 3), query_words=self.words(query))
+
+    def words(self, vector: np.ndarray) -> list[Word] | None:
+        """A lexical vector's top weighted words (what it means, readable); None for a dense index."""
+        if not self.lexical:
+            return None
+        return [Word(word=w, weight=x) for w, x in self.index.top_words(vector)]
 
     def similar(self, item_id: int, k: int) -> SimilarResponse | None:
         """Search by the stored vector of an indexed item (None if ``item_id`` is not indexed)."""
@@ -239,11 +258,12 @@ class Searcher:
         if query is None:
             return None
         return SimilarResponse(query="item", k=k, item=self.item(item_id), results=self.hits(query, k),
-                               took_ms=round(1000 * (time.perf_counter() - start), 3))
+                               took_ms=round(1000 * (time.perf_counter() - start), 3), query_words=self.words(query))
 
     def hits(self, query: np.ndarray, k: int) -> list[Hit]:
         scores, ids = self.index.search(query[None], k)
-        return [Hit(score=float(s), **self.item(int(i)).model_dump()) for s, i in zip(scores[0], ids[0]) if i >= 0]
+        return [Hit(score=float(s), words=self.words(self.index.vector(int(i))) if self.lexical else None,
+                    **self.item(int(i)).model_dump()) for s, i in zip(scores[0], ids[0]) if i >= 0]
 
     def item(self, item_id: int) -> Item:
         return Item(id=item_id, caption=self.captions.get(item_id, ""),

@@ -20,12 +20,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from clipforge.config import ModelConfig
+from clipforge.models.lexical import LexicalHead, keep_top_k, lexical_weights
 from clipforge.models.text import TextTransformer
 from clipforge.models.vit import VisionTransformer
 
 # extras a caller may ask forward() for
 EXTRAS = frozenset({"image_pooled", "image_tokens", "text_tokens", "image_token_embeds", "text_token_embeds",
-                    "cls_attention", "kept_indices"})
+                    "cls_attention", "kept_indices", "image_lexical", "text_lexical"})
 
 
 class CLIP(nn.Module):
@@ -43,19 +44,34 @@ class CLIP(nn.Module):
             pool=cfg.vision_pool,
             patch_dropout=cfg.patch_dropout,
         )
-        self.text = TextTransformer(
-            vocab_size=cfg.vocab_size,
-            context_length=cfg.context_length,
-            width=cfg.text_width,
-            layers=cfg.text_layers,
-            heads=cfg.text_heads,
-            mlp_ratio=cfg.mlp_ratio,
-            activation=cfg.activation,
-        )
+        if cfg.text_tower == "hf":  # a pretrained encoder (LiT, FLAME); its weights: load_pretrained or a checkpoint
+            from clipforge.models.hf_text import HFTextTower
+
+            self.text = HFTextTower(cfg.text_source, cfg.text_pooling, cfg.text_unlocked_layers)
+            text_width = self.text.width
+        else:
+            self.text = TextTransformer(
+                vocab_size=cfg.vocab_size,
+                context_length=cfg.context_length,
+                width=cfg.text_width,
+                layers=cfg.text_layers,
+                heads=cfg.text_heads,
+                mlp_ratio=cfg.mlp_ratio,
+                activation=cfg.activation,
+            )
+            text_width = cfg.text_width
         self.image_projection = nn.Linear(cfg.vision_width, cfg.embed_dim, bias=False)
-        self.text_projection = nn.Linear(cfg.text_width, cfg.embed_dim, bias=False)
         nn.init.normal_(self.image_projection.weight, std=cfg.vision_width**-0.5)
-        nn.init.normal_(self.text_projection.weight, std=cfg.text_width**-0.5)
+        if cfg.text_projection == "mlp":  # FLAME's adapter: 2-layer GELU MLP + norm
+            self.text_projection = nn.Sequential(nn.Linear(text_width, text_width), nn.GELU(),
+                                                 nn.Linear(text_width, cfg.embed_dim), nn.LayerNorm(cfg.embed_dim))
+        else:
+            self.text_projection = nn.Linear(text_width, cfg.embed_dim, bias=False)
+            nn.init.normal_(self.text_projection.weight, std=text_width**-0.5)
+
+        if cfg.lexical_head:  # LexLIP: per-token logits over the text vocabulary, max-pooled
+            self.image_lexical = LexicalHead(cfg.vision_width, cfg.vocab_size)
+            self.text_lexical = LexicalHead(cfg.text_width, cfg.vocab_size)
 
         # ln of the logit scale t; the trainer keeps t <= logit_scale_max via clamp_logit_scale_()
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.logit_scale_init)))
@@ -86,15 +102,30 @@ class CLIP(nn.Module):
         return (x - self.image_mean) / self.image_std
 
     # ------------------------------------------------------------------ encoders
-    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        """L2-normalised image embeddings N×E (random patch dropout applies in training mode)."""
+    def encode_image(self, images: torch.Tensor, sparse: bool = False) -> torch.Tensor:
+        """L2-normalised image embeddings N×E (random patch dropout applies in training mode);
+        ``sparse=True``: the lexical weights N×|V|, top-k kept, as a sparse COO tensor."""
+        if sparse:
+            return self._sparse(self._image_outputs(images, frozenset({"image_lexical"}), None)["image_lexical"])
         pooled = self.visual(self.normalize_images(images))["pooled"]
         return F.normalize(self.image_projection(pooled), dim=-1)
 
-    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """L2-normalised text embeddings N×E, read at the end-of-text token."""
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                    sparse: bool = False) -> torch.Tensor:
+        """L2-normalised text embeddings N×E, read at the end-of-text token;
+        ``sparse=True``: the lexical weights N×|V|, top-k kept, as a sparse COO tensor."""
+        if sparse:
+            return self._sparse(self.forward(None, input_ids, attention_mask, need={"text_lexical"})["text_lexical"])
         pooled = self.text(input_ids, attention_mask)["pooled"]
         return F.normalize(self.text_projection(pooled), dim=-1)
+
+    def _sparse(self, weights: torch.Tensor) -> torch.Tensor:
+        return keep_top_k(weights, self.cfg.lexical_top_k).to_sparse()
+
+    def _check_lexical(self, need: frozenset[str]) -> None:
+        if {"image_lexical", "text_lexical"} & need and not self.cfg.lexical_head:
+            raise ValueError("lexical (sparse) outputs need a model with lexical heads: train with "
+                             "model.lexical_head = true (e.g. the lexlip-shapes recipe)")
 
     def encode_image_tokens(self, images: torch.Tensor) -> torch.Tensor:
         """Per-patch embeddings N×P×E (projected, L2-normalised per token): FILIP's image token set."""
@@ -114,6 +145,7 @@ class CLIP(nn.Module):
         attention_mask: torch.Tensor | None = None,
         need: Iterable[str] = frozenset(),
         keep_indices: torch.Tensor | None = None,
+        text_features: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor | list[torch.Tensor]]:
         """Embeddings and logit scale; extras only when named in ``need``:
 
@@ -128,31 +160,39 @@ class CLIP(nn.Module):
 
         ``keep_indices`` (N×K) selects patches explicitly, e.g. A-CLIP's attentive masking.
         ``images`` or ``input_ids`` may be None to run one tower only (its outputs are then absent).
+        ``text_features`` (T×Wt): pooled text features computed elsewhere (a frozen tower's cache,
+        clipforge.train.text_cache); the text tower is skipped and only the projection runs.
         """
         need = frozenset(need)
         unknown = need - EXTRAS
         if unknown:
             raise ValueError(f"unknown extras {sorted(unknown)}; available: {sorted(EXTRAS)}")
+        self._check_lexical(need)
 
         out: dict[str, torch.Tensor | list[torch.Tensor]] = {"logit_scale": self.logit_scale.exp()}
         if self.logit_bias is not None:
             out["logit_bias"] = self.logit_bias
         if images is not None:
             out.update(self._image_outputs(images, need, keep_indices))
-        if input_ids is not None:
-            text = self.text(input_ids, attention_mask, return_tokens=bool({"text_tokens", "text_token_embeds"} & need))
+        if text_features is not None:
+            out["text_embeds"] = F.normalize(self.text_projection(text_features), dim=-1)
+        elif input_ids is not None:
+            text = self.text(input_ids, attention_mask,
+                             return_tokens=bool({"text_tokens", "text_token_embeds", "text_lexical"} & need))
             out["text_embeds"] = F.normalize(self.text_projection(text["pooled"]), dim=-1)
             if "text_tokens" in need:
                 out["text_tokens"] = text["tokens"]
             if "text_token_embeds" in need:
                 out["text_token_embeds"] = F.normalize(self.text_projection(text["tokens"]), dim=-1)
+            if "text_lexical" in need:  # positions after end-of-text are padding: masked out of the max
+                out["text_lexical"] = lexical_weights(self.text_lexical(text["tokens"]), attention_mask)
         return out
 
     def _image_outputs(self, images: torch.Tensor, need: frozenset[str], keep_indices: torch.Tensor | None) -> dict:
         vision = self.visual(
             self.normalize_images(images),
             keep_indices=keep_indices,
-            return_tokens=bool({"image_tokens", "image_token_embeds"} & need),
+            return_tokens=bool({"image_tokens", "image_token_embeds", "image_lexical"} & need),
             return_cls_attention="cls_attention" in need,
         )
         out: dict[str, torch.Tensor | list[torch.Tensor]] = {
@@ -164,6 +204,10 @@ class CLIP(nn.Module):
             out["image_tokens"] = vision["tokens"]
         if "image_token_embeds" in need:
             out["image_token_embeds"] = F.normalize(self.image_projection(vision["tokens"]), dim=-1)
+        if "image_lexical" in need:  # the pooled token and every (kept) patch vote for words
+            self._check_lexical(need)
+            tokens = torch.cat([vision["pooled"][:, None], vision["tokens"]], dim=1)
+            out["image_lexical"] = lexical_weights(self.image_lexical(tokens))
         if "cls_attention" in need:
             out["cls_attention"] = vision["cls_attention"]
         if "kept_indices" in need:

@@ -271,7 +271,51 @@ class ClipBPETokenizer(BPETokenizer):
         raise TypeError("the CLIP tokenizer is fixed; build it with ClipBPETokenizer.from_vocab_file")
 
 
-TOKENIZER_KINDS = {"bpe": BPETokenizer, "clip-bpe": ClipBPETokenizer}
+# ----------------------------------------------------------------------------- a pretrained encoder's own
+class HFTokenizer(BPETokenizer):
+    """The ``tokenizer.json`` of a pretrained Hugging Face encoder (``model.text_tower = "hf"``), e.g.
+    all-MiniLM-L6-v2's WordPiece: ``[CLS] tokens... [SEP] [PAD]...``, so the usual contract holds
+    (the last real token is ``[SEP]``). ``encode_piece`` gives FLAME's facet prompts without [CLS]."""
+
+    kind = "hf"
+    SPECIALS = (("[CLS]", "[SEP]", "[PAD]"), ("<s>", "</s>", "<pad>"))  # BERT / RoBERTa spellings
+
+    def __init__(self, tokenizer: Tokenizer, context_length: int):
+        if context_length < 2:
+            raise ValueError(f"context_length must be >= 2 to hold [CLS] and [SEP], got {context_length}")
+        for sot, eot, pad in self.SPECIALS:
+            if all(tokenizer.token_to_id(t) is not None for t in (sot, eot, pad)):
+                break
+        else:
+            raise ValueError("the pretrained tokenizer has neither [CLS]/[SEP]/[PAD] nor <s>/</s>/<pad>; only "
+                             "BERT- and RoBERTa-style encoders are supported")
+        self._tok = tokenizer
+        self.context_length = context_length
+        self.sot_id, self.eot_id, self.pad_id = (tokenizer.token_to_id(t) for t in (sot, eot, pad))
+        self.unk_id = tokenizer.token_to_id("[UNK]")
+        # the file's own post-processor adds [CLS]/[SEP]; truncation and padding follow our context length
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{sot} $A {eot}", special_tokens=[(sot, self.sot_id), (eot, self.eot_id)])
+        tokenizer.enable_truncation(max_length=context_length)
+        tokenizer.enable_padding(pad_id=self.pad_id, pad_token=pad, length=context_length)
+
+    @classmethod
+    def from_pretrained(cls, spec: str, context_length: int) -> "HFTokenizer":
+        """From ``model.text_pretrained`` (``package:NAME`` or an HF model directory)."""
+        from clipforge.models.hf_text import HF_TOKENIZER_FILE, resolve_pretrained
+
+        return cls.load(resolve_pretrained(spec) / HF_TOKENIZER_FILE, context_length)
+
+    def encode_piece(self, text: str) -> list[int]:
+        """Token ids of ``text`` followed by [SEP], without [CLS] or padding (a FLAME facet prompt)."""
+        return self._tok.encode(text, add_special_tokens=False).ids + [self.eot_id]
+
+    @classmethod
+    def train(cls, *args, **kwargs):
+        raise TypeError("a pretrained encoder's tokenizer is fixed; build it with HFTokenizer.from_pretrained")
+
+
+TOKENIZER_KINDS = {"bpe": BPETokenizer, "clip-bpe": ClipBPETokenizer, "hf": HFTokenizer}
 
 
 def load_tokenizer(spec: dict, directory: str | Path) -> BPETokenizer:
@@ -295,3 +339,11 @@ def train_tokenizer_for(data_cfg, context_length: int) -> BPETokenizer:
 
     corpus = caption_corpus_for(data_cfg, data_cfg.tokenizer.corpus_size)
     return BPETokenizer.train(corpus, data_cfg.tokenizer.vocab_size, context_length)
+
+
+def tokenizer_for_recipe(recipe) -> BPETokenizer:
+    """A fresh run's tokenizer: the pretrained encoder's own (``model.text_tower = "hf"``), else a BPE
+    trained on the data's captions."""
+    if recipe.model.text_tower == "hf":
+        return HFTokenizer.from_pretrained(recipe.model.text_pretrained, recipe.model.context_length)
+    return train_tokenizer_for(recipe.data, recipe.model.context_length)

@@ -1,7 +1,7 @@
 """Training objectives: weighted sums of loss terms built from the recipe's ``[objective]`` section.
 
 Importing this package registers the shipped terms (``clip``, ``siglip``, ``filip``, ``affinity_distill``,
-``dreamlip_grouping``, ``alip``).
+``lexical``, ``flops``, ``dreamlip_grouping``, ``alip``).
 """
 
 from clipforge.objectives.alip import AlipLoss, alip_gates
@@ -25,6 +25,7 @@ from clipforge.objectives.contrastive import (
 from clipforge.objectives.distill import AffinityDistill, affinity_distill_loss
 from clipforge.objectives.dreamlip import DreamlipGrouping, grouped_features, grouping_weights
 from clipforge.objectives.filip import FilipLoss, late_interaction_scores
+from clipforge.objectives.lexical import FlopsRegulariser, LexicalContrastive, flops, quadratic_warmup
 from clipforge.objectives.sigmoid import (
     SigLipLoss,
     sigmoid_pair_loss_sum,
@@ -43,6 +44,10 @@ __all__ = [
     "grouping_weights",
     "affinity_distill_loss",
     "FilipLoss",
+    "FlopsRegulariser",
+    "LexicalContrastive",
+    "flops",
+    "quadratic_warmup",
     "TermConfig",
     "late_interaction_scores",
     "multi_positive_clip_loss",

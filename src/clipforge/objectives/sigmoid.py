@@ -146,3 +146,38 @@ class SigLipLoss(Term):
                 total = total + sigmoid_masked_loss_sum(block, torch.zeros_like(block, dtype=torch.bool), weights)
         return total / images.shape[0], {"logit_scale": float(logit_scale.detach()),
                                           "logit_bias": float(logit_bias.detach())}
+
+
+def multi_positive_labels(owner: Tensor, num_images: int) -> Tensor:
+    """num_images x T bool: text j is a positive of image i when ``owner[j] == i`` (FLAME: the M rows of
+    image i's caption and facet embeddings)."""
+    return owner[None, :] == torch.arange(num_images, device=owner.device)[:, None]
+
+
+def multi_positive_sigmoid_loss(image_embeds: Tensor, text_embeds: Tensor, logit_scale: Tensor, logit_bias: Tensor,
+                                owner: Tensor) -> Tensor:
+    """FLAME's loss: -(1/T) sum_ij log sigmoid(z_ij (t x_i.y_j + b)), z = +1 where text j belongs to image i.
+    With T = B*M texts (M per image); with M = 1 and owner = arange(B) it is SigLIP's loss."""
+    logits = siglip_logits(image_embeds, text_embeds, logit_scale, logit_bias)
+    positives = multi_positive_labels(owner, image_embeds.shape[0])
+    return sigmoid_masked_loss_sum(logits, positives) / text_embeds.shape[0]
+
+
+@register_term
+class MultiPositiveSigmoid(SigLipLoss):
+    """FLAME's multi-positive sigmoid: each image is positive with all M of its text embeddings (its
+    caption and facet prompts, ``outputs["text_owner"]`` from ``clipforge.methods.lit``), negative
+    with every other image's; averaged over the B*M texts (SigLIP averages over the B images: the two
+    agree at M = 1). Other ranks' texts arrive by ring exchange, as negatives only."""
+
+    name = "multi_sigmoid"
+    scope = "ring"
+
+    def forward(self, outputs: dict[str, Tensor], batch: dict[str, Any]) -> tuple[Tensor, Metrics]:
+        logit_scale = require_output(outputs, "logit_scale", self.name)
+        logit_bias = require_output(outputs, "logit_bias", self.name, MISSING_BIAS_HINT)
+        images, texts = outputs["image_embeds"], outputs["text_embeds"]
+        owner = outputs.get("text_owner", batch.get("text_owner"))
+        loss, metrics = self._multi_positive(images, texts, logit_scale, logit_bias, owner, batch.get("weights"))
+        metrics["texts_per_image"] = texts.shape[0] / images.shape[0]
+        return loss * images.shape[0] / texts.shape[0], metrics

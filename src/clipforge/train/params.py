@@ -333,6 +333,8 @@ def load_init_from(model: nn.Module, cfg: str | InitFromConfig | dict[str, Any])
     if _is_step(model):
         model = model.model
     source, kind, state = _read_init_state(cfg, getattr(model, "cfg", None))
+    if cfg.inherit == "manual":
+        state, kind = _inherit(source, kind, state, model)
     target = model.state_dict()
 
     renamed = _apply_map(state, cfg.map, source)
@@ -382,6 +384,23 @@ def load_init_from(model: nn.Module, cfg: str | InitFromConfig | dict[str, Any])
     return report
 
 
+def _inherit(source: str, kind: str, state: dict[str, torch.Tensor], model: nn.Module):
+    """TinyCLIP manual inheritance: the teacher's state cut to the model's shape (models.inherit)."""
+    from clipforge.models.inherit import InheritError, inherit_state_dict
+    from clipforge.train import checkpoint as ckpt
+
+    if kind != "clipforge checkpoint":
+        raise InitFromError(f"model.init_from.inherit = 'manual' needs a clipforge checkpoint (its config.json "
+                            f"says the teacher's shape); {source} is a {kind}: import it first "
+                            "(clipforge import openclip ... --out DIR)")
+    teacher = ckpt.model_config_from(ckpt.read_config(Path(source)))
+    try:
+        state, maps = inherit_state_dict(state, teacher, model.cfg)
+    except InheritError as e:
+        raise InitFromError(f"model.init_from (inherit = 'manual' from {source}): {e}") from None
+    return state, f"clipforge checkpoint, inherited: vision layers {maps['visual']}, text layers {maps['text']}"
+
+
 TOKEN_EMBEDDING = "text.token_embed.weight"
 
 
@@ -396,7 +415,7 @@ def init_from_tokenizer(report: InitReport, context_length: int):
     from clipforge.models.tokenizer import ClipBPETokenizer, load_tokenizer
     from clipforge.train import checkpoint as ckpt
 
-    if report.kind == "clipforge checkpoint":
+    if report.kind.startswith("clipforge checkpoint"):
         spec = ckpt.read_config(Path(report.source))["tokenizer"]
         return load_tokenizer({**spec, "context_length": context_length}, report.source)
     if report.kind == "OpenCLIP state dict":

@@ -34,8 +34,6 @@ def write_teacher_cache(ckpt: str | Path, data: str, out: str | Path, batch_size
                         device: str | None = None, caption_template: str | None = None) -> dict[str, Any]:
     """Embed every sample of the training source ``data`` with the checkpoint's model; returns the manifest."""
     from clipforge.api import load
-    from clipforge.data.pipeline import decode_raw, source_samples
-    from clipforge.eval.embedding import embed_captions, embed_images
 
     out = Path(out)
     if out.exists() and any(out.iterdir()):
@@ -43,10 +41,37 @@ def write_teacher_cache(ckpt: str | Path, data: str, out: str | Path, batch_size
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, _, tokenizer = load(ckpt, device=device)
     data_cfg = DataConfig(train=data, **({"caption_template": caption_template} if caption_template else {}))
+    keys, image_embeds, text_embeds, skipped = embed_source_samples(model, tokenizer, data_cfg, batch_size)
+    tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    np.save(tmp / "image_embeds.npy", image_embeds.numpy().astype(np.float32))
+    np.save(tmp / "text_embeds.npy", text_embeds.numpy().astype(np.float32))
+    (tmp / "keys.json").write_text(json.dumps(keys))
+    (tmp / "logit_scale.json").write_text(json.dumps(float(model.logit_scale.exp())))
+    manifest = {"checkpoint": str(ckpt), "data": data, "samples": len(keys), "skipped": skipped,
+                "embed_dim": int(image_embeds.shape[1])}
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    if out.exists():
+        out.rmdir()
+    os.rename(tmp, out)
+    return manifest
+
+
+def embed_source_samples(model, tokenizer, data_cfg: DataConfig, batch_size: int = 256):
+    """The one embedding loop over a training source: ``(keys, image_embeds, text_embeds, skipped)``.
+
+    Every readable sample once, in dataset order, keyed by the loader's sample keys (so a keep-list
+    or a cache made from it matches ``batch["keys"]``); images without augmentation, first caption.
+    Memory: one chunk of ``batch_size`` decoded images plus the N x E embeddings.
+    """
+    from clipforge.data.pipeline import decode_raw, source_samples
+    from clipforge.eval.embedding import embed_captions, embed_images
+
     keys, image_rows, text_rows, skipped = [], [], [], 0
     images, captions = [], []
 
-    def flush() -> None:  # embed one chunk: memory stays at one chunk of images plus N x E floats
+    def flush() -> None:  # embed one chunk
         with torch.no_grad():
             image_rows.append(embed_images(model, torch.stack(images), batch_size=batch_size, out_device="cpu"))
             text_rows.append(embed_captions(model, tokenizer, captions, batch_size=batch_size, out_device="cpu"))
@@ -67,19 +92,5 @@ def write_teacher_cache(ckpt: str | Path, data: str, out: str | Path, batch_size
     if images:
         flush()
     if not keys:
-        raise ValueError(f"{data}: no readable sample to embed")
-    image_embeds, text_embeds = torch.cat(image_rows), torch.cat(text_rows)
-    tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    np.save(tmp / "image_embeds.npy", image_embeds.numpy().astype(np.float32))
-    np.save(tmp / "text_embeds.npy", text_embeds.numpy().astype(np.float32))
-    (tmp / "keys.json").write_text(json.dumps(keys))
-    (tmp / "logit_scale.json").write_text(json.dumps(float(model.logit_scale.exp())))
-    manifest = {"checkpoint": str(ckpt), "data": data, "samples": len(keys), "skipped": skipped,
-                "embed_dim": int(image_embeds.shape[1])}
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    if out.exists():
-        out.rmdir()
-    os.rename(tmp, out)
-    return manifest
+        raise ValueError(f"{data_cfg.train}: no readable sample to embed")
+    return keys, torch.cat(image_rows), torch.cat(text_rows), skipped

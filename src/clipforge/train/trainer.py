@@ -196,7 +196,7 @@ class Trainer:
 
     def _build(self, resume_from: Path | None, device: torch.device):
         from clipforge.data.loader import build_train_loader
-        from clipforge.models.tokenizer import load_tokenizer, train_tokenizer_for
+        from clipforge.models.tokenizer import load_tokenizer, tokenizer_for_recipe
 
         r, ctx = self.recipe, self.dist
         if r.train.threads:
@@ -214,8 +214,8 @@ class Trainer:
                 warnings.warn("resuming with recipe changes: " + "; ".join(changes))
             tokenizer = load_tokenizer(saved["tokenizer"], resume_from)
         else:
-            tokenizer = train_tokenizer_for(r.data, r.model.context_length)  # deterministic on every rank
-        if tokenizer.vocab_size > r.model.vocab_size:
+            tokenizer = tokenizer_for_recipe(r)  # deterministic on every rank
+        if tokenizer.vocab_size > r.model.vocab_size and r.model.text_tower == "clip":
             raise _shared_error(
                 f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is {r.model.vocab_size}; "
                 "raise model.vocab_size"
@@ -228,6 +228,8 @@ class Trainer:
             if ctx.is_main and "text.token_embed.weight" in step_module.init_report.loaded:
                 print(f"tokenizer: {tokenizer.kind} from {step_module.init_report.source} (its token embedding "
                       "was loaded by model.init_from)", flush=True)
+        if hasattr(step_module, "attach_run"):  # e.g. LiT's text-feature cache lives in the run dir
+            step_module.attach_run(self.run_dir, ctx.rank, tokenizer)
         freeze_parameters(step_module, r.optim.groups)  # before DDP, which registers trainable params only
         model = D.wrap_model(step_module, ctx, device, r.train.fsdp)
         optimizer = build_optimizer(model, r)
@@ -250,6 +252,18 @@ class Trainer:
                                     pin_memory=device.type == "cuda", rank=ctx.rank, world_size=ctx.world_size,
                                     data_state=_rank_data_state(saved_state if resume_from else {}, ctx))
         return tokenizer, model, optimizer, loader, state
+
+    def _read_ahead(self, loader, tokenizer, samples_seen: int, runner: "StepRunner", n_batches: int):
+        """The next ``n_batches`` batches the training loader will serve, from a second loader at its
+        position (the stream is a function of the position, so they are the same batches)."""
+        from clipforge.data.loader import build_train_loader
+
+        r, ctx = self.recipe, self.dist
+        ahead = build_train_loader(r.data, r.model.image_size, tokenizer, start_sample=samples_seen,
+                                   rank=ctx.rank, world_size=ctx.world_size,
+                                   data_state=loader.state_dict() if hasattr(loader, "state_dict") else None)
+        for _ in range(n_batches):
+            yield runner.to_device(next(ahead))
 
     def _restore_rng(self, saved_state: dict[str, Any]) -> None:
         ctx = self.dist
@@ -340,6 +354,11 @@ class Trainer:
             return where
 
         runner = StepRunner(model, optimizer, r, device, ctx)
+        # methods that work in episodes (ProtoCLIP) look at the batches they are about to train on
+        begin_step = getattr(plain, "begin_step", None)
+
+        def read_ahead(n_batches: int):
+            return self._read_ahead(loader, tokenizer, state["samples_seen"], runner, n_batches)
 
         progress = TrainProgress(r.logging, total, state["step"], enabled=r.logging.progress and ctx.is_main)
         model.train()
@@ -348,6 +367,8 @@ class Trainer:
                 while state["step"] < total:
                     step = state["step"]
                     lr = runner.set_lr(step)
+                    if begin_step is not None:
+                        begin_step(step, read_ahead)
                     t0 = time.perf_counter()
                     micro_batches = [runner.to_device(next(loader)) for _ in range(r.train.accum_steps)]
                     loss_sum, metrics, grad_norm = runner.forward_backward(micro_batches)
@@ -516,6 +537,8 @@ def build_step(recipe: Recipe, device: torch.device, resume_from: Path | None = 
     if resume_from is not None:  # every rank reads the weights (before sharding them under FSDP)
         ckpt.load_model_weights(model, resume_from)
     else:
+        if recipe.model.text_tower == "hf":  # the pretrained encoder's weights (a checkpoint brings its own)
+            model.text.load_pretrained(recipe.model.text_pretrained)
         report = _warm_start(model, recipe, log)
     model = model.to(device)
     objective = build_objective(recipe.objective).to(device)

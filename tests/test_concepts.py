@@ -1,0 +1,85 @@
+"""Concept frequency: plural-aware counts, intersection of multi-word concepts, the log-linear fit."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from clipforge.data.concepts import (
+    calibrate_threshold, caption_index, lemma, load_concepts, log_linear_fit, text_hits,
+)
+from clipforge.data.sources import DataError
+
+
+def test_lemmas_map_plurals_to_the_concept():
+    assert [lemma(w) for w in ["dogs", "boxes", "berries", "mice", "wolves", "bus", "glass", "circles", "crosses"]] == [
+        "dog", "box", "berry", "mouse", "wolf", "bus", "glass", "circle", "cross"]
+
+
+def test_multi_word_concepts_are_the_intersection():
+    index, n = caption_index(["Two red circles!", "a red square", "a blue circle", "red circle left of a star",
+                              "a circle of red dogs"])
+    assert n == 5
+    assert text_hits("red circle", index).tolist() == [0, 3, 4]  # bag of words: order does not matter
+    assert text_hits("dog", index).tolist() == [4] and text_hits("zebra", index).tolist() == []
+
+
+def test_the_fit_recovers_a_planted_slope():
+    rng = np.random.default_rng(0)
+    freq = 10 ** rng.uniform(0, 5, size=200)
+    acc = 0.1 + 0.12 * np.log10(freq) + rng.normal(0, 0.02, size=200)
+    fit = log_linear_fit(np.concatenate([freq, [0, 0]]), np.concatenate([acc, [0.9, 0.9]]), seed=0)
+    assert fit.slope == pytest.approx(0.12, abs=0.005) and fit.intercept == pytest.approx(0.1, abs=0.02)
+    assert fit.slope_ci95[0] < 0.12 < fit.slope_ci95[1] and fit.slope_ci95[1] - fit.slope_ci95[0] < 0.01
+    assert fit.r2 > 0.95 and fit.points == 200 and fit.zero_frequency_left_out == 2
+    flat = log_linear_fit(freq, 0.5 + rng.normal(0, 0.02, size=200), seed=0)
+    assert flat.slope_ci95[0] < 0 < flat.slope_ci95[1] and flat.r2 < 0.05
+    with pytest.raises(DataError, match="at least 3 concepts"):
+        log_linear_fit([0, 1, 0], [0.1, 0.2, 0.3])
+
+
+def test_calibrated_threshold_separates_matching_scores():
+    scores = np.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.2, 0.35]])
+    weak = np.array([[1, 0], [1, 0], [0, 1], [0, 0]], dtype=bool)
+    t, f1 = calibrate_threshold(scores, weak)
+    assert 0.35 < t < 0.7 and f1 == 1.0
+
+
+def test_cli_counts_joins_accuracy_and_writes_the_long_tail(tmp_path, capsys):
+    from tiny_checkpoint import make_caption_jsonl, run_cli
+
+    table = make_caption_jsonl(tmp_path / "data", n=24)  # "a <colour> square", a few "image i, <colour>"
+    (tmp_path / "concepts.txt").write_text("red square\nsquares\nimage\nblue\nzebra\n")
+    acc = {"per_class": {"red square": {"accuracy": 0.3, "count": 10}, "squares": {"accuracy": 0.9, "count": 10},
+                         "image": {"accuracy": 0.6, "count": 10}, "blue": {"accuracy": 0.35, "count": 10},
+                         "zebra": {"accuracy": 0.0, "count": 10}}}
+    (tmp_path / "zs.json").write_text(json.dumps(acc))
+    code, stdout, stderr = run_cli(capsys, "data", "concepts", f"jsonl:{table}", "--concepts",
+                                   tmp_path / "concepts.txt", "--accuracy", tmp_path / "zs.json", "--out",
+                                   tmp_path / "out", "--tail", "0.2")
+    assert code == 0, stdout + stderr
+    result = json.loads((tmp_path / "out" / "concepts.json").read_text())
+    freq = {r["concept"]: r["text_frequency"] for r in result["per_concept"]}
+    assert freq == {"red square": 3, "squares": 24, "image": 8, "blue": 3, "zebra": 0}
+    assert result["fit"]["zero_frequency_left_out"] == 1 and result["fit"]["slope"] > 0 and (tmp_path / "out" / "frequency_vs_accuracy.png").is_file()
+    assert (tmp_path / "out" / "longtail.txt").read_text().splitlines()[0] == "zebra"
+    assert load_concepts("cifar10")[:2] == ["airplane", "automobile"]
+
+
+def test_eval_per_class_accuracy_adds_up_to_top1(tmp_path):
+    from clipforge.eval.evaluate import EvalError, evaluate
+    from datafiles import write_folder
+    from tiny_checkpoint import make_tiny_checkpoint
+
+    ckpt = make_tiny_checkpoint(tmp_path / "ckpt")
+    folder = write_folder(tmp_path / "val", classes=("cat", "dog", "pickup_truck"), per_class=4)
+    result = evaluate(ckpt, "zeroshot", f"imagefolder:{folder}", per_class=True, out=tmp_path / "zs.json",
+                      plots=False)
+    per_class = json.loads((tmp_path / "zs.json").read_text())["per_class"]
+    assert set(per_class) == {"cat", "dog", "pickup truck"} and all(v["count"] == 4 for v in per_class.values())
+    weighted = sum(v["accuracy"] * v["count"] for v in per_class.values()) / 12
+    assert weighted == pytest.approx(result["metrics"]["acc1"])
+    with pytest.raises(EvalError, match="--per-class applies to classification"):
+        evaluate(ckpt, "retrieval", f"jsonl:{tmp_path / 'none.jsonl'}", per_class=True)

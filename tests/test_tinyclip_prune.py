@@ -1,0 +1,169 @@
+"""TinyCLIP automatic inheritance as a method (methods/tinyclip_prune.py): the gated model, pruning
+to an ordinary checkpoint with equal outputs, the sparsity target, and exact resume."""
+
+from __future__ import annotations
+
+import torch
+
+from clipforge.config import load_recipe
+from clipforge.methods.tinyclip_prune import masked_layer_norm, pruned_model
+from clipforge.train.trainer import build_step
+from tiny_checkpoint import run_cli
+
+MODEL = ["model.image_size=32", "model.patch_size=8", "model.vision_width=32", "model.vision_heads=8",
+         "model.vision_layers=4", "model.text_width=32", "model.text_heads=8", "model.text_layers=3",
+         "model.embed_dim=16", "model.context_length=12", "model.vocab_size=64", "data.tokenizer.vocab_size=64"]
+
+
+def _step(seed: int = 0):
+    recipe = load_recipe("tiny-shapes", MODEL + ["method.name=tinyclip_prune"])
+    torch.manual_seed(seed)
+    step = build_step(recipe, torch.device("cpu"), log=False)
+    with torch.no_grad():  # non-trivial biases and LayerNorms, so a folding mistake shows
+        for name, p in step.model.named_parameters():
+            if name.endswith("bias") or "ln" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return step
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8, generator=g)
+    ids = torch.randint(1, 64, (3, 12), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, 6:] = 0
+    return images, ids, mask
+
+
+def test_masked_layer_norm_over_the_kept_dims_is_a_layer_norm_of_those_dims():
+    ln = torch.nn.LayerNorm(6)
+    with torch.no_grad():
+        ln.weight.uniform_(0.5, 1.5), ln.bias.uniform_(-0.5, 0.5)
+    keep = torch.tensor([1, 0, 1, 1, 0, 1])
+    x = torch.randn(2, 6) * keep
+    small = torch.nn.LayerNorm(4)
+    small.load_state_dict({"weight": ln.weight[keep.bool()], "bias": ln.bias[keep.bool()]})
+    out = masked_layer_norm(x, ln, keep)
+    torch.testing.assert_close(out[:, keep.bool()], small(x[:, keep.bool()]))
+    assert (out[:, ~keep.bool()] == 0).all()
+
+
+def test_pruned_model_is_smaller_and_computes_what_the_gated_model_computes():
+    step = _step()
+    with torch.no_grad():  # deterministic gates: closed (-5), open (5) and in between (0: z = 0.5)
+        # (as many closed as expected: round(sum P(z > 0)) open, here 5/8, 3/4, 5/8, 2/3)
+        step.gates["visual_width"].log_alpha.copy_(torch.tensor([5.0, -5, 0, 5, -5, 5, 0.5, -5]))
+        step.gates["visual_layers"].log_alpha.copy_(torch.tensor([5.0, -5, 0.3, 5]))
+        step.gates["text_width"].log_alpha.copy_(torch.tensor([-5.0, 5, 5, 0, -5, -5, 5, 1]))
+        step.gates["text_layers"].log_alpha.copy_(torch.tensor([0.2, 5, -5]))
+    step.eval()
+    z = step.gate_values()
+    assert z["visual_width"][1] == 0 and z["visual_width"][0] > 0.99 and 0 < z["visual_width"][2] < 0.9
+    small = pruned_model(step.model, z).eval()
+    c = small.cfg
+    assert (c.vision_width, c.vision_heads, c.vision_layers) == (20, 5, 3)  # 5 of 8 groups of 4 dims, 3 of 4 blocks
+    assert (c.text_width, c.text_heads, c.text_layers) == (20, 5, 2)
+    assert small.num_params() < step.model.num_params()
+    with torch.no_grad():
+        gated, pruned = step.model(*_inputs()), small(*_inputs())
+    for key in ("image_embeds", "text_embeds"):
+        torch.testing.assert_close(pruned[key], gated[key], rtol=0, atol=1e-5)
+    # the gates do act: the gated model differs from the ungated one
+    with torch.no_grad():
+        for g in step.gates.values():
+            g.log_alpha.fill_(5.0)
+        open_all = step.model(*_inputs())
+    assert not torch.allclose(open_all["image_embeds"], gated["image_embeds"], atol=1e-3)
+
+
+def test_the_lagrangian_drives_the_pruned_size_to_the_target():
+    step = _step(seed=3)
+    with torch.no_grad():  # break the symmetry between gates (the task loss does, in training)
+        for g in step.gates.values():
+            g.log_alpha.add_(torch.randn_like(g.log_alpha))
+    params = [*step.gates.parameters(), *step.lagrangian.parameters()]
+    opt = torch.optim.Adam(params, lr=0.05)
+    target = 0.5
+    for _ in range(400):
+        opt.zero_grad()
+        step.lagrangian(step.expected_sparsity(), target).backward()
+        opt.step()
+    assert abs(float(step.expected_sparsity().detach()) - target) < 0.05
+    step.eval()
+    small = pruned_model(step.model, step.gate_values())
+
+    def block_params(m):
+        return sum(p.numel() for n, p in m.named_parameters() if ".blocks." in n and p.ndim == 2)
+    realised = 1 - block_params(small) / block_params(step.model)
+    assert abs(realised - target) < 0.1, realised
+
+
+PRUNE_TOML = """
+base = "tiny-shapes"
+name = "tiny-prune"
+[model]
+image_size = 32
+patch_size = 8
+vision_width = 32
+vision_heads = 4
+vision_layers = 2
+text_width = 32
+text_heads = 4
+text_layers = 2
+embed_dim = 16
+context_length = 16
+[method]
+name = "tinyclip_prune"
+target_sparsity = 0.4
+warmup_steps = 2
+[data]
+batch_size = 8
+num_workers = 0
+[data.tokenizer]
+vocab_size = 300
+corpus_size = 200
+[schedule]
+kind = "constant"
+warmup_steps = 0
+[train]
+threads = 1
+steps = 4
+[eval]
+at_end = false
+every_steps = "none"
+[logging]
+tensorboard = false
+progress = false
+every_steps = 1
+"""
+
+
+def test_trains_from_a_recipe_resumes_exactly_and_prunes_to_an_ordinary_checkpoint(tmp_path, capsys):
+    import json
+    import shutil
+
+    from clipforge.api import load
+    from clipforge.methods.tinyclip_prune import prune_checkpoint
+
+    (tmp_path / "r.toml").write_text(PRUNE_TOML)
+    code, _, err = run_cli(capsys, "train", tmp_path / "r.toml", "--run-dir", tmp_path / "full")
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "train", tmp_path / "r.toml", "--run-dir", tmp_path / "half", "--set",
+                           "train.steps=2")
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "train", "--run-dir", tmp_path / "half", "--resume", "latest", "--set",
+                           "train.steps=4")
+    assert code == 0, err
+
+    def last(run):
+        return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line][-1]
+    a, b = last(tmp_path / "full"), last(tmp_path / "half")
+    assert a["step"] == b["step"] == 4
+    for key in ("loss", "prune/expected_sparsity", "prune/lambda_1"):
+        assert a[key] == b[key], key
+    assert a["prune/target"] == 0.4 and a["prune/lambda_1"] > 0  # warmed up; lambda rose (ascent)
+    shutil.rmtree(tmp_path / "half")
+    out = prune_checkpoint(tmp_path / "full" / "checkpoints" / "latest", tmp_path / "pruned")
+    model, _, tokenizer = load(out)  # an ordinary checkpoint
+    ids, mask = tokenizer(["a red circle"])
+    assert model.encode_text(ids, mask).shape == (1, 16)
