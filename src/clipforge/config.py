@@ -269,6 +269,12 @@ class ShapesConfig(Section):
     # 0: every trained colour-shape pair equally often; s > 0: pair of frequency rank r (a fixed shuffle
     # by holdout_seed) drawn with probability ~ 1/r^s, a long tail for concept-frequency studies
     pair_zipf_exponent: float = Field(0.0, ge=0.0, le=4.0)
+    # caption studies (clipforge.data.captions): which captions each training image carries --
+    # "raw" (the templated caption), "long" (one fact per sentence), "raw+long" (DreamLIP's source
+    # list), "raw+synthetic" (ALIP: a terse, always correct caption beside the raw one)
+    captions: Literal["raw", "long", "raw+long", "raw+synthetic"] = "raw"
+    # fraction of raw captions that describe another scene or drop / alter an attribute (batch["noise"])
+    raw_caption_noise: float = Field(0.0, ge=0.0, le=1.0)
 
 
 class TokenizerConfig(Section):
@@ -324,6 +330,10 @@ class DataConfig(Section):
     # a keep-list (Parquet with a 'key' column, or text: one sample key per line): train on those samples
     # only, without rewriting the data (clipforge.data.keep; `clipforge data dedup|reduce` write one)
     keep: str | None = Field(None, min_length=1)
+    # DreamLIP: K sentences drawn per image per step from its long caption(s) (the caption list after
+    # its first entry, or the only caption), next to the raw caption (the first) when sub_caption_raw
+    sub_captions: int = Field(0, ge=0)
+    sub_caption_raw: bool = True
     augment: AugmentConfig = AugmentConfig()
     shapes: ShapesConfig = ShapesConfig()
     tokenizer: TokenizerConfig = TokenizerConfig()
@@ -372,6 +382,9 @@ class DataConfig(Section):
                              f"({self.train!r}) has none; drop the setting or train on a csv:/jsonl: source")
         if len(sources) > 1 and any(s.kind == "shapes" for s in sources):
             raise ValueError("the built-in 'shapes' source cannot be mixed with other sources; use it alone")
+        if self.sub_captions and self.captions_per_sample > 1:
+            raise ValueError("data.sub_captions and data.captions_per_sample > 1 both pick each image's captions; "
+                             "use one of them")
         if self.captions_per_sample > 1 and sources[0].kind == "shapes":
             raise ValueError(
                 f"data.captions_per_sample={self.captions_per_sample} needs caption lists, and the built-in "

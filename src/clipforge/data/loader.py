@@ -25,6 +25,10 @@ disk of ``clipforge.data.pipeline``), with N = ``batch_size`` images and T = ``c
                                                of workers or ranks, and after a resume ("shapes:<index>",
                                                "<shard>.tar/<__key__>", "<table>:<line>" or its id, "cat/1.jpg")
     weights         float      N               only for tables with a ``weight`` column
+    caption_kind    long       N*T             with caption lists (shapes.captions, data.sub_captions): what
+                                               each row is, an index into ``data.captions.CAPTION_KINDS``
+    noise           long       N               shapes with caption lists or noise: what happened to the raw
+                                               caption, an index into ``data.captions.NOISE_KINDS``
 
 ``input_ids``/``attention_mask`` are there when a tokenizer is given. Caption row j belongs to image
 ``text_owner[j]`` (= j // T); with T = 1 the rows are the images' and ``text_owner`` is left out.
@@ -73,7 +77,13 @@ def caption_corpus_for(data_cfg: DataConfig, n: int) -> list[str]:
         from clipforge.data.pipeline import caption_corpus
 
         return caption_corpus(data_cfg, n)
-    return build_train_dataset(data_cfg, image_size=16).caption_corpus(n)
+    dataset = build_train_dataset(data_cfg, image_size=16)
+    corpus = dataset.caption_corpus(n)
+    if data_cfg.shapes.captions != "raw" or data_cfg.shapes.raw_caption_noise:  # the study captions' words too
+        from clipforge.data.captions import study_corpus
+
+        corpus += study_corpus(dataset, n)
+    return corpus
 
 
 def build_eval_set(data_cfg: DataConfig, image_size: int, split: str) -> ShapesDataset:
@@ -120,7 +130,8 @@ class _BatchDataset(Dataset):
     """Item k is the whole k-th batch of the stream (rendered and tokenized in the worker)."""
 
     def __init__(self, dataset: ShapesDataset, tokenizer, batch_size: int, start_sample: int,
-                 rank: int = 0, world_size: int = 1, kept=None):
+                 rank: int = 0, world_size: int = 1, kept=None, caption_plan: tuple[int, bool] | None = None):
+        self.caption_plan = caption_plan  # (data.sub_captions, data.sub_caption_raw), or None for plain captions
         self.dataset = dataset
         self.kept = kept  # data.keep: position p renders index kept[p % len(kept)] (clipforge.data.keep)
         self.tokenizer = tokenizer
@@ -134,7 +145,12 @@ class _BatchDataset(Dataset):
         indices = list(range(first, first + self.batch_size))
         if self.kept is not None:
             indices = [int(self.kept[p % len(self.kept)]) for p in indices]
-        batch = make_batch(self.dataset, indices, self.tokenizer)
+        if self.caption_plan is not None:  # caption studies: lists, kinds, noise (clipforge.data.captions)
+            from clipforge.data.captions import make_caption_batch
+
+            batch = make_caption_batch(self.dataset, indices, self.tokenizer, *self.caption_plan)
+        else:
+            batch = make_batch(self.dataset, indices, self.tokenizer)
         # samples are pure functions of their global index: it is the stable key
         batch["keys"] = [f"shapes:{i}" for i in indices]
         return batch
@@ -186,8 +202,11 @@ def build_train_loader(
         from clipforge.data.keep import read_keep_list, shapes_indices
 
         kept = shapes_indices(read_keep_list(data_cfg.keep))
+    shapes = data_cfg.shapes
+    plain = shapes.captions == "raw" and shapes.raw_caption_noise == 0 and data_cfg.sub_captions == 0
     batches = _BatchDataset(build_train_dataset(data_cfg, image_size), tokenizer, data_cfg.batch_size,
-                            start_sample, rank, world_size, kept)
+                            start_sample, rank, world_size, kept,
+                            None if plain else (data_cfg.sub_captions, data_cfg.sub_caption_raw))
     workers = data_cfg.num_workers
     loader = DataLoader(
         batches,

@@ -620,6 +620,28 @@ def is_valid_utf8(text: str) -> bool:
     return True
 
 
+def sub_caption_list(value, rng: random.Random, count: int, keep_raw: bool) -> list[str] | tuple[str]:
+    """DreamLIP's texts of a sample (``data.sub_captions``): its raw caption (the first of a list) and
+    ``count`` sentences of its long captions (the rest of the list, or the only caption); see
+    ``clipforge.data.captions.sub_caption_texts``. Or a 1-tuple with the skip reason."""
+    from clipforge.data.captions import sub_caption_texts
+
+    values = value if isinstance(value, list) else [value]
+    texts = []
+    for v in values:  # newlines still in: they end sentences
+        if isinstance(v, (bytes, bytearray)):
+            try:
+                v = bytes(v).decode("utf-8")
+            except UnicodeDecodeError:
+                continue
+        if isinstance(v, str) and v.strip() and is_valid_utf8(v):
+            texts.append(v)
+    if not texts:
+        first = _caption_text(values[0] if values else None, None)
+        return first if isinstance(first, tuple) else ("missing_caption",)
+    return sub_caption_texts(texts, count, keep_raw, rng)[0]
+
+
 def caption_texts(value, rng: random.Random | None, count: int) -> list[str] | tuple[str]:
     """``count`` captions of a sample, or a 1-tuple with the skip reason.
 
@@ -658,12 +680,17 @@ def _image_bytes(image) -> bytes | tuple[str]:
     return image
 
 
-def decode_raw(raw: RawSample, image_size: int, augment, rng: random.Random | None, captions_per_sample: int = 1):
-    """RawSample -> (uint8 3xHxW tensor, list of ``captions_per_sample`` captions, label), or the skip reason."""
+def decode_raw(raw: RawSample, image_size: int, augment, rng: random.Random | None, captions_per_sample: int = 1,
+               sub_captions: tuple[int, bool] | None = None):
+    """RawSample -> (uint8 3xHxW tensor, list of ``captions_per_sample`` captions, label), or the skip reason.
+    ``sub_captions`` = (K, keep raw): DreamLIP's raw caption + K sentences instead."""
     if raw.reason:
         return raw.reason
     # captions are drawn before the crop, from the same per-sample RNG: exact on resume
-    caption = caption_texts(raw.caption, rng, captions_per_sample)
+    if sub_captions:
+        caption = sub_caption_list(raw.caption, rng or random.Random(raw.uid), *sub_captions)
+    else:
+        caption = caption_texts(raw.caption, rng, captions_per_sample)
     if isinstance(caption, tuple):
         return caption[0]
     data = _image_bytes(raw.image)
@@ -739,7 +766,8 @@ class SlotBatches(IterableDataset):
                 cursor["pos"], cursor["read"] = pos, cursor["read"] + 1
                 read_this_epoch += 1
                 out = decode_raw(raw, self.image_size, cfg.augment, sample_rng(cfg.seed, epoch, slot, pos),
-                                 cfg.captions_per_sample)
+                                 cfg.captions_per_sample,
+                                 (cfg.sub_captions, cfg.sub_caption_raw) if cfg.sub_captions else None)
                 if isinstance(out, str):
                     cursor["skipped"][out] = cursor["skipped"].get(out, 0) + 1
                     if over_skip_limit(cursor["skipped"], cursor["read"], cfg.max_skip_fraction):
@@ -761,7 +789,7 @@ class SlotBatches(IterableDataset):
 
     def _collate(self, samples: list[tuple], cursor: dict) -> dict:
         """Batch v2 (see ``clipforge.data.loader``): caption rows are sample-major, T per sample."""
-        per_sample = self.cfg.captions_per_sample
+        per_sample = len(samples[0][1])  # data.captions_per_sample, or raw + data.sub_captions
         pixels, texts, labels, uids, keys, weights = zip(*samples)
         captions = [c for sample_texts in texts for c in sample_texts]
         batch = {"images": torch.stack(pixels),  # N x 3 x H x W uint8
@@ -769,7 +797,14 @@ class SlotBatches(IterableDataset):
                  "captions": captions, "keys": list(keys),
                  "_cursor": {**cursor, "skipped": dict(cursor["skipped"])}}
         if self.tokenizer is not None:
-            batch["input_ids"], batch["attention_mask"] = self.tokenizer(captions)
+            from clipforge.data.captions import tokenize_checked
+
+            batch["input_ids"], batch["attention_mask"] = tokenize_checked(self.tokenizer, captions)
+        if self.cfg.sub_captions:
+            from clipforge.data.captions import RAW, SUB_CAPTION
+
+            kinds = [RAW] * self.cfg.sub_caption_raw + [SUB_CAPTION] * self.cfg.sub_captions
+            batch["caption_kind"] = torch.tensor(kinds * len(samples), dtype=torch.long)
         if per_sample > 1:
             batch["text_owner"] = torch.arange(len(samples)).repeat_interleave(per_sample)
         if self.index.has_weights:

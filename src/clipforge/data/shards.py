@@ -53,6 +53,11 @@ _FORMAT_SUFFIX = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 
 
 # ----------------------------------------------------------------------------- shared helpers
+def _lines_kept(text: str) -> str:
+    """A caption cleaned as the loader cleans it (whitespace runs -> one space), but line by line."""
+    return "\n".join(" ".join(line.split()) for line in text.splitlines() if line.strip())
+
+
 def caption_histogram(word_counts: list[int]) -> dict[str, int]:
     """Word counts -> {"0": n, "1-2": n, ...} over CAPTION_BINS (empty bins left out)."""
     counts, _ = np.histogram(word_counts, bins=CAPTION_BINS)
@@ -170,8 +175,12 @@ def write_shards(
                 writer = wds.TarWriter(str(out / shard_name))
             meta = {"caption": caption, "source": str(item.image), "width": w, "height": h}
             if isinstance(item.caption, list):  # the whole list, cleaned as the loader would; .txt is its first
-                meta["captions"] = [_caption_text(c, None) for c in _caption_choices(item.caption)]
+                meta["captions"] = [_lines_kept(c) for c in _caption_choices(item.caption)]
                 list_lengths.append(len(meta["captions"]))
+            elif isinstance(item.caption, str) and "\n" in item.caption.strip():
+                # a long caption with one sentence a line: the .json keeps its line breaks (sentence ends
+                # for data.sub_captions); the .txt has it on one line, as every caption
+                meta["captions"] = [_lines_kept(item.caption)]
             if item.label >= 0:
                 meta.update(label=item.label, classname=item.classname)
             writer.write({"__key__": f"{written:09d}", suffix: data, "txt": caption, "json": meta})

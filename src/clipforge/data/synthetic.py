@@ -135,6 +135,9 @@ OPPOSITE_RELATIONS: dict[str, str] = {
 # binding distractors, in the order ``PairScene.distractors`` lists them
 DISTRACTOR_KINDS: tuple[str, ...] = ("attribute_swap", "shape_swap", "relation_flip", "order_swap")
 
+# background kinds of ``_fill_background`` (plain grey, then the four textures)
+BACKGROUNDS: tuple[str, ...] = ("plain", "gradient", "stripes", "checks", "noise")
+
 SPLIT_TAGS = {"train": 0, "seen": 1, "unseen": 2, "binding": 3}
 RADIUS_FRACTION = {"small": 0.15, "large": 0.23}  # object radius as a fraction of image size
 SUPERSAMPLE = 4  # samples per pixel side for anti-aliased edges
@@ -206,6 +209,20 @@ class PairScene:
             "relation_flip": PairScene(self.first, self.second, OPPOSITE_RELATIONS[self.relation], self.template),
             "order_swap": PairScene(self.second, self.first, self.relation, self.template),
         }
+
+
+@dataclass(frozen=True)
+class SceneFacts:
+    """What an image shows, recorded while drawing it (the long and synthetic captions state these facts).
+
+    ``objects``: (colour, shape, size, position) per object, the caption's main object first;
+    position is a key of ``POSITIONS`` or None for the objects of a pair (placed by ``relation``).
+    """
+
+    objects: tuple[tuple[str, str, str, str | None], ...]
+    relation: str | None  # the first object relative to the second (a key of RELATIONS), pairs only
+    background: str  # a key of BACKGROUNDS
+    caption: str  # the templated ("raw") caption the image is trained with
 
 
 # ----------------------------------------------------------------------------- shape masks
@@ -281,12 +298,13 @@ def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
     return t[None, :], t[:, None]
 
 
-def _fill_background(image: np.ndarray, rng: np.random.Generator, textured: bool) -> None:
-    """Plain grey, or (if ``textured``) a low-contrast grey gradient, stripes, checks or noise."""
+def _fill_background(image: np.ndarray, rng: np.random.Generator, textured: bool) -> str:
+    """Plain grey, or (if ``textured``) a low-contrast grey gradient, stripes, checks or noise; returns
+    which (a key of ``BACKGROUNDS``, for the long captions)."""
     grey = float(rng.uniform(25, 75))
     if not textured:
         image[...] = int(grey)
-        return
+        return "plain"
     size = image.shape[0]
     x, y = _grid(size)
     kind = int(rng.integers(4))
@@ -302,6 +320,7 @@ def _fill_background(image: np.ndarray, rng: np.random.Generator, textured: bool
     else:  # pixel noise
         field = rng.normal(0, rng.uniform(5, 12), size=(size, size)).astype(np.float32)
     image[...] = np.clip(grey + field, 0, 255).astype(np.uint8)[:, :, None]
+    return BACKGROUNDS[kind + 1]
 
 
 def _jittered_colour(colour: str, rng: np.random.Generator) -> np.ndarray:
@@ -384,23 +403,28 @@ class ShapesDataset:
 
     def sample(self, index: int) -> tuple[np.ndarray, str, int]:
         image = np.empty((self.image_size, self.image_size, 3), dtype=np.uint8)
-        caption, label = self._draw(image, index)
+        caption, label, _ = self._draw(image, index)
         return image, caption, label
 
     def render_batch(self, indices) -> tuple[torch.Tensor, list[str], torch.Tensor]:
         """Render many samples into one uint8 N x 3 x H x W tensor (plus captions, labels)."""
+        pixels, facts, labels = self.render_scenes(indices)
+        return pixels, [f.caption for f in facts], labels
+
+    def render_scenes(self, indices) -> tuple[torch.Tensor, list[SceneFacts], torch.Tensor]:
+        """``render_batch`` with each image's ``SceneFacts`` (its caption included) instead of the caption."""
         indices = [int(i) for i in indices]
         images = np.empty((len(indices), self.image_size, self.image_size, 3), dtype=np.uint8)
-        captions, labels = [], []
+        facts, labels = [], []
         for row, index in enumerate(indices):
-            caption, label = self._draw(images[row], index)
-            captions.append(caption)
+            _, label, scene = self._draw(images[row], index)
+            facts.append(scene)
             labels.append(label)
         pixels = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
-        return pixels, captions, torch.tensor(labels, dtype=torch.long)
+        return pixels, facts, torch.tensor(labels, dtype=torch.long)
 
     # The drawing itself: choose the scene from the sample's own rng, paint it, caption it.
-    def _draw(self, image: np.ndarray, index: int) -> tuple[str, int]:
+    def _draw(self, image: np.ndarray, index: int) -> tuple[str, int, SceneFacts]:
         if index < 0:
             raise IndexError(f"sample index must be >= 0, got {index}")
         if self.split == "train":
@@ -410,19 +434,20 @@ class ShapesDataset:
         elif self.split == "binding":
             rng = self._eval_rng(index)
             scene = self._binding_scene(rng, index)
-            _fill_background(image, rng, textured=rng.random() < self.cfg.textured_background_prob)
+            background = _fill_background(image, rng, textured=rng.random() < self.cfg.textured_background_prob)
             self._paint_pair(image, rng, scene.first, scene.second, scene.relation)
-            return scene.caption(), scene.first
+            facts = _pair_facts(scene.first, scene.second, scene.relation, background, scene.caption())
+            return facts.caption, scene.first, facts
         else:
             rng = self._eval_rng(index)
             label = self.classes[index // self.cfg.eval_samples_per_class]
             two_objects = False  # eval images show exactly the labelled object
-        _fill_background(image, rng, textured=rng.random() < self.cfg.textured_background_prob)
+        background = _fill_background(image, rng, textured=rng.random() < self.cfg.textured_background_prob)
         if two_objects:
-            caption = self._draw_pair(image, rng, label)
+            facts = self._draw_pair(image, rng, label, background)
         else:
-            caption = self._draw_single(image, rng, label)
-        return caption, label
+            facts = self._draw_single(image, rng, label, background)
+        return facts.caption, label, facts
 
     def _train_label(self, rng: np.random.Generator) -> int:
         """The main pair of a train sample: uniform, or Zipf over the trained pairs (pair_zipf_exponent)."""
@@ -431,7 +456,7 @@ class ShapesDataset:
         labels, probs = pair_frequencies(self.cfg)
         return int(labels[int(np.searchsorted(np.cumsum(probs), rng.random(), side="right").clip(0, len(labels) - 1))])
 
-    def _draw_single(self, image: np.ndarray, rng: np.random.Generator, label: int) -> str:
+    def _draw_single(self, image: np.ndarray, rng: np.random.Generator, label: int, background: str) -> SceneFacts:
         colour, shape = _split_label(label)
         size = SIZES[int(rng.integers(len(SIZES)))]
         position = list(POSITIONS)[int(rng.integers(len(POSITIONS)))]
@@ -440,16 +465,18 @@ class ShapesDataset:
         _paint(image, shape, _jittered_colour(colour, rng), radius, cx, cy)
         template = SINGLE_TEMPLATES[int(rng.integers(len(SINGLE_TEMPLATES)))]
         phrases = POSITION_PHRASES[position]
-        return _fill_single(template, colour, shape, size, phrases[int(rng.integers(len(phrases)))])
+        caption = _fill_single(template, colour, shape, size, phrases[int(rng.integers(len(phrases)))])
+        return SceneFacts(((colour, shape, size, position),), None, background, caption)
 
-    def _draw_pair(self, image: np.ndarray, rng: np.random.Generator, label: int) -> str:
+    def _draw_pair(self, image: np.ndarray, rng: np.random.Generator, label: int, background: str) -> SceneFacts:
         """Main object plus a second (trained) pair on the opposite side, both small."""
         others = [k for k in self.train_classes if k != label]
         second = others[int(rng.integers(len(others)))]
         relation = list(RELATIONS)[int(rng.integers(len(RELATIONS)))]
         self._paint_pair(image, rng, label, second, relation)
         template = PAIR_TEMPLATES[int(rng.integers(len(PAIR_TEMPLATES)))]
-        return _fill_pair(template, _split_label(label), _split_label(second), relation)
+        caption = _fill_pair(template, _split_label(label), _split_label(second), relation)
+        return _pair_facts(label, second, relation, background, caption)
 
     def _paint_pair(self, image: np.ndarray, rng: np.random.Generator, label: int, second: int, relation: str) -> None:
         """Paint ``label`` on the ``relation`` side of ``second`` (both small, on opposite sides)."""
@@ -490,6 +517,12 @@ class ShapesDataset:
                 phrases = POSITION_PHRASES[list(POSITIONS)[int(rng.integers(len(POSITIONS)))]]
                 corpus.append(_fill_single(template, colour, shape, size, phrases[int(rng.integers(len(phrases)))]))
         return corpus
+
+
+def _pair_facts(first: int, second: int, relation: str, background: str, caption: str) -> SceneFacts:
+    # both objects of a pair are painted small, on opposite sides (see ``_paint_pair``)
+    objects = tuple((*_split_label(k), "small", None) for k in (first, second))
+    return SceneFacts(objects, relation, background, caption)
 
 
 @lru_cache(maxsize=16)

@@ -1,9 +1,10 @@
 """Training objectives: weighted sums of loss terms built from the recipe's ``[objective]`` section.
 
 Importing this package registers the shipped terms (``clip``, ``siglip``, ``filip``, ``affinity_distill``,
-``lexical``, ``flops``).
+``lexical``, ``flops``, ``dreamlip_grouping``, ``alip``).
 """
 
+from clipforge.objectives.alip import AlipLoss, alip_gates
 from clipforge.objectives.base import (
     TERMS,
     Objective,
@@ -22,6 +23,7 @@ from clipforge.objectives.contrastive import (
     symmetric_cross_entropy,
 )
 from clipforge.objectives.distill import AffinityDistill, affinity_distill_loss
+from clipforge.objectives.dreamlip import DreamlipGrouping, grouped_features, grouping_weights
 from clipforge.objectives.filip import FilipLoss, late_interaction_scores
 from clipforge.objectives.lexical import FlopsRegulariser, LexicalContrastive, flops, quadratic_warmup
 from clipforge.objectives.sigmoid import (
@@ -35,6 +37,11 @@ from clipforge.objectives.sigmoid import (
 __all__ = [
     "TERMS",
     "AffinityDistill",
+    "AlipLoss",
+    "alip_gates",
+    "DreamlipGrouping",
+    "grouped_features",
+    "grouping_weights",
     "affinity_distill_loss",
     "FilipLoss",
     "FlopsRegulariser",
