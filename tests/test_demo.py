@@ -39,9 +39,17 @@ def test_every_shipped_recipe_builds_and_takes_a_step(name):
     if any(t.kind != "ema" for t in r.teachers):  # the teacher run a recipe points at is not here: an ema copy stands in
         r = load_recipe(name, ["teachers=[" + ", ".join(f'{{name="{t.name}", kind="ema"}}' for t in r.teachers) + "]"])
     step = build_step(r, torch.device("cpu"), log=False).train()  # the trainer's own step module
-    images = torch.randint(0, 256, (2, 3, r.model.image_size, r.model.image_size), dtype=torch.uint8)
-    ids = torch.randint(4, 100, (2, r.model.context_length))
-    batch = {"images": images, "input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if r.data.train == "shapes":  # the recipe's own first batch (caption lists, noise kinds, sub-captions)
+        from clipforge.data.loader import build_train_loader
+        from clipforge.models.tokenizer import tokenizer_for_recipe
+
+        r = load_recipe(name, ["data.batch_size=4", "data.num_workers=0", "data.tokenizer.corpus_size=300"]
+                        + [f"teachers.{i}.kind=ema" for i, t in enumerate(r.teachers) if t.kind != "ema"])
+        batch = next(build_train_loader(r.data, r.model.image_size, tokenizer_for_recipe(r)))
+    else:  # data on disk the test does not have: random pixels and token ids
+        images = torch.randint(0, 256, (2, 3, r.model.image_size, r.model.image_size), dtype=torch.uint8)
+        ids = torch.randint(4, 100, (2, r.model.context_length))
+        batch = {"images": images, "input_ids": ids, "attention_mask": torch.ones_like(ids)}
     loss, _ = step.compute_loss(step(batch), batch)
     loss.backward()
     assert torch.isfinite(loss) and step.model.logit_scale.grad is not None

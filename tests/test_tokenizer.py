@@ -87,7 +87,7 @@ def test_spec_save_and_load_give_identical_ids(tok, corpus, tmp_path):
 def test_load_errors_name_the_problem(tok, tmp_path):
     with pytest.raises(FileNotFoundError, match="tokenizer file not found"):
         BPETokenizer.load(tmp_path / "missing.json", CONTEXT)
-    with pytest.raises(ValueError, match=r"unknown tokenizer kind 'clip'; known kinds: \['bpe', 'clip-bpe'\]"):
+    with pytest.raises(ValueError, match=r"unknown tokenizer kind 'clip'; known kinds: \['bpe', 'clip-bpe', 'hf'\]"):
         load_tokenizer({"kind": "clip", "context_length": CONTEXT}, tmp_path)
     tok.save(tmp_path)
     with pytest.raises(ValueError, match="vocab_size is"):

@@ -222,11 +222,11 @@ def test_help_lists_choices_and_they_are_the_librarys():
     from clipforge.index.embed import DTYPES, KINDS
 
     assert cli.TASK_CHOICES == TASKS and cli.SIMILARITY_CHOICES == SIMILARITIES
-    assert cli.INDEX_KIND_CHOICES == INDEX_KINDS and cli.EXPORT_CHOICES == EXPORT_KINDS
+    assert cli.INDEX_KIND_CHOICES == INDEX_KINDS + ("lexical",) and cli.EXPORT_CHOICES == EXPORT_KINDS
     assert cli.EMBEDDING_CHOICES == KINDS and cli.DTYPE_CHOICES == DTYPES
     assert "--task [zeroshot|retrieval|linear-probe]" in _help("eval")
     assert "--similarity [pooled|late-interaction]" in _help("eval")
-    assert "--kind [flat|ivf|hnsw]" in _help("index")
+    assert "--kind [flat|ivf|hnsw|lexical]" in _help("index")
     assert "--to [hf|onnx]" in _help("export")
 
 
