@@ -44,6 +44,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def spawn_ranks(worker, results) -> None:
+    """Run ``worker(rank, port, results)`` in WORLD processes. Rank 0 writes ``results`` after the last
+    collective; a rank that dies after that, in gloo's teardown ("terminate called without an active
+    exception" when its peer has already exited), has finished its part, so the run counts. A crash before
+    the results exist is retried once on a fresh port and then raised."""
+    for attempt in range(2):
+        try:
+            torch.multiprocessing.spawn(worker, args=(free_port(), str(results)), nprocs=WORLD, join=True)
+            return
+        except torch.multiprocessing.ProcessExitedException:
+            if Path(results).exists():
+                return
+            if attempt:
+                raise
+
+
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-30))
 

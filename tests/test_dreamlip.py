@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from clipforge.objectives.contrastive import clip_logits, clip_loss, multi_positive_clip_loss
 from clipforge.objectives.dreamlip import DreamlipGrouping, grouped_features, grouping_weights
 
-from test_distributed import WORLD, free_port, relative_error
+from test_distributed import WORLD, relative_error, spawn_ranks
 
 SUB = 2  # caption_kind of a sub-caption
 
@@ -199,7 +199,7 @@ def test_two_ranks_equal_one_process(tmp_path):
     from test_method_distributed import run_step
 
     results = tmp_path / "report.pt"
-    torch.multiprocessing.spawn(_worker, args=(free_port(), str(results)), nprocs=WORLD, join=True)
+    spawn_ranks(_worker, results)
     got = torch.load(results, weights_only=True)
     step = build()
     want_loss, want = run_step(step, step, dreamlip_batch(WORLD * B))

@@ -295,10 +295,10 @@ def _worker(rank: int, port: int, results: str) -> None:
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory) -> dict:
-    from test_distributed import WORLD, free_port
+    from test_distributed import WORLD, spawn_ranks
 
     results = tmp_path_factory.mktemp("lexical_ranks") / "report.pt"
-    torch.multiprocessing.spawn(_worker, args=(free_port(), str(results)), nprocs=WORLD, join=True)
+    spawn_ranks(_worker, results)
     return torch.load(results, weights_only=True)
 
 

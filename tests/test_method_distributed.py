@@ -21,7 +21,7 @@ from clipforge.objectives.base import Term, TermConfig, register_term
 from clipforge.train import distributed as D
 from clipforge.train.gradcache import plain_accumulation
 
-from test_distributed import WORLD, free_port, relative_error
+from test_distributed import WORLD, relative_error, spawn_ranks
 
 TOL = 1e-6
 B = 4  # images per rank
@@ -149,7 +149,7 @@ def _worker(rank: int, port: int, results: str) -> None:
 @pytest.fixture(scope="module")
 def report(tmp_path_factory) -> dict:
     results = tmp_path_factory.mktemp("method_ranks") / "report.pt"
-    torch.multiprocessing.spawn(_worker, args=(free_port(), str(results)), nprocs=WORLD, join=True)
+    spawn_ranks(_worker, results)
     return torch.load(results, weights_only=True)
 
 
