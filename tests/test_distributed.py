@@ -218,7 +218,7 @@ def _two_rank_worker(rank: int, port: int, results: str) -> None:
 @pytest.fixture(scope="module")
 def two_rank_report(tmp_path_factory) -> dict:
     results = tmp_path_factory.mktemp("two_ranks") / "report.pt"
-    torch.multiprocessing.spawn(_two_rank_worker, args=(free_port(), str(results)), nprocs=WORLD, join=True)
+    spawn_ranks(_two_rank_worker, results)
     return torch.load(results, weights_only=True)
 
 

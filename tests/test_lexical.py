@@ -295,7 +295,7 @@ def _worker(rank: int, port: int, results: str) -> None:
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory) -> dict:
-    from test_distributed import WORLD, spawn_ranks
+    from test_distributed import spawn_ranks
 
     results = tmp_path_factory.mktemp("lexical_ranks") / "report.pt"
     spawn_ranks(_worker, results)
