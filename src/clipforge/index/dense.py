@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from clipforge.outputs import new_output_dir
+
 INDEX_KINDS = ("flat", "ivf", "hnsw")
 INDEX_FILE = "index.faiss"
 IDS_FILE = "ids.npy"
@@ -108,9 +110,7 @@ def build_index_dir(emb_dir: str | Path, out: str | Path, *, kind: str = "flat",
     faiss = require_faiss()
     if kind not in INDEX_KINDS:
         raise SearchIndexError(f"unknown index kind {kind!r}; choose one of {', '.join(INDEX_KINDS)}")
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} exists and is not empty; choose a new --out directory")
+    out = new_output_dir(out)
     vectors, table, manifest = load_embeddings(emb_dir, what)
     ids = np.asarray(table.column("id").to_pylist(), dtype=np.int64)
 

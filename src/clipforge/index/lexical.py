@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from clipforge.index.dense import IDS_FILE, INFO_FILE, META_FILE, SearchIndexError, _read_ids, recall_at_k
+from clipforge.outputs import new_output_dir
 
 POSTINGS_FILE = "postings.npz"
 SEISMIC_FILE = "index.seismic"
@@ -241,9 +242,7 @@ def build_lexical_index_dir(emb_dir: str | Path, out: str | Path, *, what: str =
     """Index a ``--sparse`` embedding directory; measure the back end's recall@k against exact search."""
     if backend not in BACKENDS:
         raise SearchIndexError(f"unknown lexical back end {backend!r}; choose one of {', '.join(BACKENDS)}")
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} exists and is not empty; choose a new --out directory")
+    out = new_output_dir(out)
     docs, table, manifest = load_sparse_embeddings(emb_dir, what)
     ids = np.asarray(table.column("id").to_pylist(), dtype=np.int64)
 

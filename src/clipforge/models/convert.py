@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from clipforge.config import ModelConfig
+from clipforge.outputs import new_output_dir
 from clipforge.train import checkpoint as ckpt
 
 # OpenCLIP's defaults (open_clip.constants) for configs that do not say
@@ -218,9 +219,7 @@ def openclip_config_to_ours(model_cfg: dict[str, Any], preprocess_cfg: dict[str,
 # ----------------------------------------------------------------------------- checkpoint
 def write_model_checkpoint(out: str | Path, model: torch.nn.Module, tokenizer, config: dict[str, Any]) -> Path:
     """Write weights, config and tokenizer to ``out`` via a temp dir and a rename (never half-written)."""
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} exists and is not empty; choose a new --out directory")
+    out = new_output_dir(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

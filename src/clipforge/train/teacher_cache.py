@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from clipforge.config import DataConfig
+from clipforge.outputs import new_output_dir
 
 
 def write_teacher_cache(ckpt: str | Path, data: str, out: str | Path, batch_size: int = 256,
@@ -35,9 +36,7 @@ def write_teacher_cache(ckpt: str | Path, data: str, out: str | Path, batch_size
     """Embed every sample of the training source ``data`` with the checkpoint's model; returns the manifest."""
     from clipforge.api import load
 
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} exists and is not empty; choose a new --out directory")
+    out = new_output_dir(out)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, _, tokenizer = load(ckpt, device=device)
     data_cfg = DataConfig(train=data, **({"caption_template": caption_template} if caption_template else {}))
