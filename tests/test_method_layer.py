@@ -149,7 +149,7 @@ def test_aclip_scores_come_from_the_ema_teacher_without_gradient():
 
 
 def test_aclip_simclr_uses_two_different_views():
-    from clipforge.methods.aclip import simclr_loss
+    from clipforge.objectives.selfsup import simclr_loss
 
     step = build_aclip()
     out = step(aclip_batch())

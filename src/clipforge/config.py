@@ -290,6 +290,9 @@ class AugmentConfig(Section):
     scale: tuple[float, float] = (0.9, 1.0)  # crop area as a fraction of the image (OpenCLIP's default)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)  # crop aspect ratio range (log-uniform)
     hflip: bool = False  # random horizontal flip (off by default: captions say "left"/"right")
+    # "strong": after the crop, SimCLR's colour jitter / grayscale / blur (clipforge.data.views; the
+    # improved-baseline knob). Colour words in captions stop matching the pixels sometimes: a choice.
+    policy: Literal["default", "strong"] = "default"
 
     @model_validator(mode="after")
     def _check_ranges(self) -> "AugmentConfig":
@@ -299,6 +302,22 @@ class AugmentConfig(Section):
         if not 0.0 < self.ratio[0] <= self.ratio[1]:
             raise ValueError(f"data.augment.ratio must satisfy 0 < min <= max, got {self.ratio}")
         return self
+
+
+class EdaConfig(Section):
+    """EDA text augmentation (clipforge.data.text_augment), used when data.text_augment = "eda"."""
+
+    alpha: float = Field(0.1, gt=0.0, le=1.0)  # n = max(1, alpha * words) changes; rd drops each word with alpha
+    p: float = Field(0.5, ge=0.0, le=1.0)  # probability that a caption is changed at all
+    ops: list[Literal["sr", "ri", "rs", "rd", "sw"]] = ["sr", "ri", "rs", "rd"]  # one drawn per caption
+    synonyms: str = Field("wordnet", min_length=1)  # "wordnet", "none", or a JSON thesaurus {"word": [...]}
+
+    @field_validator("ops")
+    @classmethod
+    def _some_ops(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("data.eda.ops needs at least one of sr, ri, rs, rd, sw")
+        return value
 
 
 class DataConfig(Section):
@@ -334,6 +353,12 @@ class DataConfig(Section):
     # its first entry, or the only caption), next to the raw caption (the first) when sub_caption_raw
     sub_captions: int = Field(0, ge=0)
     sub_caption_raw: bool = True
+    # SLIP: V extra views per image for the self-supervised branch (batch["views"], uint8 N x V x 3 x S x S),
+    # random-resized crops of area ssl_view_scale with SimCLR's colour / blur policy (clipforge.data.views)
+    ssl_views: int = Field(0, ge=0, le=8)
+    ssl_view_scale: tuple[float, float] = (0.08, 1.0)
+    text_augment: Literal["none", "eda"] = "none"  # "eda": EDA on every training caption (data.eda)
+    eda: EdaConfig = EdaConfig()
     augment: AugmentConfig = AugmentConfig()
     shapes: ShapesConfig = ShapesConfig()
     tokenizer: TokenizerConfig = TokenizerConfig()
@@ -385,6 +410,9 @@ class DataConfig(Section):
         if self.sub_captions and self.captions_per_sample > 1:
             raise ValueError("data.sub_captions and data.captions_per_sample > 1 both pick each image's captions; "
                              "use one of them")
+        lo, hi = self.ssl_view_scale
+        if not 0.0 < lo <= hi <= 1.0:
+            raise ValueError(f"data.ssl_view_scale must satisfy 0 < min <= max <= 1, got {self.ssl_view_scale}")
         if self.captions_per_sample > 1 and sources[0].kind == "shapes":
             raise ValueError(
                 f"data.captions_per_sample={self.captions_per_sample} needs caption lists, and the built-in "

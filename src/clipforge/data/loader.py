@@ -29,6 +29,7 @@ disk of ``clipforge.data.pipeline``), with N = ``batch_size`` images and T = ``c
                                                each row is, an index into ``data.captions.CAPTION_KINDS``
     noise           long       N               shapes with caption lists or noise: what happened to the raw
                                                caption, an index into ``data.captions.NOISE_KINDS``
+    views           uint8      N x V x 3 x H x W only with data.ssl_views = V: self-supervised views (data.views)
 
 ``input_ids``/``attention_mask`` are there when a tokenizer is given. Caption row j belongs to image
 ``text_owner[j]`` (= j // T); with T = 1 the rows are the images' and ``text_owner`` is left out.
@@ -130,7 +131,9 @@ class _BatchDataset(Dataset):
     """Item k is the whole k-th batch of the stream (rendered and tokenized in the worker)."""
 
     def __init__(self, dataset: ShapesDataset, tokenizer, batch_size: int, start_sample: int,
-                 rank: int = 0, world_size: int = 1, kept=None, caption_plan: tuple[int, bool] | None = None):
+                 rank: int = 0, world_size: int = 1, kept=None, caption_plan: tuple[int, bool] | None = None,
+                 augmenter=None, seed: int = 0):
+        self.augmenter, self.seed = augmenter, seed  # clipforge.data.views: strong policy, SSL views, EDA
         self.caption_plan = caption_plan  # (data.sub_captions, data.sub_caption_raw), or None for plain captions
         self.dataset = dataset
         self.kept = kept  # data.keep: position p renders index kept[p % len(kept)] (clipforge.data.keep)
@@ -145,12 +148,20 @@ class _BatchDataset(Dataset):
         indices = list(range(first, first + self.batch_size))
         if self.kept is not None:
             indices = [int(self.kept[p % len(self.kept)]) for p in indices]
+        tokenizer = self.tokenizer if self.augmenter is None else None  # augmented captions are tokenized after
         if self.caption_plan is not None:  # caption studies: lists, kinds, noise (clipforge.data.captions)
             from clipforge.data.captions import make_caption_batch
 
-            batch = make_caption_batch(self.dataset, indices, self.tokenizer, *self.caption_plan)
+            batch = make_caption_batch(self.dataset, indices, tokenizer, *self.caption_plan)
         else:
-            batch = make_batch(self.dataset, indices, self.tokenizer)
+            batch = make_batch(self.dataset, indices, tokenizer)
+        if self.augmenter is not None:
+            from clipforge.data.captions import tokenize_checked
+            from clipforge.data.views import augment_shapes_batch
+
+            batch = augment_shapes_batch(batch, self.augmenter, self.seed, indices)
+            if self.tokenizer is not None:
+                batch["input_ids"], batch["attention_mask"] = tokenize_checked(self.tokenizer, batch["captions"])
         # samples are pure functions of their global index: it is the stable key
         batch["keys"] = [f"shapes:{i}" for i in indices]
         return batch
@@ -197,6 +208,8 @@ def build_train_loader(
         return build_source_train_loader(data_cfg, image_size, tokenizer, start_sample, rank=rank,
                                          world_size=world_size, state=data_state, pin_memory=pin_memory,
                                          prefetch_batches=prefetch_batches)
+    from clipforge.data.views import SampleAugmenter
+
     kept = None
     if data_cfg.keep:
         from clipforge.data.keep import read_keep_list, shapes_indices
@@ -206,7 +219,8 @@ def build_train_loader(
     plain = shapes.captions == "raw" and shapes.raw_caption_noise == 0 and data_cfg.sub_captions == 0
     batches = _BatchDataset(build_train_dataset(data_cfg, image_size), tokenizer, data_cfg.batch_size,
                             start_sample, rank, world_size, kept,
-                            None if plain else (data_cfg.sub_captions, data_cfg.sub_caption_raw))
+                            None if plain else (data_cfg.sub_captions, data_cfg.sub_caption_raw),
+                            SampleAugmenter.from_config(data_cfg, image_size), data_cfg.seed)
     workers = data_cfg.num_workers
     loader = DataLoader(
         batches,

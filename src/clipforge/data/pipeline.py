@@ -709,6 +709,28 @@ def decode_raw(raw: RawSample, image_size: int, augment, rng: random.Random | No
     return pixels, caption, raw.label
 
 
+def decode_augmented(raw: RawSample, image_size: int, augment, rng: random.Random, captions_per_sample: int,
+                     sub_captions: tuple[int, bool] | None, augmenter):
+    """``decode_raw`` for training, then ``augmenter`` (``clipforge.data.views``; may be None): EDA on the
+    captions, the strong policy on the image, the SSL views -> (pixels, captions, label, views or None)."""
+    out = decode_raw(raw, image_size, augment, rng, captions_per_sample, sub_captions)
+    if isinstance(out, str):
+        return out
+    if augmenter is None:
+        return (*out, None)
+    pixels, captions, label = out
+    extra = random.Random(rng.getrandbits(63))  # drawn after the crop: the plain stream is unchanged
+    captions = augmenter.captions(captions, extra)
+    pixels = augmenter.image(pixels, extra)
+    views = None
+    if augmenter.views:
+        try:
+            views = augmenter.views_from_bytes(_image_bytes(raw.image), extra)
+        except DECODE_ERRORS as e:  # decoded once already; a file changed under us
+            return image_error_reason(b"", e)
+    return pixels, captions, label, views
+
+
 def image_error_reason(data: bytes, error: BaseException) -> str:
     """``truncated_image`` when the file stops early (no JPEG end marker / PNG IEND), else ``bad_image``."""
     ends_early = (data[:2] == b"\xff\xd8" and not data.rstrip(b"\0").endswith(b"\xff\xd9")) or (
@@ -748,6 +770,9 @@ class SlotBatches(IterableDataset):
         self.image_size, self.tokenizer = image_size, tokenizer
         self.rank, self.workers, self.cursors, self.rotation = rank, workers, cursors, rotation
         self.slot_lengths = slot_lengths
+        from clipforge.data.views import SampleAugmenter
+
+        self.augmenter = SampleAugmenter.from_config(data_cfg, image_size)
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -765,9 +790,10 @@ class SlotBatches(IterableDataset):
             for pos, raw in shuffled_slot_stream(self.index, self.plan, epoch, slot, cursor["pos"]):
                 cursor["pos"], cursor["read"] = pos, cursor["read"] + 1
                 read_this_epoch += 1
-                out = decode_raw(raw, self.image_size, cfg.augment, sample_rng(cfg.seed, epoch, slot, pos),
-                                 cfg.captions_per_sample,
-                                 (cfg.sub_captions, cfg.sub_caption_raw) if cfg.sub_captions else None)
+                out = decode_augmented(raw, self.image_size, cfg.augment, sample_rng(cfg.seed, epoch, slot, pos),
+                                       cfg.captions_per_sample,
+                                       (cfg.sub_captions, cfg.sub_caption_raw) if cfg.sub_captions else None,
+                                       self.augmenter)
                 if isinstance(out, str):
                     cursor["skipped"][out] = cursor["skipped"].get(out, 0) + 1
                     if over_skip_limit(cursor["skipped"], cursor["read"], cfg.max_skip_fraction):
@@ -776,7 +802,8 @@ class SlotBatches(IterableDataset):
                         return
                     continue
                 good_this_epoch += 1
-                samples.append((*out, raw.uid, raw.key, raw.weight))  # not raw itself: it holds the encoded image
+                pixels, captions, label, views = out  # not raw itself: it holds the encoded image
+                samples.append((pixels, captions, label, raw.uid, raw.key, raw.weight, views))
                 if len(samples) == cfg.batch_size:
                     cursor["progress"] = epoch + pos / max(1, length)
                     yield self._collate(samples, cursor)
@@ -790,12 +817,14 @@ class SlotBatches(IterableDataset):
     def _collate(self, samples: list[tuple], cursor: dict) -> dict:
         """Batch v2 (see ``clipforge.data.loader``): caption rows are sample-major, T per sample."""
         per_sample = len(samples[0][1])  # data.captions_per_sample, or raw + data.sub_captions
-        pixels, texts, labels, uids, keys, weights = zip(*samples)
+        pixels, texts, labels, uids, keys, weights, views = zip(*samples)
         captions = [c for sample_texts in texts for c in sample_texts]
         batch = {"images": torch.stack(pixels),  # N x 3 x H x W uint8
                  "labels": torch.tensor(labels, dtype=torch.long), "indices": torch.tensor(uids, dtype=torch.long),
                  "captions": captions, "keys": list(keys),
                  "_cursor": {**cursor, "skipped": dict(cursor["skipped"])}}
+        if views[0] is not None:
+            batch["views"] = torch.stack(views)  # N x V x 3 x H x W uint8 (data.ssl_views)
         if self.tokenizer is not None:
             from clipforge.data.captions import tokenize_checked
 

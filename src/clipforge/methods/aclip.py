@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from clipforge.config import MethodConfig, Recipe
 from clipforge.methods import register_method
 from clipforge.objectives.base import Metrics
+from clipforge.objectives.selfsup import byol_loss, mlp, simclr_loss
 from clipforge.train.step import Outputs, TrainStep, attention_keep_scores, attentive_keep_indices
 from clipforge.train.teachers import ema_update_
 
@@ -62,19 +63,6 @@ class AclipConfig(MethodConfig):
         lo, hi = self.crop_scale
         if not 0 < lo <= hi <= 1:
             raise ValueError(f"method.crop_scale must satisfy 0 < min <= max <= 1, got {self.crop_scale}")
-
-
-def mlp(dims: list[int], last_bn: bool = False) -> nn.Sequential:
-    """Linear -> BN -> ReLU between every pair of dims; a plain Linear at the end."""
-    layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
-        last = i == len(dims) - 2
-        layers.append(nn.Linear(a, b, bias=last))
-        if not last:
-            layers += [nn.BatchNorm1d(b), nn.ReLU(inplace=True)]
-    if last_bn:
-        layers.append(nn.BatchNorm1d(dims[-1], affine=False))
-    return nn.Sequential(*layers)
 
 
 # ----------------------------------------------------------------------------- views
@@ -113,36 +101,6 @@ def crop_resize(x: Tensor, boxes: Tensor, size: int) -> Tensor:
     theta[:, 1, 1], theta[:, 1, 2] = h, 2 * y0 + h - 1
     grid = F.affine_grid(theta, [x.shape[0], x.shape[1], size, size], align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-
-
-# ----------------------------------------------------------------------------- losses
-def simclr_loss(z1: Tensor, z2: Tensor, temperature: float) -> Tensor:
-    """NT-Xent between two views: each row's positive is the same sample's other view; the other
-    2B - 2 embeddings are negatives. Gathered across ranks (local rows against all columns)."""
-    from clipforge.objectives.distributed import active_world_size, gather_with_grad
-
-    z1, z2 = F.normalize(z1.float(), dim=-1), F.normalize(z2.float(), dim=-1)
-    b = z1.shape[0]
-    rank = 0
-    all1, all2 = z1, z2
-    if active_world_size() > 1:
-        import torch.distributed as dist
-
-        all1, all2, rank = gather_with_grad(z1), gather_with_grad(z2), dist.get_rank()
-    total = all1.shape[0]
-    columns = torch.cat([all1, all2])  # 2B x d
-    rows = torch.cat([z1, z2])  # 2b x d (this rank's)
-    logits = rows @ columns.T / temperature
-    local = torch.arange(b, device=z1.device) + rank * b
-    self_cols = torch.cat([local, local + total])
-    positive_cols = torch.cat([local + total, local])
-    logits = logits.masked_fill(F.one_hot(self_cols, 2 * total).bool(), float("-inf"))
-    return F.cross_entropy(logits, positive_cols)
-
-
-def byol_loss(prediction: Tensor, target: Tensor) -> Tensor:
-    """2 - 2 cos(prediction, stop-grad target), averaged over samples."""
-    return (2 - 2 * F.cosine_similarity(prediction.float(), target.detach().float(), dim=-1)).mean()
 
 
 # ----------------------------------------------------------------------------- the step

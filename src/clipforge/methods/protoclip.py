@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from clipforge.config import MethodConfig, Recipe
 from clipforge.methods import register_method
-from clipforge.methods.aclip import mlp
+from clipforge.objectives.selfsup import mlp
 from clipforge.objectives.base import Metrics
 from clipforge.train.step import Outputs, TrainStep
 

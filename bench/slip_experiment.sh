@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# SLIP and the improved-baseline knobs vs CLIP on CIFAR-10 (docs/methods/slip.md), equal steps.
+#   bash bench/slip_experiment.sh SPLIT_DIR RUNS_DIR
+# SPLIT_DIR from: python examples/cifar_holdout_split.py CIFAR/train SPLIT_DIR --holdout 500
+# Every run: recipe slip-cifar (tiny ViT 6 x 192 at 32 px, CLIP crop 0.5-1), 400 steps, batch 128, fp32.
+# Each run and eval holds /tmp/cpu.lock (one CPU-heavy job at a time on a shared 2-core machine).
+set -euo pipefail
+SPLIT=${1:?split dir}; RUNS=${2:?runs dir}; STEPS=${STEPS:-400}
+CF="python -m clipforge"
+mkdir -p "$RUNS"
+common=(--set "data.train=imagefolder:$SPLIT/train" --set "train.steps=$STEPS" --set eval.at_end=false
+        --set train.checkpoint_every_steps=$STEPS)
+arm() {  # name seed overrides...
+  local name=$1 seed=$2; shift 2
+  local dir="$RUNS/$name-s$seed"
+  if [ ! -f "$dir/zeroshot.json" ]; then
+    rm -rf "$dir"
+    local start=$(date +%s)
+    flock /tmp/cpu.lock $CF train slip-cifar --run-dir "$dir" "${common[@]}" --set data.seed=$seed --set train.seed=$seed "$@" > "$dir.log" 2>&1
+    echo $(( $(date +%s) - start )) > "$dir.seconds"
+    flock /tmp/cpu.lock $CF eval "$dir" --task zeroshot --data "imagefolder:$SPLIT/val" --out "$dir/zeroshot.json.tmp" >> "$dir.log" 2>&1
+    flock /tmp/cpu.lock $CF eval "$dir" --task linear-probe --train-data "imagefolder:$SPLIT/train" \
+        --data "imagefolder:$SPLIT/val" --out "$dir/probe.json" >> "$dir.log" 2>&1
+    mv "$dir/zeroshot.json.tmp" "$dir/zeroshot.json"
+  fi
+}
+CLIP=(--set method.ssl_scale=0)                       # the same step without the SimCLR branch = CLIP
+STRONG=(--set data.augment.policy=strong)
+EDA=(--set data.text_augment=eda)
+LS=(--set 'objective.terms=[{name="clip",label_smoothing=0.1}]')
+for s in 0; do
+  arm clip $s "${CLIP[@]}"
+  arm slip $s
+  arm improved $s "${CLIP[@]}" "${STRONG[@]}" "${EDA[@]}" "${LS[@]}"
+done
+arm clip 1 "${CLIP[@]}"
+arm slip 1
+arm strong 0 "${CLIP[@]}" "${STRONG[@]}"
+arm eda 0 "${CLIP[@]}" "${EDA[@]}"
+arm improved 1 "${CLIP[@]}" "${STRONG[@]}" "${EDA[@]}" "${LS[@]}"
