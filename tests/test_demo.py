@@ -50,6 +50,8 @@ def test_every_shipped_recipe_builds_and_takes_a_step(name):
         images = torch.randint(0, 256, (2, 3, r.model.image_size, r.model.image_size), dtype=torch.uint8)
         ids = torch.randint(4, 100, (2, r.model.context_length))
         batch = {"images": images, "input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        if r.data.ssl_views:  # SLIP's self-supervised views, as the workers would add them
+            batch["views"] = torch.randint(0, 256, (2, r.data.ssl_views, *images.shape[1:]), dtype=torch.uint8)
     loss, _ = step.compute_loss(step(batch), batch)
     loss.backward()
     assert torch.isfinite(loss) and step.model.logit_scale.grad is not None

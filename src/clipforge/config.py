@@ -310,7 +310,8 @@ class EdaConfig(Section):
     alpha: float = Field(0.1, gt=0.0, le=1.0)  # n = max(1, alpha * words) changes; rd drops each word with alpha
     p: float = Field(0.5, ge=0.0, le=1.0)  # probability that a caption is changed at all
     ops: list[Literal["sr", "ri", "rs", "rd", "sw"]] = ["sr", "ri", "rs", "rd"]  # one drawn per caption
-    synonyms: str = Field("wordnet", min_length=1)  # "wordnet", "none", or a JSON thesaurus {"word": [...]}
+    # "wordnet", a JSON thesaurus {"word": [...]}, or none (sr / ri then change nothing)
+    synonyms: str | None = Field("wordnet", min_length=1)
 
     @field_validator("ops")
     @classmethod

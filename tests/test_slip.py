@@ -1,0 +1,322 @@
+"""SLIP and the improved-baseline knobs (methods.md section 12): NT-Xent against a loop written from the
+paper, SLIP's step (ssl_scale 0 = CLIP exactly; 2 processes == 1), the SSL views, the strong policy and
+EDA in the data workers (seeded, exact on resume, the plain stream untouched when off)."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import random
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from PIL import Image
+
+from clipforge.config import RecipeError, load_recipe
+from clipforge.data.loader import build_train_loader
+from clipforge.data.text_augment import EDA, STOP_WORDS, caption_words, find_wordnet
+from clipforge.objectives.contrastive import clip_loss
+from clipforge.objectives.selfsup import simclr_loss
+
+from test_distributed import WORLD, relative_error, spawn_ranks
+
+
+# ----------------------------------------------------------------------------- NT-Xent
+def nt_xent_by_the_paper(z1, z2, tau):
+    """SimCLR's loss written pair by pair: 2B anchors; for anchor k the positive is its other view,
+    the denominator runs over the 2B - 1 other embeddings (self excluded)."""
+    z = F.normalize(torch.cat([z1, z2]), dim=-1)
+    b = z1.shape[0]
+    total = 0.0
+    for k in range(2 * b):
+        positive = (k + b) % (2 * b)
+        others = [j for j in range(2 * b) if j != k]
+        assert len(others) - 1 == 2 * b - 2  # 2B - 2 negatives
+        sims = torch.stack([z[k] @ z[j] / tau for j in others])
+        total = total - (z[k] @ z[positive] / tau - torch.logsumexp(sims, 0))
+    return total / (2 * b)
+
+
+def test_nt_xent_matches_the_paper_in_value_and_gradient():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(5, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(5, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    want = nt_xent_by_the_paper(a, b, 0.1)
+    got = simclr_loss(a, b, 0.1)
+    assert torch.allclose(got.double(), want, rtol=1e-5)
+    ga = torch.autograd.grad(got, [a, b])
+    wa = torch.autograd.grad(want, [a, b])
+    for x, y in zip(ga, wa):
+        assert torch.allclose(x.double(), y, rtol=1e-4, atol=1e-6)
+
+
+def test_nt_xent_masks_self_similarity():
+    # with the diagonal left in, identical views would put each anchor's own (largest) similarity in
+    # the denominator twice; the masked loss of identical views is exactly log(2B - 1) for orthogonal rows
+    z = torch.eye(4)
+    assert math.isclose(float(simclr_loss(z, z, 1.0)), -1 + math.log(math.e + 2 * 4 - 2), rel_tol=1e-6)
+
+
+# ----------------------------------------------------------------------------- the SLIP step
+def slip_recipe(*extra: str):
+    return load_recipe("slip-cifar", ["data.train=shapes", "model.image_size=16", "model.patch_size=8",
+                                      "model.vision_width=16", "model.vision_layers=1", "model.vision_heads=2",
+                                      "model.text_width=16", "model.text_layers=1", "model.text_heads=2",
+                                      "model.embed_dim=16", "model.vocab_size=64", "model.context_length=8",
+                                      "data.tokenizer.vocab_size=64", "method.simclr_hidden=32",
+                                      "method.simclr_out=8", *extra])
+
+
+def build_slip(*extra: str):
+    from clipforge.train.trainer import build_step
+
+    torch.manual_seed(0)
+    return build_step(slip_recipe(*extra), torch.device("cpu"), log=False).train()
+
+
+def slip_batch(n: int = 6, seed: int = 7) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(2, 9, (n,), generator=g)
+    return {"images": torch.randint(0, 256, (n, 3, 16, 16), dtype=torch.uint8, generator=g),
+            "views": torch.randint(0, 256, (n, 2, 3, 16, 16), dtype=torch.uint8, generator=g),
+            "input_ids": torch.randint(1, 64, (n, 8), generator=g),
+            "attention_mask": (torch.arange(8)[None, :] < lengths[:, None]).long()}
+
+
+def test_slip_loss_is_clip_plus_simclr_on_the_two_views():
+    step = build_slip()
+    batch = slip_batch()
+    out = step(batch)
+    loss, metrics = step.compute_loss(out, batch)
+    z1, z2 = out["simclr"]
+    assert not torch.allclose(z1, z2)  # two different views
+    want = clip_loss(out["image_embeds"], out["text_embeds"], out["logit_scale"]) + simclr_loss(z1, z2, 0.1)
+    assert torch.allclose(loss, want)
+    assert metrics["simclr/loss"] > 0
+    loss.backward()  # the views train the image tower, the head trains
+    assert step.simclr_head[0].weight.grad is not None
+    assert step.model.visual.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+
+
+def test_ssl_scale_zero_is_the_plain_clip_step_exactly():
+    from clipforge.train.trainer import build_step
+
+    batch = slip_batch()
+    slip = build_slip("method.ssl_scale=0")
+    torch.manual_seed(0)
+    plain_recipe = slip_recipe().model_copy(update={"method": load_recipe("tiny-shapes").method})
+    clip = build_step(plain_recipe, torch.device("cpu"), log=False).train()
+    losses = []
+    for step in (slip, clip):
+        loss, _ = step.compute_loss(step(batch), batch)
+        loss.backward()
+        losses.append(loss)
+    assert torch.equal(losses[0], losses[1])
+    for (name, p), q in zip(slip.model.named_parameters(), clip.model.parameters()):
+        assert torch.equal(p, q) and torch.equal(p.grad, q.grad), name
+
+
+def test_slip_without_views_is_refused_with_the_fix():
+    with pytest.raises(RecipeError, match="data.ssl_views = 2"):
+        load_recipe("slip-cifar", ["data.ssl_views=0"])
+    step = build_slip()
+    batch = slip_batch()
+    del batch["views"]
+    with pytest.raises(ValueError, match="data.ssl_views = 2"):
+        step(batch)
+
+
+def _worker(rank, port, results):
+    from test_method_distributed import run_step
+
+    from clipforge.train import distributed as D
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=60))
+    ctx = D.current_context()
+    step = build_slip("model.patch_dropout=0")
+    for m in step.modules():  # BatchNorm in the head normalises per rank (as in the paper): use running stats
+        if isinstance(m, torch.nn.BatchNorm1d):
+            m.eval()
+    wrapped = D.wrap_model(step, ctx, torch.device("cpu"), False)
+    full = slip_batch(2 * WORLD)
+    part = {k: v[rank * 2:(rank + 1) * 2] for k, v in full.items()}
+    loss, grads = run_step(step, wrapped, part)
+    loss = D.sum_over_ranks([loss], ctx, torch.device("cpu"))[0] / WORLD
+    if rank == 0:
+        torch.save({"loss": loss, "grads": grads}, results)
+    dist.destroy_process_group()
+
+
+def test_two_ranks_equal_one_process(tmp_path):
+    from test_method_distributed import run_step
+
+    results = tmp_path / "report.pt"
+    spawn_ranks(_worker, results)
+    got = torch.load(results, weights_only=True)
+    step = build_slip("model.patch_dropout=0")
+    for m in step.modules():
+        if isinstance(m, torch.nn.BatchNorm1d):
+            m.eval()
+    want_loss, want = run_step(step, step, slip_batch(2 * WORLD))
+    assert abs(got["loss"] - want_loss) <= 1e-6 * abs(want_loss)
+    errors = {name: relative_error(got["grads"][name], want[name]) for name in want}
+    worst = max(errors, key=errors.get)
+    assert errors[worst] <= 1e-5, (worst, errors[worst])
+
+
+# ----------------------------------------------------------------------------- views and the strong policy
+def shapes_loader(*extra: str, start: int = 0, workers: int = 0):
+    r = load_recipe("tiny-shapes", ["data.batch_size=4", f"data.num_workers={workers}", *extra])
+    return build_train_loader(r.data, r.model.image_size, None, start)
+
+
+def test_ssl_views_are_two_different_seeded_crops_and_the_clip_image_is_unchanged():
+    plain = next(shapes_loader())
+    a = next(shapes_loader("data.ssl_views=2"))
+    b = next(shapes_loader("data.ssl_views=2"))
+    assert a["views"].shape == (4, 2, 3, 32, 32) and a["views"].dtype == torch.uint8
+    assert torch.equal(a["views"], b["views"])  # a pure function of the sample
+    assert not torch.equal(a["views"][:, 0], a["views"][:, 1])
+    assert torch.equal(a["images"], plain["images"]) and a["captions"] == plain["captions"]
+    assert "views" not in plain
+
+
+def test_views_resume_exactly_and_do_not_depend_on_workers():
+    it = shapes_loader("data.ssl_views=2", "data.augment.policy=strong")
+    next(it)
+    second = next(it)
+    resumed = next(shapes_loader("data.ssl_views=2", "data.augment.policy=strong", start=4, workers=1))
+    assert torch.equal(second["views"], resumed["views"]) and torch.equal(second["images"], resumed["images"])
+
+
+def test_strong_policy_changes_the_pixels_and_leaves_the_global_rng_alone():
+    plain = next(shapes_loader())
+    torch.manual_seed(5)
+    strong = next(shapes_loader("data.augment.policy=strong"))
+    after = torch.rand(1)
+    torch.manual_seed(5)
+    assert torch.equal(after, torch.rand(1))  # the workers' draws do not move the trainer's RNG
+    assert not torch.equal(plain["images"], strong["images"])
+    assert strong["images"].dtype == torch.uint8 and strong["images"].shape == plain["images"].shape
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    for cls in ("cat", "dog"):
+        (tmp_path / cls).mkdir()
+        for i in range(6):
+            pixels = torch.randint(0, 256, (40, 48, 3), dtype=torch.uint8, generator=g).numpy()
+            Image.fromarray(pixels).save(tmp_path / cls / f"{i}.png")
+    return tmp_path
+
+
+def test_views_and_eda_on_sources_on_disk_resume_exactly(image_folder):
+    from clipforge.data.pipeline import build_source_train_loader
+
+    r = load_recipe("tiny-shapes", [f"data.train=imagefolder:{image_folder}", "data.batch_size=3", "data.num_workers=0",
+                                    "data.ssl_views=2", "data.augment.policy=strong", "data.text_augment=eda",
+                                    "data.eda.synonyms=none", "data.eda.p=1", "data.eda.ops=['rs','rd','sw']"])
+    plain = load_recipe("tiny-shapes", [f"data.train=imagefolder:{image_folder}", "data.batch_size=3",
+                                        "data.num_workers=0"])
+    loader = build_source_train_loader(r.data, 32, None)
+    first = next(loader)
+    state = loader.state_dict()
+    second = next(loader)
+    assert first["views"].shape == (3, 2, 3, 32, 32)
+    resumed = next(build_source_train_loader(r.data, 32, None, state=state))
+    assert torch.equal(second["views"], resumed["views"]) and torch.equal(second["images"], resumed["images"])
+    assert second["captions"] == resumed["captions"]
+    base = next(build_source_train_loader(plain.data, 32, None))
+    assert base["keys"] == first["keys"]  # the same samples in the same order: the plan is untouched
+    assert not torch.equal(base["images"], first["images"])  # the strong policy changed the pixels
+    assert all(c != "a photo of a {}." for c in first["captions"])
+
+
+# ----------------------------------------------------------------------------- EDA
+THESAURUS = {"photo": ["picture", "snapshot"], "cat": ["kitty"], "small": ["little", "tiny"]}
+
+
+def eda(**kw) -> EDA:
+    return EDA(synonyms=THESAURUS, **kw)
+
+
+def test_eda_is_seeded():
+    e = eda(alpha=0.3, p=1.0, ops=("sr", "ri", "rs", "rd"))
+    text = "a small photo of a cat sitting on the old red mat"
+    outs = [e(text, random.Random(s)) for s in range(40)]
+    assert outs == [e(text, random.Random(s)) for s in range(40)]
+    assert len(set(outs)) > 10
+
+
+@pytest.mark.parametrize("op", ["sr", "ri", "rs", "rd", "sw"])
+def test_every_operation_keeps_at_least_one_word(op):
+    e = eda(alpha=1.0, p=1.0, ops=(op,))
+    for text in ["cat", "a", "of the", "the of a an", "a small photo", "!!", ""]:
+        for s in range(30):
+            out = e(text, random.Random(s))
+            assert out.split() or not caption_words(text), (op, text, out)
+
+
+def test_operations_do_what_eda_says():
+    text = "a small photo of a cat on the mat"
+    words = caption_words(text)
+    for s in range(20):
+        rng = random.Random(s)
+        swapped = eda(ops=("rs",), p=1.0, alpha=0.2)(text, rng).split()
+        assert sorted(swapped) == sorted(words)  # a permutation
+        kept = eda(ops=("rd",), p=1.0, alpha=0.3)(text, random.Random(s)).split()
+        it = iter(words)
+        assert all(w in it for w in kept)  # a subsequence
+        assert eda(ops=("sw",), p=1.0)(text, random.Random(s)).split() == [w for w in words if w not in STOP_WORDS]
+        replaced = eda(ops=("sr",), p=1.0, alpha=0.2)(text, random.Random(s)).split()
+        changed = [(a, b) for a, b in zip(words, replaced) if a != b]
+        assert len(replaced) == len(words) and len(changed) == 1 and changed[0][1] in THESAURUS[changed[0][0]]
+        inserted = eda(ops=("ri",), p=1.0, alpha=0.2)(text, random.Random(s)).split()
+        extra = list(inserted)
+        for w in words:
+            extra.remove(w)
+        assert len(extra) == 1 and any(extra[0] in v for v in THESAURUS.values())
+    assert eda(p=0.0)(text, random.Random(0)) == " ".join(words)  # p = 0: only EDA's clean-up
+
+
+needs_wordnet = pytest.mark.skipif(find_wordnet() is None and not os.environ.get("CI"),
+                                   reason="no WordNet database (apt-get install wordnet-base); CI installs it")
+
+
+@needs_wordnet
+def test_wordnet_synonyms_are_read_from_the_database_files():
+    e = EDA(p=1.0, ops=("sr",))
+    assert "picture" in e.synonyms["photo"] and "photograph" in e.synonyms["photo"]
+    assert "photo" not in e.synonyms["photo"]
+    assert all(w == w.lower() and "_" not in w for w in e.synonyms["ice cream"])
+
+
+def test_missing_wordnet_and_bad_thesaurus_say_what_to_do(tmp_path, monkeypatch):
+    import clipforge.data.text_augment as T
+
+    monkeypatch.setattr(T, "wordnet_dirs", lambda: [tmp_path / "nowhere"])
+    with pytest.raises(ValueError, match="apt-get install wordnet-base"):
+        EDA(synonyms="wordnet")
+    bad = tmp_path / "syn.json"
+    bad.write_text(json.dumps(["not", "a", "table"]))
+    with pytest.raises(ValueError, match="JSON object mapping words"):
+        EDA(synonyms=str(bad))
+    with pytest.raises(RecipeError, match="data.eda.ops"):
+        load_recipe("tiny-shapes", ["data.eda.ops=[]"])
+
+
+def test_eda_on_shapes_changes_captions_seeded_and_leaves_images(tmp_path):
+    path = tmp_path / "syn.json"
+    path.write_text(json.dumps({"circle": ["ring"], "square": ["box"]}))
+    extra = ["data.text_augment=eda", f"data.eda.synonyms={path}", "data.eda.p=1"]
+    plain = next(shapes_loader())
+    a, b = next(shapes_loader(*extra)), next(shapes_loader(*extra))
+    assert a["captions"] == b["captions"] and a["captions"] != plain["captions"]
+    assert torch.equal(a["images"], plain["images"])
