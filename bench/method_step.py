@@ -27,6 +27,12 @@ SIDES = {
     "aclip": ("aclip-shapes", []),
     "aclip_random_50": ("aclip-shapes", ["model.token_selection=random"]),
     "filip": ("filip-shapes", []),
+    # issue 11 (caption- and view-centric methods), on the same 64 px ViT
+    "dreamlip": ("dreamlip-shapes", AT_64),
+    "alip": ("alip-shapes", AT_64),
+    "slip": ("slip-cifar", AT_64 + ["data.train=shapes"]),
+    "clip_strong_eda_ls": ("tiny-shapes", AT_64 + ["data.augment.policy=strong", "data.text_augment=eda",
+                                                   "objective.terms.0.label_smoothing=0.1"]),
 }
 
 

@@ -35,7 +35,7 @@ class SlipConfig(MethodConfig):
     simclr_out: int = Field(256, ge=1)
 
     def check_recipe(self, recipe: Recipe) -> None:
-        if recipe.data.ssl_views != 2:
+        if self.ssl_scale > 0 and recipe.data.ssl_views != 2:  # at 0 the views would go unused
             raise ValueError(f"method 'slip' trains SimCLR on two extra views of each image: set data.ssl_views = 2 "
                              f"(got {recipe.data.ssl_views}); the recipe 'slip-cifar' does")
         if recipe.train.accum_mode == "gradcache":
