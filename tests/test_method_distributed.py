@@ -146,6 +146,29 @@ def _worker(rank: int, port: int, results: str) -> None:
     dist.destroy_process_group()
 
 
+def step_on_rank(rank: int, port: int, build_step, part):
+    """In a spawned rank: join the gloo group, build the step module, wrap it as the trainer does and run
+    one step on ``part`` (this rank's rows) -> (step module, loss averaged over ranks, this rank's
+    gradients). The caller saves what it needs on rank 0 and destroys the group."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=60))
+    ctx = D.current_context()
+    step = build_step()
+    wrapped = D.wrap_model(step, ctx, torch.device("cpu"), False)
+    loss, grads = run_step(step, wrapped, part)
+    return step, D.sum_over_ranks([loss], ctx, torch.device("cpu"))[0] / WORLD, grads
+
+
+def assert_same_as_one_process(got: dict, want_loss: float, want: dict, tol: float = TOL) -> None:
+    """The 2-rank loss and every gradient equal the 1-process ones (relative ``tol``)."""
+    assert abs(got["loss"] - want_loss) <= tol * abs(want_loss), (got["loss"], want_loss)
+    assert set(got["grads"]) == set(want)
+    errors = {name: relative_error(got["grads"][name], want[name]) for name in want}
+    worst = max(errors, key=errors.get)
+    assert errors[worst] <= tol, (worst, errors[worst])
+
+
 @pytest.fixture(scope="module")
 def report(tmp_path_factory) -> dict:
     results = tmp_path_factory.mktemp("method_ranks") / "report.pt"
