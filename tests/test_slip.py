@@ -311,3 +311,23 @@ def test_eda_on_shapes_changes_captions_seeded_and_leaves_images(tmp_path):
     a, b = next(shapes_loader(*extra)), next(shapes_loader(*extra))
     assert a["captions"] == b["captions"] and a["captions"] != plain["captions"]
     assert torch.equal(a["images"], plain["images"])
+
+
+# ----------------------------------------------------------------------------- resume
+@pytest.mark.slow
+def test_slip_with_strong_policy_and_eda_sigkill_then_resume_is_exact(tmp_path):
+    from test_method_resume import check_kill_and_resume
+
+    check_kill_and_resume(tmp_path, "slip-cifar", "[method]\nsimclr_hidden = 32\nsimclr_out = 16\n", 12, 6,
+                          "--set", "data.train=shapes", "--set", "data.augment.policy=strong",
+                          "--set", "data.text_augment=eda", "--set", "data.eda.synonyms=none", "--set", "data.eda.p=1")
+
+
+def test_the_improved_baseline_knobs_round_trip_through_recipe_toml():
+    from clipforge.config import recipe_to_toml, validate_recipe
+    import tomllib
+
+    r = load_recipe("tiny-shapes", ["data.text_augment=eda", "data.eda.synonyms=none", "data.augment.policy=strong",
+                                    "data.ssl_views=2", "data.eda.ops=['sw','rd']"])
+    assert r.data.eda.synonyms == "none"
+    assert validate_recipe(tomllib.loads(recipe_to_toml(r))) == r

@@ -310,8 +310,13 @@ class EdaConfig(Section):
     alpha: float = Field(0.1, gt=0.0, le=1.0)  # n = max(1, alpha * words) changes; rd drops each word with alpha
     p: float = Field(0.5, ge=0.0, le=1.0)  # probability that a caption is changed at all
     ops: list[Literal["sr", "ri", "rs", "rd", "sw"]] = ["sr", "ri", "rs", "rd"]  # one drawn per caption
-    # "wordnet", a JSON thesaurus {"word": [...]}, or none (sr / ri then change nothing)
-    synonyms: str | None = Field("wordnet", min_length=1)
+    # "wordnet", a JSON thesaurus {"word": [...]}, or "none" (sr / ri then change nothing)
+    synonyms: str = Field("wordnet", min_length=1)
+
+    @field_validator("synonyms", mode="before")
+    @classmethod
+    def _none_is_a_name(cls, value):
+        return "none" if value is None else value  # `--set data.eda.synonyms=none` arrives as None
 
     @field_validator("ops")
     @classmethod

@@ -85,7 +85,7 @@ class SampleAugmenter:
             from clipforge.data.text_augment import EDA
 
             e = data_cfg.eda
-            self.eda = EDA(e.alpha, e.p, tuple(e.ops), e.synonyms or "none")
+            self.eda = EDA(e.alpha, e.p, tuple(e.ops), e.synonyms)
 
     @classmethod
     def from_config(cls, data_cfg, image_size: int) -> "SampleAugmenter | None":
