@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from clipforge.outputs import new_output_dir
+from clipforge.outputs import load_array_no_pickle, new_output_dir, read_json_object
 
 INDEX_KINDS = ("flat", "ivf", "hnsw")
 INDEX_FILE = "index.faiss"
@@ -202,30 +202,15 @@ REBUILD = "rebuild the index with `clipforge index EMB_DIR --out NEW_DIR` (from 
 
 
 def _read_info(path: Path) -> dict[str, Any]:
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:  # ValueError: bad JSON or bad UTF-8
-        raise SearchIndexError(f"{path} is damaged ({type(e).__name__}: {str(e)[:120]}); {REBUILD}") from None
-    if not isinstance(info, dict) or info.get("kind") not in INDEX_KINDS:
+    info = read_json_object(path, SearchIndexError, REBUILD, "a clipforge index description")
+    if info.get("kind") not in INDEX_KINDS:
         raise SearchIndexError(f"{path} does not describe a clipforge index (no known \"kind\"); {REBUILD}")
     return info
 
 
 def _read_ids(path: Path, count: int) -> np.ndarray:
     """ids.npy, refused unless it is a plain integer array with one id per indexed vector."""
-    try:
-        ids = np.load(path, allow_pickle=False)  # never unpickle: a pickle can run code when loaded
-    except FileNotFoundError:
-        raise SearchIndexError(f"{path} is missing; {REBUILD}") from None
-    except ValueError as e:
-        if "allow_pickle" in str(e):
-            raise SearchIndexError(
-                f"{path} holds pickled Python objects, not integer ids; clipforge never loads pickles "
-                f"(loading one can run code), so the file is unsafe or was not written by clipforge; {REBUILD}"
-            ) from None
-        raise SearchIndexError(f"{path} is damaged or truncated ({str(e)[:160]}); {REBUILD}") from None
-    except (OSError, EOFError) as e:
-        raise SearchIndexError(f"{path} is damaged or truncated ({type(e).__name__}); {REBUILD}") from None
+    ids = load_array_no_pickle(path, SearchIndexError, REBUILD, "integer ids")
     if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer) or len(ids) != count:
         raise SearchIndexError(f"{path} holds {ids.dtype} {ids.shape}, not {count} integer ids (one per indexed "
                                f"vector): it does not belong to this index; {REBUILD}")

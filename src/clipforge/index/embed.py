@@ -29,6 +29,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from clipforge.outputs import load_array_no_pickle, read_json_object
+
 MANIFEST = "manifest.json"
 DTYPES = ("float16", "float32")
 KINDS = ("images", "texts")
@@ -334,28 +336,12 @@ REEMBED = "re-create the embeddings with `clipforge embed CKPT --data ... --out 
 
 
 def _read_manifest(path: Path) -> dict[str, Any]:
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:  # ValueError: bad JSON or bad UTF-8
-        raise EmbedError(f"{path} is damaged ({type(e).__name__}: {str(e)[:120]}); {REEMBED}") from None
-    if not isinstance(manifest, dict):
-        raise EmbedError(f"{path} is not a clipforge embedding manifest; {REEMBED}")
-    return manifest
+    return read_json_object(path, EmbedError, REEMBED, "a clipforge embedding manifest")
 
 
 def _read_shard(path: Path) -> np.ndarray:
     """One .npy shard as float32, refused unless it is a plain 2-D float array."""
-    try:
-        array = np.load(path, allow_pickle=False)  # never unpickle: a pickle can run code when loaded
-    except ValueError as e:
-        if "allow_pickle" in str(e):
-            raise EmbedError(
-                f"{path} holds pickled Python objects, not embeddings; clipforge never loads pickles "
-                f"(loading one can run code), so the file is unsafe or was not written by clipforge; {REEMBED}"
-            ) from None
-        raise EmbedError(f"{path} is damaged or truncated ({str(e)[:160]}); {REEMBED}") from None
-    except (OSError, EOFError) as e:
-        raise EmbedError(f"{path} is damaged or truncated ({type(e).__name__}); {REEMBED}") from None
+    array = load_array_no_pickle(path, EmbedError, REEMBED, "embeddings")
     if array.ndim != 2 or not np.issubdtype(array.dtype, np.floating):
         raise EmbedError(f"{path} holds {array.dtype} {array.shape}, not an N x E float array of embeddings; "
                          f"{REEMBED}")
