@@ -7,13 +7,12 @@ import math
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from clipforge.objectives.contrastive import clip_logits, clip_loss, multi_positive_clip_loss
 from clipforge.objectives.dreamlip import DreamlipGrouping, grouped_features, grouping_weights
 
-from test_distributed import WORLD, spawn_ranks
+from test_distributed import WORLD
 
 SUB = 2  # caption_kind of a sub-caption
 
@@ -177,20 +176,15 @@ def rank_part(batch: dict, rank: int) -> dict:
 
 
 def _worker(rank: int, port: int, results: str) -> None:
-    from test_method_distributed import step_on_rank
+    from test_method_distributed import one_step_on_rank
 
-    _, loss, grads = step_on_rank(rank, port, build, rank_part(dreamlip_batch(WORLD * B), rank))
-    if rank == 0:
-        torch.save({"loss": loss, "grads": grads}, results)
-    dist.destroy_process_group()
+    one_step_on_rank(rank, port, results, build, rank_part(dreamlip_batch(WORLD * B), rank))
 
 
 def test_two_ranks_equal_one_process(tmp_path):
-    from test_method_distributed import assert_same_as_one_process, run_step
+    from test_method_distributed import assert_same_as_one_process, run_step, two_ranks_report
 
-    results = tmp_path / "report.pt"
-    spawn_ranks(_worker, results)
-    got = torch.load(results, weights_only=True)
+    got = two_ranks_report(tmp_path, _worker)
     step = build()
     want_loss, want = run_step(step, step, dreamlip_batch(WORLD * B))
     assert "objective.terms.1.log_scale" in want

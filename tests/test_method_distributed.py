@@ -146,10 +146,10 @@ def _worker(rank: int, port: int, results: str) -> None:
     dist.destroy_process_group()
 
 
-def step_on_rank(rank: int, port: int, build_step, part):
-    """In a spawned rank: join the gloo group, build the step module, wrap it as the trainer does and run
-    one step on ``part`` (this rank's rows) -> (step module, loss averaged over ranks, this rank's
-    gradients). The caller saves what it needs on rank 0 and destroys the group."""
+def one_step_on_rank(rank: int, port: int, results, build_step, part, extra=None) -> None:
+    """The body of a spawned rank: join the gloo group, build the step module, wrap it as the trainer
+    does, run one step on ``part`` (this rank's rows); rank 0 saves the loss averaged over ranks, its
+    gradients and ``extra(step)`` (state after the step) to ``results``."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=60))
@@ -157,7 +157,18 @@ def step_on_rank(rank: int, port: int, build_step, part):
     step = build_step()
     wrapped = D.wrap_model(step, ctx, torch.device("cpu"), False)
     loss, grads = run_step(step, wrapped, part)
-    return step, D.sum_over_ranks([loss], ctx, torch.device("cpu"))[0] / WORLD, grads
+    report = {"loss": D.sum_over_ranks([loss], ctx, torch.device("cpu"))[0] / WORLD, "grads": grads,
+              **(extra(step) if extra is not None else {})}
+    if rank == 0:
+        torch.save(report, results)
+    dist.destroy_process_group()
+
+
+def two_ranks_report(tmp_path, worker) -> dict:
+    """Spawn 2 gloo ranks running ``worker(rank, port, results)``; rank 0's saved report."""
+    results = tmp_path / "report.pt"
+    spawn_ranks(worker, results)
+    return torch.load(results, weights_only=True)
 
 
 def assert_same_as_one_process(got: dict, want_loss: float, want: dict, tol: float = TOL) -> None:

@@ -11,7 +11,6 @@ import random
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 
@@ -21,7 +20,7 @@ from clipforge.data.text_augment import EDA, STOP_WORDS, caption_words, find_wor
 from clipforge.objectives.contrastive import clip_loss
 from clipforge.objectives.selfsup import simclr_loss
 
-from test_distributed import WORLD, spawn_ranks
+from test_distributed import WORLD
 
 
 # ----------------------------------------------------------------------------- NT-Xent
@@ -139,22 +138,17 @@ def build_slip_with_frozen_bn():
 
 
 def _worker(rank, port, results):
-    from test_method_distributed import step_on_rank
+    from test_method_distributed import one_step_on_rank
 
     full = slip_batch(2 * WORLD)
-    _, loss, grads = step_on_rank(rank, port, build_slip_with_frozen_bn,
-                                  {k: v[rank * 2:(rank + 1) * 2] for k, v in full.items()})
-    if rank == 0:
-        torch.save({"loss": loss, "grads": grads}, results)
-    dist.destroy_process_group()
+    one_step_on_rank(rank, port, results, build_slip_with_frozen_bn,
+                     {k: v[rank * 2:(rank + 1) * 2] for k, v in full.items()})
 
 
 def test_two_ranks_equal_one_process(tmp_path):
-    from test_method_distributed import assert_same_as_one_process, run_step
+    from test_method_distributed import assert_same_as_one_process, run_step, two_ranks_report
 
-    results = tmp_path / "report.pt"
-    spawn_ranks(_worker, results)
-    got = torch.load(results, weights_only=True)
+    got = two_ranks_report(tmp_path, _worker)
     step = build_slip_with_frozen_bn()
     want_loss, want = run_step(step, step, slip_batch(2 * WORLD))
     assert "simclr_head.0.weight" in want
