@@ -4,17 +4,15 @@ weights logged by noise kind, and 2 gloo processes == 1 process."""
 
 from __future__ import annotations
 
-import datetime
 import math
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from clipforge.objectives.alip import AlipLoss, alip_gates
 
-from test_distributed import WORLD, relative_error, spawn_ranks
+from test_distributed import WORLD
 
 
 def unit(*shape, seed=0):
@@ -58,6 +56,23 @@ def test_alip_loss_matches_the_paper_sample_by_sample_in_value_and_gradient():
     for a, b in zip(torch.autograd.grad(loss, [images, texts]), torch.autograd.grad(want, [images, texts])):
         assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
     assert {"raw_weight/clean", "raw_weight/other_image", "synthetic_weight/altered"} <= set(metrics)
+
+
+def test_gates_off_is_clip_on_both_captions_and_gates_on_differs():
+    from clipforge.objectives.contrastive import clip_loss
+
+    images, texts, batch = alip_batch()
+    t = torch.tensor(8.0, dtype=torch.float64)
+    outputs = {"image_embeds": images, "text_embeds": texts, "logit_scale": t}
+    off = AlipLoss(gates=False).double()
+    on = AlipLoss().double()
+    for term in (off, on):
+        term.running_means.copy_(torch.tensor([0.99, 0.2, 0.3]))  # mu_TC near 1: w^s < 1, the gates act
+    loss_off, _ = off(outputs, batch)
+    want = clip_loss(images, texts[0::2], t) + clip_loss(images, texts[1::2], t)
+    assert torch.allclose(loss_off, want, rtol=1e-12)
+    loss_on, metrics = on(outputs, batch)
+    assert not torch.allclose(loss_on, loss_off) and metrics["raw_weight/other_image"] < 1
 
 
 def test_gates_follow_the_paper():
@@ -133,44 +148,30 @@ def full_batch(n):
     return batch
 
 
+def _means_after_the_step(step) -> dict:
+    step.after_optimizer_step(1)
+    return {"means": step.objective.terms[0].running_means}
+
+
 def _worker(rank, port, results):
-    from test_method_distributed import run_step
+    from test_method_distributed import one_step_on_rank
 
-    from clipforge.train import distributed as D
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=60))
-    ctx = D.current_context()
-    step = build()
-    wrapped = D.wrap_model(step, ctx, torch.device("cpu"), False)
     full = full_batch(WORLD * B)
-    part = {"images": full["images"][rank * B:(rank + 1) * B], "text_owner": torch.arange(B).repeat_interleave(2)}
+    part = {"images": full["images"][rank * B:(rank + 1) * B], "text_owner": torch.arange(B).repeat_interleave(2),
+            "noise": full["noise"][rank * B:(rank + 1) * B]}
     for key in ("input_ids", "attention_mask", "caption_kind"):
         part[key] = full[key][rank * 2 * B:(rank + 1) * 2 * B]
-    part["noise"] = full["noise"][rank * B:(rank + 1) * B]
-    loss, grads = run_step(step, wrapped, part)
-    loss = D.sum_over_ranks([loss], ctx, torch.device("cpu"))[0] / WORLD
-    step.after_optimizer_step(1)
-    if rank == 0:
-        torch.save({"loss": loss, "grads": grads, "means": step.objective.terms[0].running_means}, results)
-    dist.destroy_process_group()
+    one_step_on_rank(rank, port, results, build, part, _means_after_the_step)
 
 
 def test_two_ranks_equal_one_process(tmp_path):
-    from test_method_distributed import run_step
+    from test_method_distributed import assert_same_as_one_process, run_step, two_ranks_report
 
-    results = tmp_path / "report.pt"
-    spawn_ranks(_worker, results)
-    got = torch.load(results, weights_only=True)
+    got = two_ranks_report(tmp_path, _worker)
     step = build()
     want_loss, want = run_step(step, step, full_batch(WORLD * B))
-    step.after_optimizer_step(1)
-    assert abs(got["loss"] - want_loss) <= 1e-6 * abs(want_loss)
-    errors = {name: relative_error(got["grads"][name], want[name]) for name in want}
-    worst = max(errors, key=errors.get)
-    assert errors[worst] <= 1e-6, (worst, errors[worst])
-    assert torch.allclose(got["means"], step.objective.terms[0].running_means, rtol=1e-6)
+    assert_same_as_one_process(got, want_loss, want)
+    assert torch.allclose(got["means"], _means_after_the_step(step)["means"], rtol=1e-6)
 
 
 @pytest.mark.slow

@@ -60,6 +60,9 @@ def alip_gates(images: Tensor, raw: Tensor, synthetic: Tensor, mu_tc: float, mu_
 class AlipConfig(TermConfig):
     name: str = "alip"
     momentum: float = Field(0.99, ge=0.0, lt=1.0)  # the running means' EMA factor
+    # false: every weight 1, i.e. plain CLIP on (image, raw) + (image, synthetic) -- the ablation that
+    # separates the extra caption from the gating (the means still move and are logged)
+    gates: bool = True
 
 
 @register_term
@@ -70,8 +73,9 @@ class AlipLoss(Term):
     Config = AlipConfig
     scope = "gathered"
 
-    def __init__(self, weight: float = 1.0, momentum: float = 0.99):
+    def __init__(self, weight: float = 1.0, momentum: float = 0.99, gates: bool = True):
         super().__init__(weight)
+        self.gates = bool(gates)
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"alip momentum must be in [0, 1), got {momentum}")
         self.momentum = float(momentum)
@@ -101,6 +105,8 @@ class AlipLoss(Term):
             offset = dist.get_rank() * images.shape[0]
         mu_tc, mu_it, mu_ic = self.running_means.tolist()
         w_s, w_t, w_c = alip_gates(images.detach(), raw.detach(), synthetic.detach(), mu_tc, mu_it, mu_ic)
+        if not self.gates:
+            w_s, w_t, w_c = torch.ones_like(w_s), torch.ones_like(w_t), torch.ones_like(w_c)
         loss_raw = per_sample_clip(images, raw, all_images, all_raw, scale, offset)
         loss_syn = per_sample_clip(images, synthetic, all_images, all_syn, scale, offset)
         loss = (w_s * w_t * loss_raw).mean() + (w_s * w_c * loss_syn).mean()
@@ -136,4 +142,4 @@ class AlipLoss(Term):
         self._pending = []
 
     def extra_repr(self) -> str:
-        return f"weight={self.weight}, momentum={self.momentum}"
+        return f"weight={self.weight}, momentum={self.momentum}, gates={self.gates}"
