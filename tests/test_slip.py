@@ -325,3 +325,12 @@ def test_the_improved_baseline_knobs_round_trip_through_recipe_toml():
                                     "data.ssl_views=2", "data.eda.ops=['sw','rd']"])
     assert r.data.eda.synonyms == "none"
     assert validate_recipe(tomllib.loads(recipe_to_toml(r))) == r
+
+
+def test_the_checkpoint_says_when_training_used_the_strong_policy():
+    from clipforge.data.augment import describe_train_preprocess
+
+    plain = load_recipe("tiny-shapes").data.augment
+    strong = load_recipe("tiny-shapes", ["data.augment.policy=strong"]).data.augment
+    assert "policy" not in describe_train_preprocess(plain, 32)
+    assert describe_train_preprocess(strong, 32)["policy"]["name"] == "strong"

@@ -124,5 +124,9 @@ def describe_train_preprocess(augment, image_size: int) -> dict:
     else:
         crop = {"crop": "random-resized", "scale": list(augment.scale), "ratio": list(augment.ratio),
                 "resize": "bicubic"}
-    return {"image_size": image_size, **crop, "hflip": augment.hflip, "jpeg_draft": True,
-            "exif_orientation": True, "transparency": "white", "dtype": "uint8", "normalize": "on-device"}
+    out = {"image_size": image_size, **crop, "hflip": augment.hflip, "jpeg_draft": True,
+           "exif_orientation": True, "transparency": "white", "dtype": "uint8", "normalize": "on-device"}
+    if augment.policy != "default":  # only when set: checkpoints trained without it read as before
+        out["policy"] = {"name": augment.policy, "color_jitter": [0.4, 0.4, 0.4, 0.1], "color_jitter_p": 0.8,
+                         "grayscale_p": 0.2, "gaussian_blur_p": 0.5, "blur_sigma": [0.1, 2.0]}
+    return out
