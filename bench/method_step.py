@@ -1,6 +1,6 @@
 """Step time of the method recipes relative to plain CLIP on the same model, batch and machine.
 
-    python bench/method_step.py [--rounds 5] [--steps 3] [--batch 64] [--threads 2]
+    python bench/method_step.py [--rounds 5] [--steps 3] [--batch 64] [--threads 2] [--only alip,slip]
 
 Each recipe's training step (``clipforge.demo.StepTimer``: the trainer's step module, loss,
 optimiser and after-step hook) is timed in interleaved rounds (A B C A B C ...); the JSON gives
@@ -42,9 +42,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--only", default=None, help="comma-separated sides (clip is always timed): e.g. alip,slip")
     args = parser.parse_args()
+    sides = SIDES if args.only is None else {k: v for k, v in SIDES.items() if k == "clip" or k in args.only.split(",")}
     common = [f"data.batch_size={args.batch}", f"train.threads={args.threads}", "data.tokenizer.corpus_size=2000"]
-    timers = {name: StepTimer(load_recipe(recipe, overrides + common)) for name, (recipe, overrides) in SIDES.items()}
+    timers = {name: StepTimer(load_recipe(recipe, overrides + common)) for name, (recipe, overrides) in sides.items()}
     for timer in timers.values():
         timer.seconds(2)  # warm-up
     samples: dict[str, list[float]] = {name: [] for name in timers}
