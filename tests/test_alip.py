@@ -59,20 +59,48 @@ def test_alip_loss_matches_the_paper_sample_by_sample_in_value_and_gradient():
 
 
 def test_gates_off_is_clip_on_both_captions_and_gates_on_differs():
+    """gates = false (the ablation): every weight 1, so the loss is L_clip(I, T) + L_clip(I, C), the two
+    per-sample CLIP losses averaged, on the same raw and synthetic captions; the means still move."""
     from clipforge.objectives.contrastive import clip_loss
 
     images, texts, batch = alip_batch()
+    raw, syn = texts[0::2], texts[1::2]
     t = torch.tensor(8.0, dtype=torch.float64)
     outputs = {"image_embeds": images, "text_embeds": texts, "logit_scale": t}
-    off = AlipLoss(gates=False).double()
-    on = AlipLoss().double()
+    means = torch.tensor([0.99, 0.2, 0.3], dtype=torch.float64)  # mu_TC near 1: w^s < 1, the gates act
+    off, on = AlipLoss(gates=False).double(), AlipLoss().double()
     for term in (off, on):
-        term.running_means.copy_(torch.tensor([0.99, 0.2, 0.3]))  # mu_TC near 1: w^s < 1, the gates act
-    loss_off, _ = off(outputs, batch)
-    want = clip_loss(images, texts[0::2], t) + clip_loss(images, texts[1::2], t)
+        term.running_means.copy_(means)
+
+    def per_sample(captions):  # ½(CE image i -> captions + CE caption i -> images), one value per i
+        logits = t * images @ captions.T
+        labels = torch.arange(images.shape[0])
+        return (F.cross_entropy(logits, labels, reduction="none") + F.cross_entropy(logits.T, labels, reduction="none")) / 2
+
+    loss_off, metrics_off = off(outputs, batch)
+    want = per_sample(raw).mean() + per_sample(syn).mean()
     assert torch.allclose(loss_off, want, rtol=1e-12)
-    loss_on, metrics = on(outputs, batch)
-    assert not torch.allclose(loss_on, loss_off) and metrics["raw_weight/other_image"] < 1
+    assert torch.allclose(want, clip_loss(images, raw, t) + clip_loss(images, syn, t), rtol=1e-12)
+    for a, b in zip(torch.autograd.grad(loss_off, [images, texts]), torch.autograd.grad(want, [images, texts])):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+    assert all(metrics_off[f"{pair}_weight/{kind}"] == 1.0 for pair in ("raw", "synthetic")
+               for kind in ("clean", "other_image", "dropped", "altered"))
+    assert metrics_off["mu_tc"] == pytest.approx(0.99)  # the means are logged...
+
+    w_s, w_t, w_c = alip_gates(images.detach(), raw.detach(), syn.detach(), *means.tolist())
+    assert (w_s * w_t < 1).any() and (w_s * w_c < 1).any()  # on this batch the gates do act
+    loss_on, metrics_on = on(outputs, batch)
+    assert not torch.allclose(loss_on, loss_off)
+    assert torch.allclose(loss_on, (w_s * w_t * per_sample(raw)).mean() + (w_s * w_c * per_sample(syn)).mean(), rtol=1e-12)
+    assert metrics_on["raw_weight/other_image"] < 1
+
+    for term in (off, on):  # ...and move as with the gates on (they do not depend on the weights)
+        term.after_optimizer_step(1)
+    assert not torch.equal(off.running_means, means)
+    assert torch.equal(off.running_means, on.running_means)
+    from clipforge.objectives.base import build_term  # the recipe's spelling reaches the term
+
+    assert build_term({"name": "alip", "gates": False}).gates is False and build_term({"name": "alip"}).gates
 
 
 def test_gates_follow_the_paper():
