@@ -26,6 +26,9 @@ CASES = [
     ("vit-b16-flip50", "clip-vit-b16", ["model.patch_dropout=0.5"], False, [512, 384, 256]),
     ("vit-b16-compile", "clip-vit-b16", [], True, [512, 384, 256]),
     ("vit-b16-flip50-compile", "clip-vit-b16", ["model.patch_dropout=0.5"], True, [512, 384, 256]),
+    # the host reads every step's loss and gradient norm (what every step did before the sync-free step)
+    ("vit-b16-compile-synced", "clip-vit-b16", ["train.sync_every_step=true"], True, [512, 384, 256]),
+    ("vit-b16-compile-b768", "clip-vit-b16", [], True, [768]),
 ]
 
 TINY = ["model.image_size=32", "model.patch_size=8", "model.vision_width=64", "model.vision_layers=2",
@@ -40,7 +43,7 @@ def run_case(args, name: str, recipe: str, overrides: list[str], compile: bool, 
            "--batch", str(batch), "--steps", str(args.steps), "--rounds", str(args.rounds), "--warmup", str(args.warmup),
            "--loader-batches", str(args.loader_batches), "--out", str(out),
            "--compile" if compile else "--no-compile"]
-    if not args.no_openclip:
+    if not args.no_openclip and (args.openclip_cases == "all" or name in args.openclip_cases.split(",")):
         cmd += ["--against", "openclip"]
     if args.profile:
         cmd += ["--profile"]
@@ -79,6 +82,7 @@ def main() -> None:
     parser.add_argument("--case-timeout", type=float, default=240.0)
     parser.add_argument("--cases", default=",".join(c[0] for c in CASES[:4]))
     parser.add_argument("--no-openclip", action="store_true")
+    parser.add_argument("--openclip-cases", default="all", help="comma-separated cases run against OpenCLIP too")
     parser.add_argument("--profile", action="store_true", help="add a kernel-time breakdown per side")
     parser.add_argument("--out", default=os.environ.get("OUT") or "bench-out")
     args = parser.parse_args()
@@ -103,6 +107,10 @@ def main() -> None:
             if not summary.get("oom"):
                 break
     final = {"bench": "gpu", "cases": summaries}
+    synced = next((s for s in summaries if s["case"] == "vit-b16-compile-synced" and s["ok"]), None)
+    free = next((s for s in summaries if s["case"] == "vit-b16-compile" and s["ok"]), None)
+    if synced and free and synced["batch"] == free["batch"]:  # what not reading every step on the host buys
+        final["sync_free_speedup"] = round(free["clipforge"]["img_per_s"] / synced["clipforge"]["img_per_s"], 3)
     for suffix in ("", "-compile"):  # FLIP's speed-up over the same model without patch dropout
         flip = next((s for s in summaries if s["case"] == f"vit-b16-flip50{suffix}" and s["ok"]), None)
         base = next((s for s in summaries if s["case"] == f"vit-b16{suffix}" and s["ok"]), None)

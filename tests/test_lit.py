@@ -104,7 +104,7 @@ def one_step(recipe, batch, cache_dir=None):
     loss, _, _ = runner.forward_backward([runner.to_device(batch)])
     grads = {n: p.grad for n, p in step.named_parameters()}
     runner.apply(1)
-    return step, optimizer, before, loss, grads
+    return step, optimizer, before, float(loss), grads
 
 
 def test_locked_text_tower_after_a_step(tokenizer):

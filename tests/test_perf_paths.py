@@ -3,6 +3,7 @@ and ``train.compile`` (torch.compile of the model)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from clipforge.config import load_recipe
@@ -58,7 +59,7 @@ def _losses(recipe, trim: bool, steps: int = 3) -> list[float]:
         runner.set_lr(done - 1)
         loss, _, _ = runner.forward_backward([runner.to_device(batch)])
         runner.apply(done)
-        losses.append(loss)
+        losses.append(float(loss))
     return losses
 
 
@@ -103,3 +104,32 @@ def test_train_compile_option_reaches_the_model():
     step_module = build_step(recipe, torch.device("cpu"), log=False)
     assert step_module.model._compiled_call_impl is not None  # nn.Module.compile(): keys unchanged
     assert all(not k.startswith("_orig_mod") for k in step_module.model.state_dict())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on a GPU machine)")
+@pytest.mark.parametrize("name", ["tiny-shapes", "tiny-shapes-flip", "tiny-shapes-siglip"])
+def test_sync_free_steps_never_wait_for_the_gpu(name):
+    """The trainer's steady-state step (copy in, forward, backward, clip, AdamW or a device-side skip)
+    makes no call that blocks the host on the GPU: CUDA's sync debug mode turns any such call into an error."""
+    device = torch.device("cuda")
+    recipe = load_recipe(name, SMALL + ["train.device=cuda"])
+    seed_everything(0)
+    step_module = build_step(recipe, device, log=False).train()
+    runner = StepRunner(step_module, build_optimizer(step_module, recipe), recipe, device)
+    assert runner.sync_free
+    batch = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in _batch(recipe).items()}
+
+    def one_step(done: int) -> torch.Tensor:
+        runner.set_lr(done - 1)
+        loss, _, grad_norm = runner.forward_backward([runner.to_device(batch)])
+        return runner.apply_unless_bad(loss, grad_norm, done)
+
+    for done in (1, 2):  # first calls create handles and workspaces
+        one_step(done)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        flags = [one_step(done) for done in (3, 4, 5)]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert float(sum(flags)) == 0.0  # and the steps were applied

@@ -179,7 +179,8 @@ def test_refuses_to_overwrite_a_run_with_checkpoints(tmp_path):
         Trainer(r, tmp_path / "run").fit()
 
 
-def test_nan_steps_are_skipped_then_the_run_stops(tmp_path, monkeypatch):
+@pytest.mark.parametrize("sync", ["false", "true"])  # skipped on the device / decided on the host
+def test_nan_steps_are_skipped_then_the_run_stops(tmp_path, monkeypatch, sync):
     from clipforge import objectives
 
     real_forward = objectives.Objective.forward
@@ -189,19 +190,20 @@ def test_nan_steps_are_skipped_then_the_run_stops(tmp_path, monkeypatch):
         return loss * float("nan"), metrics
 
     monkeypatch.setattr(objectives.Objective, "forward", nan_forward)
-    r = small_recipe(tmp_path, "train.max_bad_steps=2", steps=10)
+    r = small_recipe(tmp_path, "train.max_bad_steps=2", f"train.sync_every_step={sync}", steps=10)
     with pytest.raises(TrainingError, match="NaN/inf") as e:
         Trainer(r, tmp_path / "run").fit()
     assert "max_bad_steps=2" in str(e.value)
 
 
-def test_nan_step_leaves_weights_unchanged(tmp_path, monkeypatch):
+@pytest.mark.parametrize("sync", ["false", "true"])
+def test_nan_step_leaves_weights_unchanged(tmp_path, monkeypatch, sync):
     from clipforge import objectives
 
     real_forward = objectives.Objective.forward
     monkeypatch.setattr(objectives.Objective, "forward",
                         lambda self, o, b: (lambda l, m: (l * float("nan"), m))(*real_forward(self, o, b)))
-    r = small_recipe(tmp_path, "train.max_bad_steps=5", "train.seed=3", steps=3)
+    r = small_recipe(tmp_path, "train.max_bad_steps=5", "train.seed=3", f"train.sync_every_step={sync}", steps=3)
     result = Trainer(r, tmp_path / "run").fit()
     assert result.step == 3
     from clipforge.models.clip import CLIP
@@ -214,6 +216,70 @@ def test_nan_step_leaves_weights_unchanged(tmp_path, monkeypatch):
         assert torch.equal(a, b), k
     lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert lines[-1]["bad_steps"] == 3
+
+
+def _nan_at_steps(monkeypatch, bad: set[int]) -> None:
+    """The objective returns a NaN loss on the given (1-based) calls."""
+    from clipforge import objectives
+
+    real_forward, calls = objectives.Objective.forward, [0]
+
+    def forward(self, outputs, batch):
+        loss, metrics = real_forward(self, outputs, batch)
+        calls[0] += 1
+        return (loss * float("nan") if calls[0] in bad else loss), metrics
+
+    monkeypatch.setattr(objectives.Objective, "forward", forward)
+
+
+def _run_record(run_dir: Path) -> tuple[list[dict], dict, dict]:
+    lines = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for line in lines:
+        line.pop("img_per_s", None)  # wall time
+    latest = run_dir / "checkpoints" / "latest"
+    state = torch.load(latest / "train_state.pt", weights_only=True)
+    weights = clipforge.load(latest)[0].state_dict()
+    return lines, state, weights
+
+
+@pytest.mark.parametrize("bad_steps", [set(), {2, 5}])
+def test_sync_free_steps_equal_steps_read_every_step(tmp_path, monkeypatch, bad_steps):
+    """Nothing read on the host between logging steps, bad steps skipped on the device: the same
+    metrics, weights, optimizer state (moments and step counts) and bad-step count as reading every step."""
+    runs = {}
+    for sync in ("false", "true"):
+        monkeypatch.undo()
+        _nan_at_steps(monkeypatch, bad_steps)
+        r = small_recipe(tmp_path, f"train.sync_every_step={sync}", "logging.every_steps=3", "train.seed=5", steps=7)
+        Trainer(r, tmp_path / sync).fit()
+        runs[sync] = _run_record(tmp_path / sync)
+    (lines_a, state_a, weights_a), (lines_b, state_b, weights_b) = runs["false"], runs["true"]
+    assert [l["step"] for l in lines_a] == [3, 6, 7]
+    assert lines_a == lines_b
+    assert lines_a[-1]["bad_steps"] == state_a["bad_steps"] == len(bad_steps)
+    for k in weights_a:
+        assert torch.equal(weights_a[k], weights_b[k]), k
+    steps_counted = {float(v["step"]) for v in state_a["optimizer"]["state"].values()}
+    assert steps_counted == {7.0 - len(bad_steps)}  # a skipped step does not advance AdamW's bias correction
+    for i, st in state_a["optimizer"]["state"].items():
+        for key, value in st.items():
+            assert torch.equal(value, state_b["optimizer"]["state"][i][key]), (i, key)
+
+
+def test_sync_free_only_where_a_skipped_step_changes_nothing(tmp_path):
+    from clipforge.train import distributed as D
+    from clipforge.train.trainer import StepRunner, build_optimizer, build_step
+
+    def runner(*overrides, ctx=D.SINGLE_PROCESS, recipe="tiny-shapes"):
+        r = load_recipe(recipe, ["model.vision_layers=1", "model.text_layers=1", *overrides])
+        step = build_step(r, torch.device("cpu"), log=False)
+        return StepRunner(step, build_optimizer(step, r), r, torch.device("cpu"), ctx)
+
+    assert runner().sync_free
+    assert not runner("train.sync_every_step=true").sync_free
+    assert not runner(ctx=D.DistContext(rank=0, world_size=2)).sync_free
+    # an EMA teacher moves on every step the hook runs: the host must decide
+    assert not runner(recipe="aclip-shapes").sync_free
 
 
 def test_logit_scale_never_exceeds_100_and_no_decay_groups(tmp_path):

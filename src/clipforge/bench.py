@@ -212,11 +212,17 @@ def clipforge_side(recipe: Recipe, device: torch.device, count: bool = True) -> 
     runner = StepRunner(step_module, optimizer, recipe, device)
     done = [0]
 
-    def step() -> None:
+    def step() -> None:  # what one iteration of the training loop does, logging apart
+        from clipforge.train.distributed import sum_over_ranks
+
         runner.set_lr(done[0])
-        runner.forward_backward([runner.to_device(host_batch) for _ in range(micro)])
+        loss, metrics, grad_norm = runner.forward_backward([runner.to_device(host_batch) for _ in range(micro)])
         done[0] += 1
-        runner.apply(done[0])
+        if runner.sync_free:  # applied or skipped on the device, nothing read on the host
+            runner.apply_unless_bad(loss, grad_norm, done[0])
+        else:  # the loop reads the step's numbers on the host before deciding
+            sum_over_ranks([loss, grad_norm, *metrics.values()], runner.ctx, device)
+            runner.apply(done[0])
 
     params = sum(p.numel() for p in step_module.model.parameters())
     side = Side("clipforge", step, recipe.data.batch_size * micro, flops, params)

@@ -587,6 +587,11 @@ class TrainConfig(Section):
     # torch.compile the step's forward (model + loss): fuses norms, activations and bias adds; the
     # first steps are slow while it compiles. Equal to eager within float tolerance (tested)
     compile: bool = False
+    # read the loss, metrics and the bad-step flag on the host after every step (a GPU stall per step).
+    # Off: one process keeps them on the device and reads them at logging steps, checkpoints and the end;
+    # a NaN/inf step is skipped on the device (fused AdamW's found_inf). Distributed runs and methods with
+    # per-step state (EMA teachers, queues) always read every step
+    sync_every_step: bool = False
 
 
 EVAL_TASKS = ("zeroshot", "retrieval", "val_loss")  # [[eval.tasks]] task names

@@ -177,8 +177,8 @@ class AclipStep(TrainStep):
         target = outputs["byol_target"]
         byol = sum(byol_loss(p, target) for p in outputs["byol"]) / len(outputs["byol"])
         total = contrastive + self.cfg.simclr_weight * simclr + self.cfg.byol_weight * byol
-        metrics.update({"contrastive/loss": float(contrastive.detach()), "simclr/loss": float(simclr.detach()),
-                        "byol/loss": float(byol.detach()), "loss": float(total.detach())})
+        metrics.update({"contrastive/loss": contrastive.detach(), "simclr/loss": simclr.detach(),
+                        "byol/loss": byol.detach(), "loss": total.detach()})
         return total, metrics
 
     @torch.no_grad()

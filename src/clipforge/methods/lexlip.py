@@ -109,7 +109,7 @@ class LexlipStep(TrainStep):
         if self.training and torch.is_grad_enabled():
             self._pending.append((image_k, text_k))
         total = loss + self.cfg.moco_weight * moco
-        metrics.update({"moco/loss": float(moco.detach()), "moco/queue": filled, "loss": float(total.detach())})
+        metrics.update({"moco/loss": moco.detach(), "moco/queue": filled, "loss": total.detach()})
         return total, metrics
 
     @torch.no_grad()

@@ -289,15 +289,15 @@ class ProtoclipStep(TrainStep):
             proto = 0.5 * (prototype_loss(z_image, self.image_prototypes, q_text, scale)
                            + prototype_loss(z_text, self.text_prototypes, q_image, scale))
             loss = loss + cfg.proto_weight * proto
-            metrics["proto/loss"] = float(proto.detach())
+            metrics["proto/loss"] = proto.detach()
         if self.external_active:
             hard = F.one_hot(self.external_labels[rows], cfg.clusters).float()
             ext = 0.5 * (prototype_loss(z_image, self.image_from_external, hard, scale)
                          + prototype_loss(z_text, self.text_from_external, hard, scale))
             loss = loss + cfg.external_weight * ext
-            metrics["external/loss"] = float(ext.detach())
-        metrics["proto_scale"] = float(scale.detach())
-        metrics["loss"] = float(loss.detach())
+            metrics["external/loss"] = ext.detach()
+        metrics["proto_scale"] = scale.detach()
+        metrics["loss"] = loss.detach()
         return loss, metrics
 
     @torch.no_grad()

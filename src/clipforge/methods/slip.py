@@ -74,6 +74,6 @@ class SlipStep(TrainStep):
             return loss, metrics
         ssl = simclr_loss(*outputs["simclr"], self.cfg.simclr_temperature)
         total = loss + self.cfg.ssl_scale * ssl
-        metrics = {**metrics, "contrastive/loss": float(loss.detach()), "simclr/loss": float(ssl.detach()),
-                   "loss": float(total.detach())}
+        metrics = {**metrics, "contrastive/loss": loss.detach(), "simclr/loss": ssl.detach(),
+                   "loss": total.detach()}
         return total, metrics

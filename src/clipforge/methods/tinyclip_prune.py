@@ -186,9 +186,9 @@ class TinyclipPruneStep(TrainStep):
         target = target_sparsity(int(self.steps_done), self.cfg.target_sparsity, self.cfg.warmup_steps,
                                  self.cfg.start_sparsity)
         penalty = self.lagrangian(sparsity, target)
-        metrics = {**metrics, "prune/expected_sparsity": float(sparsity.detach()), "prune/target": target,
-                   "prune/penalty": float(penalty.detach()), "prune/lambda_1": float(self.lagrangian.lambda_1.detach()),
-                   "prune/lambda_2": float(self.lagrangian.lambda_2.detach())}
+        metrics = {**metrics, "prune/expected_sparsity": sparsity.detach(), "prune/target": target,
+                   "prune/penalty": penalty.detach(), "prune/lambda_1": self.lagrangian.lambda_1.detach(),
+                   "prune/lambda_2": self.lagrangian.lambda_2.detach()}
         return loss + penalty, metrics
 
     @torch.no_grad()

@@ -115,7 +115,7 @@ class AlipLoss(Term):
                                    (all_images * all_syn).sum(-1)]).double().mean(1)
             if self.training:
                 self._pending.append(cosines)
-        metrics: Metrics = {"logit_scale": float(scale.detach()), "mu_tc": mu_tc, "mu_it": mu_it, "mu_ic": mu_ic}
+        metrics: Metrics = {"logit_scale": scale.detach(), "mu_tc": mu_tc, "mu_it": mu_it, "mu_ic": mu_ic}
         metrics.update(self._weights_by_noise(w_s * w_t, w_s * w_c, batch.get("noise"), gather_no_grad))
         return loss, metrics
 

@@ -31,7 +31,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-Metrics = dict[str, float]
+# values: floats or 0-d tensors; tensors stay on the device until the trainer reads them (at logging steps)
+Metrics = dict[str, float | Tensor]
 
 # How a term sees the batch under data parallelism (used by the distributed trainer):
 #   "local"    - only this rank's samples (e.g. per-sample regularisers)
@@ -128,11 +129,11 @@ class Objective(nn.Module):
             else:
                 loss, term_metrics = term(outputs, batch)
                 total = term.weight * loss if total is None else total + term.weight * loss
-            metrics[f"{key}/loss"] = float(loss.detach())
+            metrics[f"{key}/loss"] = loss.detach()
             metrics.update({f"{key}/{name}": value for name, value in term_metrics.items()})
         assert total is not None  # guaranteed by the weight check in __init__
         total = total + self._zero_anchor()
-        metrics["loss"] = float(total.detach())
+        metrics["loss"] = total.detach()
         return total, metrics
 
     def _zero_anchor(self) -> Tensor | float:

@@ -92,12 +92,12 @@ def clip_loss(image_embeds: Tensor, text_embeds: Tensor, logit_scale: Tensor, la
 
 
 @torch.no_grad()
-def retrieval_accuracy(logits: Tensor) -> tuple[float, float]:
-    """In-batch top-1 accuracy (image -> text, text -> image) of a square logit matrix."""
+def retrieval_accuracy(logits: Tensor) -> tuple[Tensor, Tensor]:
+    """In-batch top-1 accuracy (image -> text, text -> image) of a square logit matrix (0-d tensors)."""
     target = torch.arange(logits.shape[0], device=logits.device)
     image_to_text = (logits.argmax(dim=1) == target).float().mean()
     text_to_image = (logits.argmax(dim=0) == target).float().mean()
-    return float(image_to_text), float(text_to_image)
+    return image_to_text, text_to_image
 
 
 class ClipConfig(TermConfig):
@@ -130,14 +130,14 @@ class ClipLoss(Term):
             loss, metrics = distributed_clip_loss(
                 outputs["image_embeds"], outputs["text_embeds"], logit_scale, self.label_smoothing
             )
-            return loss, {**metrics, "logit_scale": float(logit_scale.detach())}
+            return loss, {**metrics, "logit_scale": logit_scale.detach()}
         logits = clip_logits(outputs["image_embeds"], outputs["text_embeds"], logit_scale)
         loss = symmetric_cross_entropy(logits, logits.T, label_smoothing=self.label_smoothing)
         image_to_text, text_to_image = retrieval_accuracy(logits)
         metrics = {
             "i2t_acc": image_to_text,
             "t2i_acc": text_to_image,
-            "logit_scale": float(logit_scale.detach()),
+            "logit_scale": logit_scale.detach(),
         }
         return loss, metrics
 
@@ -160,7 +160,7 @@ class ClipLoss(Term):
             clip_logits(images, all_texts, logit_scale), clip_logits(texts, all_images, logit_scale),
             all_owner, image_offset, text_offset, batch.get("weights"), self.label_smoothing,
         )
-        return loss, {"logit_scale": float(logit_scale.detach())}
+        return loss, {"logit_scale": logit_scale.detach()}
 
     def extra_repr(self) -> str:
         return f"weight={self.weight}, label_smoothing={self.label_smoothing}"

@@ -137,7 +137,7 @@ def distributed_clip_loss(
         image_to_text = (logits_per_image.argmax(dim=1) == labels).float().mean()
         text_to_image = (logits_per_text.argmax(dim=1) == labels).float().mean()
     # this rank's rows against all B candidates; the trainer averages metrics over ranks
-    return loss, {"i2t_acc": float(image_to_text), "t2i_acc": float(text_to_image)}
+    return loss, {"i2t_acc": image_to_text, "t2i_acc": text_to_image}
 
 
 def ring_siglip_loss(image_embeds: Tensor, text_embeds: Tensor, logit_scale: Tensor, logit_bias: Tensor) -> tuple[Tensor, Tensor]:

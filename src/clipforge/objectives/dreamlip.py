@@ -125,7 +125,7 @@ class DreamlipGrouping(Term):
             loss = grouping_loss(sub, groups, scale)
         with torch.no_grad():  # how peaked the groups are: 1 = one patch, 0 = all patches alike
             entropy = -(weights * weights.clamp_min(EPS).log()).sum(1).mean() / math.log(weights.shape[1])
-        return loss, {"logit_scale": float(scale.detach()), "group_peakedness": float(1 - entropy)}
+        return loss, {"logit_scale": scale.detach(), "group_peakedness": float(1 - entropy)}
 
     def extra_repr(self) -> str:
         return f"weight={self.weight}, threshold={self.threshold}"

@@ -108,7 +108,7 @@ class FilipLoss(Term):
             return self._distributed(image_tokens, text_tokens, text_mask, logit_scale, owner, batch.get("weights"))
         loss, s_image, _ = filip_loss(image_tokens, text_tokens, text_mask, logit_scale, owner, self.chunk,
                                       batch.get("weights"))
-        metrics: Metrics = {"logit_scale": float(logit_scale.detach())}
+        metrics: Metrics = {"logit_scale": logit_scale.detach()}
         if owner is None:
             metrics["i2t_acc"], metrics["t2i_acc"] = retrieval_accuracy(s_image)
         return loss, metrics
@@ -133,5 +133,5 @@ class FilipLoss(Term):
             logit_scale * s_image, logit_scale * s_text.T, global_owner,
             image_offset=rank * b_img, text_offset=rank * b_txt, weights=weights,
         )
-        metrics: Metrics = {"logit_scale": float(logit_scale.detach())}
+        metrics: Metrics = {"logit_scale": logit_scale.detach()}
         return loss, metrics

@@ -111,7 +111,7 @@ class FlopsRegulariser(Term):
         image_flops, text_flops = flops(gather_with_grad(image)), flops(gather_with_grad(text))
         ramp = quadratic_warmup(int(self.steps_done), self.warmup_steps)
         image_nnz, text_nnz = sparsity_report(image)["nnz"], sparsity_report(text)["nnz"]
-        metrics = {"image_flops": float(image_flops.detach()), "text_flops": float(text_flops.detach()),
+        metrics = {"image_flops": image_flops.detach(), "text_flops": text_flops.detach(),
                    "ramp": ramp, "image_nnz": image_nnz, "text_nnz": text_nnz}
         return ramp * (image_flops + text_flops), metrics
 

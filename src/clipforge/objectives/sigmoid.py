@@ -93,9 +93,9 @@ def sigmoid_pair_metrics(logits: Tensor) -> Metrics:
     negative_right = (logits < 0).sum() - (logits.diagonal() < 0).sum()
     pairs = n * logits.shape[1]
     return {
-        "pos_logit": float(diagonal_sum / n),
-        "neg_logit": float((logits.sum() - diagonal_sum) / (pairs - n)) if pairs > n else float("nan"),
-        "pair_acc": float((positive_right + negative_right) / pairs),
+        "pos_logit": diagonal_sum / n,
+        "neg_logit": (logits.sum() - diagonal_sum) / (pairs - n) if pairs > n else float("nan"),
+        "pair_acc": (positive_right + negative_right) / pairs,
     }
 
 
@@ -122,8 +122,8 @@ class SigLipLoss(Term):
             logits = siglip_logits(image_embeds, outputs["text_embeds"], logit_scale, logit_bias)
             loss = sigmoid_pair_loss_sum(logits, positives_on_diagonal=True) / image_embeds.shape[0]
         metrics = sigmoid_pair_metrics(logits)
-        metrics["logit_scale"] = float(logit_scale.detach())
-        metrics["logit_bias"] = float(logit_bias.detach())
+        metrics["logit_scale"] = logit_scale.detach()
+        metrics["logit_bias"] = logit_bias.detach()
         return loss, metrics
 
     def _multi_positive(self, images, texts, logit_scale, logit_bias, owner, weights) -> tuple[Tensor, Metrics]:
@@ -144,8 +144,8 @@ class SigLipLoss(Term):
                 received = pass_to_right(received)
                 block = siglip_logits(images, received, logit_scale, logit_bias)
                 total = total + sigmoid_masked_loss_sum(block, torch.zeros_like(block, dtype=torch.bool), weights)
-        return total / images.shape[0], {"logit_scale": float(logit_scale.detach()),
-                                          "logit_bias": float(logit_bias.detach())}
+        return total / images.shape[0], {"logit_scale": logit_scale.detach(),
+                                          "logit_bias": logit_bias.detach()}
 
 
 def multi_positive_labels(owner: Tensor, num_images: int) -> Tensor:

@@ -164,12 +164,15 @@ def short_reason(exc: BaseException) -> str:
     return (text.split(". ")[0] if text else type(exc).__name__).rstrip(".")
 
 
-def sum_over_ranks(values: Sequence[float], ctx: DistContext, device: torch.device) -> list[float]:
-    """Element-wise sum of a few numbers over ranks (one small all_reduce; float64 so counts stay exact)."""
-    if not ctx.enabled:
-        return list(values)
-    t = torch.tensor(list(values), dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+def sum_over_ranks(values: Sequence[float | torch.Tensor], ctx: DistContext, device: torch.device) -> list[float]:
+    """Element-wise sum over ranks of a few numbers, floats or 0-d tensors (one small all_reduce, one
+    device-to-host transfer; float64 so counts stay exact)."""
+    if not ctx.enabled and not any(torch.is_tensor(v) for v in values):
+        return [float(v) for v in values]
+    t = torch.stack([v.detach().reshape(()).to(device, torch.float64) if torch.is_tensor(v)
+                     else torch.tensor(float(v), dtype=torch.float64, device=device) for v in values])
+    if ctx.enabled:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t.tolist()
 
 

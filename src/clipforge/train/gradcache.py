@@ -51,16 +51,19 @@ def _fsdp_no_sync(model) -> Iterator[None]:
 
 
 def plain_accumulation(model, objective, micro_batches: list[dict], forward: ForwardFn,
-                       autocast: Callable[[], Any]) -> tuple[float, Metrics]:
-    """Backpropagate the mean of the micro-batch losses; returns (mean loss, last metrics)."""
+                       autocast: Callable[[], Any]) -> tuple[Tensor, Metrics]:
+    """Backpropagate the mean of the micro-batch losses; returns (mean loss, last metrics).
+
+    The loss stays a 0-d tensor on the device (no host synchronisation here)."""
     k = len(micro_batches)
-    loss_sum, metrics = 0.0, {}
+    loss_sum: Tensor | float = 0.0
+    metrics: Metrics = {}
     for i, batch in enumerate(micro_batches):
         with no_sync_unless_last(model, i == k - 1):
             with autocast():
                 loss, metrics = objective(forward(batch), batch)
             (loss / k).backward()
-        loss_sum += loss.item() / k
+        loss_sum = loss_sum + loss.detach().float() / k
     return loss_sum, metrics
 
 
@@ -121,7 +124,7 @@ def _leaf(x: Tensor) -> Tensor:
 
 
 def gradcache_accumulation(model, objective, micro_batches: list[dict], forward: ForwardFn,
-                           autocast: Callable[[], Any], device: torch.device) -> tuple[float, Metrics]:
+                           autocast: Callable[[], Any], device: torch.device) -> tuple[Tensor, Metrics]:
     """GradCache: the gradient of the objective on all micro-batches together; returns (loss, metrics)."""
     # 1. embed without autograd, remembering each micro-batch's RNG state
     forks, cached = [], []
@@ -154,7 +157,7 @@ def gradcache_accumulation(model, objective, micro_batches: list[dict], forward:
         for key, value in outputs.items():
             offsets[key] += value.shape[0]
     after_first_pass.restore()  # the replays redrew the same numbers; leave the stream as one pass would
-    return float(loss.detach()), metrics
+    return loss.detach().float(), metrics
 
 
 def _dot_with_cached_grads(outputs: dict[str, Tensor], leaves: dict[str, Tensor], offsets: dict[str, int] | None) -> Tensor:

@@ -145,7 +145,7 @@ class TrainProgress:
         self.every_s = cfg.print_every_seconds
         self.every_steps = cfg.print_every_steps or max(1, round(total / 10))
         self._bar = None
-        self._latest: tuple[int, float, float] | None = None  # (step, loss, lr) of the newest step
+        self._latest: tuple[int, Any, float] | None = None  # (step, loss, lr) of the newest step
         self._printed = start
         self._samples, self._busy_s = 0, 0.0  # since the last line: img/s over step time only
 
@@ -157,10 +157,17 @@ class TrainProgress:
             self._task = self._bar.add_task("train", total=self.total, completed=self.start, info="")
         return self
 
-    def update(self, done: int, loss: float, lr: float, samples: int, seconds: float) -> None:
+    def update(self, done: int, loss, lr: float, samples: int, seconds: float) -> None:
+        """``loss``: a float or a 0-d tensor, read on the host only when shown (a read waits for the GPU)."""
         if self.mode == "bar":
-            self._bar.update(self._task, completed=done,
-                             info=f"loss {loss:.4f}  lr {lr:.2e}  {samples / seconds:,.0f} img/s")
+            self._samples += samples
+            self._busy_s += seconds
+            now = time.monotonic()
+            info = None
+            if now - self._last_print >= 0.5 or done == self.total:  # a few host reads a second at most
+                info = f"loss {float(loss):.4f}  lr {lr:.2e}  {self._samples / self._busy_s:,.0f} img/s"
+                self._last_print, self._samples, self._busy_s = now, 0, 0.0
+            self._bar.update(self._task, completed=done, **({"info": info} if info else {}))
         elif self.mode == "lines":
             self._latest = (done, loss, lr)
             self._samples += samples
@@ -174,6 +181,7 @@ class TrainProgress:
 
     def _print_line(self, now: float) -> None:
         done, loss, lr = self._latest
+        loss = float(loss)
         elapsed = now - self._t0
         # the ETA uses wall time per step in this process, evaluations and checkpoints included
         eta = (self.total - done) * elapsed / (done - self.start) if done > self.start else float("nan")

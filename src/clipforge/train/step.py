@@ -152,6 +152,17 @@ class TrainStep(nn.Module):
                 update(self.model, step, self.total_steps)
         self.objective.after_optimizer_step(step)
 
+    def after_step_keeps_no_state(self) -> bool:
+        """Whether ``after_optimizer_step`` does nothing beyond clamping the logit scale, so a step whose
+        update was suppressed on the device (NaN/inf, fused AdamW's ``found_inf``) can still run it and
+        change nothing. EMA teachers, terms with state and methods' own hooks need the host's decision."""
+        from clipforge.objectives.base import Term
+
+        terms = getattr(self.objective, "terms", ())
+        return (type(self).after_optimizer_step is TrainStep.after_optimizer_step
+                and not any(getattr(t, "update", None) is not None for t in self.teachers.values())
+                and all(type(t).after_optimizer_step is Term.after_optimizer_step for t in terms))
+
     # ------------------------------------------------------------------ state
     def method_state_dict(self, full: dict[str, Tensor]) -> dict[str, Tensor]:
         """Everything but the model's own weights (those go to model.safetensors)."""

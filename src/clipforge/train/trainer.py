@@ -361,6 +361,7 @@ class Trainer:
             return self._read_ahead(loader, tokenizer, state["samples_seen"], runner, n_batches)
 
         progress = TrainProgress(r.logging, total, state["step"], enabled=r.logging.progress and ctx.is_main)
+        pending = _PendingSteps(state["step"])  # sync-free: steps skipped on the device, not yet counted
         model.train()
         try:
             with _StopFlag() as stop, progress:
@@ -371,49 +372,44 @@ class Trainer:
                         begin_step(step, read_ahead)
                     t0 = time.perf_counter()
                     micro_batches = [runner.to_device(next(loader)) for _ in range(r.train.accum_steps)]
-                    loss_sum, metrics, grad_norm = runner.forward_backward(micro_batches)
-                    # one small all_reduce: the global loss and metrics, and whether any rank must stop
+                    loss, metrics, grad_norm = runner.forward_backward(micro_batches)
                     time_up = bool(r.train.max_minutes and time.monotonic() - start_time > 60 * r.train.max_minutes)
-                    names = sorted(metrics)
-                    totals = D.sum_over_ranks(
-                        [loss_sum, float(stop.signal_name is not None), float(time_up),
-                         float(self._checkpoint_due_by_time(last_save_time))] + [metrics[k] for k in names],
-                        ctx, device,
-                    )
-                    loss_sum = totals[0] / ctx.world_size
-                    stop_now, time_up, save_by_time = totals[1] > 0, totals[2] > 0, totals[3] > 0
-                    metrics = {k: v / ctx.world_size for k, v in zip(names, totals[4:])}
                     state["samples_seen"] += samples_per_step
                     state["step"] += 1
-                    if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
-                        runner.skip()
-                        state["bad_steps"] += 1
-                        warnings.warn(f"step {step}: non-finite loss or gradient ({loss_sum}); step skipped")
-                        if state["bad_steps"] > r.train.max_bad_steps:
-                            raise _shared_error(
-                                f"{state['bad_steps']} steps had a NaN/inf loss or gradient "
-                                f"(limit train.max_bad_steps={r.train.max_bad_steps}). Lower optim.lr, "
-                                "check the data, or use train.precision=fp32."
-                            )
-                    else:
-                        runner.apply(state["step"])
-                    dt = time.perf_counter() - t0
                     done = state["step"]
-                    last_metrics = {
-                        **{k: float(v) for k, v in metrics.items()},
-                        "loss": loss_sum,
-                        "lr": lr,
-                        "grad_norm": grad_norm,
-                        "logit_scale": float(_full(plain.model.logit_scale).exp().item()),
-                        "img_per_s": samples_per_step / dt,
-                        "samples_seen": state["samples_seen"],
-                        "bad_steps": state["bad_steps"],
-                        **(loader.metrics() if hasattr(loader, "metrics") else {}),  # data/skipped/<reason>, ...
-                    }
-                    if done % r.logging.every_steps == 0 or done == total:
+                    if runner.sync_free:  # skipped or applied on the device; counted when next read
+                        stop_now, save_by_time = stop.signal_name is not None, self._checkpoint_due_by_time(last_save_time)
+                        pending.add(runner.apply_unless_bad(loss, grad_norm, done))
+                    else:
+                        # one small all_reduce: the global loss and metrics, and whether any rank must stop
+                        names = sorted(metrics)
+                        totals = D.sum_over_ranks(
+                            [loss, float(stop.signal_name is not None), float(time_up),
+                             float(self._checkpoint_due_by_time(last_save_time))] + [metrics[k] for k in names],
+                            ctx, device,
+                        )
+                        loss = totals[0] / ctx.world_size
+                        stop_now, time_up, save_by_time = totals[1] > 0, totals[2] > 0, totals[3] > 0
+                        metrics = {k: v / ctx.world_size for k, v in zip(names, totals[4:])}
+                        grad_norm = float(grad_norm)
+                        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                            runner.skip()
+                            warnings.warn(f"step {done}: non-finite loss or gradient ({loss}); step skipped")
+                            self._count_bad_steps(state, 1)
+                        else:
+                            runner.apply(done)
+                    dt = time.perf_counter() - t0
+                    log_now = done % r.logging.every_steps == 0 or done == total
+                    eval_now = bool(r.eval.every_steps and done % r.eval.every_steps == 0 and done < total)
+                    save_now = self._checkpoint_due(done, save_by_time) and done < total
+                    if not runner.sync_free or log_now or eval_now or save_now or stop_now or time_up:
+                        # the one host read of this stretch of steps (sync-free) or of this step
+                        last_metrics = self._read_step(state, pending, loss, grad_norm, metrics, lr,
+                                                       samples_per_step, dt, loader, plain)
+                    if log_now:
                         log.write(done, last_metrics)
-                    progress.update(done, loss_sum, lr, samples_per_step, dt)
-                    if r.eval.every_steps and done % r.eval.every_steps == 0 and done < total:
+                    progress.update(done, loss, lr, samples_per_step, dt)
+                    if eval_now:
                         self._run_eval(model, tokenizer, done, log)
                     if stop_now:
                         stopped_by = "signal"
@@ -421,7 +417,7 @@ class Trainer:
                     if time_up:
                         stopped_by = "time-budget"
                         break
-                    if self._checkpoint_due(done, save_by_time) and done < total:
+                    if save_now:
                         last_ckpt, last_save_time = save(), time.monotonic()
             last_ckpt = save()
             if stopped_by != "signal" and r.eval.at_end:
@@ -430,6 +426,32 @@ class Trainer:
         finally:
             log.close(state["step"], outcome)
         return TrainResult(self.run_dir, state["step"], stopped_by, last_ckpt, last_metrics)
+
+    def _read_step(self, state, pending: "_PendingSteps", loss, grad_norm, metrics, lr: float,
+                   samples_per_step: int, dt: float, loader, plain) -> dict[str, float]:
+        """This step's metrics on the host, in one transfer; in sync-free mode also the steps skipped on
+        the device since the last read (counted, warned about, checked against train.max_bad_steps)."""
+        values = {**metrics, "loss": loss, "grad_norm": grad_norm,
+                  "logit_scale": _full(plain.model.logit_scale).detach().exp(), "_bad": pending.flags}
+        host = tensors_to_floats(values)
+        bad = round(host.pop("_bad"))
+        if bad:
+            warnings.warn(f"{bad} of steps {pending.since + 1}..{state['step']} had a non-finite loss or "
+                          f"gradient and were skipped (train.sync_every_step=true names each one)")
+            self._count_bad_steps(state, bad)
+        img_per_s = pending.img_per_s(state["step"], samples_per_step, dt)
+        return {**host, "lr": lr, "img_per_s": img_per_s, "samples_seen": state["samples_seen"],
+                "bad_steps": state["bad_steps"],
+                **(loader.metrics() if hasattr(loader, "metrics") else {})}  # data/skipped/<reason>, ...
+
+    def _count_bad_steps(self, state, n: int) -> None:
+        state["bad_steps"] += n
+        limit = self.recipe.train.max_bad_steps
+        if state["bad_steps"] > limit:
+            raise _shared_error(
+                f"{state['bad_steps']} steps had a NaN/inf loss or gradient (limit train.max_bad_steps={limit}). "
+                "Lower optim.lr, check the data, or use train.precision=fp32."
+            )
 
     def _checkpoint_due_by_time(self, last_save_time: float) -> bool:
         minutes = self.recipe.train.checkpoint_every_minutes
@@ -472,6 +494,10 @@ class StepRunner:
     runs the micro-batches (plain or GradCache accumulation, autocast), averages replicated
     gradients across ranks and clips; ``apply`` steps the optimiser and runs the step module's
     after-step hook (logit-scale clamp, EMA teachers, term state); ``skip`` drops a bad step.
+
+    Nothing here reads a device value on the host: the loss, the metrics and the gradient norm come
+    back as 0-d tensors. Where ``sync_free`` holds, ``apply_unless_bad`` also decides on the device
+    whether the step is applied, so the GPU never waits for the host between steps.
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, recipe: Recipe,
@@ -482,6 +508,11 @@ class StepRunner:
         # pooled text features do not depend on padding after the longest caption (causal attention);
         # terms that read per-token text features get the full context (their shapes must match across ranks)
         self.trim_text = not any(k.endswith(("text_tokens", "text_token_embeds")) for k in self.step_module.needs)
+        # one process (ranks must agree on stopping every step), a fused optimiser (it honours found_inf)
+        # and an after-step hook that a suppressed update leaves without effect
+        fused = all(group.get("fused") for group in optimizer.param_groups)
+        self.sync_free = (not ctx.enabled and not recipe.train.sync_every_step and fused
+                          and self.step_module.after_step_keeps_no_state())
 
     def set_lr(self, step: int) -> float:
         r = self.recipe
@@ -503,8 +534,9 @@ class StepRunner:
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
 
-    def forward_backward(self, micro_batches: list[dict[str, Any]]) -> tuple[float, dict[str, float], float]:
-        """(mean loss, last micro-batch's metrics, gradient norm before clipping); gradients left in place."""
+    def forward_backward(self, micro_batches: list[dict[str, Any]]) -> tuple[torch.Tensor, dict[str, Any], torch.Tensor]:
+        """(mean loss, last micro-batch's metrics, gradient norm before clipping), 0-d tensors where the
+        step computed them (not read on the host); gradients left in place."""
         r, model = self.recipe, self.model
         if r.train.accum_mode == "gradcache":
             loss_sum, metrics = gradcache_accumulation(model, self.step_module.compute_loss, micro_batches,
@@ -513,7 +545,7 @@ class StepRunner:
             loss_sum, metrics = plain_accumulation(model, self.step_module.compute_loss, micro_batches,
                                                    self._forward, self._autocast)
         D.average_replicated_grads(model, self.ctx, r.train.fsdp)
-        return loss_sum, metrics, _clip_and_measure(model, r.optim.grad_clip)
+        return loss_sum, metrics, _clip_and_measure(model, r.optim.grad_clip, self.device)
 
     def apply(self, done: int) -> None:
         """Step the optimiser; ``done`` = optimiser steps done including this one."""
@@ -521,8 +553,21 @@ class StepRunner:
         self.optimizer.zero_grad(set_to_none=True)
         self.step_module.after_optimizer_step(done)  # clamp t, EMA teachers, term state
 
+    def apply_unless_bad(self, loss: torch.Tensor, grad_norm: torch.Tensor, done: int) -> torch.Tensor:
+        """``apply``, except where the loss or the gradient norm is NaN/inf, decided on the device: fused
+        AdamW leaves weights, moments and its step count unchanged where ``found_inf`` is 1. Returns that
+        flag (0-d float tensor). Only where ``sync_free`` holds (the after-step hook must keep no state)."""
+        bad = (~(torch.isfinite(loss) & torch.isfinite(grad_norm))).float()
+        self.optimizer.found_inf = bad
+        try:
+            self.apply(done)
+        finally:
+            self.optimizer.found_inf = None
+        return bad
+
     def skip(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
+
 
 def build_step(recipe: Recipe, device: torch.device, resume_from: Path | None = None, log: bool = True):
     """The training step module of a recipe: model (+ warm start or resumed weights), objective,
@@ -566,6 +611,38 @@ def _warm_start(model: torch.nn.Module, recipe: Recipe, log: bool):
     return report
 
 
+class _PendingSteps:
+    """Sync-free bookkeeping between two host reads: the device-side sum of bad-step flags, and the
+    samples and wall time since the last read (img/s over the stretch: per-step host time means
+    little when the host runs ahead of the GPU)."""
+
+    def __init__(self, step: int) -> None:
+        self.flags: torch.Tensor | float = 0.0
+        self.since = step
+        self._t0 = time.perf_counter()
+
+    def add(self, bad: torch.Tensor) -> None:
+        self.flags = self.flags + bad
+
+    def img_per_s(self, step: int, samples_per_step: int, dt: float) -> float:
+        """Called right after a host read (everything queued has run); resets the stretch."""
+        now = time.perf_counter()
+        steps, seconds = step - self.since, now - self._t0
+        self.flags, self.since, self._t0 = 0.0, step, now
+        if steps <= 1 or seconds <= 0:  # one step: its own time
+            return samples_per_step / dt
+        return steps * samples_per_step / seconds
+
+
+def tensors_to_floats(values: dict[str, Any]) -> dict[str, float]:
+    """Floats and 0-d tensors -> floats, with one device-to-host transfer for all the tensors."""
+    return dict(zip(values, D.sum_over_ranks(list(values.values()), D.SINGLE_PROCESS, _device_of(values))))
+
+
+def _device_of(values: dict[str, Any]) -> torch.device:
+    return next((v.device for v in values.values() if torch.is_tensor(v)), torch.device("cpu"))
+
+
 def _full(t: torch.Tensor) -> torch.Tensor:
     """A DTensor's full value (FSDP), or the tensor itself."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
@@ -577,9 +654,10 @@ def _rank_data_state(saved_state: dict[str, Any], ctx) -> dict | None:
     return per_rank[ctx.rank] if per_rank and len(per_rank) == ctx.world_size else None
 
 
-def _clip_and_measure(model: torch.nn.Module, max_norm: float | None) -> float:
+def _clip_and_measure(model: torch.nn.Module, max_norm: float | None, device: torch.device) -> torch.Tensor:
+    """The gradient norm before clipping (0-d tensor on ``device``); clips in place when ``max_norm`` is set."""
     params = [p for p in model.parameters() if p.grad is not None]
     if not params:
-        return 0.0
+        return torch.zeros((), device=device)
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm is not None else float("inf"), foreach=True)
-    return float(_full(norm))
+    return _full(norm)
