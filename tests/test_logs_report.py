@@ -276,3 +276,33 @@ def test_report_in_headless_chromium(stopped_run, tmp_path):
         finally:
             browser.close()
     assert (shots / "report.png").stat().st_size > 20000
+
+
+class _DeviceLoss:
+    """Stands for a 0-d CUDA tensor: each read on the host waits for the GPU, so it is counted."""
+
+    def __init__(self) -> None:
+        self.reads = 0
+
+    def __float__(self) -> float:
+        self.reads += 1
+        return 1.5
+
+
+@pytest.mark.parametrize("live", [False, True])
+def test_progress_reads_the_loss_only_when_it_shows_it(monkeypatch, capsys, live):
+    from clipforge.config import LoggingConfig
+
+    clock = [0.0]
+    monkeypatch.setattr(L.time, "monotonic", lambda: clock[0])
+    loss = _DeviceLoss()
+    cfg = LoggingConfig(print_every_seconds=2, print_every_steps=1000)
+    with L.TrainProgress(cfg, total=100, start=0, enabled=True, live=live) as progress:
+        for done in range(1, 101):
+            clock[0] += 0.1  # 10 steps a second
+            progress.update(done, loss, 1e-3, 64, 0.1)
+    out = capsys.readouterr().out
+    if live:  # the bar's text: at most twice a second (10 s of steps), and at the last step
+        assert 2 <= loss.reads <= 21
+    else:  # one read per printed line: step 1, every 2 s, the last step
+        assert loss.reads == len(LINE.findall(out)) <= 12 and "loss 1.5000" in out
