@@ -9,11 +9,12 @@ mode, gradient clipping, fused AdamW, the after-step hook) on the recipe's first
 - ``gradcache``: CLIP loss, ``train.accum_mode="gradcache"``, micro-batches of ``--micro`` samples
   and ``accum_steps = batch / micro``;
 - ``sigmoid_gradcache``: the SigLIP recipe (tiny-shapes-siglip) with the same GradCache
-  micro-batches. That is how the code trains a large sigmoid batch in one process: the SigLIP
-  term has no chunk option (its Config is just ``weight``), it computes the full N x N logits
-  with ``siglip_loss`` and switches to the ring only under a process group. ``siglip_loss_chunked``
-  is measured on its own (loss forward + backward on random embeddings, ``loss_only`` in the
-  JSON) to show what chunking saves in one process.
+  micro-batches, the full N x N logits;
+- ``gradcache_chunked`` / ``sigmoid_gradcache_chunked``: the same with the term's
+  ``chunk_size = 1024``: the loss is computed block by block and recomputed in backward
+  (``clipforge.objectives.chunked``), so no N x N tensor exists.
+  ``siglip_loss_chunked`` (the ring's arithmetic in one process, which keeps every block) is
+  measured on its own (``loss_only`` in the JSON).
 
 Every (path, batch) runs in a fresh subprocess, so its peak RSS is its own. The child builds
 the model and batch, hands freed memory back to the OS, resets the kernel's peak-RSS mark
@@ -54,8 +55,20 @@ PATHS = {
     "sigmoid_gradcache": {
         "recipe": "tiny-shapes-siglip",
         "gradcache": True,
-        "description": "SigLIP loss (full N x N logits, the only single-process path a recipe selects), "
-                       "accum_mode=gradcache, accum_steps = batch / micro",
+        "description": "SigLIP loss (full N x N logits), accum_mode=gradcache, accum_steps = batch / micro",
+    },
+    "gradcache_chunked": {
+        "recipe": "tiny-shapes",
+        "gradcache": True,
+        "overrides": ["objective.terms.0.chunk_size=1024"],
+        "description": "CLIP loss computed 1024 rows at a time and recomputed in backward (never N x N), "
+                       "accum_mode=gradcache",
+    },
+    "sigmoid_gradcache_chunked": {
+        "recipe": "tiny-shapes-siglip",
+        "gradcache": True,
+        "overrides": ["objective.terms.0.chunk_size=1024"],
+        "description": "SigLIP loss computed 1024 rows at a time, recomputed in backward, accum_mode=gradcache",
     },
 }
 
@@ -123,6 +136,7 @@ def child_train_step(path: str, batch_size: int, micro: int, steps: int, overrid
     else:
         micro, accum = batch_size, 1
         run_overrides = [f"data.batch_size={batch_size}"]
+    run_overrides += spec.get("overrides", [])
     # the recipe a user would train with; StepTimer runs the trainer's StepRunner on it (the
     # recipe's accumulation mode, clipping, fused AdamW, after-step hook) on its first batch
     recipe = load_recipe(spec["recipe"], overrides + run_overrides)
@@ -296,13 +310,10 @@ def main() -> None:
             lift_run_info(result, measured)
         loss_only.append(measured or {"batch": n, "error": error})
     result["sigmoid_chunked"] = {
-        "selectable_from_recipe": False,
-        "note": "The siglip term's Config has only 'weight': a recipe cannot select siglip_loss_chunked. In one "
-                "process the term computes the full N x N logits (siglip_loss); the ring (b x B logits per rank) "
-                "runs only under a process group. siglip_loss_chunked keeps every block for backward in one "
-                "process (its docstring: 'for checking the ring, not for memory'), so it saves no memory there; "
-                "loss_only measures both on random embeddings (forward + backward of the loss alone, "
-                "num_chunks = batch / micro).",
+        "note": "siglip_loss_chunked is the ring's arithmetic in one process (for checking the ring): it keeps "
+                "every block for backward, so it saves no memory; loss_only measures it against the full loss on "
+                "random embeddings (forward + backward of the loss alone, num_chunks = batch / micro). What a "
+                "recipe selects to save memory is the term's chunk_size (paths *_chunked).",
         "loss_only": loss_only,
     }
     measured_loss = [m for m in loss_only if "full" in m]

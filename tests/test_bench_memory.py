@@ -1,7 +1,7 @@
 """bench/memory_scaling.py --quick runs end to end and prints the JSON the docs are built from.
 
 Only the shape of the output is checked: memory numbers depend on the machine (peaks just have
-to be positive). The quick run starts eight small subprocesses: about 30 s on 2 quiet cores.
+to be positive). The quick run starts twelve small subprocesses: about 45 s on 2 quiet cores.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "memory_scaling.py"
-PATHS = ("plain", "gradcache", "sigmoid_gradcache")
+PATHS = ("plain", "gradcache", "sigmoid_gradcache", "gradcache_chunked", "sigmoid_gradcache_chunked")
 RESULT_KEYS = {
     "batch", "micro_batch", "accum_steps", "recipe_overrides", "peak_rss_mib", "step_increment_mib",
     "rss_after_build_mib", "build_peak_rss_mib", "peak_reset_after_build", "step_seconds", "params",
@@ -22,7 +22,7 @@ RESULT_KEYS = {
 }
 
 
-@pytest.mark.slow  # eight subprocesses that build and train a model
+@pytest.mark.slow  # twelve subprocesses that build and train a model
 def test_memory_scaling_quick_prints_one_json_object():
     proc = subprocess.run([sys.executable, str(BENCH), "--quick"], capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -51,7 +51,9 @@ def test_memory_scaling_quick_prints_one_json_object():
     assert [r["accum_steps"] for r in out["paths"]["plain"]["results"]] == [1, 1]
 
     chunked = out["sigmoid_chunked"]
-    assert chunked["selectable_from_recipe"] is False and chunked["note"]
+    assert chunked["note"]
+    for name in ("gradcache_chunked", "sigmoid_gradcache_chunked"):  # the recipe's own option, no N x N logits
+        assert all("objective.terms.0.chunk_size=1024" in r["recipe_overrides"] for r in out["paths"][name]["results"])
     assert [m["batch"] for m in chunked["loss_only"]] == [32, 64]
     for m in chunked["loss_only"]:
         assert {"full", "chunked", "num_chunks"} <= set(m)

@@ -100,9 +100,16 @@ def retrieval_accuracy(logits: Tensor) -> tuple[Tensor, Tensor]:
     return image_to_text, text_to_image
 
 
+CHUNK_HINT = ("chunk_size computes the loss block by block for one caption per image, unweighted, without "
+              "label smoothing (clipforge.objectives.chunked); remove chunk_size for this recipe")
+
+
 class ClipConfig(TermConfig):
     name: str = "clip"
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    # rows of the logit matrix at a time: the N x N logits are never held (recomputed in backward);
+    # for very large batches in one process (with GradCache). None: the plain loss
+    chunk_size: int | None = Field(None, ge=1)
 
 
 @register_term
@@ -114,23 +121,35 @@ class ClipLoss(Term):
     Config = ClipConfig
     scope = "gathered"  # softmax over the global batch: all-gather keeping the local gradient
 
-    def __init__(self, weight: float = 1.0, label_smoothing: float = 0.0):
+    def __init__(self, weight: float = 1.0, label_smoothing: float = 0.0, chunk_size: int | None = None):
         super().__init__(weight)
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"clip label_smoothing must be in [0, 1), got {label_smoothing}")
+        if chunk_size is not None and label_smoothing:
+            raise ValueError(f"clip: label_smoothing={label_smoothing} with chunk_size={chunk_size}. {CHUNK_HINT}")
         self.label_smoothing = float(label_smoothing)
+        self.chunk_size = chunk_size
 
     def forward(self, outputs: dict[str, Tensor], batch: dict[str, Any]) -> tuple[Tensor, Metrics]:
         logit_scale = require_output(outputs, "logit_scale", self.name)
         from clipforge.objectives.distributed import active_world_size, distributed_clip_loss
 
         if batch.get("text_owner") is not None or batch.get("weights") is not None:
+            if self.chunk_size is not None:
+                raise ValueError(f"clip: this batch has several captions per image or sample weights. {CHUNK_HINT}")
             return self._multi_positive(outputs, batch, logit_scale)
         if active_world_size() > 1:  # softmax over the global batch: gather the other ranks' features
+            # (each rank holds only its b x B block: chunk_size is not needed there)
             loss, metrics = distributed_clip_loss(
                 outputs["image_embeds"], outputs["text_embeds"], logit_scale, self.label_smoothing
             )
             return loss, {**metrics, "logit_scale": logit_scale.detach()}
+        if self.chunk_size is not None:
+            from clipforge.objectives.chunked import clip_loss_chunked
+
+            loss, accuracy = clip_loss_chunked(outputs["image_embeds"], outputs["text_embeds"], logit_scale,
+                                               self.chunk_size)
+            return loss, {"i2t_acc": accuracy[0], "t2i_acc": accuracy[1], "logit_scale": logit_scale.detach()}
         logits = clip_logits(outputs["image_embeds"], outputs["text_embeds"], logit_scale)
         loss = symmetric_cross_entropy(logits, logits.T, label_smoothing=self.label_smoothing)
         image_to_text, text_to_image = retrieval_accuracy(logits)
@@ -163,4 +182,5 @@ class ClipLoss(Term):
         return loss, {"logit_scale": logit_scale.detach()}
 
     def extra_repr(self) -> str:
-        return f"weight={self.weight}, label_smoothing={self.label_smoothing}"
+        chunk = f", chunk_size={self.chunk_size}" if self.chunk_size is not None else ""
+        return f"weight={self.weight}, label_smoothing={self.label_smoothing}{chunk}"

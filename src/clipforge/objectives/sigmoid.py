@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor
 
 from clipforge.objectives.base import Metrics, Term, TermConfig, register_term, require_output, upcast_low_precision
@@ -99,13 +100,23 @@ def sigmoid_pair_metrics(logits: Tensor) -> Metrics:
     }
 
 
+class SigLipConfig(TermConfig):
+    name: str = "siglip"
+    # rows of the logit matrix at a time, recomputed in backward: the N x N logits are never held
+    chunk_size: int | None = Field(None, ge=1)
+
+
 @register_term
 class SigLipLoss(Term):
     """SigLIP's loss; ``text_owner`` (several captions per image) and ``weights`` in the batch are honoured."""
 
     name = "siglip"
-    Config = TermConfig
+    Config = SigLipConfig
     scope = "ring"  # pairs are independent: pass text blocks around the ranks, no all-gather
+
+    def __init__(self, weight: float = 1.0, chunk_size: int | None = None):
+        super().__init__(weight)
+        self.chunk_size = chunk_size
 
     def forward(self, outputs: dict[str, Tensor], batch: dict[str, Any]) -> tuple[Tensor, Metrics]:
         logit_scale = require_output(outputs, "logit_scale", self.name)
@@ -115,7 +126,18 @@ class SigLipLoss(Term):
 
         owner, weights = batch.get("text_owner"), batch.get("weights")
         if owner is not None or weights is not None:
+            if self.chunk_size is not None:
+                raise ValueError("siglip: this batch has several captions per image or sample weights; chunk_size "
+                                 "computes the loss block by block for one caption per image, unweighted. Remove "
+                                 "chunk_size for this recipe")
             return self._multi_positive(image_embeds, outputs["text_embeds"], logit_scale, logit_bias, owner, weights)
+        if self.chunk_size is not None and active_world_size() == 1:
+            from clipforge.objectives.chunked import siglip_loss_recomputed
+
+            loss, stats = siglip_loss_recomputed(image_embeds, outputs["text_embeds"], logit_scale, logit_bias,
+                                                 self.chunk_size)
+            return loss, {"pos_logit": stats[0], "neg_logit": stats[1], "pair_acc": stats[2],
+                          "logit_scale": logit_scale.detach(), "logit_bias": logit_bias.detach()}
         if active_world_size() > 1:  # ring exchange of text blocks; metrics from the local block
             loss, logits = ring_siglip_loss(image_embeds, outputs["text_embeds"], logit_scale, logit_bias)
         else:
@@ -171,6 +193,7 @@ class MultiPositiveSigmoid(SigLipLoss):
     agree at M = 1). Other ranks' texts arrive by ring exchange, as negatives only."""
 
     name = "multi_sigmoid"
+    Config = TermConfig  # no chunk_size: its texts are not one per image
     scope = "ring"
 
     def forward(self, outputs: dict[str, Tensor], batch: dict[str, Any]) -> tuple[Tensor, Metrics]:
