@@ -251,6 +251,9 @@ def main() -> None:
                              "(the path's previous one, scaled by batch) does not fit is skipped, with the larger ones")
     parser.add_argument("--paths", default=",".join(PATHS), help="which paths to run, comma-separated")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (train.threads); default torch's")
+    parser.add_argument("--no-loss-only", action="store_true",
+                        help="skip the SigLIP-loss-alone measurements (full and ring-chunked keep N x N logits: "
+                             "~16 GiB at 32k)")
     parser.add_argument("--quick", action="store_true", help="tiny model, batches 32,64, micro 16 (for the test)")
     parser.add_argument("--child", nargs=2, metavar=("PATH", "BATCH"), help=argparse.SUPPRESS)
     parser.add_argument("--child-loss", type=int, metavar="BATCH", help=argparse.SUPPRESS)
@@ -301,6 +304,9 @@ def main() -> None:
     # 1. SigLIP loss alone, full vs chunked (a couple of seconds per child); first, so the budget keeps it
     loss_only = []
     for n in batches:
+        if args.no_loss_only:
+            loss_only.append({"batch": n, "error": "skipped: --no-loss-only"})
+            continue
         if time.perf_counter() > deadline:
             loss_only.append({"batch": n, "error": "skipped: --max-seconds used up"})
             continue
