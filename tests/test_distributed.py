@@ -24,6 +24,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+import clipforge
 from clipforge.config import ModelConfig, load_recipe
 from clipforge.models.clip import CLIP
 from clipforge.objectives import build_objective
@@ -524,3 +525,28 @@ def test_nproc_inside_a_distributed_launch_is_refused(tmp_path, monkeypatch):
         monkeypatch.setenv(key, value)
     out = CliRunner().invoke(app, ["train", "tiny-shapes", "--nproc", "2", "--run-dir", str(tmp_path / "r")])
     assert out.exit_code != 0 and "drop --nproc" in " ".join(out.output.split())
+
+
+@pytest.mark.slow
+def test_nproc2_sync_free_equals_reading_every_step(tmp_path):
+    """Under torchrun the sync-free step reads nothing between agreement steps (logging, checkpoints,
+    every 10th step): the same metrics and weights as the ranks reading and agreeing every step."""
+    recipe = tmp_path / "tiny.toml"
+    recipe.write_text(E2E_RECIPE.format(steps=12))
+    records = {}
+    for sync in ("false", "true"):
+        run_dir = tmp_path / sync
+        out = subprocess.run([sys.executable, "-m", "clipforge", "train", str(recipe), "--run-dir", str(run_dir),
+                              "--nproc", "2", "--set", "logging.every_steps=5", "--set", f"train.sync_every_step={sync}"],
+                             cwd=REPO, capture_output=True, text=True, timeout=180)
+        assert out.returncode == 0, out.stderr[-3000:]
+        lines = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+        for line in lines:
+            line.pop("img_per_s")
+        weights = clipforge.load(run_dir / "checkpoints" / "latest")[0].state_dict()
+        records[sync] = (lines, weights)
+    (lines, weights), (synced_lines, synced_weights) = records["false"], records["true"]
+    assert [l["step"] for l in lines] == [5, 10, 12]
+    assert lines == synced_lines
+    for k in weights:
+        assert torch.equal(weights[k], synced_weights[k]), k

@@ -13,8 +13,8 @@ after ``--resume latest`` equals the uninterrupted run's (bitwise on CPU fp32, s
 
 Under torchrun or SLURM (see ``clipforge.train.distributed``) the same loop runs on every rank:
 the model is wrapped in DDP (or sharded with FSDP2), each rank reads its slice of every global
-batch, the losses gather or ring-exchange features across ranks, the ranks agree every step on
-stopping (signal, time budget), rank 0 logs and writes checkpoints (with every rank's RNG state),
+batch, the losses gather or ring-exchange features across ranks, the ranks agree on stopping
+(signal, time budget) at logging and checkpoint steps and at least every 10 steps, rank 0 logs and writes checkpoints (with every rank's RNG state),
 and a failed collective (a crashed peer) ends the run with a clear message instead of a hang.
 """
 
@@ -378,8 +378,11 @@ class Trainer:
                     state["step"] += 1
                     done = state["step"]
                     if runner.sync_free:  # skipped or applied on the device; counted when next read
-                        stop_now, save_by_time = stop.signal_name is not None, self._checkpoint_due_by_time(last_save_time)
                         pending.add(runner.apply_unless_bad(loss, grad_norm, done))
+                    if runner.sync_free and not ctx.enabled:
+                        stop_now, save_by_time = stop.signal_name is not None, self._checkpoint_due_by_time(last_save_time)
+                    elif runner.sync_free and not self._ranks_agree_now(done):
+                        stop_now = time_up = save_by_time = False  # the ranks compare notes at the next agreement step
                     else:
                         # one small all_reduce: the global loss and metrics, and whether any rank must stop
                         names = sorted(metrics)
@@ -391,6 +394,7 @@ class Trainer:
                         loss = totals[0] / ctx.world_size
                         stop_now, time_up, save_by_time = totals[1] > 0, totals[2] > 0, totals[3] > 0
                         metrics = {k: v / ctx.world_size for k, v in zip(names, totals[4:])}
+                    if not runner.sync_free:
                         grad_norm = float(grad_norm)
                         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                             runner.skip()
@@ -457,6 +461,16 @@ class Trainer:
         minutes = self.recipe.train.checkpoint_every_minutes
         return minutes is not None and time.monotonic() - last_save_time > 60 * minutes
 
+    def _ranks_agree_now(self, done: int) -> bool:
+        """Sync-free under torchrun: the steps where the ranks all-reduce the loss, the metrics and the
+        stop flags (signal, time budget, checkpoint by time). A function of the step alone, so every
+        rank takes part in the same collectives: logging, evaluation, step-based checkpoints, the
+        last step, and every ``AGREE_EVERY_STEPS`` steps (a signal is acted on within that many)."""
+        r = self.recipe
+        every = r.train.checkpoint_every_steps
+        return (done % AGREE_EVERY_STEPS == 0 or done % r.logging.every_steps == 0 or done == r.train.steps
+                or bool(r.eval.every_steps and done % r.eval.every_steps == 0) or bool(every and done % every == 0))
+
     def _checkpoint_due(self, step: int, by_time: bool) -> bool:
         every = self.recipe.train.checkpoint_every_steps
         return (every is not None and step % every == 0) or by_time
@@ -508,10 +522,11 @@ class StepRunner:
         # pooled text features do not depend on padding after the longest caption (causal attention);
         # terms that read per-token text features get the full context (their shapes must match across ranks)
         self.trim_text = not any(k.endswith(("text_tokens", "text_token_embeds")) for k in self.step_module.needs)
-        # one process (ranks must agree on stopping every step), a fused optimiser (it honours found_inf)
-        # and an after-step hook that a suppressed update leaves without effect
+        # a fused optimiser (it honours found_inf) and an after-step hook that a suppressed update leaves
+        # without effect
         fused = all(group.get("fused") for group in optimizer.param_groups)
-        self.sync_free = (not ctx.enabled and not recipe.train.sync_every_step and fused
+        sharded = ctx.enabled and recipe.train.fsdp  # FSDP's DTensor parameters: found_inf not handed to them
+        self.sync_free = (not recipe.train.sync_every_step and fused and not sharded
                           and self.step_module.after_step_keeps_no_state())
 
     def set_lr(self, step: int) -> float:
@@ -558,6 +573,10 @@ class StepRunner:
         AdamW leaves weights, moments and its step count unchanged where ``found_inf`` is 1. Returns that
         flag (0-d float tensor). Only where ``sync_free`` holds (the after-step hook must keep no state)."""
         bad = (~(torch.isfinite(loss) & torch.isfinite(grad_norm))).float()
+        if self.ctx.enabled:  # one rank's bad loss skips the step everywhere (async on NCCL: no host wait)
+            import torch.distributed as dist
+
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         self.optimizer.found_inf = bad
         try:
             self.apply(done)
@@ -609,6 +628,9 @@ def _warm_start(model: torch.nn.Module, recipe: Recipe, log: bool):
     if log:
         print(report.summary(), flush=True)
     return report
+
+
+AGREE_EVERY_STEPS = 10  # sync-free under torchrun: the ranks agree on stopping at least this often
 
 
 class _PendingSteps:
