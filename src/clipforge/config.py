@@ -588,10 +588,10 @@ class TrainConfig(Section):
     # first steps are slow while it compiles. Equal to eager within float tolerance (tested)
     compile: bool = False
     # read the loss, metrics and the bad-step flag on the host after every step (a GPU stall per step).
-    # Off: they stay on the device and are read at logging steps, checkpoints and the end; a NaN/inf
-    # step is skipped on the device (fused AdamW's found_inf); under torchrun the ranks agree on stopping
-    # at logging / checkpoint steps and at least every 10 steps. Methods with per-step state (EMA
-    # teachers, queues) and FSDP always read every step
+    # Off: they stay on the device and are read every 10 steps, at evaluation / checkpoint steps and at
+    # the end (every step is still logged); a NaN/inf step is skipped on the device (fused AdamW's
+    # found_inf); under torchrun the ranks agree on stopping at those reads. Methods with per-step state
+    # (EMA teachers, queues) and FSDP always read every step
     sync_every_step: bool = False
 
 

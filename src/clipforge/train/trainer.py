@@ -14,7 +14,7 @@ after ``--resume latest`` equals the uninterrupted run's (bitwise on CPU fp32, s
 Under torchrun or SLURM (see ``clipforge.train.distributed``) the same loop runs on every rank:
 the model is wrapped in DDP (or sharded with FSDP2), each rank reads its slice of every global
 batch, the losses gather or ring-exchange features across ranks, the ranks agree on stopping
-(signal, time budget) at logging and checkpoint steps and at least every 10 steps, rank 0 logs and writes checkpoints (with every rank's RNG state),
+(signal, time budget) every 10 steps and at evaluation / checkpoint steps, rank 0 logs and writes checkpoints (with every rank's RNG state),
 and a failed collective (a crashed peer) ends the run with a clear message instead of a hang.
 """
 
@@ -361,7 +361,7 @@ class Trainer:
             return self._read_ahead(loader, tokenizer, state["samples_seen"], runner, n_batches)
 
         progress = TrainProgress(r.logging, total, state["step"], enabled=r.logging.progress and ctx.is_main)
-        pending = _PendingSteps(state["step"])  # sync-free: steps skipped on the device, not yet counted
+        pending = _PendingSteps()  # steps whose numbers are still on the device
         model.train()
         try:
             with _StopFlag() as stop, progress:
@@ -377,12 +377,17 @@ class Trainer:
                     state["samples_seen"] += samples_per_step
                     state["step"] += 1
                     done = state["step"]
+                    bad: torch.Tensor | float = 0.0
                     if runner.sync_free:  # skipped or applied on the device; counted when next read
-                        pending.add(runner.apply_unless_bad(loss, grad_norm, done))
+                        step_loss = loss
+                        loss, metrics = D.mean_over_ranks_async(loss, metrics, ctx, device)
+                        # copied before the update: a metric may be a view of a parameter (the logit bias)
+                        loss, metrics = _snapshot(loss, metrics)
+                        bad = runner.apply_unless_bad(step_loss, grad_norm, done)
                     if runner.sync_free and not ctx.enabled:
                         stop_now, save_by_time = stop.signal_name is not None, self._checkpoint_due_by_time(last_save_time)
-                    elif runner.sync_free and not self._ranks_agree_now(done):
-                        stop_now = time_up = save_by_time = False  # the ranks compare notes at the next agreement step
+                    elif runner.sync_free and not self._read_due(done):
+                        stop_now = time_up = save_by_time = False  # the ranks compare notes at the next read
                     else:
                         # one small all_reduce: the global loss and metrics, and whether any rank must stop
                         names = sorted(metrics)
@@ -391,9 +396,10 @@ class Trainer:
                              float(self._checkpoint_due_by_time(last_save_time))] + [metrics[k] for k in names],
                             ctx, device,
                         )
-                        loss = totals[0] / ctx.world_size
                         stop_now, time_up, save_by_time = totals[1] > 0, totals[2] > 0, totals[3] > 0
-                        metrics = {k: v / ctx.world_size for k, v in zip(names, totals[4:])}
+                        if not runner.sync_free:  # (sync-free: already averaged on the device)
+                            loss = totals[0] / ctx.world_size
+                            metrics = {k: v / ctx.world_size for k, v in zip(names, totals[4:])}
                     if not runner.sync_free:
                         grad_norm = float(grad_norm)
                         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
@@ -403,15 +409,14 @@ class Trainer:
                         else:
                             runner.apply(done)
                     dt = time.perf_counter() - t0
-                    log_now = done % r.logging.every_steps == 0 or done == total
+                    pending.add(done, {**metrics, "loss": loss, "grad_norm": grad_norm,
+                                       "logit_scale": _full(plain.model.logit_scale).detach().exp(), "_bad": bad},
+                                {"lr": lr, "samples_seen": state["samples_seen"], "seconds": dt})
                     eval_now = bool(r.eval.every_steps and done % r.eval.every_steps == 0 and done < total)
                     save_now = self._checkpoint_due(done, save_by_time) and done < total
-                    if not runner.sync_free or log_now or eval_now or save_now or stop_now or time_up:
+                    if not runner.sync_free or self._read_due(done) or save_now or stop_now or time_up:
                         # the one host read of this stretch of steps (sync-free) or of this step
-                        last_metrics = self._read_step(state, pending, loss, grad_norm, metrics, lr,
-                                                       samples_per_step, dt, loader, plain)
-                    if log_now:
-                        log.write(done, last_metrics)
+                        last_metrics = self._read_pending(state, pending, samples_per_step, loader, log)
                     progress.update(done, loss, lr, samples_per_step, dt)
                     if eval_now:
                         self._run_eval(model, tokenizer, done, log)
@@ -431,22 +436,22 @@ class Trainer:
             log.close(state["step"], outcome)
         return TrainResult(self.run_dir, state["step"], stopped_by, last_ckpt, last_metrics)
 
-    def _read_step(self, state, pending: "_PendingSteps", loss, grad_norm, metrics, lr: float,
-                   samples_per_step: int, dt: float, loader, plain) -> dict[str, float]:
-        """This step's metrics on the host, in one transfer; in sync-free mode also the steps skipped on
-        the device since the last read (counted, warned about, checked against train.max_bad_steps)."""
-        values = {**metrics, "loss": loss, "grad_norm": grad_norm,
-                  "logit_scale": _full(plain.model.logit_scale).detach().exp(), "_bad": pending.flags}
-        host = tensors_to_floats(values)
-        bad = round(host.pop("_bad"))
-        if bad:
-            warnings.warn(f"{bad} of steps {pending.since + 1}..{state['step']} had a non-finite loss or "
-                          f"gradient and were skipped (train.sync_every_step=true names each one)")
-            self._count_bad_steps(state, bad)
-        img_per_s = pending.img_per_s(state["step"], samples_per_step, dt)
-        return {**host, "lr": lr, "img_per_s": img_per_s, "samples_seen": state["samples_seen"],
-                "bad_steps": state["bad_steps"],
-                **(loader.metrics() if hasattr(loader, "metrics") else {})}  # data/skipped/<reason>, ...
+    def _read_pending(self, state, pending: "_PendingSteps", samples_per_step: int, loader, log) -> dict[str, float]:
+        """The pending steps' numbers on the host (one transfer): skipped steps counted, warned about and
+        checked against train.max_bad_steps, logging steps written; returns the last step's metrics."""
+        r = self.recipe
+        steps, img_per_s = pending.read(samples_per_step)
+        data = loader.metrics() if hasattr(loader, "metrics") else {}  # data/skipped/<reason>, ...
+        last: dict[str, float] = {}
+        for done, values, facts in steps:
+            if round(values.pop("_bad")):
+                warnings.warn(f"step {done}: non-finite loss or gradient ({values['loss']}); step skipped")
+                self._count_bad_steps(state, 1)
+            last = {**values, "lr": facts["lr"], "img_per_s": img_per_s or samples_per_step / facts["seconds"],
+                    "samples_seen": facts["samples_seen"], "bad_steps": state["bad_steps"], **data}
+            if done % r.logging.every_steps == 0 or done == r.train.steps:
+                log.write(done, last)
+        return last
 
     def _count_bad_steps(self, state, n: int) -> None:
         state["bad_steps"] += n
@@ -461,14 +466,15 @@ class Trainer:
         minutes = self.recipe.train.checkpoint_every_minutes
         return minutes is not None and time.monotonic() - last_save_time > 60 * minutes
 
-    def _ranks_agree_now(self, done: int) -> bool:
-        """Sync-free under torchrun: the steps where the ranks all-reduce the loss, the metrics and the
-        stop flags (signal, time budget, checkpoint by time). A function of the step alone, so every
-        rank takes part in the same collectives: logging, evaluation, step-based checkpoints, the
-        last step, and every ``AGREE_EVERY_STEPS`` steps (a signal is acted on within that many)."""
+    def _read_due(self, done: int) -> bool:
+        """Sync-free: the steps where the host reads the pending numbers and, under torchrun, the ranks
+        all-reduce their stop flags (signal, time budget, checkpoint by time). A function of the step
+        alone, so every rank takes part in the same collectives: evaluation and step-based checkpoint
+        steps, the last step, and every ``READ_EVERY_STEPS`` steps (log lines come that late at most,
+        and a signal is acted on within that many steps under torchrun)."""
         r = self.recipe
         every = r.train.checkpoint_every_steps
-        return (done % AGREE_EVERY_STEPS == 0 or done % r.logging.every_steps == 0 or done == r.train.steps
+        return (done % READ_EVERY_STEPS == 0 or done == r.train.steps
                 or bool(r.eval.every_steps and done % r.eval.every_steps == 0) or bool(every and done % every == 0))
 
     def _checkpoint_due(self, step: int, by_time: bool) -> bool:
@@ -630,39 +636,41 @@ def _warm_start(model: torch.nn.Module, recipe: Recipe, log: bool):
     return report
 
 
-AGREE_EVERY_STEPS = 10  # sync-free under torchrun: the ranks agree on stopping at least this often
+READ_EVERY_STEPS = 10  # sync-free: the host reads the steps' numbers (and ranks agree on stopping) this often
 
 
 class _PendingSteps:
-    """Sync-free bookkeeping between two host reads: the device-side sum of bad-step flags, and the
-    samples and wall time since the last read (img/s over the stretch: per-step host time means
-    little when the host runs ahead of the GPU)."""
+    """The steps whose numbers (loss, metrics, gradient norm, logit scale, skip flag: 0-d tensors while
+    sync-free) the host has not read yet, with each step's host facts (lr, samples seen, seconds)."""
 
-    def __init__(self, step: int) -> None:
-        self.flags: torch.Tensor | float = 0.0
-        self.since = step
+    def __init__(self) -> None:
+        self.steps: list[tuple[int, dict[str, Any], dict[str, float]]] = []
         self._t0 = time.perf_counter()
 
-    def add(self, bad: torch.Tensor) -> None:
-        self.flags = self.flags + bad
+    def add(self, done: int, values: dict[str, Any], facts: dict[str, float]) -> None:
+        self.steps.append((done, values, facts))
 
-    def img_per_s(self, step: int, samples_per_step: int, dt: float) -> float:
-        """Called right after a host read (everything queued has run); resets the stretch."""
+    def read(self, samples_per_step: int) -> tuple[list[tuple[int, dict[str, float], dict[str, float]]], float | None]:
+        """Every pending step's values as floats (one device-to-host transfer for all), and img/s over the
+        stretch since the last read (None for a single step: its own time is then exact)."""
+        flat = [v for _, values, _ in self.steps for v in values.values()]
+        floats = iter(D.sum_over_ranks(flat, D.SINGLE_PROCESS, _device_of(flat)))
+        out = [(done, {k: next(floats) for k in values}, facts) for done, values, facts in self.steps]
         now = time.perf_counter()
-        steps, seconds = step - self.since, now - self._t0
-        self.flags, self.since, self._t0 = 0.0, step, now
-        if steps <= 1 or seconds <= 0:  # one step: its own time
-            return samples_per_step / dt
-        return steps * samples_per_step / seconds
+        rate = len(out) * samples_per_step / (now - self._t0) if len(out) > 1 else None
+        self.steps, self._t0 = [], now
+        return out, rate
 
 
-def tensors_to_floats(values: dict[str, Any]) -> dict[str, float]:
-    """Floats and 0-d tensors -> floats, with one device-to-host transfer for all the tensors."""
-    return dict(zip(values, D.sum_over_ranks(list(values.values()), D.SINGLE_PROCESS, _device_of(values))))
+def _snapshot(loss: torch.Tensor, metrics: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Copies of the step's 0-d tensors in one kernel (later in-place updates do not reach them)."""
+    keys = [k for k, v in metrics.items() if torch.is_tensor(v)]
+    copied = torch.stack([loss.detach().reshape(()).double()] + [metrics[k].detach().reshape(()).to(loss.device, torch.float64) for k in keys])
+    return copied[0], {**metrics, **{k: copied[i + 1] for i, k in enumerate(keys)}}
 
 
-def _device_of(values: dict[str, Any]) -> torch.device:
-    return next((v.device for v in values.values() if torch.is_tensor(v)), torch.device("cpu"))
+def _device_of(values: list[Any]) -> torch.device:
+    return next((v.device for v in values if torch.is_tensor(v)), torch.device("cpu"))
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
