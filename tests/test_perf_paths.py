@@ -9,7 +9,7 @@ import torch
 from clipforge.config import load_recipe
 from clipforge.data.loader import trim_text_padding
 from clipforge.models.clip import CLIP
-from clipforge.train.trainer import StepRunner, build_optimizer, build_step, seed_everything
+from clipforge.train.trainer import StepRunner, build_optimizer, build_step, seed_everything, snapshot_metrics
 
 SMALL = ["model.image_size=16", "model.patch_size=8", "model.vision_width=32", "model.vision_layers=1",
          "model.vision_heads=2", "model.text_width=32", "model.text_layers=2", "model.text_heads=2",
@@ -121,7 +121,8 @@ def test_sync_free_steps_never_wait_for_the_gpu(name):
 
     def one_step(done: int) -> torch.Tensor:
         runner.set_lr(done - 1)
-        loss, _, grad_norm = runner.forward_backward([runner.to_device(batch)])
+        loss, metrics, grad_norm = runner.forward_backward([runner.to_device(batch)])
+        snapshot_metrics(loss, metrics)  # what the loop keeps for its next read
         return runner.apply_unless_bad(loss, grad_norm, done)
 
     for done in (1, 2):  # first calls create handles and workspaces

@@ -22,7 +22,6 @@ training). Reported, as one JSON object:
 
 from __future__ import annotations
 
-import contextlib
 import math
 import platform
 import resource
@@ -189,7 +188,7 @@ def first_batch(recipe: Recipe, tokenizer) -> dict[str, Any]:
 def clipforge_side(recipe: Recipe, device: torch.device, count: bool = True) -> tuple[Side, Any]:
     """The trainer's step for ``recipe`` on ``device`` (single process); ``count``: count its FLOPs."""
     from clipforge.models.tokenizer import tokenizer_for_recipe
-    from clipforge.train.trainer import StepRunner, seed_everything
+    from clipforge.train.trainer import StepRunner, seed_everything, snapshot_metrics
 
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
@@ -219,6 +218,7 @@ def clipforge_side(recipe: Recipe, device: torch.device, count: bool = True) -> 
         loss, metrics, grad_norm = runner.forward_backward([runner.to_device(host_batch) for _ in range(micro)])
         done[0] += 1
         if runner.sync_free:  # applied or skipped on the device, nothing read on the host
+            snapshot_metrics(loss, metrics)  # what the loop keeps for its next read (every 10 steps)
             runner.apply_unless_bad(loss, grad_norm, done[0])
         else:  # the loop reads the step's numbers on the host before deciding
             sum_over_ranks([loss, grad_norm, *metrics.values()], runner.ctx, device)

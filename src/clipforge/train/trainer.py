@@ -382,7 +382,7 @@ class Trainer:
                         step_loss = loss
                         loss, metrics = D.mean_over_ranks_async(loss, metrics, ctx, device)
                         # copied before the update: a metric may be a view of a parameter (the logit bias)
-                        loss, metrics = _snapshot(loss, metrics)
+                        loss, metrics = snapshot_metrics(loss, metrics)
                         bad = runner.apply_unless_bad(step_loss, grad_norm, done)
                     if runner.sync_free and not ctx.enabled:
                         stop_now, save_by_time = stop.signal_name is not None, self._checkpoint_due_by_time(last_save_time)
@@ -662,7 +662,7 @@ class _PendingSteps:
         return out, rate
 
 
-def _snapshot(loss: torch.Tensor, metrics: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+def snapshot_metrics(loss: torch.Tensor, metrics: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
     """Copies of the step's 0-d tensors in one kernel (later in-place updates do not reach them)."""
     keys = [k for k, v in metrics.items() if torch.is_tensor(v)]
     copied = torch.stack([loss.detach().reshape(()).double()] + [metrics[k].detach().reshape(()).to(loss.device, torch.float64) for k in keys])
