@@ -14,8 +14,9 @@ after ``--resume latest`` equals the uninterrupted run's (bitwise on CPU fp32, s
 Under torchrun or SLURM (see ``clipforge.train.distributed``) the same loop runs on every rank:
 the model is wrapped in DDP (or sharded with FSDP2), each rank reads its slice of every global
 batch, the losses gather or ring-exchange features across ranks, the ranks agree on stopping
-(signal, time budget) every 10 steps and at evaluation / checkpoint steps, rank 0 logs and writes checkpoints (with every rank's RNG state),
-and a failed collective (a crashed peer) ends the run with a clear message instead of a hang.
+(signal, time budget) every 10 steps and at evaluation / checkpoint steps, rank 0 logs and writes
+checkpoints (with every rank's RNG state), and a failed collective (a crashed peer) ends the run
+with a clear message instead of a hang.
 """
 
 from __future__ import annotations
@@ -389,16 +390,18 @@ class Trainer:
                     elif runner.sync_free and not self._read_due(done):
                         stop_now = time_up = save_by_time = False  # the ranks compare notes at the next read
                     else:
-                        # one small all_reduce: the global loss and metrics, and whether any rank must stop
-                        names = sorted(metrics)
+                        # one small all_reduce: whether any rank must stop, and (read every step) the global
+                        # loss and metrics; sync-free, those were averaged on the device already
+                        names = [] if runner.sync_free else sorted(metrics)
                         totals = D.sum_over_ranks(
-                            [loss, float(stop.signal_name is not None), float(time_up),
-                             float(self._checkpoint_due_by_time(last_save_time))] + [metrics[k] for k in names],
+                            [float(stop.signal_name is not None), float(time_up),
+                             float(self._checkpoint_due_by_time(last_save_time))]
+                            + ([] if runner.sync_free else [loss]) + [metrics[k] for k in names],
                             ctx, device,
                         )
-                        stop_now, time_up, save_by_time = totals[1] > 0, totals[2] > 0, totals[3] > 0
-                        if not runner.sync_free:  # (sync-free: already averaged on the device)
-                            loss = totals[0] / ctx.world_size
+                        stop_now, time_up, save_by_time = totals[0] > 0, totals[1] > 0, totals[2] > 0
+                        if not runner.sync_free:
+                            loss = totals[3] / ctx.world_size
                             metrics = {k: v / ctx.world_size for k, v in zip(names, totals[4:])}
                     if not runner.sync_free:
                         grad_norm = float(grad_norm)
@@ -665,7 +668,8 @@ class _PendingSteps:
 def snapshot_metrics(loss: torch.Tensor, metrics: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
     """Copies of the step's 0-d tensors in one kernel (later in-place updates do not reach them)."""
     keys = [k for k, v in metrics.items() if torch.is_tensor(v)]
-    copied = torch.stack([loss.detach().reshape(()).double()] + [metrics[k].detach().reshape(()).to(loss.device, torch.float64) for k in keys])
+    values = [loss] + [metrics[k] for k in keys]
+    copied = torch.stack([v.detach().reshape(()).to(loss.device, torch.float64) for v in values])
     return copied[0], {**metrics, **{k: copied[i + 1] for i, k in enumerate(keys)}}
 
 
