@@ -188,6 +188,7 @@ def first_batch(recipe: Recipe, tokenizer) -> dict[str, Any]:
 def clipforge_side(recipe: Recipe, device: torch.device, count: bool = True) -> tuple[Side, Any]:
     """The trainer's step for ``recipe`` on ``device`` (single process); ``count``: count its FLOPs."""
     from clipforge.models.tokenizer import tokenizer_for_recipe
+    from clipforge.train.distributed import sum_over_ranks
     from clipforge.train.trainer import StepRunner, seed_everything, snapshot_metrics
 
     if recipe.train.threads:
@@ -212,8 +213,6 @@ def clipforge_side(recipe: Recipe, device: torch.device, count: bool = True) -> 
     done = [0]
 
     def step() -> None:  # what one iteration of the training loop does, logging apart
-        from clipforge.train.distributed import sum_over_ranks
-
         runner.set_lr(done[0])
         loss, metrics, grad_norm = runner.forward_backward([runner.to_device(host_batch) for _ in range(micro)])
         done[0] += 1
