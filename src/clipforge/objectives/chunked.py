@@ -21,6 +21,10 @@ import torch
 from torch import Tensor
 
 
+CHUNK_HINT = ("chunk_size computes the loss block by block for one caption per image, unweighted, without "
+              "label smoothing (clipforge.objectives.chunked); remove chunk_size for this recipe")
+
+
 def _blocks(n: int, chunk: int):
     for start in range(0, n, chunk):
         yield start, min(n, start + chunk)
@@ -34,6 +38,26 @@ def _wide(*tensors: Tensor) -> tuple[Tensor, ...]:
 
 def _no_autocast(x: Tensor):
     return torch.autocast(x.device.type, enabled=False)
+
+
+def _block_gradients(xf: Tensor, yf: Tensor, tf: Tensor, chunk: int, off_diagonal_grad) -> tuple[Tensor, ...]:
+    """Gradients to X, Y, t and b from dloss/dL, rebuilt block by block. ``off_diagonal_grad(similarity,
+    start, end)`` gives a block's dloss/dL without the positives' term, which is -1/N on the diagonal
+    for both losses (CLIP: -2 [i = j] / 2N; SigLIP: -[i = j] / N) and is added here."""
+    n = xf.shape[0]
+    gx, gy = torch.zeros_like(xf), torch.zeros_like(yf)
+    gt, gb = torch.zeros((), device=xf.device, dtype=xf.dtype), torch.zeros((), device=xf.device, dtype=xf.dtype)
+    for s, e in _blocks(n, chunk):
+        similarity = xf[s:e] @ yf.T
+        g = off_diagonal_grad(similarity, s, e)
+        gx[s:e] += tf * (g @ yf)
+        gy += tf * (g.T @ xf[s:e])
+        gt += (g * similarity).sum()
+        gb += g.sum()
+    gx -= tf / n * yf
+    gy -= tf / n * xf
+    gt -= (xf * yf).sum() / n
+    return gx, gy, gt, gb - 1.0
 
 
 class _ChunkedClip(torch.autograd.Function):
@@ -70,18 +94,12 @@ class _ChunkedClip(torch.autograd.Function):
         with _no_autocast(x):
             xf, yf, tf = _wide(x, y, t)
             n = x.shape[0]
-            gx, gy, gt = torch.zeros_like(xf), torch.zeros_like(yf), torch.zeros((), device=x.device, dtype=xf.dtype)
-            for s, e in _blocks(n, ctx.chunk):
-                similarity = xf[s:e] @ yf.T
+
+            def softmaxes(similarity: Tensor, s: int, e: int) -> Tensor:
                 block = tf * similarity
-                g = (torch.exp(block - row_lse[s:e, None]) + torch.exp(block - col_lse[None, :])) / (2 * n)
-                gx[s:e] += tf * (g @ yf)
-                gy += tf * (g.T @ xf[s:e])
-                gt += (g * similarity).sum()
-            # the -2 [i = j] / 2N part
-            gx -= tf / n * yf
-            gy -= tf / n * xf
-            gt -= (xf * yf).sum() / n
+                return (torch.exp(block - row_lse[s:e, None]) + torch.exp(block - col_lse[None, :])) / (2 * n)
+
+            gx, gy, gt, _ = _block_gradients(xf, yf, tf, ctx.chunk, softmaxes)
             grad = grad_loss.to(xf.dtype)
         return (gx * grad).to(x.dtype), (gy * grad).to(y.dtype), (gt * grad).to(t.dtype).reshape(t.shape), None
 
@@ -117,20 +135,8 @@ class _ChunkedSigLip(torch.autograd.Function):
         with _no_autocast(x):
             xf, yf, tf, bf = _wide(x, y, t, b)
             n = x.shape[0]
-            gx, gy = torch.zeros_like(xf), torch.zeros_like(yf)
-            gt, gb = torch.zeros((), device=x.device, dtype=xf.dtype), torch.zeros((), device=x.device, dtype=xf.dtype)
-            for s, e in _blocks(n, ctx.chunk):
-                similarity = xf[s:e] @ yf.T
-                g = torch.sigmoid(tf * similarity + bf) / n
-                gx[s:e] += tf * (g @ yf)
-                gy += tf * (g.T @ xf[s:e])
-                gt += (g * similarity).sum()
-                gb += g.sum()
-            # the -[i = j] / N part
-            gx -= tf / n * yf
-            gy -= tf / n * xf
-            gt -= (xf * yf).sum() / n
-            gb -= 1.0
+            gx, gy, gt, gb = _block_gradients(xf, yf, tf, ctx.chunk,
+                                              lambda similarity, s, e: torch.sigmoid(tf * similarity + bf) / n)
             grad = grad_loss.to(xf.dtype)
         return ((gx * grad).to(x.dtype), (gy * grad).to(y.dtype), (gt * grad).to(t.dtype).reshape(t.shape),
                 (gb * grad).to(b.dtype).reshape(b.shape), None)

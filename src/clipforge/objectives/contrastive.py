@@ -15,6 +15,7 @@ from pydantic import Field
 from torch import Tensor
 
 from clipforge.objectives.base import Metrics, Term, TermConfig, register_term, require_output, upcast_low_precision
+from clipforge.objectives.chunked import CHUNK_HINT, clip_loss_chunked
 
 
 def clip_logits(image_embeds: Tensor, text_embeds: Tensor, logit_scale: Tensor) -> Tensor:
@@ -100,10 +101,6 @@ def retrieval_accuracy(logits: Tensor) -> tuple[Tensor, Tensor]:
     return image_to_text, text_to_image
 
 
-CHUNK_HINT = ("chunk_size computes the loss block by block for one caption per image, unweighted, without "
-              "label smoothing (clipforge.objectives.chunked); remove chunk_size for this recipe")
-
-
 class ClipConfig(TermConfig):
     name: str = "clip"
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
@@ -145,8 +142,6 @@ class ClipLoss(Term):
             )
             return loss, {**metrics, "logit_scale": logit_scale.detach()}
         if self.chunk_size is not None:
-            from clipforge.objectives.chunked import clip_loss_chunked
-
             loss, accuracy = clip_loss_chunked(outputs["image_embeds"], outputs["text_embeds"], logit_scale,
                                                self.chunk_size)
             return loss, {"i2t_acc": accuracy[0], "t2i_acc": accuracy[1], "logit_scale": logit_scale.detach()}

@@ -19,6 +19,7 @@ from pydantic import Field
 from torch import Tensor
 
 from clipforge.objectives.base import Metrics, Term, TermConfig, register_term, require_output, upcast_low_precision
+from clipforge.objectives.chunked import CHUNK_HINT, siglip_loss_recomputed
 
 MISSING_BIAS_HINT = (
     "SigLIP needs a learnable logit bias: set model.logit_bias_init = -10 "
@@ -127,13 +128,9 @@ class SigLipLoss(Term):
         owner, weights = batch.get("text_owner"), batch.get("weights")
         if owner is not None or weights is not None:
             if self.chunk_size is not None:
-                raise ValueError("siglip: this batch has several captions per image or sample weights; chunk_size "
-                                 "computes the loss block by block for one caption per image, unweighted. Remove "
-                                 "chunk_size for this recipe")
+                raise ValueError(f"siglip: this batch has several captions per image or sample weights. {CHUNK_HINT}")
             return self._multi_positive(image_embeds, outputs["text_embeds"], logit_scale, logit_bias, owner, weights)
         if self.chunk_size is not None and active_world_size() == 1:
-            from clipforge.objectives.chunked import siglip_loss_recomputed
-
             loss, stats = siglip_loss_recomputed(image_embeds, outputs["text_embeds"], logit_scale, logit_bias,
                                                  self.chunk_size)
             return loss, {"pos_logit": stats[0], "neg_logit": stats[1], "pair_acc": stats[2],
