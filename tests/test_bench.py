@@ -24,13 +24,16 @@ def hand_count_train_flops(m, n: int, text_len: int) -> int:
     """Training FLOPs of one step of the plain CLIP model by hand, with FlopCounterMode's conventions:
     a matmul is 2mnk; a linear layer costs 3x its forward in training (forward, input grad, weight
     grad); the patch convolution 2x (images need no gradient); attention 2 bmm forward and 5 in
-    backward (scores recomputed), counted over the full square also when causal."""
+    backward (scores recomputed), counted over the full square also when causal. A tower's last
+    block computes keys and values for every token but the rest for its pooled token only."""
 
     def tower(tokens: int, width: int, layers: int) -> int:
         hidden = int(width * m.mlp_ratio)
-        linear = 2 * n * tokens * (3 * width * width + width * width + 2 * width * hidden)
-        attention = (4 + 10) * n * tokens * tokens * width
-        return layers * (3 * linear + attention)
+        per_token = 3 * width * width + width * width + 2 * width * hidden  # qkv, out proj, MLP
+        block = 3 * 2 * n * tokens * per_token + 14 * n * tokens * tokens * width
+        keys_values = 2 * width * width
+        last_block = 3 * 2 * n * (tokens * keys_values + per_token - keys_values) + 14 * n * 1 * tokens * width
+        return (layers - 1) * block + last_block
 
     patches = (m.image_size // m.patch_size) ** 2
     vision = tower(patches + 1, m.vision_width, m.vision_layers)
@@ -39,7 +42,6 @@ def hand_count_train_flops(m, n: int, text_len: int) -> int:
     projections = 3 * 2 * n * (m.vision_width + m.text_width) * m.embed_dim
     logits = 3 * 2 * n * n * m.embed_dim  # one N x N matmul; both operands need gradients
     return vision + patch_embed + text + projections + logits
-
 
 def test_flop_count_matches_a_hand_count():
     recipe = load_bench_recipe("tiny-shapes", TINY, device="cpu", precision="fp32", compile=False, batch=None)

@@ -130,6 +130,52 @@ def test_too_long_text_is_a_clear_error():
         model.encode_text(torch.zeros(2, 13, dtype=torch.long))
 
 
+# ----------------------------------------------------------------------------- pooled token only
+def _pooled_and_grads(model: CLIP, images, ids, mask, need: set[str]):
+    out = model(images, ids, mask, need=need)
+    loss = (out["image_embeds"] * torch.linspace(-1, 1, 16)).sum() + (out["text_embeds"] ** 3).sum()
+    grads = torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad], allow_unused=True)
+    return out["image_embeds"], out["text_embeds"], grads
+
+
+@pytest.mark.parametrize("overrides", [{}, {"patch_dropout": 0.5}], ids=["plain", "flip"])
+def test_last_block_on_the_pooled_token_only_equals_the_full_last_block(overrides):
+    """Without tokens asked for, each tower's last block runs its query, attention and MLP on the
+    pooled token alone (class token / end of text). Same embeddings and gradients as the full
+    block, in float64 to rounding (not bitwise: the matmuls have other shapes)."""
+    model = make_model(**overrides).double().train()
+    images, ids, mask = make_inputs()
+    images = images.double()
+    keep = random_keep_indices(N, P, 0.5, generator=torch.Generator().manual_seed(1)) if overrides else None
+    pooled_only = model(images, ids, mask, keep_indices=keep)
+    full = model(images, ids, mask, keep_indices=keep, need={"image_tokens", "text_tokens"})
+    for key in ("image_embeds", "text_embeds"):
+        torch.testing.assert_close(pooled_only[key], full[key], rtol=0, atol=1e-12)
+    if keep is None:  # gradients (FLIP without given indices would draw different patches)
+        a = _pooled_and_grads(model, images, ids, mask, set())
+        b = _pooled_and_grads(model, images, ids, mask, {"image_tokens", "text_tokens"})
+        torch.testing.assert_close(a[0], b[0], rtol=0, atol=1e-12)
+        for ga, gb in zip(a[2], b[2]):
+            assert (ga is None) == (gb is None)
+            if ga is not None:
+                torch.testing.assert_close(ga, gb, rtol=0, atol=1e-10)
+
+
+def test_pooled_token_only_text_sees_no_later_tokens():
+    """The end-of-text query attends to positions up to its own: changing padding after it (or a
+    mask shorter than the ids) changes nothing, in float32 to 1e-6 of the full path."""
+    model = make_model().eval()
+    images, ids, mask = make_inputs()
+    noisy = torch.where(mask.bool(), ids, torch.randint(1, 100, ids.shape, generator=torch.Generator().manual_seed(3)))
+    a = model.encode_text(ids, mask)
+    b = model.encode_text(noisy, mask)
+    full = model(images, noisy, mask, need={"text_tokens"})["text_embeds"]
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    torch.testing.assert_close(b, full, rtol=0, atol=1e-6)
+    no_mask = model(images, ids, None)["text_embeds"]  # pooled at the last position, all visible
+    torch.testing.assert_close(no_mask, model(images, ids, None, need={"text_tokens"})["text_embeds"], rtol=0, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------- logit scale / bias
 def test_logit_scale_init_and_clamp_after_a_large_step():
     model = make_model()
@@ -220,7 +266,7 @@ def test_flip_never_masks_in_eval_mode():
     model = make_model(patch_dropout=0.75).eval()
     images, ids, mask = make_inputs()
     first = model(images, ids, mask, need={"kept_indices", "image_tokens"})
-    second = model(images, ids, mask)
+    second = model(images, ids, mask, need={"image_tokens"})  # the same path, no patches given
     assert torch.equal(first["kept_indices"], torch.arange(P).expand(N, -1))
     assert first["image_tokens"].shape == (N, P, 32)
     assert torch.equal(first["image_embeds"], second["image_embeds"])

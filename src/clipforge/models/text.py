@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from clipforge.models.vit import Block, init_blocks_
+from clipforge.models.vit import Block, init_blocks_, token_at
 
 
 class TextTransformer(nn.Module):
@@ -48,18 +48,22 @@ class TextTransformer(nn.Module):
             raise ValueError(
                 f"input_ids has {length} tokens but the model's context length is {self.context_length}"
             )
-        x = self.token_embed(input_ids) + self.pos_embed[:length]  # N×L×W
-        for block in self.blocks:
-            x, _ = block(x, is_causal=True)
-        x = self.ln_final(x)
-
         if attention_mask is None:
-            eot = torch.full((n,), length - 1, device=x.device)
+            eot = torch.full((n,), length - 1, device=input_ids.device)
         else:
             eot = (attention_mask.long().sum(dim=1) - 1).clamp(min=0)  # index of the last real token
-        pooled = x[torch.arange(n, device=x.device), eot]  # N×W
+        # Only the end-of-text token is read after the last block: unless the tokens are asked
+        # for, that block computes its query, attention output and MLP at that position alone.
+        eot_only = not return_tokens and len(self.blocks) > 0
+        x = self.token_embed(input_ids) + self.pos_embed[:length]  # N×L×W
+        for i, block in enumerate(self.blocks):
+            query = eot if eot_only and i == len(self.blocks) - 1 else None
+            x, _ = block(x, is_causal=True, query=query)
+        x = self.ln_final(x)
+        if eot_only:
+            return {"pooled": x}  # N×W: the end-of-text token
 
-        out = {"pooled": pooled}
+        out = {"pooled": token_at(x, eot)}  # N×W
         if return_tokens:
             out["tokens"] = x
         return out

@@ -22,6 +22,8 @@ class Attention(nn.Module):
 
     The fast path is ``F.scaled_dot_product_attention``. The explicit path (softmax written out)
     is only taken when a caller asks for the attention weights, e.g. A-CLIP's class-token attention.
+    With ``query`` (one position per sample, N) only those rows are computed: keys and values
+    still come from every token, the query, the attention and the output projection from one.
     """
 
     def __init__(self, width: int, heads: int):
@@ -32,8 +34,11 @@ class Attention(nn.Module):
         self.proj = nn.Linear(width, width)
 
     def forward(
-        self, x: torch.Tensor, is_causal: bool = False, return_weights: bool = False
+        self, x: torch.Tensor, is_causal: bool = False, return_weights: bool = False,
+        query: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if query is not None:
+            return self._one_query_per_sample(x, query, is_causal), None
         n, t, w = x.shape
         # N×T×3W -> 3 × N×H×T×D (views, no copy)
         q, k, v = self.qkv(x).view(n, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
@@ -49,6 +54,22 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
         out = out.transpose(1, 2).reshape(n, t, w)  # N×H×T×D -> N×T×W
         return self.proj(out), weights
+
+    def _one_query_per_sample(self, x: torch.Tensor, query: torch.Tensor, is_causal: bool) -> torch.Tensor:
+        """N×T×W tokens, N query positions -> N×W: the attention output at those positions only."""
+        n, t, w = x.shape
+        weight, bias = self.qkv.weight, self.qkv.bias  # rows: [query | key | value]
+        q = F.linear(token_at(x, query), weight[:w], bias[:w]).view(n, self.heads, 1, self.head_dim)
+        k, v = F.linear(x, weight[w:], bias[w:]).view(n, t, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        # causal: the query at position p sees keys 0..p (N×1×1×T, broadcast over heads)
+        visible = (torch.arange(t, device=x.device) <= query[:, None]).view(n, 1, 1, t) if is_causal else None
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible)  # N×H×1×D
+        return self.proj(out.reshape(n, w))
+
+
+def token_at(x: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    """N×T×W, N positions -> N×W: each sample's token at its position."""
+    return x[torch.arange(x.shape[0], device=x.device), position]
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -81,9 +102,14 @@ class Block(nn.Module):
         self.mlp = MLP(width, int(width * mlp_ratio), activation)
 
     def forward(
-        self, x: torch.Tensor, is_causal: bool = False, return_weights: bool = False
+        self, x: torch.Tensor, is_causal: bool = False, return_weights: bool = False,
+        query: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        attn_out, weights = self.attn(self.ln_1(x), is_causal=is_causal, return_weights=return_weights)
+        """N×T×W -> N×T×W; with ``query`` (N positions) -> N×W, the block's output at those
+        positions only (a tower's last block when only its pooled token is read)."""
+        attn_out, weights = self.attn(self.ln_1(x), is_causal=is_causal, return_weights=return_weights, query=query)
+        if query is not None:
+            x = token_at(x, query)
         x = x + attn_out
         x = x + self.mlp(self.ln_2(x))
         return x, weights
@@ -196,14 +222,21 @@ class VisionTransformer(nn.Module):
             x = torch.cat([cls, x], dim=1)  # N×(1+K)×W
         x = self.ln_pre(x)
 
+        # Only the class token is read after the last block: unless the tokens are asked for, that
+        # block computes its query, attention output and MLP for the class token alone.
+        class_only = has_cls and not return_tokens and not return_cls_attention and len(self.blocks) > 0
+        cls_position = torch.zeros(n, dtype=torch.long, device=x.device)
         cls_attention = []
-        for block in self.blocks:
-            x, weights = block(x, return_weights=return_cls_attention)
+        for i, block in enumerate(self.blocks):
+            query = cls_position if class_only and i == len(self.blocks) - 1 else None
+            x, weights = block(x, return_weights=return_cls_attention, query=query)
             if return_cls_attention:
                 cls_attention.append(weights[:, :, 0, 1:])  # N×H×K: class-token row, patch columns
 
         x = self.ln_post(x)
-        if has_cls:
+        if class_only:
+            pooled, tokens = x, None  # N×W: the class token
+        elif has_cls:
             pooled, tokens = x[:, 0], x[:, 1:]
         else:
             pooled, tokens = x.mean(dim=1), x
