@@ -99,6 +99,22 @@ def test_synthetic_captions_are_always_correct_and_raw_noise_is_recorded():
     assert (seen["noise"] == 0).all()
 
 
+def test_noisy_raw_captions_never_name_a_held_out_pair():
+    """The held-out colour-shape pairs never reach training, not even as a wrong caption's text."""
+    ds = dataset(captions="raw", raw_caption_noise=1.0)
+    held_names = {C.class_label(c, s): f"{c} {s}" for c in COLOURS for s in SHAPES}
+    held = {held_names[k] for k in ds.held_out}
+    n = 3000
+    batch = C.make_caption_batch(ds, list(range(n)), None)
+    assert set(batch["noise"].tolist()) == {1, 2, 3}  # every caption corrupted, every kind drawn
+    named = set()
+    for caption in batch["captions"]:
+        words = caption.split()
+        named |= {f"{a} {b}" for a, b in zip(words, words[1:]) if a in COLOURS and b in SHAPES}
+    assert named and not named & held
+    assert len(named) > 0.9 * (len(held_names) - len(held))  # the trained pairs are all still drawn
+
+
 def test_the_loader_carries_caption_kinds_noise_and_sub_captions_and_resumes():
     cfg = DataConfig(batch_size=4, num_workers=0, seed=3, sub_captions=3,
                      shapes=STUDY.model_copy(update={"captions": "raw+long", "raw_caption_noise": 0.5}))

@@ -27,7 +27,8 @@ from typing import Sequence
 
 import numpy as np
 
-from clipforge.data.synthetic import COLOURS, POSITION_PHRASES, SHAPES, SIZES, SPLIT_TAGS, SceneFacts
+from clipforge.data.synthetic import (COLOURS, POSITION_PHRASES, SHAPES, SIZES, SPLIT_TAGS, SceneFacts, class_label,
+                                      held_out_pairs)
 
 # batch["caption_kind"]: what each caption row is
 CAPTION_KINDS: tuple[str, ...] = ("raw", "synthetic", "sub_caption", "long")
@@ -94,14 +95,21 @@ def synthetic_caption(facts: SceneFacts) -> str:
 
 
 # ----------------------------------------------------------------------------- raw-caption noise
-def noisy_raw_caption(facts: SceneFacts, noise: float, rng: np.random.Generator) -> tuple[str, int]:
-    """The raw caption, or with probability ``noise`` a corrupted one; returns (caption, noise kind index)."""
+def noisy_raw_caption(facts: SceneFacts, noise: float, rng: np.random.Generator,
+                      held_out: frozenset[int] = frozenset()) -> tuple[str, int]:
+    """The raw caption, or with probability ``noise`` a corrupted one; returns (caption, noise kind index).
+
+    A corrupted caption never names a ``held_out`` colour-shape pair: those pairs must not reach
+    training, not even as the text of a wrong caption (at most half of any colour's or shape's
+    partners are held out, so a trained alternative always exists).
+    """
     if noise <= 0 or rng.random() >= noise:
         return facts.caption, 0
     kind = 1 + int(rng.integers(3))
-    if kind == 1:  # a caption of another scene: a different colour-shape pair, random template words
+    if kind == 1:  # a caption of another scene: a different trained colour-shape pair, random template words
         colour, shape = facts.objects[0][:2]
-        others = [(c, s) for c in COLOURS for s in SHAPES if (c, s) != (colour, shape)]
+        others = [(c, s) for c in COLOURS for s in SHAPES
+                  if (c, s) != (colour, shape) and class_label(c, s) not in held_out]
         c, s = others[int(rng.integers(len(others)))]
         size, position = _pick(SIZES, rng), _pick(list(POSITION_PHRASES), rng)
         phrase = _pick(POSITION_PHRASES[position], rng)
@@ -116,8 +124,11 @@ def noisy_raw_caption(facts: SceneFacts, noise: float, rng: np.random.Generator)
             del words[at]
         else:
             words[at] = "shape"
-    else:  # altered: another colour or another shape
-        pool = [c for c in COLOURS if c != words[at]] if use_colour else [s for s in SHAPES if s != words[at]]
+    else:  # altered: another colour or another shape (captions name a colour right before its shape)
+        if use_colour:
+            pool = [c for c in COLOURS if c != words[at] and class_label(c, words[at + 1]) not in held_out]
+        else:
+            pool = [s for s in SHAPES if s != words[at] and class_label(words[at - 1], s) not in held_out]
         words[at] = _pick(pool, rng)
     return " ".join(_fix_articles(words)), kind
 
@@ -131,16 +142,17 @@ def caption_rng(seed: int, split: str, index: int) -> np.random.Generator:
 
 
 def shapes_caption_lists(facts: list[SceneFacts], indices: Sequence[int], seed: int, split: str, mode: str,
-                         noise: float) -> tuple[list[list[str]], list[list[int]], list[int]]:
+                         noise: float, held_out: frozenset[int] = frozenset()
+                         ) -> tuple[list[list[str]], list[list[int]], list[int]]:
     """Each sample's caption list for ``shapes.captions = mode``, the kinds of its captions, its noise kind.
 
     ``raw`` -> [raw]; ``long`` -> [long]; ``raw+long`` -> [raw, long]; ``raw+synthetic`` -> [raw, synthetic].
-    Raw captions are noised (``noise``) in the train split only.
+    Raw captions are noised (``noise``) in the train split only, never into a ``held_out`` pair.
     """
     lists, kinds, noise_kinds = [], [], []
     for scene, index in zip(facts, indices):
         rng = caption_rng(seed, split, int(index))
-        raw, noise_kind = noisy_raw_caption(scene, noise if split == "train" else 0.0, rng)
+        raw, noise_kind = noisy_raw_caption(scene, noise if split == "train" else 0.0, rng, held_out)
         long = long_caption(scene, rng)  # always drawn, so the long caption does not depend on the noise
         options = {"raw": ([raw], [RAW]), "long": ([long], [LONG]), "raw+long": ([raw, long], [RAW, LONG]),
                    "raw+synthetic": ([raw, synthetic_caption(scene)], [RAW, SYNTHETIC])}
@@ -208,7 +220,7 @@ def make_caption_batch(dataset, indices: list[int], tokenizer, sub_captions: int
     cfg = dataset.cfg
     pixels, facts, labels = dataset.render_scenes(indices)
     lists, kinds, noise = shapes_caption_lists(facts, indices, dataset.seed, dataset.split, cfg.captions,
-                                               cfg.raw_caption_noise)
+                                               cfg.raw_caption_noise, frozenset(held_out_pairs(cfg)))
     if sub_captions:
         drawn = [sub_caption_texts(texts, sub_captions, keep_raw, random.Random(_sub_caption_seed(dataset.seed, i)))
                  for texts, i in zip(lists, indices)]
