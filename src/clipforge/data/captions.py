@@ -7,7 +7,8 @@ For the built-in shapes data (``clipforge.data.synthetic``), every image's ``Sce
 - ``synthetic_caption``: terse and always correct ("a red circle", "a red circle left of a blue square");
 - ``noisy_raw_caption``: the templated caption, replaced with probability ``shapes.raw_caption_noise``
   by a caption of another scene (``other_image``) or with one attribute dropped (``dropped``) or
-  changed (``altered``); the kind is recorded per sample (``NOISE_KINDS``, ``batch["noise"]``).
+  changed (``altered``), never into a held-out colour-shape pair; the kind is recorded per sample
+  (``NOISE_KINDS``, ``batch["noise"]``).
 
 All draws come from the sample's own generator ``default_rng([seed, split, index, CAPTION_STREAM])``:
 a stream apart from the one that drew the image, so adding these captions changes no image and no
