@@ -29,6 +29,8 @@ CASES = [
     # the host reads every step's loss and gradient norm (what every step did before the sync-free step)
     ("vit-b16-compile-synced", "clip-vit-b16", ["train.sync_every_step=true"], True, [512, 384, 256]),
     ("vit-b16-compile-b768", "clip-vit-b16", [], True, [768]),
+    # inductor benchmarks GEMM templates and fusions (epilogue fusion into the GEMMs); long compile
+    ("vit-b16-compile-autotune", "clip-vit-b16", ["train.compile_mode=max-autotune-no-cudagraphs"], True, [512]),
 ]
 
 TINY = ["model.image_size=32", "model.patch_size=8", "model.vision_width=64", "model.vision_layers=2",

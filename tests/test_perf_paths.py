@@ -106,6 +106,23 @@ def test_train_compile_option_reaches_the_model():
     assert all(not k.startswith("_orig_mod") for k in step_module.model.state_dict())
 
 
+def test_train_compile_mode_reaches_torch_compile(monkeypatch):
+    seen = []
+    original = torch.compile
+
+    def recording_compile(*args, **kwargs):
+        seen.append(kwargs.get("mode"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    build_step(load_recipe("tiny-shapes", [*SMALL, "train.compile=true"]), torch.device("cpu"), log=False)
+    build_step(load_recipe("tiny-shapes", [*SMALL, "train.compile=true", "train.compile_mode=max-autotune-no-cudagraphs"]),
+               torch.device("cpu"), log=False)
+    assert seen == ["default", "max-autotune-no-cudagraphs"]
+    with pytest.raises(ValueError, match="compile_mode"):
+        load_recipe("tiny-shapes", [*SMALL, "train.compile_mode=fastest"])
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on a GPU machine)")
 @pytest.mark.parametrize("name", ["tiny-shapes", "tiny-shapes-flip", "tiny-shapes-siglip"])
 def test_sync_free_steps_never_wait_for_the_gpu(name):

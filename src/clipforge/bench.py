@@ -264,7 +264,7 @@ def openclip_side(recipe: Recipe, device: torch.device, host_batch: dict[str, An
                                  init_logit_bias=m.logit_bias_init if sigmoid else None,
                                  output_dict=True).to(device).train()
     if r.train.compile:
-        model.compile()
+        model.compile(mode=r.train.compile_mode)
     loss_fn = SigLipLoss() if sigmoid else ClipLoss()
     o = r.optim
     optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,

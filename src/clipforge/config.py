@@ -587,6 +587,9 @@ class TrainConfig(Section):
     # torch.compile the step's forward (model + loss): fuses norms, activations and bias adds; the
     # first steps are slow while it compiles. Equal to eager within float tolerance (tested)
     compile: bool = False
+    # torch.compile's mode: "max-autotune" (-no-cudagraphs) benchmarks GEMM / fused kernels (minutes of
+    # compile time, GPU); "reduce-overhead" adds CUDA graphs (GPU, a fixed batch shape)
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     # read the loss, metrics and the bad-step flag on the host after every step (a GPU stall per step).
     # Off: they stay on the device and are read every 10 steps, at evaluation / checkpoint steps and at
     # the end (every step is still logged); a NaN/inf step is skipped on the device (fused AdamW's

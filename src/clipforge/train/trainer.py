@@ -622,7 +622,7 @@ def build_step(recipe: Recipe, device: torch.device, resume_from: Path | None = 
         ckpt.load_method_state(step, resume_from)
     if recipe.train.compile:
         # in place (state-dict keys unchanged), after the teachers copied the eager model
-        step.model.compile()
+        step.model.compile(mode=recipe.train.compile_mode)
     return step
 
 
