@@ -120,7 +120,9 @@ def test_train_compile_mode_reaches_torch_compile(monkeypatch):
                torch.device("cpu"), log=False)
     assert seen == ["default", "max-autotune-no-cudagraphs"]
     with pytest.raises(ValueError, match="compile_mode"):
-        load_recipe("tiny-shapes", [*SMALL, "train.compile_mode=fastest"])
+        load_recipe("tiny-shapes", [*SMALL, "train.compile=true", "train.compile_mode=fastest"])
+    with pytest.raises(ValueError, match="also set train.compile=true"):  # would be silently ignored
+        load_recipe("tiny-shapes", [*SMALL, "train.compile_mode=max-autotune"])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on a GPU machine)")

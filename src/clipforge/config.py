@@ -597,6 +597,13 @@ class TrainConfig(Section):
     # (EMA teachers, queues) and FSDP always read every step
     sync_every_step: bool = False
 
+    @model_validator(mode="after")
+    def _compile_mode_needs_compile(self) -> "TrainConfig":
+        if self.compile_mode != "default" and not self.compile:
+            raise ValueError(f"train.compile_mode = {self.compile_mode!r} only applies to a compiled model: also set "
+                             "train.compile=true (or `clipforge bench --compile`), or leave compile_mode at 'default'")
+        return self
+
 
 EVAL_TASKS = ("zeroshot", "retrieval", "val_loss")  # [[eval.tasks]] task names
 EVAL_DATA_KINDS = ("imagefolder", "jsonl", "csv", "wds")  # clipforge.data.sources.DATA_KINDS (not imported: it loads PIL)
