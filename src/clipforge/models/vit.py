@@ -225,10 +225,10 @@ class VisionTransformer(nn.Module):
         # Only the class token is read after the last block: unless the tokens are asked for, that
         # block computes its query, attention output and MLP for the class token alone.
         class_only = has_cls and not return_tokens and not return_cls_attention and len(self.blocks) > 0
-        cls_position = torch.zeros(n, dtype=torch.long, device=x.device)
+        last_query = torch.zeros(n, dtype=torch.long, device=x.device) if class_only else None  # position 0
         cls_attention = []
         for i, block in enumerate(self.blocks):
-            query = cls_position if class_only and i == len(self.blocks) - 1 else None
+            query = last_query if i == len(self.blocks) - 1 else None
             x, weights = block(x, return_weights=return_cls_attention, query=query)
             if return_cls_attention:
                 cls_attention.append(weights[:, :, 0, 1:])  # N×H×K: class-token row, patch columns
