@@ -31,6 +31,11 @@ CASES = [
     ("vit-b16-compile-b768", "clip-vit-b16", [], True, [768]),
     # inductor benchmarks GEMM templates and fusions (epilogue fusion into the GEMMs); long compile
     ("vit-b16-compile-autotune", "clip-vit-b16", ["train.compile_mode=max-autotune-no-cudagraphs"], True, [512]),
+    # the residual stream (and LayerNorm outputs) in bf16: half the bytes for the memory-bound kernels
+    ("vit-b16-bf16res", "clip-vit-b16", ["train.bf16_residual=true"], False, [512, 384, 256]),
+    ("vit-b16-compile-bf16res-b768", "clip-vit-b16", ["train.bf16_residual=true"], True, [768, 512]),
+    ("vit-b16-flip50-compile-bf16res-b768", "clip-vit-b16", ["model.patch_dropout=0.5", "train.bf16_residual=true"],
+     True, [768, 512]),
 ]
 
 TINY = ["model.image_size=32", "model.patch_size=8", "model.vision_width=64", "model.vision_layers=2",
@@ -82,7 +87,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--loader-batches", type=int, default=4)
     parser.add_argument("--case-timeout", type=float, default=240.0)
-    parser.add_argument("--cases", default=",".join(c[0] for c in CASES[:4]))
+    parser.add_argument("--cases", default=",".join(c[0] for c in CASES[:4]), help="comma-separated, run in this order")
+    parser.add_argument("--deadline", type=float, default=None,
+                        help="seconds for all cases: a case is not started after it, and is cut at it")
     parser.add_argument("--no-openclip", action="store_true")
     parser.add_argument("--openclip-cases", default="all", help="comma-separated cases run against OpenCLIP too")
     parser.add_argument("--profile", action="store_true", help="add a kernel-time breakdown per side")
@@ -92,17 +99,27 @@ def main() -> None:
         args.steps, args.rounds, args.warmup, args.loader_batches = 1, 2, 1, 1
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    wanted = args.cases.split(",")
+    by_name = {c[0]: c for c in CASES}
+    unknown = [n for n in args.cases.split(",") if n not in by_name]
+    if unknown:
+        parser.error(f"unknown cases {unknown}; known: {', '.join(by_name)}")
+    started = time.perf_counter()
+    case_timeout = args.case_timeout
     summaries = []
-    for name, recipe, overrides, compile, batches in CASES:
-        if name not in wanted:
-            continue
+    for name in args.cases.split(","):
+        _, recipe, overrides, compile, batches = by_name[name]
         for batch in ([8] if args.tiny else batches):  # the largest batch that fits
+            if args.deadline is not None:  # what is left of the budget bounds this case
+                args.case_timeout = min(case_timeout, args.deadline - (time.perf_counter() - started))
+                if args.case_timeout < 20:
+                    summaries.append({"case": name, "batch": batch, "ok": False, "oom": False,
+                                      "error_tail": "not started: --deadline reached"})
+                    break
             try:
                 summary = run_case(args, name, recipe, overrides, compile, batch, out_dir)
             except subprocess.TimeoutExpired:
                 summary = {"case": name, "batch": batch, "ok": False, "oom": False,
-                           "error_tail": f"timed out after {args.case_timeout} s"}
+                           "error_tail": f"timed out after {round(args.case_timeout)} s"}
             summaries.append(summary)
             print(json.dumps(summary), flush=True)  # partial results survive a later failure
             (out_dir / "summary.json").write_text(json.dumps(summaries, indent=1))
@@ -113,10 +130,11 @@ def main() -> None:
     free = next((s for s in summaries if s["case"] == "vit-b16-compile" and s["ok"]), None)
     if synced and free and synced["batch"] == free["batch"]:  # what not reading every step on the host buys
         final["sync_free_speedup"] = round(free["clipforge"]["img_per_s"] / synced["clipforge"]["img_per_s"], 3)
-    for suffix in ("", "-compile"):  # FLIP's speed-up over the same model without patch dropout
-        flip = next((s for s in summaries if s["case"] == f"vit-b16-flip50{suffix}" and s["ok"]), None)
+    for flip in (s for s in summaries if s["case"].startswith("vit-b16-flip50") and s["ok"]):
+        # FLIP's speed-up over the same case without patch dropout, at the same batch
+        suffix = flip["case"].removeprefix("vit-b16-flip50")
         base = next((s for s in summaries if s["case"] == f"vit-b16{suffix}" and s["ok"]), None)
-        if flip and base and flip["batch"] == base["batch"]:
+        if base and flip["batch"] == base["batch"]:
             final[f"flip50{suffix}_speedup"] = round(flip["clipforge"]["img_per_s"] / base["clipforge"]["img_per_s"], 3)
     (out_dir / "summary.json").write_text(json.dumps(final, indent=1))
     print(json.dumps(final))

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# The device machine's one call (see docs/performance.md): the CUDA-only tests, then bench/gpu.sh.
+# The device machine's one call (see docs/performance.md): bench/gpu.sh, then the CUDA-only tests.
 # Runs from the repository root with the carried wheels in .whl/ (pydantic, open_clip_torch, ftfy, ...).
 #   bash bench/gpu_run.sh "<gpu.sh arguments>"
+#   BENCH_TIMEOUT=480 TEST_TIMEOUT=120 TESTS="sync_free or compiled" bash bench/gpu_run.sh "..."   # the defaults
 set -uo pipefail
 OUT=${OUT:-bench-out}
 mkdir -p "$OUT" /tmp/gpuout
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1 PYTHON=python3
 python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name(0))"
-timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_perf_paths.py -k "sync_free or compiled" 2>&1 | tail -5 | tee "$OUT/pytest.txt"
 # shellcheck disable=SC2086
-timeout 480 bash bench/gpu.sh --out /tmp/gpuout $1 2>&1 | tee "$OUT/log.txt"
+timeout "${BENCH_TIMEOUT:-480}" bash bench/gpu.sh --out /tmp/gpuout $1 2>&1 | tee "$OUT/log.txt"
 tar czf "$OUT/gpu.tgz" -C /tmp/gpuout .
+timeout "${TEST_TIMEOUT:-120}" python3 -m pytest -q -p no:cacheprovider tests/test_perf_paths.py -k "${TESTS:-sync_free or compiled}" 2>&1 | tail -5 | tee "$OUT/pytest.txt"

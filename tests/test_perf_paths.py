@@ -153,3 +153,65 @@ def test_sync_free_steps_never_wait_for_the_gpu(name):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert float(sum(flags)) == 0.0  # and the steps were applied
+
+
+# ----------------------------------------------------------------------------- train.bf16_residual
+def _block_output_dtypes(model: CLIP) -> list[torch.dtype]:
+    seen: list[torch.dtype] = []
+    for block in [*model.visual.blocks, *model.text.blocks]:
+        block.register_forward_hook(lambda _m, _i, out: seen.append(out[0].dtype))
+    return seen
+
+
+def _embeds_and_grads(recipe, batch, low_precision: bool, autocast: bool):
+    seed_everything(0)
+    model = CLIP(recipe.model).train()
+    model.set_low_precision_residual(low_precision)
+    dtypes = _block_output_dtypes(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = model(batch["images"], batch["input_ids"], batch["attention_mask"])
+        logits = out["image_embeds"].float() @ out["text_embeds"].float().T * out["logit_scale"]
+    target = torch.arange(logits.shape[0])
+    loss = torch.nn.functional.cross_entropy(logits, target) + torch.nn.functional.cross_entropy(logits.T, target)
+    loss.backward()
+    grads = torch.cat([p.grad.flatten() for p in model.parameters()])
+    return out["image_embeds"].float().detach(), out["text_embeds"].float().detach(), grads, set(dtypes)
+
+
+def test_bf16_residual_keeps_the_stream_in_bf16_and_follows_the_float32_stream():
+    recipe = load_recipe("tiny-shapes", SMALL)
+    batch = trim_text_padding(_batch(recipe))
+    ref_img, ref_txt, ref_grads, _ = _embeds_and_grads(recipe, batch, low_precision=False, autocast=False)
+    amp_img, amp_txt, amp_grads, amp_dtypes = _embeds_and_grads(recipe, batch, low_precision=False, autocast=True)
+    low_img, low_txt, low_grads, low_dtypes = _embeds_and_grads(recipe, batch, low_precision=True, autocast=True)
+    assert amp_dtypes == {torch.float32}  # autocast alone: the residual adds promote to float32
+    assert low_dtypes == {torch.bfloat16}
+    # both autocast runs are within bf16 rounding of the float32 model; the bf16 stream adds a
+    # little more rounding, not a different function
+    for low, amp, ref in ((low_img, amp_img, ref_img), (low_txt, amp_txt, ref_txt)):
+        assert (low - ref).abs().max() < 0.02 and (amp - ref).abs().max() < 0.02
+    for grads in (amp_grads, low_grads):
+        assert torch.isfinite(grads).all()
+        assert torch.nn.functional.cosine_similarity(grads, ref_grads, dim=0) > 0.99
+
+
+def test_bf16_residual_changes_nothing_without_autocast():
+    recipe = load_recipe("tiny-shapes", SMALL)
+    batch = trim_text_padding(_batch(recipe))
+    plain = _embeds_and_grads(recipe, batch, low_precision=False, autocast=False)
+    flagged = _embeds_and_grads(recipe, batch, low_precision=True, autocast=False)
+    for a, b in zip(plain[:3], flagged[:3]):
+        assert torch.equal(a, b)
+    assert flagged[3] == {torch.float32}
+
+
+def test_train_bf16_residual_reaches_both_towers_and_trains():
+    recipe = load_recipe("tiny-shapes", [*SMALL, "train.precision=bf16", "train.bf16_residual=true"])
+    step_module = build_step(recipe, torch.device("cpu"), log=False).train()
+    assert step_module.model.visual.low_precision_residual and step_module.model.text.low_precision_residual
+    off = load_recipe("tiny-shapes", [*SMALL, "train.precision=bf16"])
+    low, amp = _losses(recipe, trim=True), _losses(off, trim=True)
+    assert all(torch.isfinite(torch.tensor(low)))
+    assert low == [pytest.approx(v, rel=0.02) for v in amp]  # the same run up to bf16 rounding
+    with pytest.raises(ValueError, match="only applies under bf16 autocast"):  # it would be silently ignored
+        load_recipe("tiny-shapes", [*SMALL, "train.precision=fp32", "train.bf16_residual=true"])

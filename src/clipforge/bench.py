@@ -467,6 +467,7 @@ def run_bench(recipe: str | Recipe, overrides: list[str] | None = None, *, devic
     result: dict[str, Any] = {
         "bench": "clipforge bench", "recipe": r.name, "device": _device_name(dev), "torch": torch.__version__,
         "threads": torch.get_num_threads(), "precision": prec, "compile": r.train.compile,
+        "compile_mode": r.train.compile_mode, "bf16_residual": r.train.bf16_residual,
         "global_batch": r.data.batch_size * r.train.accum_steps, "accum_mode": r.train.accum_mode,
         "patch_dropout": r.model.patch_dropout, "steps_per_round": steps, "rounds": rounds,
     }

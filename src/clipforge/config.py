@@ -596,12 +596,23 @@ class TrainConfig(Section):
     # found_inf); under torchrun the ranks agree on stopping at those reads. Methods with per-step state
     # (EMA teachers, queues) and FSDP always read every step
     sync_every_step: bool = False
+    # under bf16 autocast, keep each tower's residual stream (and the LayerNorm outputs) in bf16, not
+    # float32: the memory-bound kernels between the matmuls move half the bytes (GPU speed). Weights,
+    # their gradients and AdamW stay float32. Not bitwise the default: the residual adds round to bf16
+    bf16_residual: bool = False
 
     @model_validator(mode="after")
     def _compile_mode_needs_compile(self) -> "TrainConfig":
         if self.compile_mode != "default" and not self.compile:
             raise ValueError(f"train.compile_mode = {self.compile_mode!r} only applies to a compiled model: also set "
                              "train.compile=true (or `clipforge bench --compile`), or leave compile_mode at 'default'")
+        return self
+
+    @model_validator(mode="after")
+    def _bf16_residual_needs_bf16(self) -> "TrainConfig":
+        if self.bf16_residual and self.precision == "fp32":
+            raise ValueError("train.bf16_residual = true only applies under bf16 autocast: set train.precision=bf16 "
+                             "(or auto, bf16 on a GPU), or leave bf16_residual at false")
         return self
 
 

@@ -93,6 +93,13 @@ class CLIP(nn.Module):
         """Clamp ln t to [0, ln logit_scale_max] in place; call after every optimiser step."""
         self.logit_scale.clamp_(0.0, math.log(self.cfg.logit_scale_max))
 
+    def set_low_precision_residual(self, on: bool) -> None:
+        """train.bf16_residual: under autocast, the towers' residual streams in autocast's dtype
+        (models/vit.py to_residual_dtype). A Hugging Face text tower keeps its own dtypes."""
+        self.visual.low_precision_residual = on
+        if isinstance(self.text, TextTransformer):
+            self.text.low_precision_residual = on
+
     def num_params(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 

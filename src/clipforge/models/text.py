@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from clipforge.models.vit import Block, init_blocks_, token_at
+from clipforge.models.vit import Block, LayerNorm, init_blocks_, to_residual_dtype, token_at
 
 
 class TextTransformer(nn.Module):
@@ -27,7 +27,8 @@ class TextTransformer(nn.Module):
         self.token_embed = nn.Embedding(vocab_size, width)
         self.pos_embed = nn.Parameter(torch.zeros(context_length, width))
         self.blocks = nn.ModuleList([Block(width, heads, mlp_ratio, activation) for _ in range(layers)])
-        self.ln_final = nn.LayerNorm(width)
+        self.ln_final = LayerNorm(width)
+        self.low_precision_residual = False  # train.bf16_residual: see to_residual_dtype
         self.init_weights_()
 
     def init_weights_(self) -> None:
@@ -56,6 +57,7 @@ class TextTransformer(nn.Module):
         # for, that block computes its query, attention output and MLP at that position alone.
         eot_only = not return_tokens and len(self.blocks) > 0
         x = self.token_embed(input_ids) + self.pos_embed[:length]  # N×L×W
+        x = to_residual_dtype(x, self.low_precision_residual)
         for i, block in enumerate(self.blocks):
             query = eot if eot_only and i == len(self.blocks) - 1 else None
             x, _ = block(x, is_causal=True, query=query)

@@ -67,6 +67,28 @@ class Attention(nn.Module):
         return self.proj(out.reshape(n, w))
 
 
+class LayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` whose output has its input's dtype (the same weights and state-dict keys).
+
+    For a float32 input it is ``nn.LayerNorm``. Under autocast ``layer_norm`` computes in float32
+    and returns float32; with a bf16 residual stream (``to_residual_dtype``) the output goes back
+    to bf16, which the next matmul reads anyway: half the bytes written."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x).to(x.dtype)
+
+
+def to_residual_dtype(x: torch.Tensor, low_precision: bool) -> torch.Tensor:
+    """The tokens entering a tower's blocks. With ``low_precision`` under autocast they are cast to
+    autocast's dtype (bf16), so the residual stream, its gradient and every norm, activation and
+    residual add between the matmuls move half the bytes (weights and optimizer stay float32).
+    Without autocast, or without ``low_precision``, nothing changes."""
+    device = x.device.type
+    if low_precision and torch.is_autocast_enabled(device):
+        return x.to(torch.get_autocast_dtype(device))
+    return x
+
+
 def token_at(x: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
     """N×T×W, N positions -> N×W: each sample's token at its position."""
     return x[torch.arange(x.shape[0], device=x.device), position]
@@ -96,9 +118,9 @@ class Block(nn.Module):
 
     def __init__(self, width: int, heads: int, mlp_ratio: float, activation: str = "gelu"):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(width)
+        self.ln_1 = LayerNorm(width)
         self.attn = Attention(width, heads)
-        self.ln_2 = nn.LayerNorm(width)
+        self.ln_2 = LayerNorm(width)
         self.mlp = MLP(width, int(width * mlp_ratio), activation)
 
     def forward(
@@ -180,9 +202,10 @@ class VisionTransformer(nn.Module):
         self.class_token = nn.Parameter(torch.zeros(width)) if pool == "cls" else None
         num_positions = self.num_patches + (1 if pool == "cls" else 0)
         self.pos_embed = nn.Parameter(torch.zeros(num_positions, width))  # class token first, if any
-        self.ln_pre = nn.LayerNorm(width)  # as in CLIP; keeps OpenCLIP weights convertible
+        self.ln_pre = LayerNorm(width)  # as in CLIP; keeps OpenCLIP weights convertible
         self.blocks = nn.ModuleList([Block(width, heads, mlp_ratio, activation) for _ in range(layers)])
-        self.ln_post = nn.LayerNorm(width)
+        self.ln_post = LayerNorm(width)
+        self.low_precision_residual = False  # train.bf16_residual: see to_residual_dtype
         self.init_weights_()
 
     def init_weights_(self) -> None:
@@ -220,7 +243,7 @@ class VisionTransformer(nn.Module):
         if has_cls:
             cls = (self.class_token + self.pos_embed[0]).expand(n, 1, w)
             x = torch.cat([cls, x], dim=1)  # N×(1+K)×W
-        x = self.ln_pre(x)
+        x = self.ln_pre(to_residual_dtype(x, self.low_precision_residual))
 
         # Only the class token is read after the last block: unless the tokens are asked for, that
         # block computes its query, attention output and MLP for the class token alone.
