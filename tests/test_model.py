@@ -241,7 +241,7 @@ def test_flip_kept_tokens_carry_their_original_positional_embedding():
     keep = out["kept_indices"]
 
     visual = model.visual
-    patches = visual.patch_embed(model.normalize_images(images)).flatten(2).transpose(1, 2)  # N×P×W
+    patches = visual.embed_patches(model.normalize_images(images))  # N×P×W (equal to the conv: tested below)
     with_pos = patches + visual.pos_embed[1:]
     expected = torch.stack([with_pos[i, keep[i]] for i in range(N)])  # gather by hand
     cls = (visual.class_token + visual.pos_embed[0]).expand(N, 1, -1)
@@ -346,3 +346,11 @@ def test_same_architecture_as_openclip():
     torch.testing.assert_close(out["image_embeds"], image_theirs, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out["text_embeds"], text_theirs, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out["logit_scale"], scale_theirs)
+
+
+@pytest.mark.parametrize("size", [32, 35])  # 35: the pixels past the last whole patch are ignored, as by the conv
+def test_patch_embedding_as_one_matmul_equals_the_strided_convolution(size):
+    visual = make_model().visual.double()
+    images = torch.randn(3, 3, size, size, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    conv = visual.patch_embed(images).flatten(2).transpose(1, 2)  # N×W×g×g -> N×P×W, raster order
+    torch.testing.assert_close(visual.embed_patches(images), conv, rtol=0, atol=1e-12)
