@@ -36,6 +36,10 @@ CASES = [
     ("vit-b16-compile-bf16res-b768", "clip-vit-b16", ["train.bf16_residual=true"], True, [768, 512]),
     ("vit-b16-flip50-compile-bf16res-b768", "clip-vit-b16", ["model.patch_dropout=0.5", "train.bf16_residual=true"],
      True, [768, 512]),
+    # the fastest settings so far plus GEMM templates that may fuse GELU / bias into the GEMMs (give it
+    # --case-timeout 400: autotuning every GEMM shape takes minutes)
+    ("vit-b16-compile-autotune-bf16res-b768", "clip-vit-b16",
+     ["train.bf16_residual=true", "train.compile_mode=max-autotune-no-cudagraphs"], True, [768]),
 ]
 
 TINY = ["model.image_size=32", "model.patch_size=8", "model.vision_width=64", "model.vision_layers=2",

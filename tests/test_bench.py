@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -87,3 +88,17 @@ def test_cli_bench_prints_json(tmp_path):
     printed = json.loads(proc.stdout)
     assert printed == json.loads(out.read_text())
     assert "img/s" in proc.stderr  # the human table goes to stderr, the JSON to stdout
+
+
+def test_gpu_script_refuses_unknown_cases_and_starts_nothing_past_its_deadline(tmp_path):
+    script = Path(__file__).resolve().parents[1] / "bench" / "gpu.py"
+    bad = subprocess.run([sys.executable, str(script), "--cases", "vit-b16,vit-b99", "--out", str(tmp_path)],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown cases ['vit-b99']" in bad.stderr
+    late = subprocess.run([sys.executable, str(script), "--device", "cpu", "--tiny", "--deadline", "0",
+                           "--cases", "vit-b16-compile-bf16res-b768,vit-b16", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=60)
+    assert late.returncode == 0, late.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [c["case"] for c in summary["cases"]] == ["vit-b16-compile-bf16res-b768", "vit-b16"]  # the asked order
+    assert all(not c["ok"] and "deadline" in c["error_tail"] for c in summary["cases"])
