@@ -48,7 +48,8 @@ TINY = ["model.image_size=32", "model.patch_size=8", "model.vision_width=64", "m
         "data.num_workers=1"]
 
 
-def run_case(args, name: str, recipe: str, overrides: list[str], compile: bool, batch: int, out_dir: Path) -> dict:
+def run_case(args, name: str, recipe: str, overrides: list[str], compile: bool, batch: int, out_dir: Path,
+             timeout: float) -> dict:
     out = out_dir / f"{name}.json"
     cmd = [sys.executable, "-m", "clipforge", "bench", recipe, "--device", args.device, "--precision", args.precision,
            "--batch", str(batch), "--steps", str(args.steps), "--rounds", str(args.rounds), "--warmup", str(args.warmup),
@@ -61,7 +62,7 @@ def run_case(args, name: str, recipe: str, overrides: list[str], compile: bool, 
     for o in overrides + (TINY if args.tiny else []):
         cmd += ["--set", o]
     started = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.case_timeout)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     seconds = round(time.perf_counter() - started, 1)
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout)[-1500:]
@@ -108,22 +109,22 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown cases {unknown}; known: {', '.join(by_name)}")
     started = time.perf_counter()
-    case_timeout = args.case_timeout
     summaries = []
     for name in args.cases.split(","):
         _, recipe, overrides, compile, batches = by_name[name]
         for batch in ([8] if args.tiny else batches):  # the largest batch that fits
+            timeout = args.case_timeout
             if args.deadline is not None:  # what is left of the budget bounds this case
-                args.case_timeout = min(case_timeout, args.deadline - (time.perf_counter() - started))
-                if args.case_timeout < 20:
+                timeout = min(timeout, args.deadline - (time.perf_counter() - started))
+                if timeout < 20:
                     summaries.append({"case": name, "batch": batch, "ok": False, "oom": False,
                                       "error_tail": "not started: --deadline reached"})
                     break
             try:
-                summary = run_case(args, name, recipe, overrides, compile, batch, out_dir)
+                summary = run_case(args, name, recipe, overrides, compile, batch, out_dir, timeout)
             except subprocess.TimeoutExpired:
                 summary = {"case": name, "batch": batch, "ok": False, "oom": False,
-                           "error_tail": f"timed out after {round(args.case_timeout)} s"}
+                           "error_tail": f"timed out after {round(timeout)} s"}
             summaries.append(summary)
             print(json.dumps(summary), flush=True)  # partial results survive a later failure
             (out_dir / "summary.json").write_text(json.dumps(summaries, indent=1))
