@@ -24,7 +24,7 @@ TINY = ["model.image_size=16", "model.patch_size=8", "model.vision_width=32", "m
 def hand_count_train_flops(m, n: int, text_len: int) -> int:
     """Training FLOPs of one step of the plain CLIP model by hand, with FlopCounterMode's conventions:
     a matmul is 2mnk; a linear layer costs 3x its forward in training (forward, input grad, weight
-    grad); the patch convolution 2x (images need no gradient); attention 2 bmm forward and 5 in
+    grad); the patch embedding 2x (one matmul; images need no gradient); attention 2 bmm forward and 5 in
     backward (scores recomputed), counted over the full square also when causal. A tower's last
     block computes keys and values for every token but the rest for its pooled token only."""
 
@@ -67,6 +67,15 @@ def test_bench_result_shape_and_keys():
     assert result["peak_tflops"] > 0 and result["peak_source"].startswith("measured")
     assert result["loader"]["img_per_s"] > 0
     json.dumps(result)  # JSON-ready
+
+
+def test_a_ratio_that_includes_bf16_residual_says_so():
+    from clipforge.bench import format_table
+
+    result = run_bench("tiny-shapes", [*TINY, "train.bf16_residual=true"], device="cpu", precision="bf16", steps=1,
+                       rounds=1, warmup=0, against="openclip", loader_batches=0)
+    assert result["bf16_residual"] and "clipforge only" in result["ratio_note"]
+    assert "bf16 residual" in format_table(result) and "clipforge only" in format_table(result)
 
 
 def test_against_openclip_refuses_what_openclip_cannot_run():

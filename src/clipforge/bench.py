@@ -514,6 +514,9 @@ def run_bench(recipe: str | Recipe, overrides: list[str] | None = None, *, devic
         result["ratio_per_round"] = summarise(per_round)
         if sides[1].flops_per_step == 0 and ours.flops_per_step:
             result["note"] = "OpenCLIP FLOPs are not counted under compile; compare img/s"
+        if r.train.bf16_residual:  # an option OpenCLIP has no counterpart for: say the ratio includes it
+            result["ratio_note"] = ("train.bf16_residual applies to clipforge only: OpenCLIP keeps its float32 "
+                                    "residual stream under autocast")
     if profile:  # CPU: self time per op category; CUDA: kernel time per category and GPU busy share
         result["profile"] = {}
         for side in sides:
@@ -536,7 +539,7 @@ def _device_name(device: torch.device) -> str:
 def format_table(result: dict[str, Any]) -> str:
     """A few human lines for the terminal (the JSON has everything)."""
     lines = [f"{result['recipe']} on {result['device']}: {result['precision']}, global batch {result['global_batch']}, "
-             f"compile={result['compile']}"]
+             f"compile={result['compile']}" + (", bf16 residual" if result.get("bf16_residual") else "")]
     for name, side in result["sides"].items():
         ips = side["img_per_s"]
         mfu = f"{100 * side['mfu']:.1f}%" if side["mfu"] is not None else "-"
@@ -545,6 +548,8 @@ def format_table(result: dict[str, Any]) -> str:
                      f"{gf} GFLOP/sample  MFU {mfu}")
     if "ratio_ours_over_openclip" in result:
         lines.append(f"  ratio clipforge / OpenCLIP: {result['ratio_ours_over_openclip']:.3f} (median of per-round ratios)")
+        if "ratio_note" in result:
+            lines.append(f"  ({result['ratio_note']})")
     lines.append(f"  peak memory {result['peak_memory_gb']:.2f} GB; peak {result['peak_tflops']} TFLOP/s "
                  f"({result['peak_source']})")
     if "loader" in result:
