@@ -207,18 +207,89 @@ def test_late_interaction_binding_scores_equal_the_full_score_matrices(ckpt):
 @pytest.mark.parametrize("args, message", [
     (["--data", "shapes:binding", "--similarity", "colbert"],
      "unknown --similarity 'colbert'; choose one of pooled, late-interaction"),
-    (["--data", "shapes:colours"], "unknown built-in split 'shapes:colours'; the built-in evaluation data is shapes:binding"),
+    (["--data", "shapes:colours"], "unknown built-in split 'shapes:colours'; the built-in evaluation data is "
+                                   "shapes:binding (--task retrieval), shapes:seen (--task zeroshot), shapes:unseen"),
+    (["--data", "shapes:unseen"], "shapes:unseen is scored as zeroshot (every colour-shape class, zero-shot); "
+                                  "use --task zeroshot (got --task retrieval)"),
 ])
 def test_cli_bad_similarity_or_split_is_a_clear_error(capsys, ckpt, args, message):
     code, _, err = run_cli(capsys, "eval", ckpt, "--task", "retrieval", *args)
     assert code == 2 and message in " ".join(err.split()) and "Traceback" not in err, err
 
 
-def test_similarity_and_binding_only_apply_to_retrieval(ckpt, tmp_path):
-    with pytest.raises(EvalError, match="--similarity late-interaction .* applies to --task retrieval only"):
-        evaluate(ckpt, "zeroshot", f"imagefolder:{tmp_path}", similarity="late-interaction")
+def test_similarity_is_for_zeroshot_and_retrieval_and_each_built_in_split_for_its_task(ckpt, tmp_path):
+    with pytest.raises(EvalError, match="--similarity late-interaction scores images against texts .*linear probe"):
+        evaluate(ckpt, "linear-probe", f"imagefolder:{tmp_path}", train_data=f"imagefolder:{tmp_path}",
+                 similarity="late-interaction")
     with pytest.raises(EvalError, match="shapes:binding is scored as retrieval.*use --task retrieval"):
         evaluate(ckpt, "zeroshot", "shapes:binding")
+    with pytest.raises(EvalError, match="shapes:seen has its own classes .* leave out --classnames"):
+        evaluate(ckpt, "zeroshot", "shapes:seen", classnames=tmp_path / "names.txt")
+
+
+# ----------------------------------------------------------------------------- zero-shot: shapes:seen / unseen
+def test_shapes_zero_shot_splits_equal_the_trainers_own_evaluation(ckpt):
+    """`clipforge eval --task zeroshot --data shapes:<split>` scores what the trainer's end-of-run
+    evaluation scores (the checkpoint recipe's hold-out, all classes, the shapes prompts)."""
+    from clipforge.api import load
+    from clipforge.config import Recipe
+    from clipforge.eval.hooks import evaluate_shapes
+    from clipforge.train.checkpoint import read_config
+
+    model, _, tokenizer = load(ckpt)
+    recipe = Recipe.model_validate(read_config(ckpt)["recipe"])
+    trainer = evaluate_shapes(model, tokenizer, recipe)
+    for split in ("seen", "unseen"):
+        got = evaluate(ckpt, "zeroshot", f"shapes:{split}", batch_size=recipe.eval.batch_size)
+        assert got["metrics"] == {k: trainer[f"zeroshot/{split}/{k}"] for k in ("acc1", "acc5", "mean_per_class_recall")}
+        assert got["shapes"] == {"split": split, "seed": 77, "image_size": 32}
+        assert got["options"]["similarity"] == "pooled" and got["options"]["templates"] == "shapes"
+    n_unseen = len(ShapesDataset(recipe.data.shapes, 32, seed=77, split="unseen"))
+    assert got["data"]["images"] == n_unseen and got["data"]["classes"] == len(got["classnames"])
+
+
+def test_late_interaction_zero_shot_is_the_mean_over_each_class_prompts_of_s_image(ckpt, tmp_path):
+    """FILIP's zero-shot score of class c for image i: mean over c's prompts of s^I(i, prompt)."""
+    from clipforge.api import load
+    from clipforge.data.sources import load_image, parse_data_spec, read_classification_data
+    from clipforge.eval.zeroshot import fill_template, late_interaction_zero_shot_logits
+    from datafiles import write_folder
+
+    model, preprocess, tokenizer = load(ckpt)
+    folder = write_folder(tmp_path / "val", classes=("red circle", "blue star", "green ring"), per_class=3)
+    (folder / "red circle" / "broken.png").write_bytes(b"not an image")  # skipped, counted
+    templates = ["a {}.", "a photo of a {}", "{}"]
+    (tmp_path / "t.txt").write_text("\n".join(templates) + "\n")
+    result = evaluate(ckpt, "zeroshot", f"imagefolder:{folder}", templates=str(tmp_path / "t.txt"),
+                      similarity="late-interaction", batch_size=4, max_bad_fraction=0.2, out=tmp_path / "zs.json")
+    data = read_classification_data(parse_data_spec(f"imagefolder:{folder}"), None)
+    ok = [i for i, p in enumerate(data.paths) if p.name != "broken.png"]
+    images = torch.stack([preprocess(load_image(data.paths[i], 32)) for i in ok])
+    prompts = [fill_template(t, c) for c in data.classnames for t in templates]
+    ids, mask = tokenizer(prompts)
+    with torch.no_grad():
+        s_image, _ = slow_late_interaction(model.encode_image_tokens(images), model.encode_text_tokens(ids, mask), mask)
+    expected = s_image.view(len(ok), len(data.classnames), len(templates)).mean(dim=2)
+    streamed = late_interaction_zero_shot_logits(model, tokenizer, (images[s : s + 4] for s in range(0, len(ok), 4)),
+                                                 data.classnames, templates)
+    assert torch.allclose(streamed.double(), expected, atol=1e-5)
+    labels = torch.tensor([data.labels[i] for i in ok])
+    assert result["metrics"]["acc1"] == (expected.argmax(1) == labels).double().mean().item()
+    assert result["data"]["images"] == len(ok) and result["data"]["skipped"] == 1
+    assert json.loads((tmp_path / "zs.json").read_text())["options"]["similarity"] == "late-interaction"
+
+
+def test_cli_late_interaction_zero_shot_on_a_built_in_split(capsys, ckpt, tmp_path):
+    out = tmp_path / "unseen.json"
+    code, stdout, err = run_cli(capsys, "eval", ckpt, "--task", "zeroshot", "--data", "shapes:unseen",
+                                "--similarity", "late-interaction", "--per-class", "--out", out)
+    assert code == 0, err
+    result = json.loads(out.read_text())
+    assert result["options"]["similarity"] == "late-interaction" and result["shapes"]["split"] == "unseen"
+    assert 0.0 <= result["metrics"]["acc1"] <= result["metrics"]["acc5"] <= 1.0
+    counts = [v["count"] for v in result["per_class"].values()]
+    assert sum(counts) == result["data"]["images"] and (out.parent / "unseen_confusion.png").exists()
+    assert "acc1" in stdout
 
 
 # ----------------------------------------------------------------------------- late interaction on files

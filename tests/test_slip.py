@@ -307,6 +307,34 @@ def test_eda_on_shapes_changes_captions_seeded_and_leaves_images(tmp_path):
     assert torch.equal(a["images"], plain["images"])
 
 
+def test_eda_on_shapes_never_names_a_held_out_pair(tmp_path):
+    """Held-out colour-shape pairs stay out of training text under EDA too: a thesaurus that maps
+    every colour to the other colours and every shape to the other shapes makes EDA name held-out
+    pairs often; the loader puts those captions back as they were, with nothing else changed."""
+    from clipforge.data.synthetic import COLOURS, SHAPES, ShapesDataset, held_out_pairs, named_pairs
+    from clipforge.data.views import SampleAugmenter, shapes_augment_rng
+
+    path = tmp_path / "syn.json"
+    path.write_text(json.dumps({**{s: [t for t in SHAPES if t != s] for s in SHAPES},
+                                **{c: [d for d in COLOURS if d != c] for c in COLOURS}}))
+    extra = ["data.text_augment=eda", f"data.eda.synonyms={path}", "data.eda.p=1", "data.eda.ops=['sr','ri']",
+             "data.eda.alpha=0.5", "data.batch_size=64"]
+    recipe = load_recipe("tiny-shapes", extra)
+    held = frozenset(held_out_pairs(recipe.data.shapes))
+    loader = build_train_loader(recipe.data, recipe.model.image_size, None, 0)
+    guarded = [c for _, batch in zip(range(4), loader) for c in batch["captions"]]
+    assert guarded and not any(named_pairs(c) & held for c in guarded)
+    # the same samples through EDA without the guard: many name a held-out pair; only those differ
+    dataset = ShapesDataset(recipe.data.shapes, recipe.model.image_size, seed=recipe.data.seed)
+    augmenter = SampleAugmenter(recipe.data, recipe.model.image_size)
+    originals = [dataset.sample(i)[1] for i in range(len(guarded))]
+    free = [augmenter.captions([c], shapes_augment_rng(recipe.data.seed, i))[0] for i, c in enumerate(originals)]
+    leaked = [i for i, c in enumerate(free) if named_pairs(c) & held]
+    assert len(leaked) > 10
+    assert all(guarded[i] == (" ".join(originals[i].lower().split()) if i in leaked else free[i])
+               for i in range(len(guarded)))
+
+
 # ----------------------------------------------------------------------------- resume
 @pytest.mark.slow
 def test_slip_with_strong_policy_and_eda_sigkill_then_resume_is_exact(tmp_path):

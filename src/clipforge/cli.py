@@ -365,7 +365,7 @@ def eval_(
              "CLIP_benchmark's) into one table instead (a checkpoint directory named merge: write ./merge)."),
     task: Optional[str] = typer.Option(None, "--task", metavar=_choices(TASK_CHOICES),
                                        help="What to measure (required, except for merge)."),
-    data: Optional[str] = typer.Option(None, "--data", help="Evaluation data: imagefolder:DIR, jsonl:FILE, csv:FILE, or shapes:binding (built in, retrieval)."),
+    data: Optional[str] = typer.Option(None, "--data", help="Evaluation data: imagefolder:DIR, jsonl:FILE, csv:FILE, shapes:binding (built in, --task retrieval) or shapes:seen / shapes:unseen (built in, --task zeroshot: the trainer's own splits)."),
     train_data: Optional[str] = typer.Option(None, "--train-data", help="Training data for --task linear-probe."),
     classnames: Optional[Path] = typer.Option(None, "--classnames", help="Class names, one per line, in sorted class "
                                               "order [default: classnames.txt in the dataset folder, else the folder "
@@ -386,8 +386,8 @@ def eval_(
                                                "--max-samples subset."),
     max_bad_fraction: float = typer.Option(0.05, "--max-bad-fraction", help="Stop when more images than this are unreadable."),
     similarity: str = typer.Option("pooled", "--similarity", metavar=_choices(SIMILARITY_CHOICES),
-                                   help="Retrieval scores: pooled (one embedding each) or late-interaction "
-                                        "(FILIP, token-wise)."),
+                                   help="Zero-shot and retrieval scores: pooled (one embedding each) or "
+                                        "late-interaction (FILIP, token-wise)."),
     max_samples: Optional[int] = typer.Option(None, "--max-samples", help="Evaluate a random subset of at most N "
                                               "images (zeroshot, retrieval), drawn with --seed."),
     per_class: bool = typer.Option(False, "--per-class", help="Add each class's top-1 accuracy and image count "

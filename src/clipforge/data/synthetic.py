@@ -153,6 +153,13 @@ def class_label(colour: str, shape: str) -> int:
     return list(COLOURS).index(colour) * len(SHAPES) + SHAPES.index(shape)
 
 
+def named_pairs(text: str) -> set[int]:
+    """Labels of the colour-shape pairs a text names: a colour word right before a shape word
+    ("a small red ring left of ..." names red ring), as every shapes caption writes them."""
+    words = text.lower().split()
+    return {class_label(a, b) for a, b in zip(words, words[1:]) if a in COLOURS and b in SHAPES}
+
+
 def held_out_pairs(cfg: ShapesConfig) -> set[int]:
     """Labels of the colour-shape pairs that never appear in training.
 

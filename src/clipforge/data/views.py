@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from clipforge.data.augment import random_resized_crop_box
+from clipforge.data.synthetic import named_pairs
+from clipforge.data.text_augment import caption_words
 
 VIEW_RATIO = (3 / 4, 4 / 3)
 SHAPES_AUGMENT_STREAM = 0x5EED_A06  # shapes: its own per-sample stream, apart from caption sampling
@@ -93,8 +95,19 @@ class SampleAugmenter:
         on = data_cfg.augment.policy != "default" or data_cfg.ssl_views or data_cfg.text_augment != "none"
         return cls(data_cfg, image_size) if on else None
 
-    def captions(self, captions: list[str], rng: random.Random) -> list[str]:
-        return [self.eda(c, rng) for c in captions] if self.eda is not None else list(captions)
+    def captions(self, captions: list[str], rng: random.Random, keep_out: frozenset[int] = frozenset()) -> list[str]:
+        """Each caption through EDA. ``keep_out``: colour-shape pairs (shapes labels) that must not
+        reach training text: an augmented caption that names one its original did not (a swap, a
+        synonym: "red circle" -> "red ring") is replaced by the original after EDA's clean-up."""
+        if self.eda is None:
+            return list(captions)
+        out = []
+        for caption in captions:
+            augmented = self.eda(caption, rng)
+            if keep_out and named_pairs(augmented) & keep_out and not named_pairs(caption) & keep_out:
+                augmented = " ".join(caption_words(caption))  # no extra draws: the sample's stream is unchanged
+            out.append(augmented)
+        return out
 
     def image(self, pixels: torch.Tensor, rng: random.Random) -> torch.Tensor:
         return photometric(pixels, rng) if self.strong else pixels
@@ -120,13 +133,15 @@ def shapes_augment_rng(seed: int, index: int) -> random.Random:
     return random.Random(((seed * 1_000_003 + index) * 1_000_003 + SHAPES_AUGMENT_STREAM) & (2**63 - 1))
 
 
-def augment_shapes_batch(batch: dict, augmenter: SampleAugmenter, seed: int, indices: list[int]) -> dict:
-    """Strong policy, SSL views and EDA on a rendered shapes batch (captions not yet tokenized)."""
+def augment_shapes_batch(batch: dict, augmenter: SampleAugmenter, seed: int, indices: list[int],
+                         held_out: frozenset[int] = frozenset()) -> dict:
+    """Strong policy, SSL views and EDA on a rendered shapes batch (captions not yet tokenized).
+    EDA never makes a caption name a ``held_out`` pair (``SampleAugmenter.captions``)."""
     per_sample = len(batch["captions"]) // len(indices)
     images, views, captions = [], [], []
     for row, index in enumerate(indices):
         rng = shapes_augment_rng(seed, index)
-        captions += augmenter.captions(batch["captions"][row * per_sample:(row + 1) * per_sample], rng)
+        captions += augmenter.captions(batch["captions"][row * per_sample:(row + 1) * per_sample], rng, held_out)
         original = batch["images"][row]
         images.append(augmenter.image(original, rng))
         if augmenter.views:

@@ -34,8 +34,10 @@ from clipforge.eval.datasets import (
 )
 
 TASKS = ("zeroshot", "retrieval", "linear-probe")
-SIMILARITIES = ("pooled", "late-interaction")  # how retrieval scores an image-caption pair
-SHAPES_SPLITS = ("binding",)  # built-in evaluation data: shapes:<split>, rendered, nothing on disk
+SIMILARITIES = ("pooled", "late-interaction")  # how zero-shot and retrieval score an image against a text
+# built-in evaluation data, shapes:<split> -> the task it is scored as; rendered from the checkpoint's
+# recipe (its hold-out), nothing on disk. seen / unseen are the trainer's own end-of-run zero-shot splits.
+SHAPES_SPLITS = {"binding": "retrieval", "seen": "zeroshot", "unseen": "zeroshot"}
 RETRIEVAL_KS = (1, 5, 10)
 MAX_LISTED_BAD = 20  # skipped files named in the JSON; the count is always complete
 # a dataset folder's own class names and prompts, named as CLIP_benchmark names them
@@ -82,10 +84,11 @@ def evaluate(
 ) -> dict[str, Any]:
     """Evaluate a checkpoint (path) or a loaded ``(model, preprocess, tokenizer)`` on ``data``.
 
-    ``task``: "zeroshot" (``data`` = imagefolder:/jsonl:/csv: with labels), "retrieval"
-    (jsonl:/csv: with captions, or the built-in shapes:binding split) or "linear-probe"
-    (``train_data`` and ``data`` with labels). ``similarity`` ranks retrieval by pooled
-    embeddings ("pooled") or FILIP's token-wise "late-interaction". Writes ``out`` (JSON) and,
+    ``task``: "zeroshot" (``data`` = imagefolder:/jsonl:/csv: with labels, or the built-in
+    shapes:seen / shapes:unseen splits), "retrieval" (jsonl:/csv: with captions, or the built-in
+    shapes:binding split) or "linear-probe" (``train_data`` and ``data`` with labels).
+    ``similarity`` scores zero-shot and retrieval by pooled embeddings ("pooled") or FILIP's
+    token-wise "late-interaction". Writes ``out`` (JSON) and,
     for classification, a confusion-matrix PNG next to it unless ``plots=False``. Returns the
     same dict as the JSON file.
 
@@ -98,7 +101,7 @@ def evaluate(
     task = normalise_task(task)
     if nmtune and task != "linear-probe":
         raise EvalError(f"--nmtune tunes a probe on frozen features: it applies to --task linear-probe, not {task}")
-    if per_class and (task == "retrieval" or parse_shapes_spec(data, task)):
+    if per_class and task == "retrieval":
         raise EvalError(f"--per-class applies to classification (zeroshot, linear-probe), not {task} on {data}")
     _check_options(task, train_data, fewshot_k, val_fraction, batch_size, workers, max_bad_fraction, similarity)
     if max_samples is not None and (max_samples < 1 or task == "linear-probe"):
@@ -107,6 +110,8 @@ def evaluate(
     shapes_split = parse_shapes_spec(data, task)
     if shapes_split and max_samples is not None:
         raise EvalError(f"--max-samples applies to data on disk; {data} is rendered at a fixed size")
+    if shapes_split and classnames:
+        raise EvalError(f"{data} has its own classes (every colour-shape pair); leave out --classnames")
     spec = None if shapes_split else parse_data_spec(data)
     train_spec = parse_data_spec(train_data) if train_data else None
     model, preprocess, tokenizer, model_name = resolve_model(model_or_ckpt, device)
@@ -115,14 +120,17 @@ def evaluate(
                         "does not give (no encode_image_tokens); use --similarity pooled")
     common = dict(batch_size=batch_size, workers=workers, max_bad_fraction=max_bad_fraction, progress=progress)
 
-    if shapes_split:
+    if shapes_split == "binding":
         from clipforge.eval.binding import evaluate_binding
 
         result = evaluate_binding(model, tokenizer, checkpoint_shapes_config(model_or_ckpt), model.cfg.image_size,
                                   similarity=similarity, batch_size=batch_size, progress=progress)
+    elif shapes_split:
+        result = run_shapes_zeroshot(model, tokenizer, checkpoint_shapes_config(model_or_ckpt), shapes_split,
+                                     templates, similarity=similarity, batch_size=batch_size)
     elif task == "zeroshot":
         result = run_zeroshot(model, preprocess, tokenizer, spec, classnames, templates, max_samples=max_samples,
-                              seed=seed, **common)
+                              seed=seed, similarity=similarity, **common)
     elif task == "retrieval":
         result = run_retrieval(model, preprocess, tokenizer, spec, similarity=similarity, max_samples=max_samples,
                                seed=seed, **common)
@@ -144,7 +152,7 @@ def evaluate(
             "val_fraction": val_fraction if task == "linear-probe" else None, "seed": seed,
             "batch_size": batch_size, "workers": workers, "device": str(next(model.parameters()).device),
             "max_bad_fraction": max_bad_fraction,
-            "similarity": similarity if task == "retrieval" else None,
+            "similarity": similarity if task != "linear-probe" else None,
             "nmtune": True if nmtune else None,
         }),
         "clipforge_version": __version__,
@@ -182,9 +190,9 @@ def _check_options(task, train_data, fewshot_k, val_fraction, batch_size, worker
         raise EvalError(f"--max-bad-fraction must be between 0 and 1 (got {max_bad_fraction})")
     if similarity not in SIMILARITIES:
         raise EvalError(f"unknown --similarity '{similarity}'; choose one of {', '.join(SIMILARITIES)}")
-    if similarity != "pooled" and task != "retrieval":
-        raise EvalError(f"--similarity {similarity} ranks images against captions, so it applies to --task retrieval "
-                        f"only (got --task {task}); leave it out or pass --similarity pooled")
+    if similarity != "pooled" and task == "linear-probe":
+        raise EvalError(f"--similarity {similarity} scores images against texts (zeroshot, retrieval); a linear probe "
+                        "reads pooled image features only: leave it out or pass --similarity pooled")
 
 
 def parse_shapes_spec(data: str, task: str) -> str | None:
@@ -194,9 +202,10 @@ def parse_shapes_spec(data: str, task: str) -> str | None:
         return None
     if split not in SHAPES_SPLITS:
         raise EvalError(f"unknown built-in split '{data}'; the built-in evaluation data is "
-                        f"{', '.join(f'shapes:{s}' for s in SHAPES_SPLITS)}")
-    if task != "retrieval":
-        raise EvalError(f"{data} is scored as retrieval (captions against distractors); use --task retrieval "
+                        f"{', '.join(f'shapes:{s} (--task {t})' for s, t in SHAPES_SPLITS.items())}")
+    if task != SHAPES_SPLITS[split]:
+        what = "captions against distractors" if split == "binding" else "every colour-shape class, zero-shot"
+        raise EvalError(f"{data} is scored as {SHAPES_SPLITS[split]} ({what}); use --task {SHAPES_SPLITS[split]} "
                         f"(got --task {task})")
     return split
 
@@ -252,11 +261,11 @@ def checkpoint_shapes_config(model_or_ckpt):
 
 # ----------------------------------------------------------------------------- tasks
 def run_zeroshot(model, preprocess, tokenizer, spec, classnames, templates, max_samples: int | None = None,
-                 seed: int = 0, **common) -> dict:
+                 seed: int = 0, similarity: str = "pooled", **common) -> dict:
     data, names_file = read_zeroshot_data(spec, classnames)
     prompt_templates, templates_from = zeroshot_templates(templates, spec)
     result = score_zeroshot(model, preprocess, tokenizer, subset_classification(data, max_samples, seed),
-                            prompt_templates, **common)
+                            prompt_templates, similarity=similarity, **common)
     result["_options"] = {"classnames": str(names_file) if names_file else None, "templates": templates_from}
     return result
 
@@ -338,22 +347,70 @@ def subset_captions(data, max_samples: int | None, seed: int = 0):
                                text_to_image=[o for _, o in pairs])
 
 
-def score_zeroshot(model, preprocess, tokenizer, data, prompt_templates: Sequence[str], **common) -> dict:
+def score_zeroshot(model, preprocess, tokenizer, data, prompt_templates: Sequence[str], similarity: str = "pooled",
+                   **common) -> dict:
     """Zero-shot classification of read data (``ClassificationData``): the loop `clipforge eval` and
     the trainer's ``[[eval.tasks]]`` share."""
-    from clipforge.eval.zeroshot import classification_metrics, zero_shot_classifier
+    from clipforge.eval.zeroshot import late_interaction_zero_shot_logits, zero_shot_classifier
 
-    images = embed_image_files(model, data.paths, preprocess, label="images", **common)
+    if similarity == "late-interaction":
+        images = decoded_images(model, data.paths, preprocess, batch_size=common["batch_size"],
+                                workers=common["workers"], max_bad_fraction=common["max_bad_fraction"])
+        with progress_bar(len(data.paths), "scoring images (late interaction)", common["progress"]) as advance:
+            images.advance = advance
+            logits = late_interaction_zero_shot_logits(model, tokenizer, images, data.classnames, prompt_templates)
+        require_some_images(images)
+    else:
+        images = embed_image_files(model, data.paths, preprocess, label="images", **common)
+        classifier = zero_shot_classifier(model, tokenizer, data.classnames, prompt_templates).float().cpu()
+        logits = images.embeds @ classifier.T
     labels = torch.tensor(data.labels)[images.ok]
-    classifier = zero_shot_classifier(model, tokenizer, data.classnames, prompt_templates).float().cpu()
-    logits = images.embeds @ classifier.T
+    return {**classification_result(logits, labels, data.classnames, len(prompt_templates)),
+            "data": _data_summary(len(data.paths), images, num_classes=len(data.classnames))}
+
+
+def classification_result(logits: torch.Tensor, labels: torch.Tensor, classnames: Sequence[str],
+                          num_templates: int) -> dict:
+    from clipforge.eval.zeroshot import classification_metrics
+
     return {
-        "metrics": classification_metrics(logits, labels, len(data.classnames)),
-        "data": _data_summary(len(data.paths), images, num_classes=len(data.classnames)),
-        "classnames": data.classnames,
-        "num_templates": len(prompt_templates),
-        "_confusion": (confusion_matrix(logits.argmax(1), labels, len(data.classnames)), data.classnames),
+        "metrics": classification_metrics(logits, labels, len(classnames)),
+        "classnames": list(classnames),
+        "num_templates": num_templates,
+        "_confusion": (confusion_matrix(logits.argmax(1), labels, len(classnames)), list(classnames)),
     }
+
+
+def run_shapes_zeroshot(model, tokenizer, shapes_cfg, split: str, templates: str | None, *,
+                        similarity: str = "pooled", batch_size: int = 64) -> dict:
+    """Zero-shot on the built-in ``seen`` / ``unseen`` split of a shapes-trained checkpoint: the images,
+    classes (all colour-shape pairs) and prompts (the ``shapes`` set) of the trainer's own evaluation,
+    so ``--similarity pooled`` gives its ``zeroshot/<split>/...`` numbers."""
+    from clipforge.data.synthetic import ShapesDataset, class_names
+    from clipforge.eval.embedding import chunk_ranges, embed_images
+    from clipforge.eval.zeroshot import late_interaction_zero_shot_logits, zero_shot_classifier
+
+    dataset = ShapesDataset(shapes_cfg, model.cfg.image_size, seed=shapes_cfg.holdout_seed, split=split)
+    labels: list[torch.Tensor] = []
+
+    def rendered():  # each chunk rendered once; its labels kept as it goes by
+        for chunk in chunk_ranges(len(dataset), batch_size):
+            images, _, chunk_labels = dataset.render_batch(list(chunk))
+            labels.append(chunk_labels)
+            yield images
+
+    names = class_names()
+    prompt_templates = read_templates(templates or "shapes")
+    if similarity == "late-interaction":
+        logits = late_interaction_zero_shot_logits(model, tokenizer, rendered(), names, prompt_templates)
+    else:
+        classifier = zero_shot_classifier(model, tokenizer, names, prompt_templates).float().cpu()
+        logits = embed_images(model, rendered(), out_device="cpu") @ classifier.T
+    n = len(dataset)
+    return {**classification_result(logits, torch.cat(labels), names, len(prompt_templates)),
+            "data": {"images": n, "skipped": 0, "skipped_files": [], "classes": len(names)},
+            "shapes": {"split": split, "seed": shapes_cfg.holdout_seed, "image_size": model.cfg.image_size},
+            "_options": {"templates": templates or "shapes"}}
 
 
 def run_retrieval(model, preprocess, tokenizer, spec, similarity: str = "pooled", max_samples: int | None = None,
