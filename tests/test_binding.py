@@ -238,12 +238,17 @@ def test_shapes_zero_shot_splits_equal_the_trainers_own_evaluation(ckpt):
 
     model, _, tokenizer = load(ckpt)
     recipe = Recipe.model_validate(read_config(ckpt)["recipe"])
+    recipe.eval.late_interaction = True  # the trainer also logs FILIP's zero-shot (zeroshot-li/...)
     trainer = evaluate_shapes(model, tokenizer, recipe)
+    keys = ("acc1", "acc5", "mean_per_class_recall")
     for split in ("seen", "unseen"):
         got = evaluate(ckpt, "zeroshot", f"shapes:{split}", batch_size=recipe.eval.batch_size)
-        assert got["metrics"] == {k: trainer[f"zeroshot/{split}/{k}"] for k in ("acc1", "acc5", "mean_per_class_recall")}
+        assert got["metrics"] == {k: trainer[f"zeroshot/{split}/{k}"] for k in keys}
         assert got["shapes"] == {"split": split, "seed": 77, "image_size": 32}
         assert got["options"]["similarity"] == "pooled" and got["options"]["templates"] == "shapes"
+        li = evaluate(ckpt, "zeroshot", f"shapes:{split}", batch_size=recipe.eval.batch_size,
+                      similarity="late-interaction")
+        assert li["metrics"] == {k: trainer[f"zeroshot-li/{split}/{k}"] for k in keys}
     n_unseen = len(ShapesDataset(recipe.data.shapes, 32, seed=77, split="unseen"))
     assert got["data"]["images"] == n_unseen and got["data"]["classes"] == len(got["classnames"])
 

@@ -191,7 +191,7 @@ def _model_checks(rank: int) -> dict:
 
 
 def eval_recipe():
-    return load_recipe("tiny-shapes", ["data.tokenizer.corpus_size=300", "eval.batch_size=100",
+    return load_recipe("tiny-shapes", ["data.tokenizer.corpus_size=300", "eval.batch_size=100", "eval.late_interaction=true",
                                        "model.vision_layers=1", "model.vision_width=32",
                                        "model.vision_heads=2", "model.text_width=32"])
 
@@ -257,7 +257,7 @@ def test_sharded_evaluation_equals_single_process(two_rank_report):
     torch.manual_seed(0)
     model = CLIP(recipe.model).eval()
     single = evaluate_shapes(model, tokenizer, recipe)
-    assert len(single) >= 10
+    assert len(single) >= 10 and {"zeroshot-li/seen/acc1", "zeroshot-li/unseen/acc5"} <= set(single)
     assert two_rank_report["eval"] == single  # the same batches embed bitwise alike on either rank
 
 

@@ -655,6 +655,8 @@ class EvalConfig(Section):
     every_steps: int | None = Field(None, ge=1)
     at_end: bool = True
     batch_size: int = Field(256, ge=1)
+    # shapes: also score the built-in zero-shot by FILIP's late interaction (zeroshot-li/<split>/...)
+    late_interaction: bool = False
     # [[eval.tasks]]: at most this many images per task, a fixed random subset (the same at every evaluation)
     max_samples: int | None = Field(None, ge=1)
     tasks: list[EvalTaskConfig] = Field(default_factory=list)

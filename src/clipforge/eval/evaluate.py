@@ -391,23 +391,17 @@ def run_shapes_zeroshot(model, tokenizer, shapes_cfg, split: str, templates: str
     from clipforge.eval.zeroshot import late_interaction_zero_shot_logits, zero_shot_classifier
 
     dataset = ShapesDataset(shapes_cfg, model.cfg.image_size, seed=shapes_cfg.holdout_seed, split=split)
-    labels: list[torch.Tensor] = []
-
-    def rendered():  # each chunk rendered once; its labels kept as it goes by
-        for chunk in chunk_ranges(len(dataset), batch_size):
-            images, _, chunk_labels = dataset.render_batch(list(chunk))
-            labels.append(chunk_labels)
-            yield images
-
+    n = len(dataset)
+    images = (dataset.render_batch(list(chunk))[0] for chunk in chunk_ranges(n, batch_size))
     names = class_names()
     prompt_templates = read_templates(templates or "shapes")
     if similarity == "late-interaction":
-        logits = late_interaction_zero_shot_logits(model, tokenizer, rendered(), names, prompt_templates)
+        logits = late_interaction_zero_shot_logits(model, tokenizer, images, names, prompt_templates)
     else:
         classifier = zero_shot_classifier(model, tokenizer, names, prompt_templates).float().cpu()
-        logits = embed_images(model, rendered(), out_device="cpu") @ classifier.T
-    n = len(dataset)
-    return {**classification_result(logits, torch.cat(labels), names, len(prompt_templates)),
+        logits = embed_images(model, images, out_device="cpu") @ classifier.T
+    labels = torch.tensor([dataset.label_of(i) for i in range(n)])
+    return {**classification_result(logits, labels, names, len(prompt_templates)),
             "data": {"images": n, "skipped": 0, "skipped_files": [], "classes": len(names)},
             "shapes": {"split": split, "seed": shapes_cfg.holdout_seed, "image_size": model.cfg.image_size},
             "_options": {"templates": templates or "shapes"}}

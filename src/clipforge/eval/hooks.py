@@ -2,7 +2,8 @@
 on the training data, and the recipe's ``[[eval.tasks]]`` on data on disk (``eval_task_hooks``).
 
 For ``shapes``: zero-shot top-1/top-5 over ALL colour-shape classes, separately on images of seen
-compositions and of unseen (held-out) compositions, plus class-level caption retrieval on each split.
+compositions and of unseen (held-out) compositions, plus class-level caption retrieval on each split;
+with ``eval.late_interaction`` also the zero-shot by FILIP's token-wise scores (``zeroshot-li/...``).
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ from typing import Callable
 import torch
 
 from clipforge.config import Recipe
-from clipforge.eval.embedding import embed_batches
+from clipforge.eval.embedding import chunk_ranges, embed_batches
 from clipforge.eval.retrieval import streaming_topk
 from clipforge.eval.templates import TEMPLATE_SETS
-from clipforge.eval.zeroshot import classification_metrics, zero_shot_classifier
+from clipforge.eval.zeroshot import classification_metrics, late_interaction_zero_shot_logits, zero_shot_classifier
+
+LATE_INTERACTION_KEY = "zeroshot-li"  # zeroshot-li/<split>/<metric>: FILIP's zero-shot, beside the pooled one
 
 
 def embed_split(model, tokenizer, dataset, batch_size: int):
@@ -61,9 +64,18 @@ def evaluate_shapes(model, tokenizer, recipe: Recipe, with_predictions: bool = F
             out[f"zeroshot/{split}/{k}"] = v
         for k, v in class_retrieval_metrics(img, txt, labels, ks=(1, 5)).items():
             out[f"retrieval/{split}/{k}"] = v
+        if recipe.eval.late_interaction:
+            chunks = chunk_ranges(len(dataset), recipe.eval.batch_size)
+            li = late_interaction_zero_shot_logits(model, tokenizer, (dataset.render_batch(list(c))[0] for c in chunks),
+                                                   names, TEMPLATE_SETS["shapes"])
+            out.update(late_interaction_metrics(li, labels.cpu(), split, len(names)))
         if with_predictions:
             out[f"predictions/{split}"] = (logits.argmax(1).cpu(), labels.cpu())
     return out
+
+
+def late_interaction_metrics(logits: torch.Tensor, labels: torch.Tensor, split: str, num_classes: int) -> dict:
+    return {f"{LATE_INTERACTION_KEY}/{split}/{k}": v for k, v in classification_metrics(logits, labels, num_classes).items()}
 
 
 def default_eval_hooks(recipe: Recipe, world_size: int = 1) -> list[Callable]:

@@ -366,6 +366,23 @@ def embed_split_sharded(model, tokenizer, dataset, batch_size: int, ctx: DistCon
     return tuple(gather_rows_in_order(rows[key], rows["index"], n, ctx) for key in ("images", "texts", "labels"))
 
 
+def late_interaction_logits_sharded(model, tokenizer, dataset, batch_size: int, classnames, templates,
+                                   ctx: DistContext) -> torch.Tensor:
+    """FILIP's zero-shot logits of a shapes eval split, its batches split between ranks and gathered in order."""
+    from clipforge.eval.zeroshot import late_interaction_zero_shot_logits
+
+    n = len(dataset)
+    mine, rounds = shard_of(n, batch_size, ctx)
+    # every rank runs `rounds` forwards (FSDP): one out of batches scores its last (or item 0) again, dropped after
+    chunks = [mine[min(i, len(mine) - 1)] if mine else range(0, 1) for i in range(rounds)]
+    logits = late_interaction_zero_shot_logits(model, tokenizer, (dataset.render_batch(list(c))[0] for c in chunks),
+                                               classnames, templates)
+    real = sum(len(c) for c in mine)
+    index = torch.tensor([i for c in mine for i in c], dtype=torch.long)
+    device = next(model.parameters()).device
+    return gather_rows_in_order(logits[:real].to(device), index.to(device), n, ctx)
+
+
 def sharded_shapes_eval(recipe) -> Callable:
     """The built-in shapes evaluation with the images split between ranks (a distributed hook).
 
@@ -375,7 +392,7 @@ def sharded_shapes_eval(recipe) -> Callable:
         ctx = current_context()
         from clipforge.data.loader import build_eval_set
         from clipforge.data.synthetic import class_names
-        from clipforge.eval.hooks import class_retrieval_metrics
+        from clipforge.eval.hooks import class_retrieval_metrics, late_interaction_metrics
         from clipforge.eval.templates import TEMPLATE_SETS
         from clipforge.eval.zeroshot import classification_metrics, zero_shot_classifier
 
@@ -390,6 +407,10 @@ def sharded_shapes_eval(recipe) -> Callable:
                 out[f"zeroshot/{split}/{k}"] = v
             for k, v in class_retrieval_metrics(img, txt, labels, ks=(1, 5)).items():
                 out[f"retrieval/{split}/{k}"] = v
+            if recipe.eval.late_interaction:
+                li = late_interaction_logits_sharded(model, tokenizer, dataset, recipe.eval.batch_size, names,
+                                                     TEMPLATE_SETS["shapes"], ctx)
+                out.update(late_interaction_metrics(li, labels.to(li.device), split, len(names)))
         return out
 
     shapes_hook.distributed = True  # the trainer runs it on every rank
