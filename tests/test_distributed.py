@@ -261,6 +261,44 @@ def test_sharded_evaluation_equals_single_process(two_rank_report):
     assert two_rank_report["eval"] == single  # the same batches embed bitwise alike on either rank
 
 
+# ----------------------------------------------------------------------------- rank 0's logs fail to start
+def _failing_logs_worker(rank: int, port: int, results: str) -> None:
+    """A 2-rank run launched without torchrun (nothing tears the group down when rank 0 fails, as
+    under srun) in which rank 0's logs cannot start (a tracker that cannot log in)."""
+    from clipforge.train import trainer as T
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    if rank == 0:
+        class FailingLog:
+            def __init__(self, *args, **kwargs):
+                raise RuntimeError("wandb: could not log in (no API key)")
+
+        T.MetricsLog = FailingLog
+    recipe = load_recipe("tiny-shapes", ["data.tokenizer.corpus_size=300", "model.vision_layers=1",
+                                         "model.vision_width=32", "model.vision_heads=2", "model.text_width=32",
+                                         "data.batch_size=8", "data.num_workers=0", "train.steps=2",
+                                         "eval.at_end=false", "train.dist_timeout_minutes=1"])
+    try:
+        T.Trainer(recipe, Path(results).parent / "run").fit()
+        outcome = "finished"
+    except Exception as e:  # noqa: BLE001 - the test reads what each rank saw
+        outcome = f"{type(e).__name__}: {e}"
+    Path(results).with_name(f"rank{rank}.txt").write_text(outcome)
+    if rank == 0:
+        Path(results).write_text("done")
+
+
+def test_when_rank_0_cannot_start_its_logs_every_rank_stops_with_a_message(tmp_path):
+    spawn_ranks(_failing_logs_worker, tmp_path / "results.txt")
+    rank0, rank1 = ((tmp_path / f"rank{r}.txt").read_text() for r in range(WORLD))
+    assert rank0 == "RuntimeError: wandb: could not log in (no API key)"
+    # not "lost contact with the other ranks" a dist_timeout_minutes later, nor a hang
+    assert rank1.startswith("TrainingError: rank 1: rank 0 could not start its logs"), rank1
+    assert not (tmp_path / "run" / "checkpoints" / "latest").exists()
+
+
 # ----------------------------------------------------------------------------- GradCache in one process
 @pytest.mark.parametrize("term", ["clip", "siglip"])
 def test_gradcache_micro_batches_equal_one_big_batch(term):

@@ -195,6 +195,30 @@ class Trainer:
             raise err
         return found
 
+    def _start_logs(self, resume_from: Path | None, step: int, device: torch.device, plain, loader):
+        """Rank 0's logs (metrics.jsonl, TensorBoard, the trackers) and banner; NoLog on other ranks.
+
+        Starting them can fail on rank 0 alone (a tracker that cannot log in, a full disk). The ranks
+        agree on it before the first training collective, so the others stop at once with a message
+        instead of waiting for rank 0 until train.dist_timeout_minutes (srun does not stop them)."""
+        r, ctx = self.recipe, self.dist
+        log, failure = NoLog(), None
+        if ctx.is_main:
+            try:
+                log = MetricsLog(self.run_dir, step if resume_from else None, r.logging.tensorboard, r)
+                facts = run_facts(r, self.run_dir, device, ctx, plain, loader, step, resume_from)
+                print(banner(facts), flush=True)  # first thing in a SLURM/CI log: what runs, where, how big
+                log.start_session(facts)
+            except Exception as e:  # noqa: BLE001 - told to the other ranks, then raised as it is
+                failure = e
+        if ctx.enabled and D.sum_over_ranks([failure is not None], ctx, device)[0] and failure is None:
+            raise TrainingError(f"rank {ctx.rank}: rank 0 could not start its logs (metrics.jsonl, TensorBoard or "
+                                f"logging.report_to {list(r.logging.report_to)}); its error says why. Fix it and run "
+                                "again (with --resume latest to continue from the last checkpoint).")
+        if failure is not None:
+            raise failure
+        return log
+
     def _build(self, resume_from: Path | None, device: torch.device):
         from clipforge.data.loader import build_train_loader
         from clipforge.models.tokenizer import load_tokenizer, tokenizer_for_recipe
@@ -312,13 +336,7 @@ class Trainer:
         resume_from = self._prepare_run_dir()
         tokenizer, model, optimizer, loader, state = self._build(resume_from, device)
         plain = D.unwrap(model)  # the training step (model, objective, teachers, heads)
-        if ctx.is_main:
-            log = MetricsLog(self.run_dir, state["step"] if resume_from else None, r.logging.tensorboard, r)
-            facts = run_facts(r, self.run_dir, device, ctx, plain, loader, state["step"], resume_from)
-            print(banner(facts), flush=True)  # first thing in a SLURM/CI log: what runs, where, how big
-            log.start_session(facts)
-        else:
-            log = NoLog()
+        log = self._start_logs(resume_from, state["step"], device, plain, loader)
         micro_batch = r.data.batch_size
         samples_per_step = micro_batch * ctx.world_size * r.train.accum_steps  # global
         total = r.train.steps
