@@ -167,7 +167,36 @@ def test_eval_tasks_read_their_data_up_front(tmp_path):
     assert hooks[0].data.classnames == ["blue thing", "green thing", "red thing"]  # all classes stay
 
 
+def test_a_task_can_score_by_late_interaction_as_clipforge_eval_does(ckpt, tmp_path, monkeypatch):
+    """similarity = "late-interaction" on a zeroshot and a retrieval entry: the hook scores token-wise
+    and logs what `clipforge eval --similarity late-interaction` gives on the same data."""
+    import clipforge
+    from clipforge.eval import evaluate as E
+    from clipforge.eval import zeroshot as Z
+    from clipforge.eval.hooks import eval_task_hooks
+
+    calls = []
+    for module, name in ((Z, "late_interaction_zero_shot_logits"), (E, "run_late_interaction_retrieval")):
+        def spy(*args, _real=getattr(module, name), _name=name, **kwargs):
+            calls.append(_name)
+            return _real(*args, **kwargs)
+        monkeypatch.setattr(module, name, spy)
+    recipe = load_recipe(str(write_recipe(tmp_path)), ["eval.tasks.0.similarity=late-interaction",
+                                                       "eval.tasks.1.similarity=late-interaction"])
+    hooks = eval_task_hooks(recipe)
+    model, _, tokenizer = clipforge.load(ckpt)
+    got = {**hooks[0](model, tokenizer, 3), **hooks[1](model, tokenizer, 3)}
+    assert calls == ["late_interaction_zero_shot_logits", "run_late_interaction_retrieval"]
+    zeroshot = evaluate(ckpt, "zeroshot", recipe.eval.tasks[0].data, templates="photo", batch_size=16,
+                        similarity="late-interaction", plots=False)
+    retrieval = evaluate(ckpt, "retrieval", recipe.eval.tasks[1].data, max_samples=4, batch_size=16,
+                         similarity="late-interaction")
+    assert {k: got[f"val/zeroshot/val/{k}"] for k in zeroshot["metrics"]} == zeroshot["metrics"]
+    assert {k: got[f"val/retrieval/pairs/{k}"] for k in retrieval["metrics"]} == retrieval["metrics"]
+
+
 @pytest.mark.parametrize("override, message", [
+    ("eval.tasks.2.similarity=late-interaction", "eval.tasks[2]: similarity = 'late-interaction' applies to zeroshot"),
     ("eval.tasks.0.task=segmentation", "eval.tasks.0.task': Input should be 'zeroshot', 'retrieval' or 'val_loss'"),
     ("eval.tasks.0.data=val", "eval.tasks[0].data = 'val': write KIND:PATH"),
     ("eval.tasks.0.data=parquet:val", "eval.tasks[0].data = 'parquet:val': write KIND:PATH"),

@@ -631,6 +631,8 @@ class EvalTaskConfig(Section):
     classnames: str | None = None  # zeroshot: one per line; default: classnames.txt in the dataset folder
     templates: str | None = None  # zeroshot: a shipped set or a file; default: the folder's templates file, else photo
     max_samples: int | None = Field(None, ge=1)  # default: eval.max_samples
+    # zeroshot / retrieval: pooled embeddings, or FILIP's token-wise scores (as clipforge eval --similarity)
+    similarity: Literal["pooled", "late-interaction"] = "pooled"
 
     @field_validator("task", mode="before")
     @classmethod
@@ -676,6 +678,9 @@ class EvalConfig(Section):
                                  "use jsonl:FILE or csv:FILE with an image and a text/caption column")
             if t.task != "zeroshot" and (t.classnames or t.templates):
                 raise ValueError(f"{key}: classnames and templates apply to task 'zeroshot' only (got '{t.task}')")
+            if t.task == "val_loss" and t.similarity != "pooled":
+                raise ValueError(f"{key}: similarity = '{t.similarity}' applies to zeroshot and retrieval; val_loss "
+                                 "is the training loss on pooled embeddings")
             if t.name is not None and not re.fullmatch(r"[\w.-]+", t.name):
                 raise ValueError(f"{key}.name = {t.name!r}: use letters, digits, '_', '-' or '.' (it becomes part "
                                  "of the metric keys val/<task>/<name>/<metric>)")

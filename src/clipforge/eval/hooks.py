@@ -151,9 +151,10 @@ def _task_hook(recipe: Recipe, index: int) -> Callable:
         preprocess = EvalPreprocess(model.cfg.image_size)
         try:
             if cfg.task == "zeroshot":
-                result = E.score_zeroshot(model, preprocess, tokenizer, data, templates, **common)
+                result = E.score_zeroshot(model, preprocess, tokenizer, data, templates, similarity=cfg.similarity,
+                                          **common)
             elif cfg.task == "retrieval":
-                result = E.score_retrieval(model, preprocess, tokenizer, data, **common)
+                result = E.score_retrieval(model, preprocess, tokenizer, data, similarity=cfg.similarity, **common)
             else:  # val_loss, in batches of the training batch size
                 result = E.score_val_loss(model, preprocess, tokenizer, data, recipe.data.batch_size, **common)
         except DataError as e:
