@@ -48,8 +48,19 @@ def class_retrieval_metrics(img: torch.Tensor, txt: torch.Tensor, labels: torch.
     return out
 
 
+def late_interaction_split_logits(model, tokenizer, dataset, batch_size: int, classnames, templates) -> torch.Tensor:
+    """FILIP's zero-shot logits of a shapes eval split (eval/zeroshot.py), ``batch_size`` images at a time."""
+    chunks = chunk_ranges(len(dataset), batch_size)
+    return late_interaction_zero_shot_logits(model, tokenizer, (dataset.render_batch(list(c))[0] for c in chunks),
+                                             classnames, templates)
+
+
 @torch.no_grad()
-def evaluate_shapes(model, tokenizer, recipe: Recipe, with_predictions: bool = False) -> dict:
+def evaluate_shapes(model, tokenizer, recipe: Recipe, with_predictions: bool = False, *,
+                    embed: Callable = embed_split, score_tokens: Callable = late_interaction_split_logits) -> dict:
+    """The built-in shapes evaluation. ``embed`` and ``score_tokens`` (same signatures as the defaults,
+    one process) are what the distributed evaluation replaces with versions that split the images
+    between ranks and gather them (``clipforge.train.distributed.sharded_shapes_eval``)."""
     from clipforge.data.loader import build_eval_set
     from clipforge.data.synthetic import class_names
 
@@ -58,17 +69,15 @@ def evaluate_shapes(model, tokenizer, recipe: Recipe, with_predictions: bool = F
     out: dict = {}
     for split in ("seen", "unseen"):
         dataset = build_eval_set(recipe.data, recipe.model.image_size, split)
-        img, txt, labels = embed_split(model, tokenizer, dataset, recipe.eval.batch_size)
+        img, txt, labels = embed(model, tokenizer, dataset, recipe.eval.batch_size)
         logits = img @ classifier.T
         for k, v in classification_metrics(logits, labels, len(names)).items():
             out[f"zeroshot/{split}/{k}"] = v
         for k, v in class_retrieval_metrics(img, txt, labels, ks=(1, 5)).items():
             out[f"retrieval/{split}/{k}"] = v
         if recipe.eval.late_interaction:
-            chunks = chunk_ranges(len(dataset), recipe.eval.batch_size)
-            li = late_interaction_zero_shot_logits(model, tokenizer, (dataset.render_batch(list(c))[0] for c in chunks),
-                                                   names, TEMPLATE_SETS["shapes"])
-            out.update(late_interaction_metrics(li, labels.cpu(), split, len(names)))
+            li = score_tokens(model, tokenizer, dataset, recipe.eval.batch_size, names, TEMPLATE_SETS["shapes"])
+            out.update(late_interaction_metrics(li, labels.to(li.device), split, len(names)))
         if with_predictions:
             out[f"predictions/{split}"] = (logits.argmax(1).cpu(), labels.cpu())
     return out

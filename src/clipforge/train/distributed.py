@@ -23,6 +23,7 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
@@ -384,34 +385,15 @@ def late_interaction_logits_sharded(model, tokenizer, dataset, batch_size: int, 
 
 
 def sharded_shapes_eval(recipe) -> Callable:
-    """The built-in shapes evaluation with the images split between ranks (a distributed hook).
-
-    Mirrors ``clipforge.eval.hooks.evaluate_shapes``; every rank gets the same metrics.
-    """
+    """The built-in shapes evaluation with the images split between ranks (a distributed hook):
+    ``clipforge.eval.hooks.evaluate_shapes`` with sharded embedding and scoring; every rank gets the
+    same metrics."""
     def shapes_hook(model, tokenizer, step):
-        ctx = current_context()
-        from clipforge.data.loader import build_eval_set
-        from clipforge.data.synthetic import class_names
-        from clipforge.eval.hooks import class_retrieval_metrics, late_interaction_metrics
-        from clipforge.eval.templates import TEMPLATE_SETS
-        from clipforge.eval.zeroshot import classification_metrics, zero_shot_classifier
+        from clipforge.eval.hooks import evaluate_shapes
 
-        names = class_names()
-        classifier = zero_shot_classifier(model, tokenizer, names, TEMPLATE_SETS["shapes"])
-        out: dict = {}
-        for split in ("seen", "unseen"):
-            dataset = build_eval_set(recipe.data, recipe.model.image_size, split)
-            img, txt, labels = embed_split_sharded(model, tokenizer, dataset, recipe.eval.batch_size, ctx)
-            logits = img @ classifier.T
-            for k, v in classification_metrics(logits, labels, len(names)).items():
-                out[f"zeroshot/{split}/{k}"] = v
-            for k, v in class_retrieval_metrics(img, txt, labels, ks=(1, 5)).items():
-                out[f"retrieval/{split}/{k}"] = v
-            if recipe.eval.late_interaction:
-                li = late_interaction_logits_sharded(model, tokenizer, dataset, recipe.eval.batch_size, names,
-                                                     TEMPLATE_SETS["shapes"], ctx)
-                out.update(late_interaction_metrics(li, labels.to(li.device), split, len(names)))
-        return out
+        ctx = current_context()
+        return evaluate_shapes(model, tokenizer, recipe, embed=partial(embed_split_sharded, ctx=ctx),
+                               score_tokens=partial(late_interaction_logits_sharded, ctx=ctx))
 
     shapes_hook.distributed = True  # the trainer runs it on every rank
     return shapes_hook
