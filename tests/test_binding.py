@@ -294,7 +294,7 @@ def test_cli_late_interaction_zero_shot_on_a_built_in_split(capsys, ckpt, tmp_pa
     assert 0.0 <= result["metrics"]["acc1"] <= result["metrics"]["acc5"] <= 1.0
     counts = [v["count"] for v in result["per_class"].values()]
     assert sum(counts) == result["data"]["images"] and (out.parent / "unseen_confusion.png").exists()
-    assert "acc1" in stdout
+    assert "acc1" in stdout and "zeroshot (late-interaction)" in " ".join(stdout.split())
 
 
 # ----------------------------------------------------------------------------- late interaction on files

@@ -610,7 +610,9 @@ def result_table(result: dict):
     """A rich Table of the metrics (percentages) plus the chosen C for a linear probe."""
     from rich.table import Table
 
-    table = Table(title=f"clipforge eval: {result['task']}", caption=f"{result['dataset']}\n{result['model']}")
+    scored = result.get("options", {}).get("similarity")
+    title = f"clipforge eval: {result['task']}" + (f" ({scored})" if scored and scored != "pooled" else "")
+    table = Table(title=title, caption=f"{result['dataset']}\n{result['model']}")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in result["metrics"].items():
