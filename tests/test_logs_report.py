@@ -187,6 +187,21 @@ def test_report_curves_have_grad_norm_accuracy_and_throughput(stopped_run):
     _assert_no_overlapping_ticks(fig)
 
 
+def test_late_interaction_zero_shot_gets_its_own_curves_and_table_rows():
+    """eval.late_interaction (FILIP) logs zeroshot-li/...: the report draws it beside the pooled curves
+    and lists it in the final-evaluation table; runs without it look as before."""
+    from clipforge.eval.report import _summary_table, plot_zeroshot
+
+    pooled = [{"step": s, "zeroshot/seen/acc1": 0.5, "zeroshot/unseen/acc1": 0.25} for s in (10, 20)]
+    both = [{**r, "zeroshot-li/seen/acc1": 0.6, "zeroshot-li/unseen/acc1": 0.3} for r in pooled]
+    labels = [l.get_label() for l in plot_zeroshot(both).axes[0].get_lines()]
+    assert labels == ["seen compositions", "seen, late interaction", "unseen compositions", "unseen, late interaction"]
+    assert len(plot_zeroshot(pooled).axes[0].get_lines()) == 2
+    table = _summary_table({**both[-1], "zeroshot-li/seen/acc5": 0.9})
+    assert "<th>unseen, late interaction</th><td>30.0</td>" in table and "<td>90.0</td>" in table
+    assert "late interaction" not in _summary_table(pooled[-1])
+
+
 def test_confusion_matrix_has_a_colour_bar_and_readable_ticks():
     from clipforge.data.synthetic import class_names
     from clipforge.eval.report import plot_confusion

@@ -210,6 +210,10 @@ def plot_zeroshot(evals: list[dict], final: dict | None = None):
     for split, colour in PALETTE.items():
         ax.plot([r["step"] for r in rows], [100 * r[f"zeroshot/{split}/acc1"] for r in rows],
                 marker="o", color=colour, label=f"{split} compositions")
+        token_rows = [r for r in rows if f"zeroshot-li/{split}/acc1" in r]  # eval.late_interaction (FILIP)
+        if token_rows:
+            ax.plot([r["step"] for r in token_rows], [100 * r[f"zeroshot-li/{split}/acc1"] for r in token_rows],
+                    marker="s", ls="--", color=colour, label=f"{split}, late interaction")
         if final is not None and final["step"] != rows[-1]["step"]:
             ax.plot([final["step"]], [100 * final[split]], marker="*", ms=13, color=colour, ls="none")
     if final is not None and final["step"] != rows[-1]["step"]:
@@ -305,11 +309,14 @@ def retrieval_examples(model, tokenizer, recipe, per_kind: int = 2, k: int = 6) 
 
 def _summary_table(result: dict) -> str:
     rows = []
-    for split in ("seen", "unseen"):
-        cells = [result.get(f"zeroshot/{split}/{m}") for m in ("acc1", "acc5", "mean_per_class_recall")]
-        cells += [result.get(f"retrieval/{split}/{m}") for m in ("image_retrieval_recall@1", "text_retrieval_recall@1")]
-        rows.append(f"<tr><th>{split}</th>" + "".join(
-            f"<td>{100 * c:.1f}</td>" if c is not None else "<td>-</td>" for c in cells) + "</tr>")
+    scorings = [("zeroshot", "")] + ([("zeroshot-li", ", late interaction")] if "zeroshot-li/seen/acc1" in result else [])
+    for key, label in scorings:
+        for split in ("seen", "unseen"):
+            cells = [result.get(f"{key}/{split}/{m}") for m in ("acc1", "acc5", "mean_per_class_recall")]
+            cells += [result.get(f"retrieval/{split}/{m}") if key == "zeroshot" else None
+                      for m in ("image_retrieval_recall@1", "text_retrieval_recall@1")]
+            rows.append(f"<tr><th>{split}{label}</th>" + "".join(
+                f"<td>{100 * c:.1f}</td>" if c is not None else "<td>-</td>" for c in cells) + "</tr>")
     return ("<table><tr><th>compositions</th><th>zero-shot top-1</th><th>top-5</th><th>mean per-class recall</th>"
             "<th>text→image R@1</th><th>image→text R@1</th></tr>" + "".join(rows) + "</table>")
 
