@@ -111,3 +111,23 @@ def test_gpu_script_refuses_unknown_cases_and_starts_nothing_past_its_deadline(t
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert [c["case"] for c in summary["cases"]] == ["vit-b16-compile-bf16res-b768", "vit-b16"]  # the asked order
     assert all(not c["ok"] and "deadline" in c["error_tail"] for c in summary["cases"])
+
+
+def test_filip_table_reads_the_experiments_evaluations_and_averages_the_seeds(tmp_path):
+    """bench/filip_table.py (docs/methods/filip.md's tables) from clipforge eval result files."""
+    script = Path(__file__).resolve().parents[1] / "bench" / "filip_table.py"
+    for arm, seed, acc in (("filip", 0, 0.1), ("filip", 1, 0.3), ("clip", 0, 0.5)):
+        for sim in ("pooled", "late-interaction"):
+            for split in ("seen", "unseen"):
+                (tmp_path / f"{arm}-s{seed}_zs_{split}_{sim}.json").write_text(json.dumps({"metrics": {"acc1": acc}}))
+            metrics = {k: acc for k in ("binding_acc", "binding_acc_attribute_swap", "binding_acc_shape_swap",
+                                        "binding_acc_relation_flip", "binding_acc_order_swap",
+                                        "image_retrieval_recall@1", "text_retrieval_recall@1")}
+            (tmp_path / f"{arm}-s{seed}_binding_{sim}.json").write_text(json.dumps({"metrics": metrics}))
+    out = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, check=True).stdout
+    assert "| filip | 1 | 30.0 | 30.0 | 30.0 | 30.0 |" in out
+    assert "| **filip** | mean | **20.0** | **20.0** | **20.0** | **20.0** |" in out
+    assert "| clip | 1 | - | - | - | - |" in out  # a missing run is shown, not skipped silently
+    assert "| **filip** | late-interaction | mean | **0.200** |" in out
+    empty = subprocess.run([sys.executable, str(script), str(tmp_path / "none")], capture_output=True, text=True)
+    assert empty.returncode != 0 and "run bench/filip_experiment.sh first" in empty.stderr
