@@ -159,7 +159,7 @@ class _BatchDataset(Dataset):
             from clipforge.data.captions import tokenize_checked
             from clipforge.data.views import augment_shapes_batch
 
-            batch = augment_shapes_batch(batch, self.augmenter, self.seed, indices, frozenset(self.dataset.held_out))
+            batch = augment_shapes_batch(batch, self.augmenter, self.seed, indices, self.dataset.held_out)
             if self.tokenizer is not None:
                 batch["input_ids"], batch["attention_mask"] = tokenize_checked(self.tokenizer, batch["captions"])
         # samples are pure functions of their global index: it is the stable key

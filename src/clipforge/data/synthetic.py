@@ -413,6 +413,11 @@ class ShapesDataset:
         caption, label, _ = self._draw(image, index)
         return image, caption, label
 
+    def render_chunks(self, chunks):
+        """The uint8 images of each chunk of indices, one N x 3 x H x W batch at a time (evaluation streams)."""
+        for chunk in chunks:
+            yield self.render_batch(list(chunk))[0]
+
     def render_batch(self, indices) -> tuple[torch.Tensor, list[str], torch.Tensor]:
         """Render many samples into one uint8 N x 3 x H x W tensor (plus captions, labels)."""
         pixels, facts, labels = self.render_scenes(indices)

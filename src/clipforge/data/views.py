@@ -19,6 +19,7 @@ that stream. A resumed run therefore sees the same views and captions, whatever 
 from __future__ import annotations
 
 import random
+from collections.abc import Set as AbstractSet
 from functools import lru_cache
 
 import torch
@@ -95,7 +96,7 @@ class SampleAugmenter:
         on = data_cfg.augment.policy != "default" or data_cfg.ssl_views or data_cfg.text_augment != "none"
         return cls(data_cfg, image_size) if on else None
 
-    def captions(self, captions: list[str], rng: random.Random, keep_out: frozenset[int] = frozenset()) -> list[str]:
+    def captions(self, captions: list[str], rng: random.Random, keep_out: AbstractSet[int] = frozenset()) -> list[str]:
         """Each caption through EDA. ``keep_out``: colour-shape pairs (shapes labels) that must not
         reach training text: an augmented caption that names one its original did not (a swap, a
         synonym: "red circle" -> "red ring") is replaced by the original after EDA's clean-up."""
@@ -134,7 +135,7 @@ def shapes_augment_rng(seed: int, index: int) -> random.Random:
 
 
 def augment_shapes_batch(batch: dict, augmenter: SampleAugmenter, seed: int, indices: list[int],
-                         held_out: frozenset[int] = frozenset()) -> dict:
+                         held_out: AbstractSet[int] = frozenset()) -> dict:
     """Strong policy, SSL views and EDA on a rendered shapes batch (captions not yet tokenized).
     EDA never makes a caption name a ``held_out`` pair (``SampleAugmenter.captions``)."""
     per_sample = len(batch["captions"]) // len(indices)

@@ -388,17 +388,18 @@ def run_shapes_zeroshot(model, tokenizer, shapes_cfg, split: str, templates: str
     so ``--similarity pooled`` gives its ``zeroshot/<split>/...`` numbers."""
     from clipforge.data.synthetic import ShapesDataset, class_names
     from clipforge.eval.embedding import chunk_ranges, embed_images
-    from clipforge.eval.zeroshot import late_interaction_zero_shot_logits, zero_shot_classifier
+    from clipforge.eval.hooks import late_interaction_split_logits
+    from clipforge.eval.zeroshot import zero_shot_classifier
 
     dataset = ShapesDataset(shapes_cfg, model.cfg.image_size, seed=shapes_cfg.holdout_seed, split=split)
     n = len(dataset)
-    images = (dataset.render_batch(list(chunk))[0] for chunk in chunk_ranges(n, batch_size))
     names = class_names()
     prompt_templates = read_templates(templates or "shapes")
-    if similarity == "late-interaction":
-        logits = late_interaction_zero_shot_logits(model, tokenizer, images, names, prompt_templates)
+    if similarity == "late-interaction":  # the trainer's own zeroshot-li scoring
+        logits = late_interaction_split_logits(model, tokenizer, dataset, batch_size, names, prompt_templates).cpu()
     else:
         classifier = zero_shot_classifier(model, tokenizer, names, prompt_templates).float().cpu()
+        images = dataset.render_chunks(chunk_ranges(n, batch_size))
         logits = embed_images(model, images, out_device="cpu") @ classifier.T
     labels = torch.tensor([dataset.label_of(i) for i in range(n)])
     return {**classification_result(logits, labels, names, len(prompt_templates)),

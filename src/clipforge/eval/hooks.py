@@ -50,9 +50,8 @@ def class_retrieval_metrics(img: torch.Tensor, txt: torch.Tensor, labels: torch.
 
 def late_interaction_split_logits(model, tokenizer, dataset, batch_size: int, classnames, templates) -> torch.Tensor:
     """FILIP's zero-shot logits of a shapes eval split (eval/zeroshot.py), ``batch_size`` images at a time."""
-    chunks = chunk_ranges(len(dataset), batch_size)
-    return late_interaction_zero_shot_logits(model, tokenizer, (dataset.render_batch(list(c))[0] for c in chunks),
-                                             classnames, templates)
+    images = dataset.render_chunks(chunk_ranges(len(dataset), batch_size))
+    return late_interaction_zero_shot_logits(model, tokenizer, images, classnames, templates)
 
 
 @torch.no_grad()
@@ -84,7 +83,8 @@ def evaluate_shapes(model, tokenizer, recipe: Recipe, with_predictions: bool = F
 
 
 def late_interaction_metrics(logits: torch.Tensor, labels: torch.Tensor, split: str, num_classes: int) -> dict:
-    return {f"{LATE_INTERACTION_KEY}/{split}/{k}": v for k, v in classification_metrics(logits, labels, num_classes).items()}
+    metrics = classification_metrics(logits, labels, num_classes)
+    return {f"{LATE_INTERACTION_KEY}/{split}/{k}": v for k, v in metrics.items()}
 
 
 def default_eval_hooks(recipe: Recipe, world_size: int = 1) -> list[Callable]:

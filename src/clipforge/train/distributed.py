@@ -376,8 +376,7 @@ def late_interaction_logits_sharded(model, tokenizer, dataset, batch_size: int, 
     mine, rounds = shard_of(n, batch_size, ctx)
     # every rank runs `rounds` forwards (FSDP): one out of batches scores its last (or item 0) again, dropped after
     chunks = [mine[min(i, len(mine) - 1)] if mine else range(0, 1) for i in range(rounds)]
-    logits = late_interaction_zero_shot_logits(model, tokenizer, (dataset.render_batch(list(c))[0] for c in chunks),
-                                               classnames, templates)
+    logits = late_interaction_zero_shot_logits(model, tokenizer, dataset.render_chunks(chunks), classnames, templates)
     real = sum(len(c) for c in mine)
     index = torch.tensor([i for c in mine for i in c], dtype=torch.long)
     device = next(model.parameters()).device
