@@ -7,6 +7,7 @@
 #   alip-nogates  ALIP with gates = false: raw + synthetic caption, every weight 1 (the extra caption without the gating)
 #
 #   PY=/path/to/python bash bench/alip_experiment.sh RUNS_DIR            then: python bench/alip_table.py RUNS_DIR
+#   SEEDS="2" bash bench/alip_experiment.sh RUNS_DIR                      only these seeds, every arm
 #
 # Each run holds /tmp/cpu.lock while it trains (one CPU-heavy job at a time on a shared machine); its wall
 # time, measured inside the lock (so without the wait for it), goes to RUNS_DIR/<run>.seconds. A run whose
@@ -51,6 +52,10 @@ arms() {  # seed [arm ...]
   done
 }
 
+if [ -n "${SEEDS:-}" ]; then
+  for s in $SEEDS; do arms "$s" clip alip alip-nogates; done
+  exit 0
+fi
 arms 0 clip alip alip-nogates
 arms 1 clip alip
 arms 1 alip-nogates

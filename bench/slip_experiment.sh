@@ -3,6 +3,7 @@
 #   bash bench/slip_experiment.sh SPLIT_DIR RUNS_DIR
 # SPLIT_DIR from: python examples/cifar_holdout_split.py CIFAR/train SPLIT_DIR --holdout 500
 # Every run: recipe slip-cifar (tiny ViT 6 x 192 at 32 px, CLIP crop 0.5-1), 400 steps, batch 128, fp32.
+#   SEEDS="2" bash bench/slip_experiment.sh SPLIT_DIR RUNS_DIR   only the CLIP, SLIP and improved-baseline arms, these seeds
 # Each run and eval holds /tmp/cpu.lock (one CPU-heavy job at a time on a shared 2-core machine).
 set -euo pipefail
 SPLIT=${1:?split dir}; RUNS=${2:?runs dir}; STEPS=${STEPS:-400}
@@ -28,6 +29,14 @@ CLIP=(--set method.ssl_scale=0)                       # the same step without th
 STRONG=(--set data.augment.policy=strong)
 EDA=(--set data.text_augment=eda)
 LS=(--set 'objective.terms=[{name="clip",label_smoothing=0.1}]')
+if [ -n "${SEEDS:-}" ]; then
+  for s in $SEEDS; do
+    arm clip $s "${CLIP[@]}"
+    arm slip $s
+    arm improved $s "${CLIP[@]}" "${STRONG[@]}" "${EDA[@]}" "${LS[@]}"
+  done
+  exit 0
+fi
 for s in 0; do
   arm clip $s "${CLIP[@]}"
   arm slip $s

@@ -131,3 +131,44 @@ def test_filip_table_reads_the_experiments_evaluations_and_averages_the_seeds(tm
     assert "| **filip** | late-interaction | mean | **0.200** |" in out
     empty = subprocess.run([sys.executable, str(script), str(tmp_path / "none")], capture_output=True, text=True)
     assert empty.returncode != 0 and "run bench/filip_experiment.sh first" in empty.stderr
+
+
+def test_lit_table_reads_the_experiments_evaluations_and_averages_the_seeds(tmp_path):
+    """bench/lit_table.py (docs/methods/lit-flame.md's table) from clipforge eval retrieval results."""
+    script = Path(__file__).resolve().parents[1] / "bench" / "lit_table.py"
+    for arm, seed, r1 in (("lit", 0, 0.02), ("lit", 1, 0.04), ("scratch", 0, 0.01)):
+        for split in ("heldout", "seen"):
+            metrics = {"image_retrieval_recall@1": r1, "image_retrieval_recall@5": 2 * r1, "image_retrieval_recall@10": 0.5}
+            (tmp_path / f"{arm}-s{seed}_{split}.json").write_text(json.dumps({"metrics": metrics}))
+    out = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, check=True).stdout
+    assert "| lit | 1 | 4.0 / 8.0 / 50.0 | 4.0 / 8.0 / 50.0 |" in out
+    assert "| **lit** | mean | **3.0 / 6.0 / 50.0** | **3.0 / 6.0 / 50.0** |" in out
+    assert "| scratch | 1 | - | - |" in out  # a missing run is shown, not skipped silently
+    assert "| **flame** | mean | - | - |" in out
+    empty = subprocess.run([sys.executable, str(script), str(tmp_path / "none")], capture_output=True, text=True)
+    assert empty.returncode != 0 and "run bench/lit_experiment.sh first" in empty.stderr
+
+
+def test_tinyclip_table_reads_curves_and_chains_the_multi_stage_student(tmp_path):
+    """bench/tinyclip_table.py (docs/methods/tinyclip.md): evaluation rows of metrics.jsonl, the two stages
+    of `clipforge distill` read as one student's steps 100-400, means over seeds, missing runs shown."""
+    script = Path(__file__).resolve().parents[1] / "bench" / "tinyclip_table.py"
+
+    def write(metrics: Path, steps_and_acc):
+        metrics.parent.mkdir(parents=True)
+        rows = [{"step": s, "loss": 1.0} for s, _ in steps_and_acc]  # training rows are skipped
+        rows += [{"step": s, "zeroshot/seen/acc1": a, "zeroshot/unseen/acc1": a / 2} for s, a in steps_and_acc]
+        metrics.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+
+    write(tmp_path / "scratch-s0" / "metrics.jsonl", [(100, 0.1), (200, 0.2), (300, 0.3), (400, 0.4)])
+    write(tmp_path / "scratch-s1" / "metrics.jsonl", [(100, 0.3), (200, 0.4), (300, 0.5), (400, 0.6)])
+    write(tmp_path / "multi-s0" / "stage_1" / "metrics.jsonl", [(100, 0.5), (200, 0.6)])
+    write(tmp_path / "multi-s0" / "stage_2" / "metrics.jsonl", [(100, 0.7), (200, 0.8)])
+    out = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, check=True).stdout
+    assert "| scratch | 1 | 30.0 / 40.0 / 50.0 / **60.0** | 15.0 / 20.0 / 25.0 / **30.0** |" in out
+    assert "| **scratch** | mean | 20.0 / 30.0 / 40.0 / **50.0** | 10.0 / 15.0 / 20.0 / **25.0** |" in out
+    assert "| multi | 0 | 50.0 / 60.0 / 70.0 / **80.0** |" in out
+    assert "| multi | 1 | - / - / - / **-** |" in out
+    assert "| distill | 0 | - / - / - / **-** |" in out
+    empty = subprocess.run([sys.executable, str(script), str(tmp_path / "none")], capture_output=True, text=True)
+    assert empty.returncode != 0 and "run bench/tinyclip_experiment.sh first" in empty.stderr
