@@ -3,7 +3,9 @@
 #   bash bench/slip_experiment.sh SPLIT_DIR RUNS_DIR
 # SPLIT_DIR from: python examples/cifar_holdout_split.py CIFAR/train SPLIT_DIR --holdout 500
 # Every run: recipe slip-cifar (tiny ViT 6 x 192 at 32 px, CLIP crop 0.5-1), 400 steps, batch 128, fp32.
-#   SEEDS="2" bash bench/slip_experiment.sh SPLIT_DIR RUNS_DIR   only the CLIP, SLIP and improved-baseline arms, these seeds
+#   SEEDS="2" bash bench/slip_experiment.sh SPLIT_DIR RUNS_DIR   only these seeds: CLIP and SLIP, then CLIP at SLIP's
+#                                                               FLOPs (clip-3x), then the improved baseline
+#   SEEDS="0 1" ARMS="clip-3x" bash bench/slip_experiment.sh ...  only the arms named
 # Each run and eval holds /tmp/cpu.lock (one CPU-heavy job at a time on a shared 2-core machine).
 set -euo pipefail
 SPLIT=${1:?split dir}; RUNS=${2:?runs dir}; STEPS=${STEPS:-400}
@@ -13,6 +15,7 @@ common=(--set "data.train=imagefolder:$SPLIT/train" --set "train.steps=$STEPS" -
         --set train.checkpoint_every_steps=$STEPS)
 arm() {  # name seed overrides...
   local name=$1 seed=$2; shift 2
+  [ -z "${ARMS:-}" ] || [[ " $ARMS " == *" $name "* ]] || return 0   # ARMS="clip-3x ...": only these
   local dir="$RUNS/$name-s$seed"
   if [ ! -f "$dir/zeroshot.json" ]; then
     rm -rf "$dir"
@@ -29,12 +32,18 @@ CLIP=(--set method.ssl_scale=0)                       # the same step without th
 STRONG=(--set data.augment.policy=strong)
 EDA=(--set data.text_augment=eda)
 LS=(--set 'objective.terms=[{name="clip",label_smoothing=0.1}]')
+# Equal compute: SLIP's step costs 0.754 GFLOPs per sample, CLIP's 0.254 (2.97x; counted by
+#   clipforge bench slip-cifar --set data.train=imagefolder:SPLIT/train [--set method.ssl_scale=0 --set data.ssl_views=0]
+# ), so CLIP at 3x the steps (its own warm-up + cosine over them) matches SLIP's FLOPs.
+EQ_STEPS=$(( 3 * STEPS ))
+EQ=(--set method.ssl_scale=0 --set data.ssl_views=0 --set train.steps=$EQ_STEPS --set train.checkpoint_every_steps=$EQ_STEPS)
 if [ -n "${SEEDS:-}" ]; then
   for s in $SEEDS; do
     arm clip $s "${CLIP[@]}"
     arm slip $s
-    arm improved $s "${CLIP[@]}" "${STRONG[@]}" "${EDA[@]}" "${LS[@]}"
   done
+  for s in $SEEDS; do arm clip-3x $s "${EQ[@]}"; done
+  for s in $SEEDS; do arm improved $s "${CLIP[@]}" "${STRONG[@]}" "${EDA[@]}" "${LS[@]}"; done
   exit 0
 fi
 for s in 0; do

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 import clipforge
 from clipforge.cli import app
-from clipforge.export import ExportError, export_hf, export_onnx
+from clipforge.export import ExportError, export_hf, export_onnx, export_openclip
 from clipforge.models.clip import CLIP
 from clipforge.models.convert import ConversionError, import_openclip, openclip_config_to_ours
 from clipforge.models.tokenizer import ClipBPETokenizer
@@ -197,6 +197,24 @@ def test_imported_openclip_gives_the_same_embeddings_for_the_same_images_and_tex
     assert ours.logit_scale.exp().item() == pytest.approx(theirs.logit_scale.exp().item())
 
 
+def test_eval_preprocess_gives_open_clip_s_exact_pixels_for_any_image_size():
+    """clipforge.load's preprocess = OpenCLIP's eval transform (torchvision Resize + CenterCrop) bit for bit,
+    including non-square images where the longer side's rounding and the crop offset matter."""
+    open_clip = pytest.importorskip("open_clip")
+    from clipforge.data.transforms import EvalPreprocess
+
+    rng = np.random.default_rng(0)
+    mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN)[:, None, None]
+    std = torch.tensor(open_clip.OPENAI_DATASET_STD)[:, None, None]
+    sizes = [(48, 64), (33, 47), (47, 33), (64, 48), (100, 37), (32, 32), (20, 90)]  # (h, w), down and up
+    for size in (32, 224):
+        theirs = open_clip.transform.image_transform(size, is_train=False)
+        for h, w in sizes + [tuple(rng.integers(size // 2, 3 * size, 2)) for _ in range(10)]:
+            image = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+            ours = (EvalPreprocess(size)(image).float() / 255 - mean) / std
+            assert torch.equal(ours, theirs(image)), (size, h, w)
+
+
 def test_import_reads_hub_style_config_and_wrapped_torch_checkpoints(openclip_files, tmp_path):
     theirs, _, _ = openclip_files
     torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in theirs.state_dict().items()}}, tmp_path / "epoch_3.pt")
@@ -302,6 +320,90 @@ def test_clip_tokenizer_matches_open_clip_and_decodes():
     assert tok.spec()["vocab_size"] == 49408
 
 
+# ----------------------------------------------------------------------------- OpenCLIP export
+def open_clip_side(out):
+    """What a user of open_clip does with an exported directory."""
+    open_clip = pytest.importorskip("open_clip")
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{out}")
+    return model.eval(), preprocess, open_clip.get_tokenizer(f"local-dir:{out}")
+
+
+def pil_images(n: int, size: int = 48):
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 256, (size, size + 8 * i, 3), dtype=np.uint8)) for i in range(n)]
+
+
+def test_openclip_export_loads_in_open_clip_with_the_same_embeddings(tiny_ckpt, tmp_path, monkeypatch):
+    """A checkpoint with our own BPE tokenizer: open_clip builds the model and its tokenizer from the
+    directory alone (offline) and gives our ids, embeddings and logit scale."""
+    pytest.importorskip("transformers")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = export_openclip(tiny_ckpt, tmp_path / "oc")
+    theirs, their_preprocess, their_tokenizer = open_clip_side(out)
+    ours, preprocess, tokenizer = clipforge.load(tiny_ckpt)
+
+    ids, mask = tokenizer(TEXTS)  # TEXTS has a caption longer than the context: cut the same way
+    assert torch.equal(their_tokenizer(TEXTS), ids)
+    pil = pil_images(3)  # other sizes and aspect ratios than the model's: each side resizes and crops
+    with torch.no_grad():
+        their_image = theirs.encode_image(torch.stack([their_preprocess(im) for im in pil]), normalize=True)
+        our_image = ours.encode_image(torch.stack([preprocess(im) for im in pil]))
+        assert (their_image - our_image).abs().max() <= ATOL
+        assert (theirs.encode_text(ids, normalize=True) - ours.encode_text(ids, mask)).abs().max() <= ATOL
+    assert theirs.logit_scale.exp().item() == pytest.approx(ours.logit_scale.exp().item())
+    assert theirs.logit_bias is None
+
+
+def test_openclip_import_then_export_gives_back_the_same_weights_and_tokenizer(openclip_files, tmp_path):
+    """OpenCLIP -> clipforge -> OpenCLIP: every tensor bitwise equal, CLIP's BPE as open_clip's own tokenizer."""
+    open_clip = pytest.importorskip("open_clip")
+    from safetensors.torch import load_file
+
+    theirs, weights, config = openclip_files
+    ckpt = import_openclip(weights, config, tmp_path / "ckpt")
+    out = export_openclip(ckpt, tmp_path / "oc")
+    back = load_file(str(out / "open_clip_model.safetensors"))
+    original = theirs.state_dict()
+    assert back.keys() == original.keys()
+    assert all(torch.equal(back[k], original[k]) for k in original)
+    model_cfg = json.loads((out / "open_clip_config.json").read_text())["model_cfg"]
+    assert "hf_tokenizer_name" not in model_cfg["text_cfg"]  # open_clip's SimpleTokenizer
+    reloaded, _, tokenizer = open_clip_side(out)
+    texts = ["a photo of a cat.", "two dogs!"]
+    assert torch.equal(tokenizer(texts), open_clip.tokenize(texts, context_length=24))
+    with torch.no_grad():
+        assert torch.equal(reloaded.encode_text(tokenizer(texts)), theirs.encode_text(tokenizer(texts)))
+
+
+def test_openclip_export_keeps_a_siglip_logit_bias(tmp_path):
+    pytest.importorskip("transformers")
+    ckpt = make_tiny_checkpoint(tmp_path / "siglip", logit_bias_init=-10.0)
+    ours, _, _ = clipforge.load(ckpt)
+    theirs, _, _ = open_clip_side(export_openclip(ckpt, tmp_path / "oc"))
+    assert theirs.logit_bias is not None
+    assert theirs.logit_bias.item() == pytest.approx(ours.logit_bias.item())
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"vision_pool": "mean"}, r"vision_pool = 'mean'.*class token"),
+    ({"lexical_head": True}, r"LexLIP lexical heads"),
+])
+def test_openclip_export_refuses_what_open_clip_cannot_compute(tmp_path, override, message):
+    ckpt = make_tiny_checkpoint(tmp_path / "ck", **override)
+    with pytest.raises(ExportError, match=message):
+        export_openclip(ckpt, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_openclip_export_refuses_a_pretrained_text_tower():
+    from clipforge.config import ModelConfig
+    from clipforge.export import check_openclip_compatible
+
+    cfg = ModelConfig.model_construct(**{**ModelConfig().model_dump(), "text_tower": "hf"})
+    with pytest.raises(ExportError, match="text_tower = 'hf'.*--to onnx"):
+        check_openclip_compatible(cfg)
+
+
 # ----------------------------------------------------------------------------- CLI
 def test_cli_import_and_export_and_their_errors(openclip_files, tmp_path):
     _, weights, config = openclip_files
@@ -312,6 +414,9 @@ def test_cli_import_and_export_and_their_errors(openclip_files, tmp_path):
     result = runner.invoke(app, ["export", str(tmp_path / "ck"), "--to", "onnx", str(tmp_path / "onnx")])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "onnx" / "text_encoder.onnx").is_file()
+    result = runner.invoke(app, ["export", str(tmp_path / "ck"), "--to", "openclip", str(tmp_path / "oc")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "oc" / "open_clip_model.safetensors").is_file()
     result = runner.invoke(app, ["export", str(tmp_path / "ck"), "--to", "tflite", str(tmp_path / "x")])
     assert result.exit_code != 0 and "hf, onnx" in result.output
     result = runner.invoke(app, ["import", "timm", str(weights), "--config", str(config), "--out", str(tmp_path / "y")])

@@ -76,7 +76,7 @@ console = Console(stderr=True)
 TASK_CHOICES = ("zeroshot", "retrieval", "linear-probe")  # clipforge.eval.evaluate.TASKS
 SIMILARITY_CHOICES = ("pooled", "late-interaction")
 INDEX_KIND_CHOICES = ("flat", "ivf", "hnsw", "lexical")  # clipforge.index.dense.INDEX_KINDS + lexical
-EXPORT_CHOICES = ("hf", "onnx")  # clipforge.export.EXPORT_KINDS
+EXPORT_CHOICES = ("hf", "onnx", "openclip")  # clipforge.export.EXPORT_KINDS
 EMBEDDING_CHOICES = ("images", "texts")  # clipforge.index.embed.KINDS
 DTYPE_CHOICES = ("float16", "float32")  # clipforge.index.embed.DTYPES
 
@@ -529,9 +529,9 @@ def export(
     ckpt: str = typer.Argument(..., help="A checkpoint directory (or a run directory: its checkpoints/latest)."),
     out: Path = typer.Argument(..., help="Output directory (new or empty; written only when the export succeeds)."),
     to: str = typer.Option(..., "--to", metavar=_choices(EXPORT_CHOICES),
-                           help="hf (transformers CLIPModel) or onnx (two encoders)."),
+                           help="hf (transformers CLIPModel), openclip (open_clip 'local-dir:') or onnx (two encoders)."),
 ) -> None:
-    """Export a checkpoint to a Hugging Face CLIPModel directory or to ONNX."""
+    """Export a checkpoint to a Hugging Face CLIPModel directory, an OpenCLIP model directory or ONNX."""
     from clipforge.export import EXPORT_KINDS, export as export_checkpoint
 
     if to not in EXPORT_KINDS:

@@ -1,6 +1,8 @@
-"""Export a checkpoint for use outside clipforge: a Hugging Face ``CLIPModel`` directory or ONNX.
+"""Export a checkpoint for use outside clipforge: a Hugging Face ``CLIPModel`` directory, an OpenCLIP
+model directory, or ONNX.
 
     clipforge export CKPT --to hf out_hf/      # transformers.CLIPModel / AutoTokenizer / CLIPImageProcessor
+    clipforge export CKPT --to openclip out/   # open_clip.create_model_and_transforms("local-dir:out")
     clipforge export CKPT --to onnx out_onnx/  # image_encoder.onnx + text_encoder.onnx (+ tokenizer.json)
 
 CKPT is a checkpoint directory or a run directory (its latest checkpoint), resolved as for
@@ -8,9 +10,11 @@ CKPT is a checkpoint directory or a run directory (its latest checkpoint), resol
 failed export leaves nothing behind.
 
 Hugging Face's CLIP is the same network as ours (pre-LN blocks, ln_pre, class token, bias-free
-patch conv and projections) once the fused QKV is split into q/k/v. Options HF's CLIPModel cannot
+patch conv and projections) once the fused QKV is split into q/k/v; OpenCLIP's ``CLIP`` is the same
+network under other names (``clipforge import openclip`` reads it back). Options a target cannot
 express are refused by name instead of exporting a model that computes something else.
-Needs the ``export`` extra: ``pip install 'clipforge[export]'``.
+Needs the ``export`` extra: ``pip install 'clipforge[export]'`` (OpenCLIP: only for a tokenizer that is
+not CLIP's own BPE, which is written as a Hugging Face tokenizer).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from torch import nn
 
 from clipforge.models.convert import ConversionError
 
-EXPORT_KINDS = ("hf", "onnx")
+EXPORT_KINDS = ("hf", "onnx", "openclip")
 ONNX_IMAGE_FILE = "image_encoder.onnx"
 ONNX_TEXT_FILE = "text_encoder.onnx"
 ONNX_OPSET = 17  # has LayerNormalization as one op
@@ -227,6 +231,77 @@ def export_hf(ckpt_path: str | Path, out: str | Path) -> Path:
     return Path(out)
 
 
+# ----------------------------------------------------------------------------- OpenCLIP
+OPENCLIP_CONFIG_FILE = "open_clip_config.json"
+OPENCLIP_WEIGHTS_FILE = "open_clip_model.safetensors"
+
+
+def check_openclip_compatible(cfg) -> None:
+    """Refuse, by name, what open_clip.model.CLIP (ViT image tower, CLIP text transformer) cannot compute."""
+    if cfg.text_tower != "clip" or cfg.text_projection != "linear":
+        raise ExportError(
+            f"cannot export to OpenCLIP: the text tower is a pretrained encoder (model.text_tower = {cfg.text_tower!r}, "
+            f"text_projection = {cfg.text_projection!r}); OpenCLIP's Hugging Face towers pool and project "
+            "differently. Export to ONNX instead (--to onnx)")
+    if cfg.vision_pool != "cls":
+        raise ExportError(
+            f"cannot export to OpenCLIP: model.vision_pool = {cfg.vision_pool!r}; OpenCLIP's ViT always has a class "
+            "token (its 'avg' pooling attends to it), ours has none with mean pooling. Export to ONNX instead (--to onnx)")
+    if cfg.lexical_head:
+        raise ExportError(
+            "cannot export to OpenCLIP: the model has LexLIP lexical heads (model.lexical_head), which OpenCLIP's CLIP "
+            "does not have. Export to ONNX (--to onnx) for the dense embeddings")
+
+
+def openclip_model_config(cfg, tokenizer, tokenizer_dir: str) -> dict[str, Any]:
+    """``{"model_cfg": ..., "preprocess_cfg": ...}`` as in a Hub ``open_clip_config.json``.
+
+    CLIP's own BPE (kind clip-bpe) is OpenCLIP's default tokenizer, pooled at argmax (end-of-text is the
+    largest id). Any other tokenizer is written beside the weights as a Hugging Face tokenizer
+    (``hf_tokenizer_name``; with ``local-dir:`` OpenCLIP reads it from that directory) and the text tower
+    pools at its end-of-text id (``pool_type = "eos"``), as ours does."""
+    vision = dict(image_size=cfg.image_size, patch_size=cfg.patch_size, width=cfg.vision_width,
+                  layers=cfg.vision_layers, head_width=cfg.vision_width // cfg.vision_heads, mlp_ratio=cfg.mlp_ratio,
+                  patch_dropout=cfg.patch_dropout)
+    text = dict(context_length=cfg.context_length, vocab_size=cfg.vocab_size, width=cfg.text_width,
+                heads=cfg.text_heads, layers=cfg.text_layers, mlp_ratio=cfg.mlp_ratio)
+    if tokenizer.kind != "clip-bpe":
+        text.update(hf_tokenizer_name=tokenizer_dir, pool_type="eos", eos_id=tokenizer.eot_id, pad_id=tokenizer.pad_id)
+    model_cfg = dict(embed_dim=cfg.embed_dim, quick_gelu=cfg.activation == "quick_gelu", vision_cfg=vision, text_cfg=text)
+    if cfg.logit_bias_init is not None:
+        model_cfg["init_logit_bias"] = cfg.logit_bias_init  # makes the logit_bias parameter; its value is in the weights
+    preprocess = dict(size=cfg.image_size, mean=list(cfg.image_mean), std=list(cfg.image_std),
+                      interpolation="bicubic", resize_mode="shortest")  # our EvalPreprocess: shorter side, centre crop
+    return {"model_cfg": model_cfg, "preprocess_cfg": preprocess}
+
+
+def export_openclip(ckpt_path: str | Path, out: str | Path) -> Path:
+    """Write a directory that ``open_clip.create_model_and_transforms("local-dir:OUT")`` and
+    ``open_clip.get_tokenizer("local-dir:OUT")`` load offline."""
+    from safetensors.torch import save_file
+
+    from clipforge.api import load
+    from clipforge.models.convert import openclip_state_dict_to_ours, ours_to_openclip_state_dict
+
+    ckpt_path = _checkpoint_dir(ckpt_path)
+    _check_out(Path(out))
+    model, _, tokenizer = load(ckpt_path)
+    cfg = model.cfg
+    check_openclip_compatible(cfg)
+    ours = model.state_dict()
+    theirs = ours_to_openclip_state_dict(ours)
+    back = openclip_state_dict_to_ours(theirs)  # the mapping `clipforge import openclip` reads, tested against open_clip
+    if back.keys() != ours.keys():
+        raise ExportError(f"internal: OpenCLIP key mapping is not one-to-one ({sorted(back.keys() ^ ours.keys())[:5]})")
+    config = openclip_model_config(cfg, tokenizer, str(Path(out).resolve()))
+    with _staged_output(Path(out)) as stage:
+        save_file(theirs, str(stage / OPENCLIP_WEIGHTS_FILE))
+        (stage / OPENCLIP_CONFIG_FILE).write_text(json.dumps(config, indent=2))
+        if tokenizer.kind != "clip-bpe":
+            _hf_tokenizer(tokenizer).save_pretrained(stage)
+    return Path(out)
+
+
 # ----------------------------------------------------------------------------- ONNX
 class ImageEncoder(nn.Module):
     """uint8 images N×3×S×S (resized and centre-cropped) -> unit-norm embeddings N×E; the
@@ -304,4 +379,4 @@ def export(ckpt_path: str | Path, to: str, out: str | Path) -> Path:
     """Export ``ckpt_path`` (a checkpoint directory, or a run directory: its latest checkpoint) to ``out``."""
     if to not in EXPORT_KINDS:
         raise ExportError(f"unknown export target {to!r}; choose one of {', '.join(EXPORT_KINDS)}")
-    return export_hf(ckpt_path, out) if to == "hf" else export_onnx(ckpt_path, out)
+    return {"hf": export_hf, "onnx": export_onnx, "openclip": export_openclip}[to](ckpt_path, out)

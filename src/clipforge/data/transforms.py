@@ -22,12 +22,17 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
+    """Shorter side to ``size`` (bicubic), then the centre ``size`` x ``size``, with torchvision's
+    rounding (``Resize(size)`` + ``CenterCrop(size)``, as OpenCLIP and OpenAI's CLIP preprocess): the
+    longer side is truncated, int(size * long / short), and the crop offset rounded half to even, so a
+    non-square image gives OpenCLIP's exact pixels."""
     w, h = image.size
-    scale = size / min(w, h)
-    if scale != 1.0:
-        image = image.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+    if min(w, h) != size:
+        short, long = min(w, h), max(w, h)
+        new_long = int(size * long / short)
+        image = image.resize((size, new_long) if w <= h else (new_long, size), Image.BICUBIC)
     w, h = image.size
-    left, top = (w - size) // 2, (h - size) // 2
+    left, top = int(round((w - size) / 2.0)), int(round((h - size) / 2.0))
     return image.crop((left, top, left + size, top + size))
 
 

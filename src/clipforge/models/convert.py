@@ -32,41 +32,62 @@ class ConversionError(ValueError):
 
 
 # ----------------------------------------------------------------------------- weights
+# OpenCLIP name -> ours: key prefixes, then names inside a residual block; the two projections are
+# W×E parameters there and E×W nn.Linear weights here
+OPENCLIP_PREFIXES = {
+    "visual.conv1.": "visual.patch_embed.",
+    "visual.class_embedding": "visual.class_token",
+    "visual.positional_embedding": "visual.pos_embed",
+    "visual.transformer.resblocks.": "visual.blocks.",
+    "transformer.resblocks.": "text.blocks.",
+    "token_embedding.": "text.token_embed.",
+    "positional_embedding": "text.pos_embed",
+    "ln_final.": "text.ln_final.",
+}
+OPENCLIP_BLOCK_KEYS = {
+    ".attn.in_proj_weight": ".attn.qkv.weight",
+    ".attn.in_proj_bias": ".attn.qkv.bias",
+    ".attn.out_proj.": ".attn.proj.",
+    ".mlp.c_fc.": ".mlp.fc.",
+    ".mlp.c_proj.": ".mlp.proj.",
+}
+OPENCLIP_PROJECTIONS = {"visual.proj": "image_projection.weight", "text_projection": "text_projection.weight"}
+
+
+def _renamed(key: str, prefixes: dict[str, str], inside_blocks: dict[str, str]) -> str:
+    for old, new in prefixes.items():
+        if key.startswith(old):
+            key = new + key[len(old):]
+            break
+    for old, new in inside_blocks.items():
+        key = key.replace(old, new)
+    return key
+
+
 def openclip_state_dict_to_ours(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """OpenCLIP ViT/text CLIP weights -> our key names (projections are stored transposed there)."""
-    prefixes = {
-        "visual.conv1.": "visual.patch_embed.",
-        "visual.class_embedding": "visual.class_token",
-        "visual.positional_embedding": "visual.pos_embed",
-        "visual.transformer.resblocks.": "visual.blocks.",
-        "transformer.resblocks.": "text.blocks.",
-        "token_embedding.": "text.token_embed.",
-        "positional_embedding": "text.pos_embed",
-        "ln_final.": "text.ln_final.",
-    }
-    inside_blocks = {
-        ".attn.in_proj_weight": ".attn.qkv.weight",
-        ".attn.in_proj_bias": ".attn.qkv.bias",
-        ".attn.out_proj.": ".attn.proj.",
-        ".mlp.c_fc.": ".mlp.fc.",
-        ".mlp.c_proj.": ".mlp.proj.",
-    }
     out = {}
     for key, value in sd.items():
         if key.startswith("text."):  # CustomTextCLIP keeps its text tower under "text."
             key = key[len("text."):]
         if key == "attn_mask":
             continue
-        if key in ("visual.proj", "text_projection"):  # W×E there, E×W (nn.Linear) here
-            out["image_projection.weight" if key == "visual.proj" else "text_projection.weight"] = value.T.contiguous()
-            continue
-        for old, new in prefixes.items():
-            if key.startswith(old):
-                key = new + key[len(old):]
-                break
-        for old, new in inside_blocks.items():
-            key = key.replace(old, new)
-        out[key] = value
+        if key in OPENCLIP_PROJECTIONS:
+            out[OPENCLIP_PROJECTIONS[key]] = value.T.contiguous()
+        else:
+            out[_renamed(key, OPENCLIP_PREFIXES, OPENCLIP_BLOCK_KEYS)] = value
+    return out
+
+
+def ours_to_openclip_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of ``openclip_state_dict_to_ours``: our weights under open_clip.model.CLIP's names."""
+    prefixes = {v: k for k, v in OPENCLIP_PREFIXES.items()}
+    inside_blocks = {v: k for k, v in OPENCLIP_BLOCK_KEYS.items()}
+    projections = {v: k for k, v in OPENCLIP_PROJECTIONS.items()}
+    out = {}
+    for key, value in sd.items():
+        theirs = projections.get(key) or _renamed(key, prefixes, inside_blocks)
+        out[theirs] = (value.T if key in projections else value).detach().clone().contiguous()
     return out
 
 
