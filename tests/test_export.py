@@ -286,6 +286,7 @@ def test_quick_gelu_models_import_and_export_with_the_same_embeddings(tmp_path):
         ({"vision_cfg": {**OPENCLIP_TINY["vision_cfg"], "layers": [3, 4, 6, 3]}}, "ModifiedResNet"),
         ({"text_cfg": {**OPENCLIP_TINY["text_cfg"], "hf_model_name": "roberta-base"}}, "Hugging Face text tower"),
         ({"text_cfg": {**OPENCLIP_TINY["text_cfg"], "pool_type": "mean"}}, "text_cfg.pool_type = 'mean'"),
+        ({"text_cfg": {**OPENCLIP_TINY["text_cfg"], "pool_type": "last"}}, "text_cfg.pool_type = 'last'"),
     ],
 )
 def test_import_refuses_options_it_cannot_reproduce_by_name(change, message):
@@ -373,6 +374,27 @@ def test_openclip_import_then_export_gives_back_the_same_weights_and_tokenizer(o
     assert torch.equal(tokenizer(texts), open_clip.tokenize(texts, context_length=24))
     with torch.no_grad():
         assert torch.equal(reloaded.encode_text(tokenizer(texts)), theirs.encode_text(tokenizer(texts)))
+
+
+def test_our_bpe_model_goes_to_openclip_and_back(tiny_ckpt, tmp_path):
+    """clipforge (own BPE) -> OpenCLIP directory -> clipforge import: the same tokenizer ids and embeddings;
+    the tokenizer is read from beside the config, where the export put it."""
+    pytest.importorskip("transformers")
+    out = export_openclip(tiny_ckpt, tmp_path / "oc")
+    back = import_openclip(out / "open_clip_model.safetensors", out / "open_clip_config.json", tmp_path / "back")
+    ours, _, tokenizer = clipforge.load(tiny_ckpt)
+    again, _, tokenizer_again = clipforge.load(back)
+    assert tokenizer_again.kind == "bpe"
+    ids, mask = tokenizer(TEXTS)
+    ids2, mask2 = tokenizer_again(TEXTS)
+    assert torch.equal(ids, ids2) and torch.equal(mask, mask2)
+    images = random_uint8_images(2, ours.cfg.image_size)
+    with torch.no_grad():
+        assert torch.equal(again.encode_text(ids, mask), ours.encode_text(ids, mask))
+        assert torch.equal(again.encode_image(images), ours.encode_image(images))
+    (out / "tokenizer.json").unlink()
+    with pytest.raises(ConversionError, match="hf_tokenizer_name.*no(ne| tokenizer).*tokenizer.json"):
+        import_openclip(out / "open_clip_model.safetensors", out / "open_clip_config.json", tmp_path / "none")
 
 
 def test_openclip_export_keeps_a_siglip_logit_bias(tmp_path):

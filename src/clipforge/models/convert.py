@@ -148,7 +148,6 @@ _VISION_UNSUPPORTED = {
 }
 _TEXT_UNSUPPORTED = {
     "hf_model_name": "a Hugging Face text tower",
-    "hf_tokenizer_name": "a Hugging Face tokenizer",
     "ls_init_value": "layer scale",
     "embed_cls": "a text class token",
     "no_causal_mask": "a bidirectional text tower",
@@ -197,9 +196,10 @@ def openclip_config_to_ours(model_cfg: dict[str, Any], preprocess_cfg: dict[str,
     if vision.get("pool_type", "tok") != "tok":
         raise ConversionError(f"cannot import: vision_cfg.pool_type = {vision['pool_type']!r}; "
                               "only 'tok' (class token) pooling is supported")
-    if text.get("pool_type", "argmax") not in ("argmax", "last"):
+    # 'last' pools the context's last position, padding included: not end-of-text for shorter texts
+    if text.get("pool_type", "argmax") not in ("argmax", "eos"):
         raise ConversionError(f"cannot import: text_cfg.pool_type = {text['pool_type']!r}; clipforge pools "
-                              "at the end-of-text token ('argmax' or 'last' in OpenCLIP)")
+                              "at the end-of-text token ('argmax' with CLIP's tokenizer, or 'eos', in OpenCLIP)")
     if text.get("proj_type", "linear") != "linear":
         raise ConversionError(f"cannot import: text_cfg.proj_type = {text['proj_type']!r}; only 'linear' is supported")
     if vision.get("pos_embed_type", "learnable") != "learnable":
@@ -261,9 +261,20 @@ def import_openclip(
 
     model_cfg, preprocess_cfg = read_openclip_config(config)
     cfg = openclip_config_to_ours(model_cfg, preprocess_cfg)
-    tokenizer = ClipBPETokenizer.from_vocab_file(vocab_file, cfg.context_length)
-    if tokenizer.vocab_size != cfg.vocab_size:
-        raise ConversionError(f"the CLIP tokenizer has {tokenizer.vocab_size} tokens but text_cfg.vocab_size "
+    text_cfg = model_cfg.get("text_cfg", {})
+    if text_cfg.get("hf_tokenizer_name"):
+        tokenizer = _tokenizer_beside(Path(config), text_cfg, cfg.context_length)
+    else:
+        tokenizer = ClipBPETokenizer.from_vocab_file(vocab_file, cfg.context_length)
+    if text_cfg.get("pool_type") == "eos" and text_cfg.get("eos_id", 2) != tokenizer.eot_id:
+        raise ConversionError(f"cannot import: text_cfg.eos_id = {text_cfg.get('eos_id', 2)} is not the tokenizer's "
+                              f"end-of-text id {tokenizer.eot_id}; clipforge pools at end-of-text")
+    if text_cfg.get("pool_type", "argmax") == "argmax" and tokenizer.kind != "clip-bpe":
+        raise ConversionError("cannot import: text_cfg.pool_type = 'argmax' pools at the largest token id, which is "
+                              "end-of-text only for CLIP's tokenizer; this model has another one")
+    # CLIP's BPE fills the embedding table exactly; a clipforge BPE may have fewer tokens than rows
+    if tokenizer.vocab_size > cfg.vocab_size or (tokenizer.kind == "clip-bpe" and tokenizer.vocab_size != cfg.vocab_size):
+        raise ConversionError(f"the tokenizer has {tokenizer.vocab_size} tokens but text_cfg.vocab_size "
                               f"is {cfg.vocab_size}; this model was trained with another tokenizer")
     state = openclip_state_dict_to_ours(read_openclip_weights(weights))
     model = CLIP(cfg)
@@ -278,6 +289,23 @@ def import_openclip(
         )
     source = {"from": "openclip", "weights": str(weights), "config": str(config)}
     return write_model_checkpoint(out, model, tokenizer, ckpt.checkpoint_config(cfg, tokenizer, source=source))
+
+
+def _tokenizer_beside(config: Path, text_cfg: dict[str, Any], context_length: int):
+    """A clipforge BPE tokenizer saved as a Hugging Face tokenizer next to the config, as ``clipforge export
+    --to openclip`` writes it (OpenCLIP reads it from there with ``local-dir:``)."""
+    from clipforge.models.tokenizer import BPETokenizer
+
+    path = config.parent / "tokenizer.json"
+    if not path.is_file():
+        raise ConversionError(f"cannot import: text_cfg.hf_tokenizer_name = {text_cfg['hf_tokenizer_name']!r} names a "
+                              f"Hugging Face tokenizer; clipforge reads it from tokenizer.json beside the config (as "
+                              f"`clipforge export --to openclip` writes it), and there is none at {path}")
+    try:
+        return BPETokenizer.load(path, context_length)
+    except ValueError as e:
+        raise ConversionError(f"cannot import: {path} is not a clipforge BPE tokenizer ({e}); clipforge's text "
+                              "tower needs its own tokenizer or CLIP's") from None
 
 
 # ----------------------------------------------------------------------------- Hugging Face CLIPModel
