@@ -381,7 +381,7 @@ def test_our_bpe_model_goes_to_openclip_and_back(tiny_ckpt, tmp_path):
     the tokenizer is read from beside the config, where the export put it."""
     pytest.importorskip("transformers")
     out = export_openclip(tiny_ckpt, tmp_path / "oc")
-    back = import_openclip(out / "open_clip_model.safetensors", out / "open_clip_config.json", tmp_path / "back")
+    back = import_openclip(out, None, tmp_path / "back")  # the model directory, as open_clip's "local-dir:"
     ours, _, tokenizer = clipforge.load(tiny_ckpt)
     again, _, tokenizer_again = clipforge.load(back)
     assert tokenizer_again.kind == "bpe"
@@ -439,6 +439,10 @@ def test_cli_import_and_export_and_their_errors(openclip_files, tmp_path):
     result = runner.invoke(app, ["export", str(tmp_path / "ck"), "--to", "openclip", str(tmp_path / "oc")])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "oc" / "open_clip_model.safetensors").is_file()
+    result = runner.invoke(app, ["import", "openclip", str(tmp_path / "oc"), "--out", str(tmp_path / "ck2")])
+    assert result.exit_code == 0, result.output  # a model directory needs no --config
+    result = runner.invoke(app, ["import", "openclip", str(tmp_path / "ck"), "--out", str(tmp_path / "ck3")])
+    assert result.exit_code != 0 and "not an OpenCLIP model directory" in str(result.exception) + result.output
     result = runner.invoke(app, ["export", str(tmp_path / "ck"), "--to", "tflite", str(tmp_path / "x")])
     assert result.exit_code != 0 and "hf, onnx" in result.output
     result = runner.invoke(app, ["import", "timm", str(weights), "--config", str(config), "--out", str(tmp_path / "y")])

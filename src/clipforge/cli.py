@@ -542,8 +542,8 @@ def export(
 @app.command("import")
 def import_(
     source: str = typer.Argument(..., help="Where the weights come from: openclip | hf."),
-    weights: Path = typer.Argument(..., help="openclip: .safetensors or a torch state dict / checkpoint; hf: a transformers CLIPModel directory."),
-    config: Optional[Path] = typer.Option(None, "--config", help="openclip: the model's OpenCLIP JSON config (or Hub open_clip_config.json)."),
+    weights: Path = typer.Argument(..., help="openclip: .safetensors or a torch state dict / checkpoint, or a model directory (open_clip_config.json + weights); hf: a transformers CLIPModel directory."),
+    config: Optional[Path] = typer.Option(None, "--config", help="openclip: the model's OpenCLIP JSON config (or Hub open_clip_config.json); not needed for a model directory."),
     out: Path = typer.Option(..., "--out", help="Checkpoint directory to write (new or empty)."),
     vocab: Optional[Path] = typer.Option(None, "--vocab", help="CLIP BPE merges file [default: from installed open_clip_torch]."),
 ) -> None:
@@ -553,9 +553,9 @@ def import_(
     if source == "hf":
         console.print(f"imported to {import_hf(weights, out, vocab_file=vocab)}")
     elif source == "openclip":
-        if config is None:
-            raise typer.BadParameter("openclip weights need their JSON config: --config open_clip_config.json",
-                                     param_hint="--config")
+        if config is None and not weights.is_dir():
+            raise typer.BadParameter("openclip weights need their JSON config: --config open_clip_config.json "
+                                     "(or give the model directory that holds both)", param_hint="--config")
         console.print(f"imported to {import_openclip(weights, config, out, vocab_file=vocab)}")
     else:
         raise typer.BadParameter(f"unknown source {source!r}; supported: openclip, hf", param_hint="SOURCE")

@@ -252,13 +252,31 @@ def write_model_checkpoint(out: str | Path, model: torch.nn.Module, tokenizer, c
     return out
 
 
+# the weight files open_clip's "local-dir:" looks for, in its order of preference
+OPENCLIP_DIR_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors",
+                        "open_clip_pytorch_model.bin", "open_clip_pytorch_model.pth")
+
+
+def openclip_dir_files(directory: Path) -> tuple[Path, Path]:
+    """``(weights, config)`` of an OpenCLIP model directory (a Hub download, or ``clipforge export --to openclip``)."""
+    config = directory / "open_clip_config.json"
+    weights = next((directory / n for n in OPENCLIP_DIR_WEIGHTS if (directory / n).is_file()), None)
+    if not config.is_file() or weights is None:
+        raise FileNotFoundError(f"{directory} is not an OpenCLIP model directory: it needs open_clip_config.json and "
+                                f"one of {', '.join(OPENCLIP_DIR_WEIGHTS)} (or pass the weights file and --config)")
+    return weights, config
+
+
 def import_openclip(
-    weights: str | Path, config: str | Path, out: str | Path, vocab_file: str | Path | None = None
+    weights: str | Path, config: str | Path | None, out: str | Path, vocab_file: str | Path | None = None
 ) -> Path:
-    """Convert an OpenCLIP ViT CLIP (weights + JSON config) into a clipforge checkpoint directory."""
+    """Convert an OpenCLIP ViT CLIP (weights + JSON config, or a model directory holding both, with
+    ``config=None``) into a clipforge checkpoint directory."""
     from clipforge.models.clip import CLIP
     from clipforge.models.tokenizer import ClipBPETokenizer
 
+    if config is None:
+        weights, config = openclip_dir_files(Path(weights))
     model_cfg, preprocess_cfg = read_openclip_config(config)
     cfg = openclip_config_to_ours(model_cfg, preprocess_cfg)
     text_cfg = model_cfg.get("text_cfg", {})
