@@ -184,3 +184,31 @@ def test_checkpoint_loads_offline_resumes_bitwise_and_exports(tmp_path, monkeypa
     assert classifier.shape == (2, 16)
     with pytest.raises(ExportError, match="pretrained encoder.*Export to ONNX instead"):
         export(tmp_path / "a" / "checkpoints" / "latest", "hf", tmp_path / "hf")
+
+
+def test_lit_model_exports_to_openclip_with_the_same_embeddings(tmp_path, monkeypatch, tokenizer):
+    """A LiT checkpoint (locked MiniLM, mean pooling, linear projection) becomes an OpenCLIP CustomTextCLIP:
+    open_clip builds it offline from the directory alone (the encoder's config.json and tokenizer beside
+    the weights) and gives our token ids and embeddings; FLAME's MLP adapter is refused by name."""
+    open_clip = pytest.importorskip("open_clip")
+    import clipforge
+    from clipforge.export import ExportError, export
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    Trainer(lit_recipe("train.steps=1", "train.checkpoint_every_steps=1", "train.threads=1"), tmp_path / "a").fit()
+    out = export(tmp_path / "a", "openclip", tmp_path / "oc")
+    theirs, _, _ = open_clip.create_model_and_transforms(f"local-dir:{out}")
+    their_tokenizer = open_clip.get_tokenizer(f"local-dir:{out}")
+    ours, _, tok = clipforge.load(tmp_path / "a" / "checkpoints" / "latest")
+    ids, mask = tok(CAPTIONS)
+    assert torch.equal(their_tokenizer(CAPTIONS), ids)
+    images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (theirs.eval().encode_text(ids, normalize=True) - ours.encode_text(ids, mask)).abs().max() <= 1e-5
+        assert (theirs.encode_image(ours.normalize_images(images), normalize=True) - ours.encode_image(images)).abs().max() <= 1e-5
+
+    flame = load_recipe("flame-minilm-emoji", TINY + ["data.train=shapes", "train.steps=1", "train.checkpoint_every_steps=1",
+                                                      "train.threads=1", "method.cache=false"])
+    Trainer(flame, tmp_path / "f").fit()
+    with pytest.raises(ExportError, match="text_projection = 'mlp'.*--to onnx"):
+        export(tmp_path / "f", "openclip", tmp_path / "oc_f")

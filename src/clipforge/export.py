@@ -237,12 +237,17 @@ OPENCLIP_WEIGHTS_FILE = "open_clip_model.safetensors"
 
 
 def check_openclip_compatible(cfg) -> None:
-    """Refuse, by name, what open_clip.model.CLIP (ViT image tower, CLIP text transformer) cannot compute."""
-    if cfg.text_tower != "clip" or cfg.text_projection != "linear":
+    """Refuse, by name, what OpenCLIP's CLIP / CustomTextCLIP (ViT image tower; CLIP text transformer or a
+    Hugging Face encoder, mean-pooled, linear projection) cannot compute."""
+    if cfg.text_projection != "linear":
         raise ExportError(
-            f"cannot export to OpenCLIP: the text tower is a pretrained encoder (model.text_tower = {cfg.text_tower!r}, "
-            f"text_projection = {cfg.text_projection!r}); OpenCLIP's Hugging Face towers pool and project "
-            "differently. Export to ONNX instead (--to onnx)")
+            f"cannot export to OpenCLIP: model.text_projection = {cfg.text_projection!r} (FLAME's adapter: Linear, "
+            "GELU, Linear and a LayerNorm); OpenCLIP's 'mlp' projection has no LayerNorm and other widths. "
+            "Export to ONNX instead (--to onnx)")
+    if cfg.text_tower == "hf" and cfg.text_pooling != "mean":
+        raise ExportError(
+            f"cannot export to OpenCLIP: model.text_pooling = {cfg.text_pooling!r}; OpenCLIP's 'cls_pooler' reads "
+            "the encoder's pooler output (a dense layer + tanh), not the [CLS] token. Export to ONNX instead (--to onnx)")
     if cfg.vision_pool != "cls":
         raise ExportError(
             f"cannot export to OpenCLIP: model.vision_pool = {cfg.vision_pool!r}; OpenCLIP's ViT always has a class "
@@ -263,9 +268,13 @@ def openclip_model_config(cfg, tokenizer, tokenizer_dir: str) -> dict[str, Any]:
     vision = dict(image_size=cfg.image_size, patch_size=cfg.patch_size, width=cfg.vision_width,
                   layers=cfg.vision_layers, head_width=cfg.vision_width // cfg.vision_heads, mlp_ratio=cfg.mlp_ratio,
                   patch_dropout=cfg.patch_dropout)
-    text = dict(context_length=cfg.context_length, vocab_size=cfg.vocab_size, width=cfg.text_width,
-                heads=cfg.text_heads, layers=cfg.text_layers, mlp_ratio=cfg.mlp_ratio)
-    if tokenizer.kind != "clip-bpe":
+    if cfg.text_tower == "hf":  # the encoder's config.json is written beside the weights: OpenCLIP builds it from there
+        text = dict(hf_model_name=tokenizer_dir, hf_tokenizer_name=tokenizer_dir, hf_pooler_type="mean_pooler",
+                    hf_proj_type="linear", context_length=cfg.context_length)
+    else:
+        text = dict(context_length=cfg.context_length, vocab_size=cfg.vocab_size, width=cfg.text_width,
+                    heads=cfg.text_heads, layers=cfg.text_layers, mlp_ratio=cfg.mlp_ratio)
+    if cfg.text_tower == "clip" and tokenizer.kind != "clip-bpe":
         text.update(hf_tokenizer_name=tokenizer_dir, pool_type="eos", eos_id=tokenizer.eot_id, pad_id=tokenizer.pad_id)
     model_cfg = dict(embed_dim=cfg.embed_dim, quick_gelu=cfg.activation == "quick_gelu", vision_cfg=vision, text_cfg=text)
     if cfg.logit_bias_init is not None:
@@ -288,15 +297,21 @@ def export_openclip(ckpt_path: str | Path, out: str | Path) -> Path:
     model, _, tokenizer = load(ckpt_path)
     cfg = model.cfg
     check_openclip_compatible(cfg)
+    hf_text = cfg.text_tower == "hf"
     ours = model.state_dict()
-    theirs = ours_to_openclip_state_dict(ours)
-    back = openclip_state_dict_to_ours(theirs)  # the mapping `clipforge import openclip` reads, tested against open_clip
-    if back.keys() != ours.keys():
-        raise ExportError(f"internal: OpenCLIP key mapping is not one-to-one ({sorted(back.keys() ^ ours.keys())[:5]})")
+    theirs = ours_to_openclip_state_dict(ours, hf_text=hf_text)
+    if not hf_text:  # the mapping `clipforge import openclip` reads, tested against open_clip
+        back = openclip_state_dict_to_ours(theirs)
+        if back.keys() != ours.keys():
+            raise ExportError(f"internal: OpenCLIP key mapping is not one-to-one ({sorted(back.keys() ^ ours.keys())[:5]})")
     config = openclip_model_config(cfg, tokenizer, str(Path(out).resolve()))
     with _staged_output(Path(out)) as stage:
         save_file(theirs, str(stage / OPENCLIP_WEIGHTS_FILE))
         (stage / OPENCLIP_CONFIG_FILE).write_text(json.dumps(config, indent=2))
+        if hf_text:
+            from clipforge.models.hf_text import HF_CONFIG_FILE, tower_config
+
+            (stage / HF_CONFIG_FILE).write_text(json.dumps(tower_config(cfg.text_source), indent=2))
         if tokenizer.kind != "clip-bpe":
             _hf_tokenizer(tokenizer).save_pretrained(stage)
     return Path(out)

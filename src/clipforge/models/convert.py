@@ -79,15 +79,24 @@ def openclip_state_dict_to_ours(sd: dict[str, torch.Tensor]) -> dict[str, torch.
     return out
 
 
-def ours_to_openclip_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The inverse of ``openclip_state_dict_to_ours``: our weights under open_clip.model.CLIP's names."""
+def ours_to_openclip_state_dict(sd: dict[str, torch.Tensor], hf_text: bool = False) -> dict[str, torch.Tensor]:
+    """The inverse of ``openclip_state_dict_to_ours``: our weights under open_clip.model.CLIP's names.
+
+    ``hf_text``: the text tower is a Hugging Face encoder (``model.text_tower = "hf"``), which OpenCLIP's
+    CustomTextCLIP keeps as ``text.transformer`` with its linear projection ``text.proj`` (nn.Linear, as ours)."""
     prefixes = {v: k for k, v in OPENCLIP_PREFIXES.items()}
     inside_blocks = {v: k for k, v in OPENCLIP_BLOCK_KEYS.items()}
     projections = {v: k for k, v in OPENCLIP_PROJECTIONS.items()}
     out = {}
     for key, value in sd.items():
-        theirs = projections.get(key) or _renamed(key, prefixes, inside_blocks)
-        out[theirs] = (value.T if key in projections else value).detach().clone().contiguous()
+        if hf_text and key.startswith("text.hf."):
+            theirs = "text.transformer." + key[len("text.hf."):]
+        elif hf_text and key == "text_projection.weight":
+            theirs = "text.proj.weight"
+        else:
+            theirs = projections.get(key) or _renamed(key, prefixes, inside_blocks)
+            value = value.T if key in projections else value
+        out[theirs] = value.detach().clone().contiguous()
     return out
 
 

@@ -122,6 +122,16 @@ def tower_identity(source: dict[str, Any], pooling: str, context_length: int, ex
 
 
 # ----------------------------------------------------------------------------- the tower
+def tower_config(source: dict[str, Any]) -> dict[str, Any]:
+    """The encoder's config.json as the tower builds it: without dropout, since a frozen tower must be a
+    pure function of the caption (its features are cached)."""
+    config = dict(source["config"])
+    for key in ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout"):
+        if key in config:
+            config[key] = 0.0
+    return config
+
+
 class HFTextTower(nn.Module):
     """A BERT-family encoder (``transformers``) pooled to one feature per caption: N×L -> N×W."""
 
@@ -132,14 +142,10 @@ class HFTextTower(nn.Module):
         except ImportError:
             raise TextTowerError("model.text_tower = 'hf' needs the transformers package: pip install "
                                  "'clipforge[text]'") from None
-        config = dict(source["config"])
+        config = tower_config(source)
         model_type = config.pop("model_type", None)
         if model_type is None:
             raise TextTowerError("model.text_source.config has no model_type; is it a Hugging Face config.json?")
-        # no dropout: a frozen tower must be a pure function of the caption (its features are cached)
-        for key in ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout"):
-            if key in config:
-                config[key] = 0.0
         hf_config = AutoConfig.for_model(model_type, **config)
         try:
             self.hf = AutoModel.from_config(hf_config, add_pooling_layer=False)  # the pooler is never used
