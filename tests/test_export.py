@@ -417,13 +417,19 @@ def test_openclip_export_refuses_what_open_clip_cannot_compute(tmp_path, overrid
     assert not (tmp_path / "out").exists()
 
 
-def test_openclip_export_refuses_a_pretrained_text_tower():
+def test_openclip_export_refuses_cls_pooling_and_flame_s_adapter():
+    """(A LiT model, mean pooling and a linear projection, exports: tests/test_lit.py.)"""
     from clipforge.config import ModelConfig
     from clipforge.export import check_openclip_compatible
 
-    cfg = ModelConfig.model_construct(**{**ModelConfig().model_dump(), "text_tower": "hf"})
-    with pytest.raises(ExportError, match="text_tower = 'hf'.*--to onnx"):
-        check_openclip_compatible(cfg)
+    base = ModelConfig().model_dump()
+    cls = ModelConfig.model_construct(**{**base, "text_tower": "hf", "text_pooling": "cls"})
+    with pytest.raises(ExportError, match="text_pooling = 'cls'.*pooler output.*--to onnx"):
+        check_openclip_compatible(cls)
+    mlp = ModelConfig.model_construct(**{**base, "text_tower": "hf", "text_projection": "mlp"})
+    with pytest.raises(ExportError, match="text_projection = 'mlp'.*LayerNorm.*--to onnx"):
+        check_openclip_compatible(mlp)
+    check_openclip_compatible(ModelConfig.model_construct(**{**base, "text_tower": "hf"}))  # LiT: mean + linear
 
 
 # ----------------------------------------------------------------------------- CLI
