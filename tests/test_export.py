@@ -397,6 +397,21 @@ def test_our_bpe_model_goes_to_openclip_and_back(tiny_ckpt, tmp_path):
         import_openclip(out / "open_clip_model.safetensors", out / "open_clip_config.json", tmp_path / "none")
 
 
+def test_clip_benchmark_loads_an_openclip_export_as_an_open_clip_model(tiny_ckpt, tmp_path, monkeypatch):
+    """CLIP_benchmark's own open_clip loader (--model_type open_clip --model local-dir:DIR) takes the export."""
+    pytest.importorskip("transformers")
+    clip_benchmark_models = pytest.importorskip("clip_benchmark.models")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = export_openclip(tiny_ckpt, tmp_path / "oc")
+    model, transform, tok = clip_benchmark_models.load_clip("open_clip", f"local-dir:{out}", "", None, "cpu")
+    ours, preprocess, tokenizer = clipforge.load(tiny_ckpt)
+    ids, mask = tokenizer(TEXTS)
+    image = pil_images(1)[0]
+    with torch.no_grad():
+        assert (model.eval().encode_text(tok(TEXTS), normalize=True) - ours.encode_text(ids, mask)).abs().max() <= ATOL
+        assert (model.encode_image(transform(image)[None], normalize=True) - ours.encode_image(preprocess(image)[None])).abs().max() <= ATOL
+
+
 def test_openclip_export_keeps_a_siglip_logit_bias(tmp_path):
     pytest.importorskip("transformers")
     ckpt = make_tiny_checkpoint(tmp_path / "siglip", logit_bias_init=-10.0)
