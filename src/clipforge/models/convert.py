@@ -318,21 +318,29 @@ def import_openclip(
     return write_model_checkpoint(out, model, tokenizer, ckpt.checkpoint_config(cfg, tokenizer, source=source))
 
 
+def _clipforge_bpe(path: Path, context_length: int):
+    """The clipforge BPE tokenizer in ``path`` (a tokenizer.json that `clipforge export` wrote), or None when
+    there is no such file or it is another tokenizer (CLIP's own has no <sot>/<eot>/<pad>/<unk>)."""
+    from clipforge.models.tokenizer import BPETokenizer
+
+    if not path.is_file():
+        return None
+    try:
+        return BPETokenizer.load(path, context_length)
+    except ValueError:
+        return None
+
+
 def _tokenizer_beside(config: Path, text_cfg: dict[str, Any], context_length: int):
     """A clipforge BPE tokenizer saved as a Hugging Face tokenizer next to the config, as ``clipforge export
     --to openclip`` writes it (OpenCLIP reads it from there with ``local-dir:``)."""
-    from clipforge.models.tokenizer import BPETokenizer
-
     path = config.parent / "tokenizer.json"
-    if not path.is_file():
+    tokenizer = _clipforge_bpe(path, context_length)
+    if tokenizer is None:
         raise ConversionError(f"cannot import: text_cfg.hf_tokenizer_name = {text_cfg['hf_tokenizer_name']!r} names a "
-                              f"Hugging Face tokenizer; clipforge reads it from tokenizer.json beside the config (as "
-                              f"`clipforge export --to openclip` writes it), and there is none at {path}")
-    try:
-        return BPETokenizer.load(path, context_length)
-    except ValueError as e:
-        raise ConversionError(f"cannot import: {path} is not a clipforge BPE tokenizer ({e}); clipforge's text "
-                              "tower needs its own tokenizer or CLIP's") from None
+                              f"Hugging Face tokenizer; clipforge reads only its own BPE from tokenizer.json beside the "
+                              f"config (as `clipforge export --to openclip` writes it), and {path} is not one")
+    return tokenizer
 
 
 # ----------------------------------------------------------------------------- Hugging Face CLIPModel
@@ -432,7 +440,8 @@ def import_hf(directory: str | Path, out: str | Path, vocab_file: str | Path | N
     """Convert a ``transformers.CLIPModel`` directory (config.json + weights) into a clipforge checkpoint.
 
     The tokenizer is CLIP's BPE (ids as OpenAI's CLIP and HF's CLIPTokenizer), so only models with its
-    49,408-token vocabulary import; HF pools text at the end-of-text token, as ours does.
+    49,408-token vocabulary import, or, for a model `clipforge export --to hf` wrote, the clipforge BPE
+    in its tokenizer.json; HF pools text at the end-of-text token, as ours does.
     """
     from clipforge.models.clip import CLIP
     from clipforge.models.tokenizer import ClipBPETokenizer
@@ -444,14 +453,21 @@ def import_hf(directory: str | Path, out: str | Path, vocab_file: str | Path | N
     preprocessor_file = directory / "preprocessor_config.json"
     preprocessor = json.loads(preprocessor_file.read_text()) if preprocessor_file.is_file() else None
     cfg = hf_config_to_ours(config, preprocessor)
-    tokenizer = ClipBPETokenizer.from_vocab_file(vocab_file, cfg.context_length)
-    if tokenizer.vocab_size != cfg.vocab_size:
-        raise ConversionError(f"{directory} has a text vocabulary of {cfg.vocab_size}, not CLIP's "
-                              f"{tokenizer.vocab_size}; clipforge cannot rebuild its tokenizer")
     eos = config.get("text_config", {}).get("eos_token_id", 2)
-    if eos not in (2, tokenizer.eot_id):  # 2: legacy configs pool at argmax(ids), which is CLIP's EOT
-        raise ConversionError(f"{directory}: text_config.eos_token_id = {eos}, not CLIP's end-of-text "
-                              f"{tokenizer.eot_id}; the text tower would pool elsewhere")
+    tokenizer = _clipforge_bpe(directory / "tokenizer.json", cfg.context_length)
+    if tokenizer is not None:  # our own export: HF pools at its first eos_token_id, our end-of-text
+        if eos != tokenizer.eot_id or tokenizer.vocab_size > cfg.vocab_size:
+            raise ConversionError(f"{directory}: its clipforge tokenizer (end-of-text {tokenizer.eot_id}, "
+                                  f"{tokenizer.vocab_size} tokens) does not fit text_config (eos_token_id {eos}, "
+                                  f"vocab_size {cfg.vocab_size})")
+    else:
+        tokenizer = ClipBPETokenizer.from_vocab_file(vocab_file, cfg.context_length)
+        if tokenizer.vocab_size != cfg.vocab_size:
+            raise ConversionError(f"{directory} has a text vocabulary of {cfg.vocab_size}, not CLIP's "
+                                  f"{tokenizer.vocab_size}; clipforge cannot rebuild its tokenizer")
+        if eos not in (2, tokenizer.eot_id):  # 2: legacy configs pool at argmax(ids), which is CLIP's EOT
+            raise ConversionError(f"{directory}: text_config.eos_token_id = {eos}, not CLIP's end-of-text "
+                                  f"{tokenizer.eot_id}; the text tower would pool elsewhere")
     state = _read_hf_weights(directory)
     try:
         ours = hf_state_dict_to_ours(state, cfg)
