@@ -9,11 +9,11 @@ with the mean over the seeds found.
 
 from __future__ import annotations
 
-import json
-import re
 import sys
 from pathlib import Path
 from statistics import mean
+
+from eval_results import read_eval_results  # bench/, beside this script
 
 ARMS = ("clip", "filip")
 SIMILARITIES = ("pooled", "late-interaction")
@@ -23,12 +23,7 @@ BINDING = ("binding_acc", "binding_acc_attribute_swap", "binding_acc_shape_swap"
 
 def read(runs: Path) -> dict[tuple[str, int, str], dict]:
     """{(arm, seed, what): metrics} with what = "zs_<split>_<similarity>" or "binding_<similarity>"."""
-    found = {}
-    for path in runs.glob("*.json"):
-        m = re.fullmatch(r"(\w+)-s(\d+)_(.+)\.json", path.name)
-        if m and m[1] in ARMS:
-            found[(m[1], int(m[2]), m[3])] = json.loads(path.read_text())["metrics"]
-    return found
+    return read_eval_results(runs, ARMS)
 
 
 def row(cells) -> str:

@@ -8,11 +8,11 @@ prints R@1 / R@5 / R@10 (%) on the held-out and the training concepts, with the 
 
 from __future__ import annotations
 
-import json
-import re
 import sys
 from pathlib import Path
 from statistics import mean
+
+from eval_results import read_eval_results  # bench/, beside this script
 
 ARMS = ("lit", "scratch", "flame", "lit-sigmoid")
 SPLITS = ("heldout", "seen")
@@ -21,12 +21,7 @@ KS = (1, 5, 10)
 
 def read(runs: Path) -> dict[tuple[str, int, str], dict]:
     """{(arm, seed, split): metrics}."""
-    found = {}
-    for path in runs.glob("*.json"):
-        m = re.fullmatch(r"(.+)-s(\d+)_(heldout|seen)\.json", path.name)
-        if m and m[1] in ARMS:
-            found[(m[1], int(m[2]), m[3])] = json.loads(path.read_text())["metrics"]
-    return found
+    return read_eval_results(runs, ARMS, "heldout|seen")
 
 
 def recalls(metrics: dict) -> list[float]:
