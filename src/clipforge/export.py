@@ -258,24 +258,26 @@ def check_openclip_compatible(cfg) -> None:
             "does not have. Export to ONNX (--to onnx) for the dense embeddings")
 
 
-def openclip_model_config(cfg, tokenizer, tokenizer_dir: str) -> dict[str, Any]:
-    """``{"model_cfg": ..., "preprocess_cfg": ...}`` as in a Hub ``open_clip_config.json``.
+def openclip_model_config(cfg, tokenizer, out_dir: str) -> dict[str, Any]:
+    """``{"model_cfg": ..., "preprocess_cfg": ...}`` as in a Hub ``open_clip_config.json``; ``out_dir`` is
+    where the export lands.
 
     CLIP's own BPE (kind clip-bpe) is OpenCLIP's default tokenizer, pooled at argmax (end-of-text is the
     largest id). Any other tokenizer is written beside the weights as a Hugging Face tokenizer
     (``hf_tokenizer_name``; with ``local-dir:`` OpenCLIP reads it from that directory) and the text tower
-    pools at its end-of-text id (``pool_type = "eos"``), as ours does."""
+    pools at its end-of-text id (``pool_type = "eos"``), as ours does. A pretrained (``hf``) text tower
+    becomes OpenCLIP's HFTextEncoder, built from the encoder's config.json in ``out_dir``."""
     vision = dict(image_size=cfg.image_size, patch_size=cfg.patch_size, width=cfg.vision_width,
                   layers=cfg.vision_layers, head_width=cfg.vision_width // cfg.vision_heads, mlp_ratio=cfg.mlp_ratio,
                   patch_dropout=cfg.patch_dropout)
     if cfg.text_tower == "hf":  # the encoder's config.json is written beside the weights: OpenCLIP builds it from there
-        text = dict(hf_model_name=tokenizer_dir, hf_tokenizer_name=tokenizer_dir, hf_pooler_type="mean_pooler",
+        text = dict(hf_model_name=out_dir, hf_tokenizer_name=out_dir, hf_pooler_type="mean_pooler",
                     hf_proj_type="linear", context_length=cfg.context_length)
     else:
         text = dict(context_length=cfg.context_length, vocab_size=cfg.vocab_size, width=cfg.text_width,
                     heads=cfg.text_heads, layers=cfg.text_layers, mlp_ratio=cfg.mlp_ratio)
     if cfg.text_tower == "clip" and tokenizer.kind != "clip-bpe":
-        text.update(hf_tokenizer_name=tokenizer_dir, pool_type="eos", eos_id=tokenizer.eot_id, pad_id=tokenizer.pad_id)
+        text.update(hf_tokenizer_name=out_dir, pool_type="eos", eos_id=tokenizer.eot_id, pad_id=tokenizer.pad_id)
     model_cfg = dict(embed_dim=cfg.embed_dim, quick_gelu=cfg.activation == "quick_gelu", vision_cfg=vision, text_cfg=text)
     if cfg.logit_bias_init is not None:
         model_cfg["init_logit_bias"] = cfg.logit_bias_init  # makes the logit_bias parameter; its value is in the weights
