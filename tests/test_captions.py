@@ -171,6 +171,39 @@ def test_sub_captions_are_always_k_without_replacement_when_possible():
     assert len(texts) == 3
 
 
+def test_merged_sub_captions_are_windows_of_consecutive_sentences():
+    """DreamLIP's merged_num: m consecutive sentences joined by ". ", every window drawable; m = 1 draws
+    exactly what it drew before (the same rng calls)."""
+    long = "One. Two. Three. Four. Five."
+    windows = {"One. Two", "Two. Three", "Three. Four", "Four. Five"}
+    seen = set()
+    for seed in range(40):
+        texts, kinds = C.sub_caption_texts(["raw", long], 3, True, random.Random(seed), merge=2)
+        assert texts[0] == "raw" and len(set(texts[1:])) == 3 and set(texts[1:]) <= windows
+        seen |= set(texts[1:])
+    assert seen == windows
+    texts, _ = C.sub_caption_texts(["raw", "A. B."], 2, False, random.Random(0), merge=3)  # fewer than m sentences
+    assert texts == ["A. B", "A. B"]
+    for seed in range(5):
+        assert C.sub_caption_texts(["raw", long], 2, True, random.Random(seed), merge=1) == \
+            C.sub_caption_texts(["raw", long], 2, True, random.Random(seed))
+
+
+def test_the_shapes_loader_and_a_table_merge_sentences(tmp_path):
+    from clipforge.data.pipeline import build_source_train_loader
+
+    cfg = DataConfig(batch_size=4, num_workers=0, sub_captions=2, sub_caption_merge=2,
+                     shapes={"captions": "raw+long"})
+    batch = next(iter(build_train_loader(cfg, 16, FakeTokenizer())))
+    subs = [t for t, k in zip(batch["captions"], batch["caption_kind"].tolist()) if k == C.SUB_CAPTION]
+    assert len(subs) == 8 and all(". " in t for t in subs)
+    table = _long_caption_table(tmp_path)
+    cfg = DataConfig(train=f"jsonl:{table}", batch_size=4, num_workers=0, sub_captions=2, sub_caption_merge=2)
+    batch = next(iter(build_source_train_loader(cfg, 16, FakeTokenizer())))
+    i = batch["indices"][0].item()
+    assert set(batch["captions"][1:3]) <= {f"Image {i} is grey. Its shade is {i * 10}", f"Its shade is {i * 10}. It has no object"}
+
+
 def test_truncation_warning_names_the_context_length(monkeypatch):
     monkeypatch.setitem(C._truncation_checks, "left", 5)
     with pytest.warns(UserWarning, match=r"1 of 2 captions .* \(8 tokens\) and were cut.*model.context_length"):

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from clipforge.objectives.contrastive import clip_logits, clip_loss, multi_positive_clip_loss
-from clipforge.objectives.dreamlip import DreamlipGrouping, grouped_features, grouping_weights
+from clipforge.objectives.dreamlip import DreamlipGrouping, SubCaptionClip, grouped_features, grouping_weights
 
 from test_distributed import WORLD
 
@@ -126,6 +126,22 @@ def test_grouping_weights_are_a_distribution_over_patches_and_guard_constant_row
     assert torch.allclose(grouping_weights(sim, 1.0)[0], F.one_hot(sim[0].argmax(), 7).float())
 
 
+def test_softmax_grouping_weights_follow_their_definition():
+    """normalize = "softmax" (the released code's option): softmax over the patches, threshold, renormalise."""
+    sim = torch.randn(4, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    for threshold in (0.0, 0.2, -1.0):
+        delta = 1 / 6 if threshold < 0 else threshold
+        p = sim.softmax(dim=1)
+        p = torch.where(p >= delta, p, torch.zeros_like(p))
+        total = p.sum(1, keepdim=True)
+        want = torch.where(total > 0, p / total.clamp_min(1e-300), torch.full_like(p, 1 / 6))  # emptied rows: uniform
+        got = grouping_weights(sim, threshold, "softmax")
+        assert torch.allclose(got, want, rtol=1e-12) and torch.allclose(got.sum(1), torch.ones(4, dtype=torch.float64))
+    assert not torch.allclose(grouping_weights(sim, 0.0, "softmax"), grouping_weights(sim, 0.0))  # the option matters
+    with pytest.raises(ValueError, match="normalize must be 'minmax' or 'softmax'"):
+        DreamlipGrouping(normalize="max")
+
+
 def test_groups_pool_only_the_own_images_patches():
     texts, patches, batch = grouping_batch()
     rows = (batch["caption_kind"] == SUB).nonzero().squeeze(1)
@@ -144,9 +160,36 @@ def test_grouping_without_sub_captions_is_a_clear_error():
         DreamlipGrouping()({"text_embeds": texts, "image_token_embeds": patches}, {})
 
 
+# ----------------------------------------------------------------------------- per-sub-caption CLIP
+def test_sub_caption_clip_is_the_mean_of_one_clip_loss_per_slot():
+    """For each slot k: CLIP's loss between the images and every image's k-th sub-caption (by a plain loop
+    over the rows); the mean over slots; with include_raw the raw caption's slot joins the mean."""
+    images = unit(3, 8, seed=11).requires_grad_()
+    texts, _, batch = grouping_batch()  # 3 images x (raw + 2 sub-captions), sample-major
+    t = torch.tensor(6.0, dtype=torch.float64)
+    outputs = {"image_embeds": images, "text_embeds": texts, "logit_scale": t}
+
+    def slot_loss(j):
+        rows = [i * 3 + j for i in range(3)]
+        return clip_loss(images, texts[rows], t)
+
+    loss, metrics = SubCaptionClip()(outputs, batch)
+    assert torch.allclose(loss, (slot_loss(1) + slot_loss(2)) / 2, rtol=1e-12) and metrics["slots"] == 2
+    grad = torch.autograd.grad(loss, texts)[0]
+    assert grad[batch["caption_kind"] == 0].abs().max() == 0 and grad[batch["caption_kind"] == SUB].abs().max() > 0
+    with_raw, _ = SubCaptionClip(include_raw=True)(outputs, batch)
+    assert torch.allclose(with_raw, (slot_loss(0) + slot_loss(1) + slot_loss(2)) / 3, rtol=1e-12)
+    with pytest.raises(ValueError, match="needs sub-captions: set data.sub_captions"):
+        SubCaptionClip()(outputs, {})
+    shuffled = {**batch, "text_owner": batch["text_owner"].flip(0)}
+    with pytest.raises(ValueError, match="not per-image slots"):
+        SubCaptionClip()(outputs, shuffled)
+
+
 # ----------------------------------------------------------------------------- 2 processes == 1 process
 B, K = 3, 2
-TERMS = [{"name": "clip"}, {"name": "dreamlip_grouping", "weight": 0.7, "threshold": 0.2}]
+TERMS = [{"name": "clip"}, {"name": "dreamlip_grouping", "weight": 0.7, "threshold": 0.2},
+         {"name": "sub_caption_clip", "weight": 0.5}]
 
 
 def build():

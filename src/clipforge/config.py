@@ -359,6 +359,8 @@ class DataConfig(Section):
     # its first entry, or the only caption), next to the raw caption (the first) when sub_caption_raw
     sub_captions: int = Field(0, ge=0)
     sub_caption_raw: bool = True
+    # DreamLIP's merged_num: each sub-caption is m consecutive sentences joined by ". " (1: one sentence)
+    sub_caption_merge: int = Field(1, ge=1)
     # SLIP: V extra views per image for the self-supervised branch (batch["views"], uint8 N x V x 3 x S x S),
     # random-resized crops of area ssl_view_scale with SimCLR's colour / blur policy (clipforge.data.views)
     ssl_views: int = Field(0, ge=0, le=8)

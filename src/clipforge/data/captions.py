@@ -174,18 +174,22 @@ def split_sentences(text: str) -> list[str]:
 
 
 def sub_caption_texts(captions: Sequence[str], count: int, keep_raw: bool,
-                      rng: random.Random) -> tuple[list[str], list[int]]:
-    """DreamLIP's texts of one sample: [raw] + ``count`` sentences, and their kinds.
+                      rng: random.Random, merge: int = 1) -> tuple[list[str], list[int]]:
+    """DreamLIP's texts of one sample: [raw] + ``count`` sub-captions, and their kinds.
 
-    ``captions[0]`` is the raw caption; the sentences come from ``captions[1:]`` (the long captions),
-    or from ``captions[0]`` itself when it is the only one. Drawn without replacement when there
-    are at least ``count`` sentences, else with replacement; always exactly ``count``.
+    ``captions[0]`` is the raw caption; the sentences come from ``captions[1:]`` (the long captions, in
+    order), or from ``captions[0]`` itself when it is the only one. A sub-caption is one sentence, or
+    with ``merge`` = m > 1 (DreamLIP's merged_num) m consecutive sentences joined by ". " (every window
+    of m; all the sentences when there are fewer). Drawn without replacement when there are at least
+    ``count`` of them, else with replacement; always exactly ``count``.
     """
     if not captions:
         raise ValueError("a sample without captions has no sub-captions")
     pool = [s for c in (captions[1:] or captions[:1]) for s in split_sentences(c)]
     if not pool:  # nothing but separators: the caption itself is the only sentence there is
         pool = [captions[-1].strip() or captions[0]]
+    if merge > 1:
+        pool = [". ".join(pool[i : i + merge]) for i in range(max(1, len(pool) - merge + 1))]
     if len(pool) >= count:
         chosen = rng.sample(pool, count)
     else:
@@ -213,7 +217,8 @@ def tokenize_checked(tokenizer, captions: list[str]):
 
 
 # ----------------------------------------------------------------------------- shapes batches
-def make_caption_batch(dataset, indices: list[int], tokenizer, sub_captions: int = 0, keep_raw: bool = True) -> dict:
+def make_caption_batch(dataset, indices: list[int], tokenizer, sub_captions: int = 0, keep_raw: bool = True,
+                       merge: int = 1) -> dict:
     """A shapes batch with ``dataset.cfg.captions`` lists (sub-captions drawn when ``sub_captions`` > 0):
     rows sample-major with ``text_owner`` when an image has several, ``caption_kind`` and ``noise``."""
     import torch
@@ -223,8 +228,8 @@ def make_caption_batch(dataset, indices: list[int], tokenizer, sub_captions: int
     lists, kinds, noise = shapes_caption_lists(facts, indices, dataset.seed, dataset.split, cfg.captions,
                                                cfg.raw_caption_noise, frozenset(held_out_pairs(cfg)))
     if sub_captions:
-        drawn = [sub_caption_texts(texts, sub_captions, keep_raw, random.Random(_sub_caption_seed(dataset.seed, i)))
-                 for texts, i in zip(lists, indices)]
+        drawn = [sub_caption_texts(texts, sub_captions, keep_raw, random.Random(_sub_caption_seed(dataset.seed, i)),
+                                   merge) for texts, i in zip(lists, indices)]
         lists, kinds = [d[0] for d in drawn], [d[1] for d in drawn]
     per_sample = len(lists[0])
     captions = [c for texts in lists for c in texts]

@@ -131,10 +131,11 @@ class _BatchDataset(Dataset):
     """Item k is the whole k-th batch of the stream (rendered and tokenized in the worker)."""
 
     def __init__(self, dataset: ShapesDataset, tokenizer, batch_size: int, start_sample: int,
-                 rank: int = 0, world_size: int = 1, kept=None, caption_plan: tuple[int, bool] | None = None,
+                 rank: int = 0, world_size: int = 1, kept=None, caption_plan: tuple[int, bool, int] | None = None,
                  augmenter=None, seed: int = 0):
         self.augmenter, self.seed = augmenter, seed  # clipforge.data.views: strong policy, SSL views, EDA
-        self.caption_plan = caption_plan  # (data.sub_captions, data.sub_caption_raw), or None for plain captions
+        # (data.sub_captions, data.sub_caption_raw, data.sub_caption_merge), or None for plain captions
+        self.caption_plan = caption_plan
         self.dataset = dataset
         self.kept = kept  # data.keep: position p renders index kept[p % len(kept)] (clipforge.data.keep)
         self.tokenizer = tokenizer
@@ -208,6 +209,7 @@ def build_train_loader(
         return build_source_train_loader(data_cfg, image_size, tokenizer, start_sample, rank=rank,
                                          world_size=world_size, state=data_state, pin_memory=pin_memory,
                                          prefetch_batches=prefetch_batches)
+    from clipforge.data.pipeline import sub_caption_plan
     from clipforge.data.views import SampleAugmenter
 
     kept = None
@@ -219,7 +221,7 @@ def build_train_loader(
     plain = shapes.captions == "raw" and shapes.raw_caption_noise == 0 and data_cfg.sub_captions == 0
     batches = _BatchDataset(build_train_dataset(data_cfg, image_size), tokenizer, data_cfg.batch_size,
                             start_sample, rank, world_size, kept,
-                            None if plain else (data_cfg.sub_captions, data_cfg.sub_caption_raw),
+                            None if plain else sub_caption_plan(data_cfg),
                             SampleAugmenter.from_config(data_cfg, image_size), data_cfg.seed)
     workers = data_cfg.num_workers
     loader = DataLoader(

@@ -620,7 +620,12 @@ def is_valid_utf8(text: str) -> bool:
     return True
 
 
-def sub_caption_list(value, rng: random.Random, count: int, keep_raw: bool) -> list[str] | tuple[str]:
+def sub_caption_plan(cfg) -> tuple[int, bool, int]:
+    """What ``sub_caption_texts`` needs from the data config: (K, keep the raw caption, sentences merged)."""
+    return cfg.sub_captions, cfg.sub_caption_raw, cfg.sub_caption_merge
+
+
+def sub_caption_list(value, rng: random.Random, count: int, keep_raw: bool, merge: int = 1) -> list[str] | tuple[str]:
     """DreamLIP's texts of a sample (``data.sub_captions``): its raw caption (the first of a list) and
     ``count`` sentences of its long captions (the rest of the list, or the only caption); see
     ``clipforge.data.captions.sub_caption_texts``. Or a 1-tuple with the skip reason."""
@@ -639,7 +644,7 @@ def sub_caption_list(value, rng: random.Random, count: int, keep_raw: bool) -> l
     if not texts:
         first = _caption_text(values[0] if values else None, None)
         return first if isinstance(first, tuple) else ("missing_caption",)
-    return sub_caption_texts(texts, count, keep_raw, rng)[0]
+    return sub_caption_texts(texts, count, keep_raw, rng, merge)[0]
 
 
 def caption_texts(value, rng: random.Random | None, count: int) -> list[str] | tuple[str]:
@@ -681,9 +686,9 @@ def _image_bytes(image) -> bytes | tuple[str]:
 
 
 def decode_raw(raw: RawSample, image_size: int, augment, rng: random.Random | None, captions_per_sample: int = 1,
-               sub_captions: tuple[int, bool] | None = None):
+               sub_captions: tuple[int, bool, int] | None = None):
     """RawSample -> (uint8 3xHxW tensor, list of ``captions_per_sample`` captions, label), or the skip reason.
-    ``sub_captions`` = (K, keep raw): DreamLIP's raw caption + K sentences instead."""
+    ``sub_captions`` = (K, keep raw, merge): DreamLIP's raw caption + K sub-captions instead."""
     if raw.reason:
         return raw.reason
     # captions are drawn before the crop, from the same per-sample RNG: exact on resume
@@ -710,7 +715,7 @@ def decode_raw(raw: RawSample, image_size: int, augment, rng: random.Random | No
 
 
 def decode_augmented(raw: RawSample, image_size: int, augment, rng: random.Random, captions_per_sample: int,
-                     sub_captions: tuple[int, bool] | None, augmenter):
+                     sub_captions: tuple[int, bool, int] | None, augmenter):
     """``decode_raw`` for training, then ``augmenter`` (``clipforge.data.views``; may be None): EDA on the
     captions, the strong policy on the image, the SSL views -> (pixels, captions, label, views or None)."""
     out = decode_raw(raw, image_size, augment, rng, captions_per_sample, sub_captions)
@@ -792,7 +797,7 @@ class SlotBatches(IterableDataset):
                 read_this_epoch += 1
                 out = decode_augmented(raw, self.image_size, cfg.augment, sample_rng(cfg.seed, epoch, slot, pos),
                                        cfg.captions_per_sample,
-                                       (cfg.sub_captions, cfg.sub_caption_raw) if cfg.sub_captions else None,
+                                       sub_caption_plan(cfg) if cfg.sub_captions else None,
                                        self.augmenter)
                 if isinstance(out, str):
                     cursor["skipped"][out] = cursor["skipped"].get(out, 0) + 1

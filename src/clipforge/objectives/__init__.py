@@ -1,7 +1,7 @@
 """Training objectives: weighted sums of loss terms built from the recipe's ``[objective]`` section.
 
 Importing this package registers the shipped terms (``clip``, ``siglip``, ``filip``, ``affinity_distill``,
-``lexical``, ``flops``, ``dreamlip_grouping``, ``alip``).
+``lexical``, ``flops``, ``dreamlip_grouping``, ``sub_caption_clip``, ``alip``).
 """
 
 from clipforge.objectives.alip import AlipLoss, alip_gates
@@ -23,7 +23,7 @@ from clipforge.objectives.contrastive import (
     symmetric_cross_entropy,
 )
 from clipforge.objectives.distill import AffinityDistill, affinity_distill_loss
-from clipforge.objectives.dreamlip import DreamlipGrouping, grouped_features, grouping_weights
+from clipforge.objectives.dreamlip import DreamlipGrouping, SubCaptionClip, grouped_features, grouping_weights
 from clipforge.objectives.filip import FilipLoss, late_interaction_scores
 from clipforge.objectives.lexical import FlopsRegulariser, LexicalContrastive, flops, quadratic_warmup
 from clipforge.objectives.sigmoid import (
@@ -40,6 +40,7 @@ __all__ = [
     "AlipLoss",
     "alip_gates",
     "DreamlipGrouping",
+    "SubCaptionClip",
     "grouped_features",
     "grouping_weights",
     "affinity_distill_loss",

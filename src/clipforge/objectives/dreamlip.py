@@ -24,7 +24,7 @@ columns, as the CLIP loss (every rank holds the same number of sub-captions, B_l
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -34,21 +34,25 @@ from torch import Tensor, nn
 from clipforge.objectives.base import Metrics, Term, TermConfig, register_term, require_output, upcast_low_precision
 from clipforge.objectives.contrastive import symmetric_cross_entropy
 
-SUB_CAPTION = 2  # clipforge.data.captions.SUB_CAPTION (objectives do not import the data layer)
+RAW, SUB_CAPTION = 0, 2  # clipforge.data.captions' kinds (objectives do not import the data layer)
 EPS = 1e-6
 
 
-def grouping_weights(similarity: Tensor, threshold: float = 0.0) -> Tensor:
+def grouping_weights(similarity: Tensor, threshold: float = 0.0, normalize: str = "minmax") -> Tensor:
     """(K, M) sub-caption-to-patch similarities -> (K, M) weights >= 0 summing to 1 over patches.
 
-    Min-max normalised per row; entries below ``threshold`` (< 0 means 1/M) set to 0; renormalised.
-    A constant row, or one the threshold empties, gets uniform weights.
+    Min-max normalised per row (or a softmax over the row, the released code's other option); entries
+    below ``threshold`` (< 0 means 1/M) set to 0; renormalised. A constant row, or one the threshold
+    empties, gets uniform weights.
     """
     m = similarity.shape[1]
     delta = 1.0 / m if threshold < 0 else threshold
     low = similarity.amin(dim=1, keepdim=True)
     spread = similarity.amax(dim=1, keepdim=True) - low
-    scaled = (similarity - low) / spread.clamp_min(EPS)
+    if normalize == "softmax":
+        scaled = similarity.softmax(dim=1)
+    else:
+        scaled = (similarity - low) / spread.clamp_min(EPS)
     scaled = scaled * (scaled >= delta)
     total = scaled.sum(dim=1, keepdim=True)
     degenerate = (spread <= EPS) | (total <= EPS)
@@ -56,10 +60,11 @@ def grouping_weights(similarity: Tensor, threshold: float = 0.0) -> Tensor:
     return torch.where(degenerate, uniform, scaled / total.clamp_min(EPS))
 
 
-def grouped_features(sub_embeds: Tensor, patch_embeds: Tensor, threshold: float = 0.0) -> tuple[Tensor, Tensor]:
+def grouped_features(sub_embeds: Tensor, patch_embeds: Tensor, threshold: float = 0.0,
+                     normalize: str = "minmax") -> tuple[Tensor, Tensor]:
     """(K, D) sub-caption embeddings, (K, M, D) the patches of each one's image -> (K, D) groups, (K, M) weights."""
     similarity = upcast_low_precision(torch.einsum("kd,kmd->km", sub_embeds, patch_embeds))
-    weights = grouping_weights(similarity, threshold)
+    weights = grouping_weights(similarity, threshold, normalize)
     groups = torch.einsum("km,kmd->kd", weights.to(patch_embeds.dtype), patch_embeds)
     return F.normalize(groups, dim=-1), weights
 
@@ -72,7 +77,8 @@ def grouping_loss(sub_embeds: Tensor, groups: Tensor, scale: Tensor) -> Tensor:
 
 class GroupingConfig(TermConfig):
     name: str = "dreamlip_grouping"
-    threshold: float = Field(0.0, le=1.0)  # delta: min-max weights below it are dropped (< 0: 1/M)
+    threshold: float = Field(0.0, le=1.0)  # delta: normalised weights below it are dropped (< 0: 1/M)
+    normalize: Literal["minmax", "softmax"] = "minmax"  # how similarities become weights over the patches
     logit_scale_init: float = Field(math.log(1 / 0.07), ge=0.0)  # its own temperature, learnable
     logit_scale_max: float = Field(100.0, ge=1.0)
 
@@ -86,12 +92,15 @@ class DreamlipGrouping(Term):
     needs = frozenset({"image_token_embeds"})
     scope = "gathered"
 
-    def __init__(self, weight: float = 1.0, threshold: float = 0.0, logit_scale_init: float = math.log(1 / 0.07),
-                 logit_scale_max: float = 100.0):
+    def __init__(self, weight: float = 1.0, threshold: float = 0.0, normalize: str = "minmax",
+                 logit_scale_init: float = math.log(1 / 0.07), logit_scale_max: float = 100.0):
         super().__init__(weight)
         if threshold > 1:
-            raise ValueError(f"dreamlip_grouping threshold must be <= 1 (min-max weights are in [0, 1]), got {threshold}")
+            raise ValueError(f"dreamlip_grouping threshold must be <= 1 (normalised weights are in [0, 1]), got {threshold}")
+        if normalize not in ("minmax", "softmax"):
+            raise ValueError(f"dreamlip_grouping normalize must be 'minmax' or 'softmax', got {normalize!r}")
         self.threshold = float(threshold)
+        self.normalize = normalize
         self.logit_scale_max = float(logit_scale_max)
         self.log_scale = nn.Parameter(torch.tensor(float(logit_scale_init)))
 
@@ -108,7 +117,7 @@ class DreamlipGrouping(Term):
         if rows.numel() == 0:
             raise ValueError("objective term 'dreamlip_grouping': the batch has no sub-caption rows (caption_kind)")
         sub = texts[rows]
-        groups, weights = grouped_features(sub, patches[owner[rows]], self.threshold)
+        groups, weights = grouped_features(sub, patches[owner[rows]], self.threshold, self.normalize)
         # the clamp bounds the scale without cutting its gradient inside the range (as CLIP's t)
         scale = self.log_scale.clamp(0, math.log(self.logit_scale_max)).exp()
         if active_world_size() > 1:
@@ -128,4 +137,57 @@ class DreamlipGrouping(Term):
         return loss, {"logit_scale": scale.detach(), "group_peakedness": float(1 - entropy)}
 
     def extra_repr(self) -> str:
-        return f"weight={self.weight}, threshold={self.threshold}"
+        return f"weight={self.weight}, threshold={self.threshold}, normalize={self.normalize}"
+
+
+class SubCaptionClipConfig(TermConfig):
+    name: str = "sub_caption_clip"
+    include_raw: bool = False  # the raw caption's slot in the mean too (the released code's declip form)
+
+
+@register_term
+class SubCaptionClip(Term):
+    """DreamLIP's per-sub-caption InfoNCE (the released code's ``declip`` flag): for each sub-caption
+    slot k, CLIP's loss between the B images and their k-th sub-captions (each image's k-th text is its
+    one positive, the other images' k-th texts its negatives); the mean over the K slots. Gathered
+    across ranks as the clip term. Sits beside the multi-positive ``clip`` term, which scores every
+    image against all B(1+K) texts at once."""
+
+    name = "sub_caption_clip"
+    Config = SubCaptionClipConfig
+    scope = "gathered"
+
+    def __init__(self, weight: float = 1.0, include_raw: bool = False):
+        super().__init__(weight)
+        self.include_raw = bool(include_raw)
+
+    def forward(self, outputs: dict[str, Tensor], batch: dict[str, Any]) -> tuple[Tensor, Metrics]:
+        from clipforge.objectives.contrastive import clip_loss
+        from clipforge.objectives.distributed import active_world_size, distributed_clip_loss
+
+        logit_scale = require_output(outputs, "logit_scale", self.name)
+        images, texts = outputs["image_embeds"], outputs["text_embeds"]
+        kinds, owner = batch.get("caption_kind"), batch.get("text_owner")
+        if kinds is None or owner is None:
+            raise ValueError("objective term 'sub_caption_clip' needs sub-captions: set data.sub_captions = K "
+                             "(long captions split into sentences, K drawn per image per step)")
+        per = texts.shape[0] // images.shape[0]
+        # the loaders write an image's 1+K texts as consecutive rows: slot j of image i is row i * per + j
+        if per * images.shape[0] != texts.shape[0] or not torch.equal(
+                owner, torch.arange(images.shape[0], device=owner.device).repeat_interleave(per)):
+            raise ValueError("objective term 'sub_caption_clip': the batch's texts are not per-image slots "
+                             "(text_owner must be each image's 1+K rows in turn, as data.sub_captions writes them)")
+        wanted = (SUB_CAPTION, RAW) if self.include_raw else (SUB_CAPTION,)
+        slots = [j for j in range(per) if int(kinds[j]) in wanted]
+        if not slots:
+            raise ValueError("objective term 'sub_caption_clip': the batch has no sub-caption rows (caption_kind)")
+        losses = []
+        for j in slots:
+            if active_world_size() > 1:
+                losses.append(distributed_clip_loss(images, texts[j::per], logit_scale)[0])
+            else:
+                losses.append(clip_loss(images, texts[j::per], logit_scale))
+        return torch.stack(losses).mean(), {"slots": float(len(slots))}
+
+    def extra_repr(self) -> str:
+        return f"weight={self.weight}, include_raw={self.include_raw}"
