@@ -227,7 +227,7 @@ def test_help_lists_choices_and_they_are_the_librarys():
     assert "--task [zeroshot|retrieval|linear-probe]" in _help("eval")
     assert "--similarity [pooled|late-interaction]" in _help("eval")
     assert "--kind [flat|ivf|hnsw|lexical]" in _help("index")
-    assert "--to [hf|onnx]" in _help("export")
+    assert "--to [hf|onnx|openclip]" in _help("export")
 
 
 def test_warnings_keep_bracketed_text(capsys):
