@@ -162,8 +162,8 @@ class SubCaptionClip(Term):
         self.include_raw = bool(include_raw)
 
     def forward(self, outputs: dict[str, Tensor], batch: dict[str, Any]) -> tuple[Tensor, Metrics]:
-        from clipforge.objectives.contrastive import clip_loss
-        from clipforge.objectives.distributed import active_world_size, distributed_clip_loss
+        from clipforge.objectives.contrastive import clip_logits, clip_loss
+        from clipforge.objectives.distributed import _check_equal_local_batches, active_world_size, gather_with_grad
 
         logit_scale = require_output(outputs, "logit_scale", self.name)
         images, texts = outputs["image_embeds"], outputs["text_embeds"]
@@ -181,12 +181,19 @@ class SubCaptionClip(Term):
         slots = [j for j in range(per) if int(kinds[j]) in wanted]
         if not slots:
             raise ValueError("objective term 'sub_caption_clip': the batch has no sub-caption rows (caption_kind)")
-        losses = []
-        for j in slots:
-            if active_world_size() > 1:
-                losses.append(distributed_clip_loss(images, texts[j::per], logit_scale)[0])
-            else:
-                losses.append(clip_loss(images, texts[j::per], logit_scale))
+        if active_world_size() == 1:
+            losses = [clip_loss(images, texts[j::per], logit_scale) for j in slots]
+            return torch.stack(losses).mean(), {"slots": float(len(slots))}
+        import torch.distributed as dist
+
+        _check_equal_local_batches(images)
+        # one gather each: every rank's rows are sample-major with the same per, so slot j of the
+        # gathered texts is all_texts[j::per], in the order of the gathered images
+        all_images, all_texts = gather_with_grad(images), gather_with_grad(texts)
+        labels = torch.arange(images.shape[0], device=images.device) + dist.get_rank() * images.shape[0]
+        losses = [symmetric_cross_entropy(clip_logits(images, all_texts[j::per], logit_scale),
+                                          clip_logits(texts[j::per], all_images, logit_scale), labels)
+                  for j in slots]
         return torch.stack(losses).mean(), {"slots": float(len(slots))}
 
     def extra_repr(self) -> str:
