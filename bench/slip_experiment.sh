@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# SLIP and the improved-baseline knobs vs CLIP on CIFAR-10 (docs/methods/slip.md), equal steps.
+# SLIP, CLIP 🚀 and the improved-baseline knobs vs CLIP on CIFAR-10 (docs/methods/slip.md), equal steps.
 #   bash bench/slip_experiment.sh SPLIT_DIR RUNS_DIR
 # SPLIT_DIR from: python examples/cifar_holdout_split.py CIFAR/train SPLIT_DIR --holdout 500
 # Every run: recipe slip-cifar (tiny ViT 6 x 192 at 32 px, CLIP crop 0.5-1), 400 steps, batch 128, fp32.
 #   SEEDS="2" bash bench/slip_experiment.sh SPLIT_DIR RUNS_DIR   only these seeds: CLIP and SLIP, then CLIP at SLIP's
 #                                                               FLOPs (clip-3x), then the improved baseline
 #   SEEDS="0 1" ARMS="clip-3x" bash bench/slip_experiment.sh ...  only the arms named
+#   SEEDS="0 1 2" ARMS="rocket" ...   CLIP 🚀 (recipe clip-rocket-cifar); "rocket-shared": its views through
+#                                     the model's own projections (the paper's separate_proj = False)
 # Each run and eval holds /tmp/cpu.lock (one CPU-heavy job at a time on a shared 2-core machine).
 set -euo pipefail
 SPLIT=${1:?split dir}; RUNS=${2:?runs dir}; STEPS=${STEPS:-400}
@@ -14,13 +16,13 @@ mkdir -p "$RUNS"
 common=(--set "data.train=imagefolder:$SPLIT/train" --set "train.steps=$STEPS" --set eval.at_end=false
         --set train.checkpoint_every_steps=$STEPS)
 arm() {  # name seed overrides...
-  local name=$1 seed=$2; shift 2
+  local name=$1 seed=$2 recipe=${RECIPE:-slip-cifar}; shift 2
   [ -z "${ARMS:-}" ] || [[ " $ARMS " == *" $name "* ]] || return 0   # ARMS="clip-3x ...": only these
   local dir="$RUNS/$name-s$seed"
   if [ ! -f "$dir/zeroshot.json" ]; then
     rm -rf "$dir"
     local start=$(date +%s)
-    flock /tmp/cpu.lock $CF train slip-cifar --run-dir "$dir" "${common[@]}" --set data.seed=$seed --set train.seed=$seed "$@" > "$dir.log" 2>&1
+    flock /tmp/cpu.lock $CF train "$recipe" --run-dir "$dir" "${common[@]}" --set data.seed=$seed --set train.seed=$seed "$@" > "$dir.log" 2>&1
     echo $(( $(date +%s) - start )) > "$dir.seconds"
     flock /tmp/cpu.lock $CF eval "$dir" --task zeroshot --data "imagefolder:$SPLIT/val" --out "$dir/zeroshot.json.tmp" >> "$dir.log" 2>&1
     flock /tmp/cpu.lock $CF eval "$dir" --task linear-probe --train-data "imagefolder:$SPLIT/train" \
@@ -44,6 +46,8 @@ if [ -n "${SEEDS:-}" ]; then
   done
   for s in $SEEDS; do arm clip-3x $s "${EQ[@]}"; done
   for s in $SEEDS; do arm improved $s "${CLIP[@]}" "${STRONG[@]}" "${EDA[@]}" "${LS[@]}"; done
+  for s in $SEEDS; do RECIPE=clip-rocket-cifar arm rocket $s; done
+  for s in $SEEDS; do RECIPE=clip-rocket-cifar arm rocket-shared $s --set method.projector=shared; done
   exit 0
 fi
 for s in 0; do

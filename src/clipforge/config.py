@@ -309,7 +309,11 @@ class EdaConfig(Section):
 
     alpha: float = Field(0.1, gt=0.0, le=1.0)  # n = max(1, alpha * words) changes; rd drops each word with alpha
     p: float = Field(0.5, ge=0.0, le=1.0)  # probability that a caption is changed at all
-    ops: list[Literal["sr", "ri", "rs", "rd", "sw"]] = ["sr", "ri", "rs", "rd"]  # one drawn per caption
+    # one drawn uniformly per caption; repeat an entry to weight it (Fini et al.'s code: sr, sr, rs, rs, rd)
+    ops: list[Literal["sr", "ri", "rs", "rd", "sw"]] = ["sr", "ri", "rs", "rd"]
+    # before the operation, all stop words dropped with this probability (Fini et al.'s code: 0.8; 0.9 on
+    # YFCC); the caption is left as it was when it has nothing but stop words. 0 draws nothing
+    stop_words_p: float = Field(0.0, ge=0.0, le=1.0)
     # "wordnet", a JSON thesaurus {"word": [...]}, or "none" (sr / ri then change nothing)
     synonyms: str = Field("wordnet", min_length=1)
 
@@ -365,7 +369,12 @@ class DataConfig(Section):
     # random-resized crops of area ssl_view_scale with SimCLR's colour / blur policy (clipforge.data.views)
     ssl_views: int = Field(0, ge=0, le=8)
     ssl_view_scale: tuple[float, float] = (0.08, 1.0)
-    text_augment: Literal["none", "eda"] = "none"  # "eda": EDA on every training caption (data.eda)
+    # "eda": EDA on every training caption (data.eda); "stop_words": only EDA's stop-word step (with
+    # probability data.eda.stop_words_p: Fini et al.'s weak text augmentation of the global caption)
+    text_augment: Literal["none", "eda", "stop_words"] = "none"
+    # Fini et al. (CLIP 🚀): A extra captions per image (batch["text_views"], tokenized as text_view_input_ids,
+    # (N*A) x L sample-major), each one of the sample's captions through EDA (data.eda), whatever text_augment is
+    text_views: int = Field(0, ge=0, le=8)
     eda: EdaConfig = EdaConfig()
     augment: AugmentConfig = AugmentConfig()
     shapes: ShapesConfig = ShapesConfig()
@@ -418,6 +427,9 @@ class DataConfig(Section):
         if self.sub_captions and self.captions_per_sample > 1:
             raise ValueError("data.sub_captions and data.captions_per_sample > 1 both pick each image's captions; "
                              "use one of them")
+        if self.text_augment == "stop_words" and self.eda.stop_words_p == 0:
+            raise ValueError("data.text_augment = 'stop_words' removes stop words with probability "
+                             "data.eda.stop_words_p, which is 0: set it (Fini et al.: 0.8) or data.text_augment = 'none'")
         lo, hi = self.ssl_view_scale
         if not 0.0 < lo <= hi <= 1.0:
             raise ValueError(f"data.ssl_view_scale must satisfy 0 < min <= max <= 1, got {self.ssl_view_scale}")

@@ -30,6 +30,8 @@ disk of ``clipforge.data.pipeline``), with N = ``batch_size`` images and T = ``c
     noise           long       N               shapes with caption lists or noise: what happened to the raw
                                                caption, an index into ``data.captions.NOISE_KINDS``
     views           uint8      N x V x 3 x H x W only with data.ssl_views = V: self-supervised views (data.views)
+    text_views      list[str]  N*A             only with data.text_views = A: augmented captions, sample-major
+                                               (data.views); tokenized as text_view_input_ids / _attention_mask
 
 ``input_ids``/``attention_mask`` are there when a tokenizer is given. Caption row j belongs to image
 ``text_owner[j]`` (= j // T); with T = 1 the rows are the images' and ``text_owner`` is left out.
@@ -117,14 +119,16 @@ def trim_text_padding(batch: dict, multiple: int = 8) -> dict:
     columns and the pooled features are the same (``tests/test_perf_paths.py``). CIFAR captions
     use 7 of 32 positions: the text tower then runs a quarter of the context.
     """
-    mask = batch.get("attention_mask")
-    if mask is None or mask.dim() != 2:
-        return batch
-    longest = int(mask.sum(dim=1).max()) if mask.numel() else 0
-    keep = min(mask.shape[1], max(multiple, -(-longest // multiple) * multiple))
-    if keep == mask.shape[1]:
-        return batch
-    return {**batch, "input_ids": batch["input_ids"][:, :keep], "attention_mask": mask[:, :keep]}
+    for prefix in ("", "text_view_"):  # the captions, and Fini et al.'s text views (data.text_views)
+        mask = batch.get(prefix + "attention_mask")
+        if mask is None or mask.dim() != 2:
+            continue
+        longest = int(mask.sum(dim=1).max()) if mask.numel() else 0
+        keep = min(mask.shape[1], max(multiple, -(-longest // multiple) * multiple))
+        if keep < mask.shape[1]:
+            batch = {**batch, prefix + "input_ids": batch[prefix + "input_ids"][:, :keep],
+                     prefix + "attention_mask": mask[:, :keep]}
+    return batch
 
 
 class _BatchDataset(Dataset):
@@ -158,11 +162,12 @@ class _BatchDataset(Dataset):
             batch = make_batch(self.dataset, indices, tokenizer)
         if self.augmenter is not None:
             from clipforge.data.captions import tokenize_checked
-            from clipforge.data.views import augment_shapes_batch
+            from clipforge.data.views import augment_shapes_batch, tokenize_text_views
 
             batch = augment_shapes_batch(batch, self.augmenter, self.seed, indices, self.dataset.held_out)
             if self.tokenizer is not None:
                 batch["input_ids"], batch["attention_mask"] = tokenize_checked(self.tokenizer, batch["captions"])
+                tokenize_text_views(self.tokenizer, batch)
         # samples are pure functions of their global index: it is the stable key
         batch["keys"] = [f"shapes:{i}" for i in indices]
         return batch

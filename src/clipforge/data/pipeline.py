@@ -717,15 +717,16 @@ def decode_raw(raw: RawSample, image_size: int, augment, rng: random.Random | No
 def decode_augmented(raw: RawSample, image_size: int, augment, rng: random.Random, captions_per_sample: int,
                      sub_captions: tuple[int, bool, int] | None, augmenter):
     """``decode_raw`` for training, then ``augmenter`` (``clipforge.data.views``; may be None): EDA on the
-    captions, the strong policy on the image, the SSL views -> (pixels, captions, label, views or None)."""
+    captions, the strong policy on the image, the SSL views, the text views
+    -> (pixels, captions, label, views or None, text views or None)."""
     out = decode_raw(raw, image_size, augment, rng, captions_per_sample, sub_captions)
     if isinstance(out, str):
         return out
     if augmenter is None:
-        return (*out, None)
-    pixels, captions, label = out
+        return (*out, None, None)
+    pixels, own, label = out
     extra = random.Random(rng.getrandbits(63))  # drawn after the crop: the plain stream is unchanged
-    captions = augmenter.captions(captions, extra)
+    captions = augmenter.captions(own, extra)
     pixels = augmenter.image(pixels, extra)
     views = None
     if augmenter.views:
@@ -733,7 +734,8 @@ def decode_augmented(raw: RawSample, image_size: int, augment, rng: random.Rando
             views = augmenter.views_from_bytes(_image_bytes(raw.image), extra)
         except DECODE_ERRORS as e:  # decoded once already; a file changed under us
             return image_error_reason(b"", e)
-    return pixels, captions, label, views
+    text_views = augmenter.text_view_captions(own, extra) if augmenter.text_views else None  # drawn last
+    return pixels, captions, label, views, text_views
 
 
 def image_error_reason(data: bytes, error: BaseException) -> str:
@@ -807,8 +809,8 @@ class SlotBatches(IterableDataset):
                         return
                     continue
                 good_this_epoch += 1
-                pixels, captions, label, views = out  # not raw itself: it holds the encoded image
-                samples.append((pixels, captions, label, raw.uid, raw.key, raw.weight, views))
+                pixels, captions, label, views, text_views = out  # not raw itself: it holds the encoded image
+                samples.append((pixels, captions, label, raw.uid, raw.key, raw.weight, views, text_views))
                 if len(samples) == cfg.batch_size:
                     cursor["progress"] = epoch + pos / max(1, length)
                     yield self._collate(samples, cursor)
@@ -822,7 +824,7 @@ class SlotBatches(IterableDataset):
     def _collate(self, samples: list[tuple], cursor: dict) -> dict:
         """Batch v2 (see ``clipforge.data.loader``): caption rows are sample-major, T per sample."""
         per_sample = len(samples[0][1])  # data.captions_per_sample, or raw + data.sub_captions
-        pixels, texts, labels, uids, keys, weights, views = zip(*samples)
+        pixels, texts, labels, uids, keys, weights, views, text_views = zip(*samples)
         captions = [c for sample_texts in texts for c in sample_texts]
         batch = {"images": torch.stack(pixels),  # N x 3 x H x W uint8
                  "labels": torch.tensor(labels, dtype=torch.long), "indices": torch.tensor(uids, dtype=torch.long),
@@ -830,10 +832,14 @@ class SlotBatches(IterableDataset):
                  "_cursor": {**cursor, "skipped": dict(cursor["skipped"])}}
         if views[0] is not None:
             batch["views"] = torch.stack(views)  # N x V x 3 x H x W uint8 (data.ssl_views)
+        if text_views[0] is not None:
+            batch["text_views"] = [t for sample_views in text_views for t in sample_views]  # N*A (data.text_views)
         if self.tokenizer is not None:
             from clipforge.data.captions import tokenize_checked
+            from clipforge.data.views import tokenize_text_views
 
             batch["input_ids"], batch["attention_mask"] = tokenize_checked(self.tokenizer, captions)
+            tokenize_text_views(self.tokenizer, batch)
         if self.cfg.sub_captions:
             from clipforge.data.captions import RAW, SUB_CAPTION
 

@@ -10,7 +10,9 @@ A caption is lower-cased and reduced to its words (letters and spaces, as EDA do
     rd  random deletion:     each word dropped with probability alpha
     sw  stop-word removal:   every stop word dropped (Fini et al.)
 
-with n = max(1, int(alpha * words)). Every operation keeps at least one word. The draws come from the
+with n = max(1, int(alpha * words)). Every operation keeps at least one word. With ``data.eda.stop_words_p``
+> 0, every stop word is first dropped with that probability (Fini et al.'s released code: 0.8), unless the
+caption has nothing else; ``stop_words`` alone is their weak augmentation of the global caption. The draws come from the
 ``random.Random`` the caller passes (one per sample, from the sample's place in the data plan), so a
 resumed run augments exactly as the first one did.
 
@@ -59,7 +61,7 @@ def find_wordnet() -> Path | None:
 
 
 def missing_wordnet_message() -> str:
-    return ("data.text_augment = 'eda' replaces words by WordNet synonyms, and no WordNet database was found "
+    return ("data.text_augment = 'eda' and data.text_views replace words by WordNet synonyms, and no WordNet database was found "
             f"(looked in {', '.join(str(d) for d in wordnet_dirs())}). Install it with `apt-get install "
             "wordnet-base` (Debian/Ubuntu) or `python -m nltk.downloader wordnet`, or set WORDNET_DIR to a "
             "directory with data.noun / data.verb / data.adj / data.adv; or give your own thesaurus with "
@@ -124,22 +126,35 @@ class EDA:
     """One seeded EDA operation per caption (see the module docstring)."""
 
     def __init__(self, alpha: float = 0.1, p: float = 1.0, ops: tuple[str, ...] = ("sr", "ri", "rs", "rd"),
-                 synonyms: str | dict[str, tuple[str, ...]] = "wordnet") -> None:
+                 synonyms: str | dict[str, tuple[str, ...]] = "wordnet", stop_words_p: float = 0.0) -> None:
         unknown = [op for op in ops if op not in OPS]
         if unknown or not ops:
             raise ValueError(f"data.eda.ops: unknown operation(s) {unknown}; choose from {list(OPS)}")
         self.alpha, self.p, self.ops = float(alpha), float(p), tuple(ops)
+        self.stop_words_p = float(stop_words_p)
         self.synonyms = load_synonyms(synonyms) if isinstance(synonyms, str) else synonyms
 
     def __call__(self, caption: str, rng: random.Random) -> str:
         words = caption_words(caption)
         if not words:
             return caption  # nothing EDA could keep; the caption as it was
+        words = self.strip_stop_words(words, rng)
         # the draws are made whether or not the caption changes: one stream per sample, any p
         apply, op = rng.random() < self.p, self.ops[rng.randrange(len(self.ops))]
         if not apply:
             return " ".join(words)
         return " ".join(getattr(self, op)(words, rng) or [rng.choice(words)])
+
+    def strip_stop_words(self, words: list[str], rng: random.Random) -> list[str]:
+        """Every stop word dropped with probability ``stop_words_p`` (no draw at 0: streams as before)."""
+        if self.stop_words_p == 0 or rng.random() >= self.stop_words_p:
+            return words
+        return [w for w in words if w not in STOP_WORDS] or words
+
+    def weak(self, caption: str, rng: random.Random) -> str:
+        """Fini et al.'s weak text augmentation: the clean-up and the stop-word step only."""
+        words = caption_words(caption)
+        return " ".join(self.strip_stop_words(words, rng)) if words else caption
 
     def n_changes(self, words: list[str]) -> int:
         return max(1, int(self.alpha * len(words)))

@@ -7,7 +7,11 @@ self-supervised views, and text augmentation (SLIP and the "improved baselines",
     data.ssl_views = V               V more views per image in ``batch["views"]`` (uint8 N x V x 3 x S x S),
                                      each a random-resized crop of area ``data.ssl_view_scale`` (SLIP:
                                      0.08-1) of the whole image, flipped with p 0.5, then the policy above
-    data.text_augment = "eda"        every caption row through EDA (``clipforge.data.text_augment``)
+    data.text_augment = "eda"        every caption row through EDA (``clipforge.data.text_augment``);
+                     "stop_words"    only EDA's stop-word step (Fini et al.'s weak augmentation)
+    data.text_views = A              A more captions per image in ``batch["text_views"]`` (N*A strings,
+                                     sample-major; tokenized as ``text_view_input_ids``): each one of the
+                                     sample's caption rows, drawn, through EDA (Fini et al.'s text views)
 
 Everything runs on uint8 tensors with torchvision's transforms v2, in the workers, before the batch
 is collated. The draws come from one ``random.Random`` per sample, derived from the sample's place
@@ -81,34 +85,49 @@ class SampleAugmenter:
         self.views = data_cfg.ssl_views
         self.view_scale = tuple(data_cfg.ssl_view_scale)
         self.size = image_size
+        self.text_mode = data_cfg.text_augment
+        self.text_views = data_cfg.text_views
         self.eda = None
         if self.strong or self.views:
             require_torchvision()
-        if data_cfg.text_augment == "eda":
+        if self.text_mode != "none" or self.text_views:
             from clipforge.data.text_augment import EDA
 
             e = data_cfg.eda
-            self.eda = EDA(e.alpha, e.p, tuple(e.ops), e.synonyms)
+            self.eda = EDA(e.alpha, e.p, tuple(e.ops), e.synonyms, e.stop_words_p)
 
     @classmethod
     def from_config(cls, data_cfg, image_size: int) -> "SampleAugmenter | None":
         """None when the recipe asks for none of it (the sample stream is then exactly as before)."""
-        on = data_cfg.augment.policy != "default" or data_cfg.ssl_views or data_cfg.text_augment != "none"
+        on = (data_cfg.augment.policy != "default" or data_cfg.ssl_views or data_cfg.text_augment != "none"
+              or data_cfg.text_views)
         return cls(data_cfg, image_size) if on else None
 
     def captions(self, captions: list[str], rng: random.Random, keep_out: AbstractSet[int] = frozenset()) -> list[str]:
-        """Each caption through EDA. ``keep_out``: colour-shape pairs (shapes labels) that must not
-        reach training text: an augmented caption that names one its original did not (a swap, a
-        synonym: "red circle" -> "red ring") is replaced by the original after EDA's clean-up."""
-        if self.eda is None:
+        """Each caption through EDA (or its stop-word step alone). ``keep_out``: colour-shape pairs
+        (shapes labels) that must not reach training text: an augmented caption that names one its
+        original did not (a swap, a synonym: "red circle" -> "red ring") is replaced by the original
+        after EDA's clean-up."""
+        if self.text_mode == "none":
             return list(captions)
+        augment = self.eda if self.text_mode == "eda" else self.eda.weak
+        return [self._kept_out(augment(caption, rng), caption, keep_out) for caption in captions]
+
+    def text_view_captions(self, captions: list[str], rng: random.Random,
+                           keep_out: AbstractSet[int] = frozenset()) -> list[str]:
+        """``data.text_views`` captions of one sample: each a draw among its (un-augmented) caption rows
+        through EDA, as Fini et al.'s text views (``keep_out`` as in ``captions``)."""
         out = []
-        for caption in captions:
-            augmented = self.eda(caption, rng)
-            if keep_out and named_pairs(augmented) & keep_out and not named_pairs(caption) & keep_out:
-                augmented = " ".join(caption_words(caption))  # no extra draws: the sample's stream is unchanged
-            out.append(augmented)
+        for _ in range(self.text_views):
+            caption = captions[rng.randrange(len(captions))]
+            out.append(self._kept_out(self.eda(caption, rng), caption, keep_out))
         return out
+
+    @staticmethod
+    def _kept_out(augmented: str, caption: str, keep_out: AbstractSet[int]) -> str:
+        if keep_out and named_pairs(augmented) & keep_out and not named_pairs(caption) & keep_out:
+            return " ".join(caption_words(caption))  # no extra draws: the sample's stream is unchanged
+        return augmented
 
     def image(self, pixels: torch.Tensor, rng: random.Random) -> torch.Tensor:
         return photometric(pixels, rng) if self.strong else pixels
@@ -139,15 +158,29 @@ def augment_shapes_batch(batch: dict, augmenter: SampleAugmenter, seed: int, ind
     """Strong policy, SSL views and EDA on a rendered shapes batch (captions not yet tokenized).
     EDA never makes a caption name a ``held_out`` pair (``SampleAugmenter.captions``)."""
     per_sample = len(batch["captions"]) // len(indices)
-    images, views, captions = [], [], []
+    images, views, captions, text_views = [], [], [], []
     for row, index in enumerate(indices):
         rng = shapes_augment_rng(seed, index)
-        captions += augmenter.captions(batch["captions"][row * per_sample:(row + 1) * per_sample], rng, held_out)
+        own = batch["captions"][row * per_sample:(row + 1) * per_sample]
+        captions += augmenter.captions(own, rng, held_out)
         original = batch["images"][row]
         images.append(augmenter.image(original, rng))
         if augmenter.views:
             views.append(augmenter.views_from_pixels(original, rng))
+        if augmenter.text_views:  # drawn last: the streams above are unchanged
+            text_views += augmenter.text_view_captions(own, rng, held_out)
     out = {**batch, "images": torch.stack(images), "captions": captions}
     if views:
         out["views"] = torch.stack(views)
+    if augmenter.text_views:
+        out["text_views"] = text_views
     return out
+
+
+def tokenize_text_views(tokenizer, batch: dict) -> dict:
+    """``text_view_input_ids`` / ``text_view_attention_mask`` ((N*A) x L) of ``batch["text_views"]``."""
+    from clipforge.data.captions import tokenize_checked
+
+    if "text_views" in batch:
+        batch["text_view_input_ids"], batch["text_view_attention_mask"] = tokenize_checked(tokenizer, batch["text_views"])
+    return batch

@@ -71,6 +71,7 @@ class TrainStep(nn.Module):
     name: ClassVar[str] = "clip"
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     supports_gradcache: ClassVar[bool] = True  # outputs are per-sample embeddings the loss reads
+    hook_only_clamps: ClassVar[bool] = False  # a subclass whose after_optimizer_step only clamps more scales
 
     def __init__(self, recipe: Recipe, model: nn.Module, objective: Objective, teachers: dict[str, nn.Module]):
         super().__init__()
@@ -159,7 +160,7 @@ class TrainStep(nn.Module):
         from clipforge.objectives.base import Term
 
         terms = getattr(self.objective, "terms", ())
-        return (type(self).after_optimizer_step is TrainStep.after_optimizer_step
+        return ((type(self).after_optimizer_step is TrainStep.after_optimizer_step or self.hook_only_clamps)
                 and not any(getattr(t, "update", None) is not None for t in self.teachers.values())
                 and all(type(t).after_optimizer_step is Term.after_optimizer_step for t in terms))
 
