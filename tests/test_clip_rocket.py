@@ -220,7 +220,8 @@ def test_text_views_are_seeded_eda_of_the_caption_and_leave_the_other_streams_al
     a = next(shapes_loader("data.ssl_views=2", "data.text_augment=eda", "data.text_views=3"))
     b = next(shapes_loader("data.ssl_views=2", "data.text_augment=eda", "data.text_views=3"))
     assert a["text_views"] == b["text_views"] and len(a["text_views"]) == 4 * 3
-    assert a["text_view_input_ids"].shape[0] == 12 and a["text_view_attention_mask"].shape == a["text_view_input_ids"].shape
+    ids, mask = a["text_view_input_ids"], a["text_view_attention_mask"]
+    assert ids.shape[0] == 12 and mask.shape == ids.shape
     # drawn after everything else: images, views and the (augmented) captions are what they were
     assert torch.equal(a["images"], before["images"]) and torch.equal(a["views"], before["views"])
     assert a["captions"] == before["captions"] and "text_views" not in before

@@ -10,9 +10,10 @@ A caption is lower-cased and reduced to its words (letters and spaces, as EDA do
     rd  random deletion:     each word dropped with probability alpha
     sw  stop-word removal:   every stop word dropped (Fini et al.)
 
-with n = max(1, int(alpha * words)). Every operation keeps at least one word. With ``data.eda.stop_words_p``
-> 0, every stop word is first dropped with that probability (Fini et al.'s released code: 0.8), unless the
-caption has nothing else; ``stop_words`` alone is their weak augmentation of the global caption. The draws come from the
+with n = max(1, int(alpha * words)). Every operation keeps at least one word. With
+``data.eda.stop_words_p`` > 0, every stop word is first dropped with that probability (Fini et al.'s
+released code: 0.8), unless the caption has nothing else; that step alone (``data.text_augment =
+"stop_words"``) is their weak augmentation of the global caption. The draws come from the
 ``random.Random`` the caller passes (one per sample, from the sample's place in the data plan), so a
 resumed run augments exactly as the first one did.
 
@@ -61,7 +62,8 @@ def find_wordnet() -> Path | None:
 
 
 def missing_wordnet_message() -> str:
-    return ("data.text_augment = 'eda' and data.text_views replace words by WordNet synonyms, and no WordNet database was found "
+    return ("data.text_augment = 'eda' and data.text_views replace words by WordNet synonyms, and no WordNet "
+            "database was found "
             f"(looked in {', '.join(str(d) for d in wordnet_dirs())}). Install it with `apt-get install "
             "wordnet-base` (Debian/Ubuntu) or `python -m nltk.downloader wordnet`, or set WORDNET_DIR to a "
             "directory with data.noun / data.verb / data.adj / data.adv; or give your own thesaurus with "

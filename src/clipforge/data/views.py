@@ -182,5 +182,6 @@ def tokenize_text_views(tokenizer, batch: dict) -> dict:
     from clipforge.data.captions import tokenize_checked
 
     if "text_views" in batch:
-        batch["text_view_input_ids"], batch["text_view_attention_mask"] = tokenize_checked(tokenizer, batch["text_views"])
+        ids, mask = tokenize_checked(tokenizer, batch["text_views"])
+        batch["text_view_input_ids"], batch["text_view_attention_mask"] = ids, mask
     return batch

@@ -91,8 +91,8 @@ class ClipRocketStep(TrainStep):
         self.views = recipe.data.ssl_views
         self.max_log_scale = math.log(recipe.model.logit_scale_max)
         if cfg.projector != "shared":
-            vision, text, out = recipe.model.vision_width, getattr(model.text, "width", recipe.model.text_width), \
-                recipe.model.embed_dim
+            vision, out = recipe.model.vision_width, recipe.model.embed_dim
+            text = getattr(model.text, "width", recipe.model.text_width)  # a pretrained (hf) tower has its own
             if cfg.projector == "mlp":
                 self.image_view_projector = mlp([vision, cfg.projector_hidden, cfg.projector_hidden, out])
                 self.text_view_projector = mlp([text, cfg.projector_hidden, cfg.projector_hidden, out])
@@ -107,7 +107,8 @@ class ClipRocketStep(TrainStep):
             return outputs
         views, ids, mask = batch.get("views"), batch.get("text_view_input_ids"), batch.get("text_view_attention_mask")
         a = self.views
-        if views is None or views.dim() != 5 or views.shape[1] != a or ids is None or ids.shape[0] != views.shape[0] * a:
+        if (views is None or views.dim() != 5 or views.shape[1] != a
+                or ids is None or ids.shape[0] != views.shape[0] * a):
             raise ValueError(f"method 'clip_rocket' needs batch['views'] (N x {a} x 3 x H x W) and "
                              f"batch['text_view_input_ids'] ({a}*N rows): set data.ssl_views = data.text_views = {a}")
         n = views.shape[0]
@@ -120,7 +121,8 @@ class ClipRocketStep(TrainStep):
         else:
             image_z, text_z = self.image_view_projector(image_pooled), self.text_view_projector(text_pooled)
             scale = self.local_logit_scale.exp()
-        outputs["view_embeds"] = (F.normalize(image_z, dim=-1).view(n, a, -1), F.normalize(text_z, dim=-1).view(n, a, -1))
+        outputs["view_embeds"] = (F.normalize(image_z, dim=-1).view(n, a, -1),
+                                  F.normalize(text_z, dim=-1).view(n, a, -1))
         outputs["view_logit_scale"] = scale
         return outputs
 
