@@ -52,6 +52,9 @@ def test_every_shipped_recipe_builds_and_takes_a_step(name):
         batch = {"images": images, "input_ids": ids, "attention_mask": torch.ones_like(ids)}
         if r.data.ssl_views:  # SLIP's self-supervised views, as the workers would add them
             batch["views"] = torch.randint(0, 256, (2, r.data.ssl_views, *images.shape[1:]), dtype=torch.uint8)
+        if r.data.text_views:  # CLIP 🚀's text views: A token rows per sample
+            view_ids = torch.randint(4, 100, (2 * r.data.text_views, r.model.context_length))
+            batch["text_view_input_ids"], batch["text_view_attention_mask"] = view_ids, torch.ones_like(view_ids)
     loss, _ = step.compute_loss(step(batch), batch)
     loss.backward()
     assert torch.isfinite(loss) and step.model.logit_scale.grad is not None
