@@ -12,7 +12,6 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from clipforge.config import RecipeError, load_recipe
 from clipforge.data.loader import build_train_loader
@@ -20,6 +19,7 @@ from clipforge.data.text_augment import EDA, STOP_WORDS, caption_words
 from clipforge.methods.clip_rocket import local_clip_loss
 
 from test_distributed import WORLD
+from test_slip import TINY, build_tiny_step, image_folder, with_frozen_bn  # noqa: F401 (a fixture)
 
 A = 2  # views per sample
 
@@ -71,20 +71,9 @@ def test_views_loss_is_the_mean_over_every_view_pair_with_label_smoothing():
         assert torch.allclose(a.double(), b, rtol=1e-4, atol=1e-7)
 
 
-def rocket_recipe(*extra: str):
-    return load_recipe("clip-rocket-cifar", ["data.train=shapes", "model.image_size=16", "model.patch_size=8",
-                                             "model.vision_width=16", "model.vision_layers=1", "model.vision_heads=2",
-                                             "model.text_width=16", "model.text_layers=1", "model.text_heads=2",
-                                             "model.embed_dim=16", "model.vocab_size=64", "model.context_length=8",
-                                             "data.tokenizer.vocab_size=64", "method.projector_hidden=32",
-                                             "data.eda.synonyms=none", *extra])
-
-
 def build_rocket(*extra: str):
-    from clipforge.train.trainer import build_step
-
-    torch.manual_seed(0)
-    return build_step(rocket_recipe(*extra), torch.device("cpu"), log=False).train()
+    return build_tiny_step(load_recipe("clip-rocket-cifar", [*TINY, "method.projector_hidden=32",
+                                                             "data.eda.synonyms=none", *extra]))
 
 
 def rocket_batch(n: int = 6, seed: int = 7) -> dict:
@@ -179,11 +168,7 @@ def test_missing_views_are_refused_with_the_fix():
 
 
 def build_rocket_with_frozen_bn():
-    step = build_rocket("model.patch_dropout=0")  # BN statistics are per rank: compare in eval mode
-    for m in step.modules():
-        if isinstance(m, torch.nn.BatchNorm1d):
-            m.eval()
-    return step
+    return with_frozen_bn(build_rocket("model.patch_dropout=0"))
 
 
 def _worker(rank, port, results):
@@ -242,16 +227,10 @@ def test_text_views_resume_exactly_and_do_not_depend_on_workers():
     assert torch.equal(second["text_view_input_ids"], resumed["text_view_input_ids"])
 
 
-def test_text_views_on_sources_on_disk_resume_exactly(tmp_path):
+def test_text_views_on_sources_on_disk_resume_exactly(image_folder):
     from clipforge.data.pipeline import build_source_train_loader
 
-    g = torch.Generator().manual_seed(0)
-    for cls in ("cat", "dog"):
-        (tmp_path / cls).mkdir()
-        for i in range(6):
-            pixels = torch.randint(0, 256, (40, 48, 3), dtype=torch.uint8, generator=g).numpy()
-            Image.fromarray(pixels).save(tmp_path / cls / f"{i}.png")
-    common = [f"data.train=imagefolder:{tmp_path}", "data.batch_size=3", "data.num_workers=0"]
+    common = [f"data.train=imagefolder:{image_folder}", "data.batch_size=3", "data.num_workers=0"]
     r = load_recipe("tiny-shapes", [*common, "data.text_views=2", "data.ssl_views=2", "data.text_augment=stop_words",
                                     "data.eda.stop_words_p=1", "data.eda.synonyms=none", "data.eda.p=1",
                                     "data.eda.ops=['rs','rd']"])

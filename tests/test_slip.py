@@ -60,20 +60,34 @@ def test_nt_xent_masks_self_similarity():
 
 
 # ----------------------------------------------------------------------------- the SLIP step
-def slip_recipe(*extra: str):
-    return load_recipe("slip-cifar", ["data.train=shapes", "model.image_size=16", "model.patch_size=8",
-                                      "model.vision_width=16", "model.vision_layers=1", "model.vision_heads=2",
-                                      "model.text_width=16", "model.text_layers=1", "model.text_heads=2",
-                                      "model.embed_dim=16", "model.vocab_size=64", "model.context_length=8",
-                                      "data.tokenizer.vocab_size=64", "method.simclr_hidden=32",
-                                      "method.simclr_out=8", *extra])
+# a method recipe shrunk to a 16 px, 16-wide model on shapes (also tests/test_clip_rocket.py)
+TINY = ["data.train=shapes", "model.image_size=16", "model.patch_size=8", "model.vision_width=16",
+        "model.vision_layers=1", "model.vision_heads=2", "model.text_width=16", "model.text_layers=1",
+        "model.text_heads=2", "model.embed_dim=16", "model.vocab_size=64", "model.context_length=8",
+        "data.tokenizer.vocab_size=64"]
 
 
-def build_slip(*extra: str):
+def build_tiny_step(recipe):
     from clipforge.train.trainer import build_step
 
     torch.manual_seed(0)
-    return build_step(slip_recipe(*extra), torch.device("cpu"), log=False).train()
+    return build_step(recipe, torch.device("cpu"), log=False).train()
+
+
+def with_frozen_bn(step):
+    """BatchNorm in the heads normalises per rank (as in the papers): compare ranks with running statistics."""
+    for m in step.modules():
+        if isinstance(m, torch.nn.BatchNorm1d):
+            m.eval()
+    return step
+
+
+def slip_recipe(*extra: str):
+    return load_recipe("slip-cifar", [*TINY, "method.simclr_hidden=32", "method.simclr_out=8", *extra])
+
+
+def build_slip(*extra: str):
+    return build_tiny_step(slip_recipe(*extra))
 
 
 def slip_batch(n: int = 6, seed: int = 7) -> dict:
@@ -129,12 +143,7 @@ def test_slip_without_views_is_refused_with_the_fix():
 
 
 def build_slip_with_frozen_bn():
-    # BatchNorm in the head normalises per rank (as in the paper): compare with running statistics
-    step = build_slip("model.patch_dropout=0")
-    for m in step.modules():
-        if isinstance(m, torch.nn.BatchNorm1d):
-            m.eval()
-    return step
+    return with_frozen_bn(build_slip("model.patch_dropout=0"))
 
 
 def _worker(rank, port, results):
