@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from clipforge.config import MethodConfig, Recipe
 from clipforge.methods import register_method
 from clipforge.objectives.base import Metrics
+from clipforge.objectives.contrastive import clip_logits, symmetric_cross_entropy
 from clipforge.objectives.selfsup import mlp
 from clipforge.train.step import Outputs, TrainStep
 
@@ -67,13 +68,12 @@ def local_clip_loss(image_views: Tensor, text_views: Tensor, logit_scale: Tensor
 
         all_images, all_texts, rank = gather_with_grad(image_views), gather_with_grad(text_views), dist.get_rank()
     labels = torch.arange(b, device=image_views.device) + rank * b
-    total = image_views.new_zeros((), dtype=torch.float32)
+    total = 0.0
     for i in range(views):
         for j in range(views):
-            image_to_text = (logit_scale * image_views[:, i]) @ all_texts[:, j].T
-            text_to_image = (logit_scale * text_views[:, j]) @ all_images[:, i].T
-            total = total + (F.cross_entropy(image_to_text.float(), labels, label_smoothing=label_smoothing)
-                             + F.cross_entropy(text_to_image.float(), labels, label_smoothing=label_smoothing)) / 2
+            total = total + symmetric_cross_entropy(clip_logits(image_views[:, i], all_texts[:, j], logit_scale),
+                                                    clip_logits(text_views[:, j], all_images[:, i], logit_scale),
+                                                    labels, label_smoothing)
     return total / views**2
 
 
