@@ -7,7 +7,8 @@
 #                                                               FLOPs (clip-3x), then the improved baseline
 #   SEEDS="0 1" ARMS="clip-3x" bash bench/slip_experiment.sh ...  only the arms named
 #   SEEDS="0 1 2" ARMS="rocket" ...   CLIP 🚀 (recipe clip-rocket-cifar); "rocket-shared": its views through
-#                                     the model's own projections (the paper's separate_proj = False)
+#                                     the model's own projections (the paper's separate_proj = False);
+#                                     "rocket-nols": without the views' label smoothing
 # Each run and eval holds /tmp/cpu.lock (one CPU-heavy job at a time on a shared 2-core machine).
 set -euo pipefail
 SPLIT=${1:?split dir}; RUNS=${2:?runs dir}; STEPS=${STEPS:-400}
@@ -48,6 +49,7 @@ if [ -n "${SEEDS:-}" ]; then
   for s in $SEEDS; do arm improved $s "${CLIP[@]}" "${STRONG[@]}" "${EDA[@]}" "${LS[@]}"; done
   for s in $SEEDS; do RECIPE=clip-rocket-cifar arm rocket $s; done
   for s in $SEEDS; do RECIPE=clip-rocket-cifar arm rocket-shared $s --set method.projector=shared; done
+  for s in $SEEDS; do RECIPE=clip-rocket-cifar arm rocket-nols $s --set method.label_smoothing=0; done
   exit 0
 fi
 for s in 0; do
