@@ -9,6 +9,7 @@
 #   SEEDS="0 1 2" ARMS="rocket" ...   CLIP 🚀 (recipe clip-rocket-cifar); "rocket-shared": its views through
 #                                     the model's own projections (the paper's separate_proj = False);
 #                                     "rocket-nols": without the views' label smoothing
+#   SEEDS="0" ARMS="barlip siamlip byolip swalip" ...   the non-contrastive variants (recipes <name>-cifar)
 # Each run and eval holds /tmp/cpu.lock (one CPU-heavy job at a time on a shared 2-core machine).
 set -euo pipefail
 SPLIT=${1:?split dir}; RUNS=${2:?runs dir}; STEPS=${STEPS:-400}
@@ -50,6 +51,9 @@ if [ -n "${SEEDS:-}" ]; then
   for s in $SEEDS; do RECIPE=clip-rocket-cifar arm rocket $s; done
   for s in $SEEDS; do RECIPE=clip-rocket-cifar arm rocket-shared $s --set method.projector=shared; done
   for s in $SEEDS; do RECIPE=clip-rocket-cifar arm rocket-nols $s --set method.label_smoothing=0; done
+  for s in $SEEDS; do  # Fini et al.'s non-contrastive variants: CLIP 🚀 + one more loss (recipes <name>-cifar)
+    for nc in barlip siamlip byolip swalip; do RECIPE=$nc-cifar arm $nc $s; done
+  done
   exit 0
 fi
 for s in 0; do

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from clipforge.config import ModelConfig
 from clipforge.models.clip import CLIP
@@ -285,6 +286,16 @@ def test_extras_only_when_asked_and_unknown_names_rejected():
     assert out["image_tokens"].shape == (N, P, 32) and out["text_tokens"].shape == (N, L, 32)
     with pytest.raises(ValueError, match="unknown extras.*available"):
         model(images, ids, mask, need={"patch_tokens"})
+
+
+def test_pooled_extras_are_the_features_the_projections_read():
+    model = make_model().eval()
+    images, ids, mask = make_inputs()
+    out = model(images, ids, mask, need={"image_pooled", "text_pooled"})
+    torch.testing.assert_close(F.normalize(model.image_projection(out["image_pooled"]), dim=-1), out["image_embeds"])
+    torch.testing.assert_close(F.normalize(model.text_projection(out["text_pooled"]), dim=-1), out["text_embeds"])
+    cached = model(None, None, text_features=out["text_pooled"], need={"text_pooled"})  # a frozen tower's cache
+    assert cached["text_pooled"] is out["text_pooled"]
 
 
 def test_cls_attention_is_a_distribution_row_and_matches_the_sdpa_path():

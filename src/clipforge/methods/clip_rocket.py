@@ -48,11 +48,11 @@ class ClipRocketConfig(MethodConfig):
         d = recipe.data
         if d.ssl_views < 1 or d.text_views != d.ssl_views:
             raise ValueError(
-                f"method 'clip_rocket' pairs A augmented image views with A augmented captions of each sample: set "
+                f"method '{self.name}' pairs A augmented image views with A augmented captions of each sample: set "
                 f"data.ssl_views = data.text_views = A >= 1 (got ssl_views = {d.ssl_views}, text_views = "
                 f"{d.text_views}); the paper and the recipe 'clip-rocket-cifar' use 2")
         if recipe.train.accum_mode == "gradcache":
-            raise ValueError("method 'clip_rocket' adds view branches with BatchNorm projectors; train.accum_mode = "
+            raise ValueError(f"method '{self.name}' adds view branches with BatchNorm projectors; train.accum_mode = "
                              "'gradcache' cannot replay them: use 'plain'")
 
 
@@ -109,7 +109,7 @@ class ClipRocketStep(TrainStep):
         a = self.views
         if (views is None or views.dim() != 5 or views.shape[1] != a
                 or ids is None or ids.shape[0] != views.shape[0] * a):
-            raise ValueError(f"method 'clip_rocket' needs batch['views'] (N x {a} x 3 x H x W) and "
+            raise ValueError(f"method '{self.name}' needs batch['views'] (N x {a} x 3 x H x W) and "
                              f"batch['text_view_input_ids'] ({a}*N rows): set data.ssl_views = data.text_views = {a}")
         n = views.shape[0]
         # every view of the batch in one pass per tower (FLIP-style patch dropout applies, as to images)
@@ -124,6 +124,7 @@ class ClipRocketStep(TrainStep):
         outputs["view_embeds"] = (F.normalize(image_z, dim=-1).view(n, a, -1),
                                   F.normalize(text_z, dim=-1).view(n, a, -1))
         outputs["view_logit_scale"] = scale
+        outputs["view_pooled"] = (image_pooled.view(n, a, -1), text_pooled.view(n, a, -1))  # the heads of subclasses
         return outputs
 
     def compute_loss(self, outputs: Outputs, batch: dict[str, Any]) -> tuple[Tensor, Metrics]:

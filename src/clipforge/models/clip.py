@@ -25,8 +25,8 @@ from clipforge.models.text import TextTransformer
 from clipforge.models.vit import VisionTransformer
 
 # extras a caller may ask forward() for
-EXTRAS = frozenset({"image_pooled", "image_tokens", "text_tokens", "image_token_embeds", "text_token_embeds",
-                    "cls_attention", "kept_indices", "image_lexical", "text_lexical"})
+EXTRAS = frozenset({"image_pooled", "text_pooled", "image_tokens", "text_tokens", "image_token_embeds",
+                    "text_token_embeds", "cls_attention", "kept_indices", "image_lexical", "text_lexical"})
 
 
 class CLIP(nn.Module):
@@ -160,6 +160,7 @@ class CLIP(nn.Module):
         """Embeddings and logit scale; extras only when named in ``need``:
 
         - "image_pooled": N×Wv pooled image feature before the projection (A-CLIP's SSL heads read it)
+        - "text_pooled":  N×Wt pooled text feature before the projection (BarLIP / SiamLIP heads read it)
         - "image_tokens": N×K×Wv patch tokens after the final LayerNorm, before projection
         - "text_tokens":  N×L×Wt token features after the final LayerNorm, before projection
         - "image_token_embeds" / "text_token_embeds": the tokens above projected into the joint space
@@ -186,10 +187,14 @@ class CLIP(nn.Module):
             out.update(self._image_outputs(images, need, keep_indices))
         if text_features is not None:
             out["text_embeds"] = F.normalize(self.text_projection(text_features), dim=-1)
+            if "text_pooled" in need:
+                out["text_pooled"] = text_features
         elif input_ids is not None:
             text = self.text(input_ids, attention_mask,
                              return_tokens=bool({"text_tokens", "text_token_embeds", "text_lexical"} & need))
             out["text_embeds"] = F.normalize(self.text_projection(text["pooled"]), dim=-1)
+            if "text_pooled" in need:
+                out["text_pooled"] = text["pooled"]
             if "text_tokens" in need:
                 out["text_tokens"] = text["tokens"]
             if "text_token_embeds" in need:
