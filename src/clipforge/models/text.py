@@ -10,6 +10,7 @@ token (end-of-text), position ``attention_mask.sum(1) - 1``.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from clipforge.models.vit import Block, LayerNorm, init_blocks_, to_residual_dtype, token_at
@@ -41,9 +42,13 @@ class TextTransformer(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         return_tokens: bool = False,
+        dropout: float = 0.0,
     ) -> dict[str, torch.Tensor]:
         """Returns {"pooled": N×W} and, when asked, "tokens": N×L×W after the final LayerNorm
-        (positions after end-of-text are padding and carry no meaning)."""
+        (positions after end-of-text are padding and carry no meaning).
+
+        ``dropout`` (training only): elementwise dropout on the residual stream entering every block,
+        CLIP 🚀's "local mode" for its text views (the released code's ``--text-dropout-prob``)."""
         n, length = input_ids.shape
         if length > self.context_length:
             raise ValueError(
@@ -58,8 +63,11 @@ class TextTransformer(nn.Module):
         eot_only = not return_tokens and len(self.blocks) > 0
         x = self.token_embed(input_ids) + self.pos_embed[:length]  # N×L×W
         x = to_residual_dtype(x, self.low_precision_residual)
+        drop = dropout if self.training else 0.0
         for i, block in enumerate(self.blocks):
             query = eot if eot_only and i == len(self.blocks) - 1 else None
+            if drop > 0:
+                x = F.dropout(x, drop, training=True)
             x, _ = block(x, is_causal=True, query=query)
         x = self.ln_final(x)
         if eot_only:
