@@ -278,6 +278,31 @@ def test_text_views_on_sources_on_disk_resume_exactly(image_folder):
     assert base["keys"] == first["keys"] and torch.equal(base["images"], first["images"])
 
 
+def test_each_text_view_draws_from_the_samples_whole_caption_list(tmp_path):
+    import json
+
+    from clipforge.config import DataConfig
+    from clipforge.data.pipeline import build_source_train_loader
+    from test_batch_v2 import write_images
+
+    animals = ["cat", "dog", "fox", "owl", "bee", "elk", "ram", "yak"]
+    paths = write_images(tmp_path / "images", len(animals))
+    table = tmp_path / "lists.jsonl"  # sample i: four captions "a <colour> <animal i>" (EDA keeps letters only)
+    table.write_text("".join(json.dumps({"image": f"images/{p.name}", "captions": [
+        f"a {colour} {animal}" for colour in ("red", "green", "blue", "grey")]}) + "\n" for p, animal in zip(paths, animals)))
+    common = dict(train=f"jsonl:{table}", batch_size=8, num_workers=0)
+    eda = {"p": 0.0, "synonyms": "none"}  # EDA leaves the words alone: the drawn captions show through
+    plain = next(build_source_train_loader(DataConfig(**common, eda=eda), 16, None))
+    batch = next(build_source_train_loader(DataConfig(**common, eda=eda, text_views=3), 16, None))
+    assert batch["captions"] == plain["captions"] and batch["keys"] == plain["keys"]  # the global draw unchanged
+    others = 0
+    for i, caption in enumerate(batch["captions"]):
+        views = batch["text_views"][3 * i:3 * (i + 1)]
+        assert all(v.split()[-1] == caption.split()[-1] for v in views)  # the sample's own list ...
+        others += sum(v != caption for v in views)
+    assert others > 8  # ... and not only its global caption: 24 draws among 4 captions each
+
+
 # ----------------------------------------------------------------------------- EDA's stop-word step
 def test_stop_word_step_drops_stop_words_with_its_probability_and_draws_nothing_at_zero():
     text = "a photo of the cat on a mat"

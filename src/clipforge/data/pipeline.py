@@ -734,7 +734,10 @@ def decode_augmented(raw: RawSample, image_size: int, augment, rng: random.Rando
             views = augmenter.views_from_bytes(_image_bytes(raw.image), extra)
         except DECODE_ERRORS as e:  # decoded once already; a file changed under us
             return image_error_reason(b"", e)
-    text_views = augmenter.text_view_captions(own, extra) if augmenter.text_views else None  # drawn last
+    text_views = None
+    if augmenter.text_views:  # drawn last; each view draws from the sample's whole caption list (Fini et al.)
+        pool = _caption_choices(raw.caption) if isinstance(raw.caption, list) and not sub_captions else own
+        text_views = augmenter.text_view_captions(pool, extra)
     return pixels, captions, label, views, text_views
 
 

@@ -115,8 +115,9 @@ class SampleAugmenter:
 
     def text_view_captions(self, captions: list[str], rng: random.Random,
                            keep_out: AbstractSet[int] = frozenset()) -> list[str]:
-        """``data.text_views`` captions of one sample: each a draw among its (un-augmented) caption rows
-        through EDA, as Fini et al.'s text views (``keep_out`` as in ``captions``)."""
+        """``data.text_views`` captions of one sample: each a draw among ``captions`` (a source's whole
+        caption list, or the sample's caption rows) through EDA, as Fini et al.'s text views (``keep_out``
+        as in ``captions``)."""
         out = []
         for _ in range(self.text_views):
             caption = captions[rng.randrange(len(captions))]
