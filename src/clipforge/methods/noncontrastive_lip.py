@@ -161,9 +161,10 @@ def swapped_assignment_loss(image_views: Tensor, text_views: Tensor, logit_scale
 
 
 # ----------------------------------------------------------------------------- steps
-def view_pairs(views: int) -> list[tuple[int | None, int | None]]:
-    """The (image, text) pairs the non-contrastive losses run over: the global pair, then every view pair."""
-    return [(None, None)] + [(i, j) for i in range(views) for j in range(views)]
+def pair_positions(views: int) -> list[tuple[int, int]]:
+    """The (image, text) pairs the non-contrastive losses run over, as positions in ``projections``' lists:
+    the global pair (0, 0), then every (image view i, text view j)."""
+    return [(0, 0)] + [(1 + i, 1 + j) for i in range(views) for j in range(views)]
 
 
 class _HeadsStep(ClipRocketStep):
@@ -216,10 +217,6 @@ class _HeadsStep(ClipRocketStep):
         return total, {**metrics, f"{self.name}/loss": nc.detach(), "loss": total.detach()}
 
 
-def pair_index(view: int | None) -> int:
-    return 0 if view is None else view + 1  # position in projections()' lists
-
-
 @register_method
 class BarlipStep(_HeadsStep):
     name = "barlip"
@@ -230,8 +227,8 @@ class BarlipStep(_HeadsStep):
 
     def noncontrastive_loss(self, outputs: Outputs) -> Tensor:
         v = outputs["heads"]
-        losses = [barlow_twins_loss(v["image"][pair_index(i)], v["text"][pair_index(j)],
-                                    self.cfg.redundancy_weight, self.cfg.loss_scale) for i, j in view_pairs(self.views)]
+        losses = [barlow_twins_loss(v["image"][i], v["text"][j], self.cfg.redundancy_weight, self.cfg.loss_scale)
+                  for i, j in pair_positions(self.views)]
         return sum(losses) / len(losses)
 
 
@@ -270,9 +267,8 @@ class SiamlipStep(_HeadsStep):
 
     def noncontrastive_loss(self, outputs: Outputs) -> Tensor:
         p, v = outputs["predictions"], outputs["targets"]
-        losses = [(byol_loss(p["image"][pair_index(i)], v["text"][pair_index(j)])
-                   + byol_loss(p["text"][pair_index(j)], v["image"][pair_index(i)])) / 2
-                  for i, j in view_pairs(self.views)]
+        losses = [(byol_loss(p["image"][i], v["text"][j]) + byol_loss(p["text"][j], v["image"][i])) / 2
+                  for i, j in pair_positions(self.views)]
         return sum(losses) / len(losses)
 
 
