@@ -9,7 +9,8 @@
 #   SEEDS="0 1 2" ARMS="rocket" ...   CLIP 🚀 (recipe clip-rocket-cifar); "rocket-shared": its views through
 #                                     the model's own projections (the paper's separate_proj = False);
 #                                     "rocket-nols": without the views' label smoothing
-#   SEEDS="0" ARMS="barlip siamlip byolip swalip" ...   the non-contrastive variants (recipes <name>-cifar)
+#   SEEDS="0" ARMS="barlip siamlip byolip swalip" ...   the non-contrastive variants (recipes <name>-cifar);
+#                                     "barlip-w005": BarLIP with method.weight=0.05 (an analysis arm)
 # Each run and eval holds /tmp/cpu.lock (one CPU-heavy job at a time on a shared 2-core machine).
 set -euo pipefail
 SPLIT=${1:?split dir}; RUNS=${2:?runs dir}; STEPS=${STEPS:-400}
@@ -54,6 +55,8 @@ if [ -n "${SEEDS:-}" ]; then
   for s in $SEEDS; do  # Fini et al.'s non-contrastive variants: CLIP 🚀 + one more loss (recipes <name>-cifar)
     for nc in barlip siamlip byolip swalip; do RECIPE=$nc-cifar arm $nc $s; done
   done
+  # analysis: BarLIP with its term at a tenth of the paper's weight (docs/methods/noncontrastive-lip.md)
+  for s in $SEEDS; do RECIPE=barlip-cifar arm barlip-w005 $s --set method.weight=0.05; done
   exit 0
 fi
 for s in 0; do
