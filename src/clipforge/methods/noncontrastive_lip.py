@@ -205,8 +205,13 @@ class _HeadsStep(ClipRocketStep):
         outputs["heads"] = self.projections(pooled, {"image": image_views, "text": text_views}, self.head_sets())
         return outputs
 
-    def noncontrastive_loss(self, outputs: Outputs) -> Tensor:
+    def pair_loss(self, outputs: Outputs, image: int, text: int) -> Tensor:
+        """The term on one (image, text) pair, given as positions in ``projections``' lists."""
         raise NotImplementedError
+
+    def noncontrastive_loss(self, outputs: Outputs) -> Tensor:
+        losses = [self.pair_loss(outputs, i, j) for i, j in pair_positions(self.views)]
+        return sum(losses) / len(losses)
 
     def compute_loss(self, outputs: Outputs, batch: dict[str, Any]) -> tuple[Tensor, Metrics]:
         total, metrics = super().compute_loss(outputs, batch)
@@ -225,11 +230,9 @@ class BarlipStep(_HeadsStep):
     def make_head(self, width: int) -> nn.Module:
         return mlp([width, self.cfg.head_hidden, self.cfg.head_hidden, self.cfg.head_out], last_bn=True)
 
-    def noncontrastive_loss(self, outputs: Outputs) -> Tensor:
+    def pair_loss(self, outputs: Outputs, image: int, text: int) -> Tensor:
         v = outputs["heads"]
-        losses = [barlow_twins_loss(v["image"][i], v["text"][j], self.cfg.redundancy_weight, self.cfg.loss_scale)
-                  for i, j in pair_positions(self.views)]
-        return sum(losses) / len(losses)
+        return barlow_twins_loss(v["image"][image], v["text"][text], self.cfg.redundancy_weight, self.cfg.loss_scale)
 
 
 @register_method
@@ -265,11 +268,9 @@ class SiamlipStep(_HeadsStep):
         outputs["targets"] = self.targets(batch, outputs)
         return outputs
 
-    def noncontrastive_loss(self, outputs: Outputs) -> Tensor:
-        p, v = outputs["predictions"], outputs["targets"]
-        losses = [(byol_loss(p["image"][i], v["text"][j]) + byol_loss(p["text"][j], v["image"][i])) / 2
-                  for i, j in pair_positions(self.views)]
-        return sum(losses) / len(losses)
+    def pair_loss(self, outputs: Outputs, image: int, text: int) -> Tensor:
+        p, v = outputs["predictions"], outputs["targets"]  # each side predicts the other's target
+        return (byol_loss(p["image"][image], v["text"][text]) + byol_loss(p["text"][text], v["image"][image])) / 2
 
 
 @register_method
