@@ -288,8 +288,9 @@ def test_each_text_view_draws_from_the_samples_whole_caption_list(tmp_path):
     animals = ["cat", "dog", "fox", "owl", "bee", "elk", "ram", "yak"]
     paths = write_images(tmp_path / "images", len(animals))
     table = tmp_path / "lists.jsonl"  # sample i: four captions "a <colour> <animal i>" (EDA keeps letters only)
-    table.write_text("".join(json.dumps({"image": f"images/{p.name}", "captions": [
-        f"a {colour} {animal}" for colour in ("red", "green", "blue", "grey")]}) + "\n" for p, animal in zip(paths, animals)))
+    rows = [{"image": f"images/{p.name}", "captions": [f"a {colour} {animal}" for colour in ("red", "green", "blue", "grey")]}
+            for p, animal in zip(paths, animals)]
+    table.write_text("".join(json.dumps(row) + "\n" for row in rows))
     common = dict(train=f"jsonl:{table}", batch_size=8, num_workers=0)
     eda = {"p": 0.0, "synonyms": "none"}  # EDA leaves the words alone: the drawn captions show through
     plain = next(build_source_train_loader(DataConfig(**common, eda=eda), 16, None))
