@@ -145,8 +145,12 @@ def test_lit_table_reads_the_experiments_evaluations_and_averages_the_seeds(tmp_
     assert "| **lit** | mean | **3.0 / 6.0 / 50.0** | **3.0 / 6.0 / 50.0** |" in out
     assert "| scratch | 1 | - | - |" in out  # a missing run is shown, not skipped silently
     assert "| **flame** | mean | - | - |" in out
+    # --arms: another experiment's arms (bench/noncontrastive_emoji_experiment.sh), in the order given
+    out = subprocess.run([sys.executable, str(script), str(tmp_path), "--arms", "scratch,lit"],
+                         capture_output=True, text=True, check=True).stdout
+    assert out.index("| **scratch** | mean |") < out.index("| **lit** | mean |") and "flame" not in out
     empty = subprocess.run([sys.executable, str(script), str(tmp_path / "none")], capture_output=True, text=True)
-    assert empty.returncode != 0 and "run bench/lit_experiment.sh first" in empty.stderr
+    assert empty.returncode != 0 and "run bench/lit_experiment.sh" in empty.stderr
 
 
 def test_tinyclip_table_reads_curves_and_chains_the_multi_stage_student(tmp_path):

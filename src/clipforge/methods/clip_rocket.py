@@ -35,6 +35,7 @@ from clipforge.config import MethodConfig, Recipe
 from clipforge.methods import register_method
 from clipforge.objectives.base import Metrics
 from clipforge.objectives.contrastive import clip_logits, symmetric_cross_entropy
+from clipforge.objectives.distributed import active_world_size, gather_with_grad
 from clipforge.objectives.selfsup import mlp
 from clipforge.train.step import Outputs, TrainStep
 
@@ -65,17 +66,19 @@ class ClipRocketConfig(MethodConfig):
                              "'gradcache' cannot replay them: use 'plain'")
 
 
-def local_clip_loss(image_views: Tensor, text_views: Tensor, logit_scale: Tensor, label_smoothing: float) -> Tensor:
+def gather_views(image_views: Tensor, text_views: Tensor) -> tuple[Tensor, Tensor]:
+    """Every rank's view embeddings (W*b x A x D each, rank order; the local tensors in one process)."""
+    return gather_with_grad(image_views), gather_with_grad(text_views)
+
+
+def local_clip_loss(image_views: Tensor, text_views: Tensor, logit_scale: Tensor, label_smoothing: float,
+                    gathered: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """Mean over every (image view i, text view j) of the symmetric InfoNCE with label smoothing.
-    ``image_views`` / ``text_views``: this rank's b x A x D, L2-normalised; gathered once across ranks."""
-    from clipforge.objectives.distributed import active_world_size, gather_with_grad
-
+    ``image_views`` / ``text_views``: this rank's b x A x D, L2-normalised; ``gathered``: the same of every
+    rank (``gather_views``; gathered here when not given)."""
     b, views = image_views.shape[:2]
-    all_images, all_texts, rank = image_views, text_views, 0
-    if active_world_size() > 1:
-        import torch.distributed as dist
-
-        all_images, all_texts, rank = gather_with_grad(image_views), gather_with_grad(text_views), dist.get_rank()
+    all_images, all_texts = gathered if gathered is not None else gather_views(image_views, text_views)
+    rank = torch.distributed.get_rank() if active_world_size() > 1 else 0
     labels = torch.arange(b, device=image_views.device) + rank * b
     total = 0.0
     for i in range(views):
@@ -137,11 +140,19 @@ class ClipRocketStep(TrainStep):
         outputs["view_pooled"] = (image_pooled.view(n, a, -1), text_pooled.view(n, a, -1))  # the heads of subclasses
         return outputs
 
+    @staticmethod
+    def gathered_view_embeds(outputs: Outputs) -> tuple[Tensor, Tensor]:
+        """The view embeddings of every rank, gathered once a step (SwALIP's codes read them too)."""
+        if "view_embeds_gathered" not in outputs:
+            outputs["view_embeds_gathered"] = gather_views(*outputs["view_embeds"])
+        return outputs["view_embeds_gathered"]
+
     def compute_loss(self, outputs: Outputs, batch: dict[str, Any]) -> tuple[Tensor, Metrics]:
         loss, metrics = self.objective(outputs, batch)
         if "view_embeds" not in outputs:
             return loss, metrics
-        local = local_clip_loss(*outputs["view_embeds"], outputs["view_logit_scale"], self.cfg.label_smoothing)
+        local = local_clip_loss(*outputs["view_embeds"], outputs["view_logit_scale"], self.cfg.label_smoothing,
+                                gathered=self.gathered_view_embeds(outputs))
         total = (loss + self.views * local) / (1 + self.views)
         metrics = {**metrics, "global/loss": loss.detach(), "views/loss": local.detach(),
                    "views/logit_scale": outputs["view_logit_scale"].detach(), "loss": total.detach()}

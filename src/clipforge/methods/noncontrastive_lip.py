@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from clipforge.config import Recipe
 from clipforge.methods import register_method
-from clipforge.methods.clip_rocket import ClipRocketConfig, ClipRocketStep
+from clipforge.methods.clip_rocket import ClipRocketConfig, ClipRocketStep, gather_views
 from clipforge.objectives.base import Metrics
 from clipforge.objectives.distributed import active_world_size, gather_with_grad
 from clipforge.objectives.selfsup import byol_loss, mlp
@@ -138,10 +138,11 @@ def sinkhorn_codes(scores: Tensor, epsilon: float, iterations: int) -> Tensor:
 
 
 def swapped_assignment_loss(image_views: Tensor, text_views: Tensor, logit_scale: Tensor,
-                            epsilon: float, iterations: int) -> Tensor:
+                            epsilon: float, iterations: int, gathered: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """SwALIP on b x A x D L2-normalised view embeddings: the pair (i, j)'s scaled logits against the
-    gathered other modality predict the Sinkhorn codes of the pair ((i + 1) mod A, (j + 1) mod A)."""
-    all_images, all_texts = gather_with_grad(image_views), gather_with_grad(text_views)
+    gathered other modality predict the Sinkhorn codes of the pair ((i + 1) mod A, (j + 1) mod A).
+    ``gathered``: every rank's view embeddings (``gather_views``; gathered here when not given)."""
+    all_images, all_texts = gathered if gathered is not None else gather_views(image_views, text_views)
     views = image_views.shape[1]
     image_logits = [[image_views[:, i] @ all_texts[:, j].T for j in range(views)] for i in range(views)]
     text_logits = [[text_views[:, i] @ all_images[:, j].T for j in range(views)] for i in range(views)]
@@ -324,6 +325,7 @@ class SwalipStep(ClipRocketStep):
         if "view_embeds" not in outputs:
             return total, metrics
         swav = swapped_assignment_loss(*outputs["view_embeds"], outputs["view_logit_scale"],
-                                       self.cfg.sinkhorn_epsilon, self.cfg.sinkhorn_iterations)
+                                       self.cfg.sinkhorn_epsilon, self.cfg.sinkhorn_iterations,
+                                       gathered=self.gathered_view_embeds(outputs))
         total = total + self.cfg.weight * swav
         return total, {**metrics, "swalip/loss": swav.detach(), "loss": total.detach()}
