@@ -282,3 +282,24 @@ def test_weights_are_written_with_the_mode_of_the_other_files(tmp_path):
         for name in names:
             assert stat.S_IMODE((directory / name).stat().st_mode) == 0o644, name
             assert stat.S_IMODE((directory / "config.json").stat().st_mode) == 0o644
+
+
+# ----------------------------------------------------------------------------- data.train that is not there
+def test_train_refuses_a_missing_data_path_with_where_it_looked_and_the_recipes_note(capsys, tmp_path, monkeypatch):
+    """A shipped CIFAR recipe run from a folder without cifar10/train: refused before anything starts (no
+    run dir), saying where the relative path was looked for and what the recipe says to pass."""
+    monkeypatch.chdir(tmp_path)
+    code, _, err = cli_in_process(capsys, "train", "clip-rocket-cifar", "--run-dir", tmp_path / "run")
+    err = " ".join(err.split())  # rich wraps long lines
+    assert code == 2 and "Traceback" not in err
+    assert "data.train: image folder not found: cifar10/train" in err
+    assert f"working directory {tmp_path}" in err and "--set data.train=imagefolder:PATH" in err
+    assert "pass --set data.train=imagefolder:PATH/cifar10/train" in err  # the recipe's description
+    assert not (tmp_path / "run").exists()
+    # a mixture: each source is checked; an absolute path says no more than that it is not there
+    (tmp_path / "here").mkdir()
+    missing = tmp_path / "pairs.jsonl"
+    code, _, err = cli_in_process(capsys, "train", "tiny-shapes", "--run-dir", tmp_path / "run",
+                                  "--set", f"data.train=imagefolder:{tmp_path / 'here'} + jsonl:{missing}")
+    err = " ".join(err.split())
+    assert code == 2 and f"data.train: jsonl file not found: {missing}." in err and "working directory" not in err

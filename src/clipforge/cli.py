@@ -170,6 +170,22 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def _check_train_paths(r) -> None:
+    """A data.train file or folder that is not there stops `train` before anything starts, with the
+    recipe's own note on where its data comes from (shipped recipes name relative paths)."""
+    from clipforge.config import RecipeError
+    from clipforge.data.mixture import parse_train_spec
+    from clipforge.data.sources import relative_note
+
+    for spec in parse_train_spec(r.data.train):
+        path = Path(spec.target).expanduser()
+        if spec.kind in ("imagefolder", "jsonl", "csv") and not path.exists():
+            what = "image folder" if spec.kind == "imagefolder" else f"{spec.kind} file"
+            raise RecipeError(f"data.train: {what} not found: {path}{relative_note(path)}. "
+                              f"Pass it with --set data.train={spec.kind}:PATH"
+                              + (f". Recipe '{r.name}': {r.description}" if r.description else ""))
+
+
 def _user_errors() -> tuple[type[BaseException], ...]:
     from clipforge.bench import BenchError
     from clipforge.config import RecipeError
@@ -233,6 +249,7 @@ def train(
     from clipforge.train.trainer import Trainer
 
     r, run_dir, resume_notes = _train_recipe(recipe, run_dir, set_, resume)  # validate before launching anything
+    _check_train_paths(r)
     rank, _, world, _ = D.read_launch_env()
     # built before any launch too: the hooks read the [[eval.tasks]] data, so a wrong path stops here
     hooks = _default_eval_hooks(r, world)

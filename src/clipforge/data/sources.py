@@ -75,6 +75,15 @@ def parse_data_spec(spec: str, kinds: Sequence[str] = DATA_KINDS) -> DataSpec:
     return DataSpec(kind, Path(rest).expanduser())
 
 
+def relative_note(path: Path) -> str:
+    """For a 'not found' message: where a relative path was looked for (recipes ship relative paths such as
+    ``cifar10/train``, read from wherever the command runs)."""
+    if Path(path).is_absolute():
+        return ""
+    return (f" (a relative path, looked for in the working directory {Path.cwd()}; run from the folder that "
+            f"holds it or give an absolute path)")
+
+
 def _guess_kind(path: str, kinds: Sequence[str]) -> str:
     suffix = Path(path).suffix.lower().lstrip(".")
     return suffix if suffix in kinds else kinds[0]
@@ -129,7 +138,7 @@ def read_image_folder(root: Path, classnames_file: Path | None = None) -> Classi
     """Index ``root/<class>/**/<image>``; class order = sorted folder names (as torchvision does)."""
     root = Path(root)
     if not root.exists():
-        raise DataError(f"image folder not found: {root}")
+        raise DataError(f"image folder not found: {root}{relative_note(root)}")
     if not root.is_dir():
         raise DataError(f"imagefolder:{root} is not a directory (imagefolder expects one subfolder per class)")
     class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
@@ -170,7 +179,7 @@ def folder_to_classname(name: str) -> str:
 def read_name_lines(path: Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"class names file not found: {path}")
+        raise DataError(f"class names file not found: {path}{relative_note(path)}")
     return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
@@ -194,7 +203,7 @@ def read_table(spec: DataSpec, separator: str | None = None) -> list[dict[str, A
     """
     path = spec.path
     if not path.exists():
-        raise DataError(f"{spec.kind} file not found: {path}")
+        raise DataError(f"{spec.kind} file not found: {path}{relative_note(path)}")
     if not path.is_file():
         raise DataError(f"{spec.kind}:{path} is a directory; pass the .{spec.kind} file itself")
     rows = _read_jsonl(path) if spec.kind == "jsonl" else _read_csv(path, separator)
