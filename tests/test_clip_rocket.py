@@ -100,8 +100,12 @@ def test_step_loss_is_the_released_codes_per_direction_total():
     model = step.model
     image_pooled = model.visual(model.normalize_images(batch["views"].flatten(0, 1)))["pooled"]
     text_pooled = model.text(batch["text_view_input_ids"], batch["text_view_attention_mask"])["pooled"]
-    h_image = F.normalize(step.image_view_projector(image_pooled), dim=-1).view(6, A, -1)
-    h_text = F.normalize(step.text_view_projector(text_pooled), dim=-1).view(6, A, -1)
+    # each view through its projector on its own (train-mode BatchNorm over one view's 6 samples), as the
+    # released code's list comprehension over the views
+    h_image = torch.stack([F.normalize(step.image_view_projector(image_pooled.view(6, A, -1)[:, i]), dim=-1)
+                           for i in range(A)], dim=1)
+    h_text = torch.stack([F.normalize(step.text_view_projector(text_pooled.view(6, A, -1)[:, j]), dim=-1)
+                          for j in range(A)], dim=1)
     s = step.local_logit_scale.exp()
     want = released_code_loss(out["image_embeds"].double(), out["text_embeds"].double(),
                               [h_image[:, i].double() for i in range(A)], [h_text[:, j].double() for j in range(A)],
@@ -114,6 +118,24 @@ def test_step_loss_is_the_released_codes_per_direction_total():
                  "model.text.blocks.0.attn.qkv.weight", "model.visual.blocks.0.attn.qkv.weight"):
         grad = dict(step.named_parameters())[name].grad
         assert grad is not None and grad.abs().sum() > 0, name
+
+
+def test_view_batchnorm_per_view_or_over_all_views_in_one_call():
+    """per_view (the default, the released code): BatchNorm statistics over one view's samples; joint: over
+    all A views at once. They differ in train mode; in eval mode (running statistics) they agree."""
+    batch = rocket_batch()
+    per_view, joint = build_rocket(), build_rocket("method.view_batchnorm=joint")
+    joint.load_state_dict(per_view.state_dict())
+    model = joint.model
+    text_pooled = model.text(batch["text_view_input_ids"], batch["text_view_attention_mask"])["pooled"]
+    want_joint = F.normalize(joint.text_view_projector(text_pooled), dim=-1).view(6, A, -1)
+    got_joint, got_per_view = joint(batch)["view_embeds"][1], per_view(batch)["view_embeds"][1]
+    assert torch.allclose(got_joint, want_joint, atol=1e-6)
+    assert (got_per_view - got_joint).abs().max() > 1e-3
+    joint.load_state_dict(per_view.state_dict())  # the same running statistics on both sides
+    for step in (per_view, joint):
+        with_frozen_bn(step)
+    assert torch.allclose(per_view(batch)["view_embeds"][0], joint(batch)["view_embeds"][0], atol=1e-6)
 
 
 def test_shared_projector_uses_the_models_projections_and_logit_scale():

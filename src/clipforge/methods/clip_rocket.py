@@ -13,7 +13,9 @@ is a CLIP problem with label smoothing eps:
 
 (h_i: image view i, h'_j: text view j, both L2-normalised; capitals: gathered over ranks.) This is the
 released code's per-direction (global + A * local) / (1 + A), averaged over the two directions.
-``projector = "linear"`` gives separate linear projectors; ``"shared"`` sends the views through the
+Each view goes through the MLP projectors on its own (``view_batchnorm = "per_view"``: BatchNorm statistics
+per view, as the released code); ``"joint"`` normalises all A views in one call. ``projector =
+"linear"`` gives separate linear projectors; ``"shared"`` sends the views through the
 model's own projections and logit scale (the code's ``separate_proj = False``). ``text_view_dropout`` is
 the text tower's "local mode": dropout on the residual stream entering every block, for the text views
 only (the code's ``--text-dropout-prob``: 0 on YFCC15M, 0.2 on CC3M). The projectors are
@@ -49,6 +51,9 @@ class ClipRocketConfig(MethodConfig):
     # the text tower's "local mode": dropout on the residual stream of the text views only (paper: 0 on
     # YFCC15M, 0.2 on CC3M, 0.05-0.1 on CC12M)
     text_view_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    # the MLP projectors' BatchNorm statistics: per view (the released code projects each view on its own)
+    # or over all A views of the batch in one call (clipforge before 2026-11-27; its CIFAR figures)
+    view_batchnorm: Literal["per_view", "joint"] = "per_view"
 
     def check_recipe(self, recipe: Recipe) -> None:
         d = recipe.data
@@ -132,13 +137,21 @@ class ClipRocketStep(TrainStep):
             image_z, text_z = self.model.image_projection(image_pooled), self.model.text_projection(text_pooled)
             scale = outputs["logit_scale"]
         else:
-            image_z, text_z = self.image_view_projector(image_pooled), self.text_view_projector(text_pooled)
+            image_z = self.project_views(self.image_view_projector, image_pooled, n)
+            text_z = self.project_views(self.text_view_projector, text_pooled, n)
             scale = self.local_logit_scale.exp()
         outputs["view_embeds"] = (F.normalize(image_z, dim=-1).view(n, a, -1),
                                   F.normalize(text_z, dim=-1).view(n, a, -1))
         outputs["view_logit_scale"] = scale
         outputs["view_pooled"] = (image_pooled.view(n, a, -1), text_pooled.view(n, a, -1))  # the heads of subclasses
         return outputs
+
+    def project_views(self, projector: nn.Module, pooled: Tensor, n: int) -> Tensor:
+        """(n*A) x W sample-major -> (n*A) x D. ``per_view``: each view through the projector on its own,
+        so its BatchNorm normalises over the n samples of one view (the released code's list of views)."""
+        if self.cfg.view_batchnorm == "joint" or self.cfg.projector == "linear":  # linear: the same either way
+            return projector(pooled)
+        return torch.stack([projector(v) for v in pooled.view(n, self.views, -1).unbind(1)], dim=1).flatten(0, 1)
 
     @staticmethod
     def gathered_view_embeds(outputs: Outputs) -> tuple[Tensor, Tensor]:
