@@ -16,30 +16,16 @@ set -euo pipefail
 RUNS=${1:?usage: bench/lit_experiment.sh RUNS_DIR "SEEDS"}
 SEEDS=${2:-"0 1"}
 PY=${PY:-python}
-EMOJI=${EMOJI:-$(dirname "$0")/../../shared/data/emoji-noto-dev/captions.jsonl}
-[ -f "$EMOJI" ] || { echo "no emoji captions at $EMOJI: set EMOJI=path/to/captions.jsonl" >&2; exit 2; }
-mkdir -p "$RUNS"
-SPLIT="$RUNS/split"
-[ -f "$SPLIT/split.json" ] || "$PY" "$(dirname "$0")/../examples/lit_holdout_split.py" "$EMOJI" "$SPLIT" --seed 0
+source "$(dirname "$0")/emoji_split.sh"  # SPLIT, emoji_run
 
 for seed in $SEEDS; do
   for arm in lit scratch flame lit-sigmoid; do
-    dir="$RUNS/$arm-s$seed"
-    [ -f "${dir}_heldout.json" ] && [ -f "${dir}_seen.json" ] && continue
     case $arm in
       lit) recipe=(lit-minilm-emoji) ;;
       scratch) recipe=(clip-emoji) ;;
       flame) recipe=(flame-minilm-emoji) ;;
       lit-sigmoid) recipe=(flame-minilm-emoji --set method.name=lit --set 'method.facets=[]') ;;
     esac
-    rm -rf "$dir"
-    echo "$(date +%T) train $dir"
-    flock /tmp/cpu.lock "$PY" -m clipforge train "${recipe[@]}" --run-dir "$dir" \
-      --set "data.train=jsonl:$SPLIT/train.jsonl" --set data.seed=0 --set train.seed="$seed" > "$dir.log" 2>&1
-    for split in heldout seen; do
-      flock /tmp/cpu.lock "$PY" -m clipforge eval "$dir" --task retrieval --data "jsonl:$SPLIT/$split.jsonl" \
-        --workers 0 --device cpu --out "${dir}_$split.json" >> "$dir.log" 2>&1
-    done
-    echo "$(date +%T) done  $dir"
+    emoji_run "$RUNS/$arm-s$seed" "$seed" "${recipe[@]}"
   done
 done

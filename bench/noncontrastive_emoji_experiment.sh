@@ -19,11 +19,7 @@ set -euo pipefail
 RUNS=${1:?usage: bench/noncontrastive_emoji_experiment.sh RUNS_DIR "SEEDS"}
 SEEDS=${2:-"0"}
 PY=${PY:-python}
-EMOJI=${EMOJI:-$(dirname "$0")/../../shared/data/emoji-noto-dev/captions.jsonl}
-[ -f "$EMOJI" ] || { echo "no emoji captions at $EMOJI: set EMOJI=path/to/captions.jsonl" >&2; exit 2; }
-mkdir -p "$RUNS"
-SPLIT="$RUNS/split"
-[ -f "$SPLIT/split.json" ] || "$PY" "$(dirname "$0")/../examples/lit_holdout_split.py" "$EMOJI" "$SPLIT" --seed 0
+source "$(dirname "$0")/emoji_split.sh"  # SPLIT, emoji_run
 
 # clip-emoji's model, tokenizer, batch and schedule on top of a CIFAR recipe of CLIP 🚀's family
 EMOJI_SETUP=(--set model.vision_layers=4 --set model.vocab_size=1024 --set model.context_length=32
@@ -35,21 +31,11 @@ EMOJI_SETUP=(--set model.vision_layers=4 --set model.vocab_size=1024 --set model
 for seed in $SEEDS; do
   for arm in clip rocket barlip swalip siamlip byolip; do
     [ -z "${ARMS:-}" ] || [[ " $ARMS " == *" $arm "* ]] || continue
-    dir="$RUNS/$arm-s$seed"
-    [ -f "${dir}_heldout.json" ] && [ -f "${dir}_seen.json" ] && continue
     case $arm in
       clip) recipe=(clip-emoji --set eval.at_end=false) ;;
       rocket) recipe=(clip-rocket-cifar "${EMOJI_SETUP[@]}") ;;
       *) recipe=("$arm-cifar" "${EMOJI_SETUP[@]}") ;;
     esac
-    rm -rf "$dir"
-    echo "$(date +%T) train $dir"
-    flock /tmp/cpu.lock "$PY" -m clipforge train "${recipe[@]}" --run-dir "$dir" \
-      --set "data.train=jsonl:$SPLIT/train.jsonl" --set data.seed=0 --set train.seed="$seed" > "$dir.log" 2>&1
-    for split in heldout seen; do
-      flock /tmp/cpu.lock "$PY" -m clipforge eval "$dir" --task retrieval --data "jsonl:$SPLIT/$split.jsonl" \
-        --workers 0 --device cpu --out "${dir}_$split.json" >> "$dir.log" 2>&1
-    done
-    echo "$(date +%T) done  $dir"
+    emoji_run "$RUNS/$arm-s$seed" "$seed" "${recipe[@]}"
   done
 done
