@@ -4,7 +4,8 @@
 # (~19 distinct texts a batch); this asks whether BarLIP's failure there is the data's.
 #
 #   PY=/path/to/python bash bench/noncontrastive_emoji_experiment.sh RUNS_DIR "0 1 2"
-#   ARMS="barlip rocket" ...   only the arms named (clip rocket barlip swalip siamlip byolip)
+#   ARMS="barlip rocket" ...   only the arms named (clip rocket barlip swalip siamlip byolip; barlip-d64: an
+#                              analysis arm, BarLIP with 64-wide heads, as wide as the batch)
 #   then: python bench/noncontrastive_emoji_table.py RUNS_DIR
 #
 # Data and protocol are the LiT experiment's (docs/methods/lit-flame.md): split seed 0 of
@@ -29,11 +30,12 @@ EMOJI_SETUP=(--set model.vision_layers=4 --set model.vocab_size=1024 --set model
              --set method.view_batchnorm=joint)  # as the CIFAR figures (the default until 2026-11-27)
 
 for seed in $SEEDS; do
-  for arm in clip rocket barlip swalip siamlip byolip; do
+  for arm in clip rocket barlip swalip siamlip byolip barlip-d64; do
     [ -z "${ARMS:-}" ] || [[ " $ARMS " == *" $arm "* ]] || continue
     case $arm in
       clip) recipe=(clip-emoji --set eval.at_end=false) ;;
       rocket) recipe=(clip-rocket-cifar "${EMOJI_SETUP[@]}") ;;
+      barlip-d64) recipe=(barlip-cifar "${EMOJI_SETUP[@]}" --set method.head_out=64) ;;  # analysis: heads as wide as the batch
       *) recipe=("$arm-cifar" "${EMOJI_SETUP[@]}") ;;
     esac
     emoji_run "$RUNS/$arm-s$seed" "$seed" "${recipe[@]}"

@@ -11,7 +11,8 @@
 #                                     "rocket-nols": without the views' label smoothing; "rocket-pv": BatchNorm
 #                                     per view in the views' projectors (the default now; the others: joint)
 #   SEEDS="0" ARMS="barlip siamlip byolip swalip" ...   the non-contrastive variants (recipes <name>-cifar);
-#                                     "barlip-w005": BarLIP with method.weight=0.05 (an analysis arm)
+#                                     "barlip-w005": BarLIP with method.weight=0.05, "barlip-d256": with 256-wide
+#                                     heads (analysis arms)
 # Each run and eval holds /tmp/cpu.lock (one CPU-heavy job at a time on a shared 2-core machine).
 set -euo pipefail
 SPLIT=${1:?split dir}; RUNS=${2:?runs dir}; STEPS=${STEPS:-400}
@@ -61,6 +62,8 @@ if [ -n "${SEEDS:-}" ]; then
   done
   # analysis: BarLIP with its term at a tenth of the paper's weight (docs/methods/noncontrastive-lip.md)
   for s in $SEEDS; do RECIPE=barlip-cifar arm barlip-w005 $s --set method.weight=0.05 "${JOINT_BN[@]}"; done
+  # analysis: BarLIP with 256-wide heads, twice the batch as the paper's 8,192 for 4,096 (the recipe: 2,048)
+  for s in $SEEDS; do RECIPE=barlip-cifar arm barlip-d256 $s --set method.head_out=256 "${JOINT_BN[@]}"; done
   # CLIP 🚀 as shipped now: the views' projectors normalise each view on its own (the released code)
   for s in $SEEDS; do RECIPE=clip-rocket-cifar arm rocket-pv $s; done
   exit 0
