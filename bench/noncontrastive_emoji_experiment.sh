@@ -35,6 +35,7 @@ for seed in $SEEDS; do
     case $arm in
       clip) recipe=(clip-emoji --set eval.at_end=false) ;;
       rocket) recipe=(clip-rocket-cifar "${EMOJI_SETUP[@]}") ;;
+      barlip) recipe=(barlip-cifar "${EMOJI_SETUP[@]}" --set method.head_out=2048) ;;  # the recipe's heads until 2026-11-27
       barlip-d64) recipe=(barlip-cifar "${EMOJI_SETUP[@]}" --set method.head_out=64) ;;  # analysis: heads as wide as the batch
       *) recipe=("$arm-cifar" "${EMOJI_SETUP[@]}") ;;
     esac

@@ -47,6 +47,7 @@ EQ=(--set method.ssl_scale=0 --set data.ssl_views=0 --set train.steps=$EQ_STEPS 
 # The CLIP 🚀 family's figures in the docs were measured with the views' projectors normalising all views in
 # one BatchNorm call, the default until 2026-11-27 (method.view_batchnorm = "joint"); "rocket-pv" is the default now.
 JOINT_BN=(--set method.view_batchnorm=joint)
+BARLIP_2048=(--set method.head_out=2048)  # BarLIP's recipe heads until 2026-11-27 (now 256)
 if [ -n "${SEEDS:-}" ]; then
   for s in $SEEDS; do
     arm clip $s "${CLIP[@]}"
@@ -58,11 +59,12 @@ if [ -n "${SEEDS:-}" ]; then
   for s in $SEEDS; do RECIPE=clip-rocket-cifar arm rocket-shared $s --set method.projector=shared; done
   for s in $SEEDS; do RECIPE=clip-rocket-cifar arm rocket-nols $s --set method.label_smoothing=0 "${JOINT_BN[@]}"; done
   for s in $SEEDS; do  # Fini et al.'s non-contrastive variants: CLIP 🚀 + one more loss (recipes <name>-cifar)
-    for nc in barlip siamlip byolip swalip; do RECIPE=$nc-cifar arm $nc $s "${JOINT_BN[@]}"; done
+    for nc in siamlip byolip swalip; do RECIPE=$nc-cifar arm $nc $s "${JOINT_BN[@]}"; done
+    RECIPE=barlip-cifar arm barlip $s "${BARLIP_2048[@]}" "${JOINT_BN[@]}"
   done
   # analysis: BarLIP with its term at a tenth of the paper's weight (docs/methods/noncontrastive-lip.md)
-  for s in $SEEDS; do RECIPE=barlip-cifar arm barlip-w005 $s --set method.weight=0.05 "${JOINT_BN[@]}"; done
-  # analysis: BarLIP with 256-wide heads, twice the batch as the paper's 8,192 for 4,096 (the recipe: 2,048)
+  for s in $SEEDS; do RECIPE=barlip-cifar arm barlip-w005 $s --set method.weight=0.05 "${BARLIP_2048[@]}" "${JOINT_BN[@]}"; done
+  # BarLIP with 256-wide heads, twice the batch as the paper's 8,192 for 4,096 (the recipe's since 2026-11-27)
   for s in $SEEDS; do RECIPE=barlip-cifar arm barlip-d256 $s --set method.head_out=256 "${JOINT_BN[@]}"; done
   # CLIP 🚀 as shipped now: the views' projectors normalise each view on its own (the released code)
   for s in $SEEDS; do RECIPE=clip-rocket-cifar arm rocket-pv $s; done

@@ -7,6 +7,7 @@ targets at initialisation, moved by the EMA after a step), 2 processes == 1, ref
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -56,6 +57,32 @@ def test_barlow_twins_loss_is_its_definition_in_value_and_gradient():
     q, _ = torch.linalg.qr(torch.randn(8, 4, generator=g, dtype=torch.float64))
     z = q * math.sqrt(8)  # columns orthogonal with z^T z / N = I
     assert float(barlow_twins_loss(z, z, 5e-3, 0.025)) < 1e-10
+
+
+def test_redundancy_floor_bounds_the_loss_once_aligned_and_wide_heads_are_warned():
+    """With D > N the cross-correlation has rank <= N: once image and text agree (every C_kk = 1) the loss is
+    still at least scale * lambda * D (D / N - 1); random aligned batches never go below it, and the
+    whitest one (the N axes, each repeated D / N times) reaches it."""
+    from clipforge.methods.noncontrastive_lip import BarlipConfig, redundancy_floor, warn_if_heads_outgrow_the_batch
+
+    cfg = BarlipConfig(head_out=32, redundancy_weight=5e-3, loss_scale=0.025)
+    n, d = 8, 32
+    floor = redundancy_floor(cfg, n)
+    assert math.isclose(floor, 0.025 * 5e-3 * 32 * 3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):  # aligned (a == b), standardised per dimension: C_kk = 1
+        z = torch.randn(n, d, generator=g, dtype=torch.float64)
+        z = (z - z.mean(0)) / z.std(0, unbiased=False)
+        assert float(barlow_twins_loss(z, z, 5e-3, 0.025)) >= floor - 1e-9
+    # the N axes repeated D / N times (scaled so that C_kk = 1): z z^T / N = (D / N) I, the bound is met
+    z = torch.eye(n, dtype=torch.float64).repeat(1, d // n) * math.sqrt(n)
+    assert float(barlow_twins_loss(z, z, 5e-3, 0.025)) == pytest.approx(floor, rel=1e-6)  # float32 inside
+    assert redundancy_floor(BarlipConfig(head_out=16), 16) == 0.0  # D <= N: no floor
+    with pytest.warns(UserWarning, match=r"head_out = 2048 is more than twice the global batch \(128\).*about 256"):
+        warn_if_heads_outgrow_the_batch(BarlipConfig(head_out=2048), 128)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_if_heads_outgrow_the_batch(BarlipConfig(head_out=256), 128)  # the recipe's ratio: no warning
 
 
 def sinkhorn_by_the_code(scores, eps, iters):

@@ -36,6 +36,7 @@ epsilon), so that is L_CL2L + 0.5 L_nc (0.1 for SwALIP): the defaults of ``weigh
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any
 
 import torch
@@ -161,6 +162,24 @@ def swapped_assignment_loss(image_views: Tensor, text_views: Tensor, logit_scale
     return total / views**2
 
 
+def redundancy_floor(cfg: BarlipConfig, batch: int) -> float:
+    """The least off-diagonal part of the Barlow Twins loss once every C_kk = 1: C = A^T B / N has rank <= N,
+    so ||C||_F^2 >= (tr C)^2 / N = D^2 / N and the off-diagonal squares sum to at least D (D / N - 1)."""
+    d = cfg.head_out
+    return cfg.loss_scale * cfg.redundancy_weight * d * max(d / batch - 1, 0.0)
+
+
+def warn_if_heads_outgrow_the_batch(cfg: BarlipConfig, batch: int) -> None:
+    """Heads much wider than the global batch make the redundancy term fight the alignment (its floor grows
+    as D^2 / N): the paper's 8,192 over a batch of 4,096 is D = 2N (docs/methods/noncontrastive-lip.md)."""
+    if cfg.head_out > 2 * batch:
+        warnings.warn(f"method.head_out = {cfg.head_out} is more than twice the global batch ({batch}): the "
+                      f"cross-correlation has rank <= {batch}, so the redundancy term cannot fall below "
+                      f"{redundancy_floor(cfg, batch):.2f} once image and text align, and BarLIP trains poorly "
+                      f"(docs/methods/noncontrastive-lip.md). The paper uses 8,192 for 4,096: set "
+                      f"method.head_out to about {2 * batch}", stacklevel=2)
+
+
 # ----------------------------------------------------------------------------- steps
 def pair_positions(views: int) -> list[tuple[int, int]]:
     """The (image, text) pairs the non-contrastive losses run over, as positions in ``projections``' lists:
@@ -227,6 +246,10 @@ class _HeadsStep(ClipRocketStep):
 class BarlipStep(_HeadsStep):
     name = "barlip"
     Config = BarlipConfig
+
+    def __init__(self, recipe: Recipe, model: nn.Module, objective, teachers: dict[str, nn.Module]):
+        super().__init__(recipe, model, objective, teachers)
+        warn_if_heads_outgrow_the_batch(self.cfg, recipe.data.batch_size * active_world_size())
 
     def make_head(self, width: int) -> nn.Module:
         return mlp([width, self.cfg.head_hidden, self.cfg.head_hidden, self.cfg.head_out], last_bn=True)
