@@ -34,6 +34,8 @@ CASES = [
     # the residual stream (and LayerNorm outputs) in bf16: half the bytes for the memory-bound kernels
     ("vit-b16-bf16res", "clip-vit-b16", ["train.bf16_residual=true"], False, [512, 384, 256]),
     ("vit-b16-compile-bf16res-b768", "clip-vit-b16", ["train.bf16_residual=true"], True, [768, 512]),
+    # a larger batch: the per-step fixed costs (AdamW over 150 M parameters, launches) over more samples
+    ("vit-b16-compile-bf16res-b1024", "clip-vit-b16", ["train.bf16_residual=true"], True, [1024]),
     ("vit-b16-flip50-compile-bf16res-b768", "clip-vit-b16", ["model.patch_dropout=0.5", "train.bf16_residual=true"],
      True, [768, 512]),
     # the fastest settings so far plus GEMM templates that may fuse GELU / bias into the GEMMs (give it

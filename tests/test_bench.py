@@ -113,6 +113,23 @@ def test_gpu_script_refuses_unknown_cases_and_starts_nothing_past_its_deadline(t
     assert all(not c["ok"] and "deadline" in c["error_tail"] for c in summary["cases"])
 
 
+def test_block_autotune_bench_compares_modes_on_the_same_block(tmp_path):
+    """bench/block_autotune.py on a CPU: one JSON line per mode in --out, the same block and gradients in
+    every mode, and the FLOP count of its matmuls and attention by hand."""
+    script = Path(__file__).resolve().parents[1] / "bench" / "block_autotune.py"
+    out = tmp_path / "block.jsonl"
+    proc = subprocess.run([sys.executable, str(script), "--device", "cpu", "--precision", "fp32", "--batch", "2",
+                           "--tokens", "8", "--width", "32", "--heads", "2", "--iters", "1", "--warmup", "0",
+                           "--modes", "eager,default", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r.get("mode") for r in lines[:2]] == ["eager", "default"] and lines[2]["bench"] == "block_autotune"
+    eager, compiled = lines[2]["results"]
+    assert abs(eager["summed_input_grad_norm"] - compiled["summed_input_grad_norm"]) <= 1e-3 * eager["summed_input_grad_norm"]
+    # forward: 2·N·T·12W² (QKV, output projection, two MLP matmuls) + 4·N·T²·W (scores, weighted sum); backward twice that
+    assert lines[2]["flop_per_fwd_bwd"] == 3 * (2 * 2 * 8 * 12 * 32**2 + 4 * 2 * 8**2 * 32)
+
+
 def test_filip_table_reads_the_experiments_evaluations_and_averages_the_seeds(tmp_path):
     """bench/filip_table.py (docs/methods/filip.md's tables) from clipforge eval result files."""
     script = Path(__file__).resolve().parents[1] / "bench" / "filip_table.py"
