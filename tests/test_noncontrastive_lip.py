@@ -85,6 +85,19 @@ def test_redundancy_floor_bounds_the_loss_once_aligned_and_wide_heads_are_warned
         warn_if_heads_outgrow_the_batch(BarlipConfig(head_out=256), 128)  # the recipe's ratio: no warning
 
 
+def test_the_wide_heads_warning_comes_from_rank_zero_only(monkeypatch):
+    """Under torchrun every rank builds the step: the warning is said once, by rank 0."""
+    import clipforge.methods.noncontrastive_lip as nc
+
+    wide = "method.head_out=4096"  # the tiny recipe's batch is far smaller
+    with pytest.warns(UserWarning, match="more than twice the global batch"):
+        build("barlip", wide)
+    monkeypatch.setattr(nc, "active_rank", lambda: 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build("barlip", wide)
+
+
 def sinkhorn_by_the_code(scores, eps, iters):
     """SwAV's Sinkhorn-Knopp as the released code writes it, one process."""
     q = torch.exp(scores / eps).T

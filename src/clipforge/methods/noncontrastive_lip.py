@@ -48,7 +48,7 @@ from clipforge.config import Recipe
 from clipforge.methods import register_method
 from clipforge.methods.clip_rocket import ClipRocketConfig, ClipRocketStep, gather_views
 from clipforge.objectives.base import Metrics
-from clipforge.objectives.distributed import active_world_size, gather_with_grad
+from clipforge.objectives.distributed import active_rank, active_world_size, gather_with_grad
 from clipforge.objectives.selfsup import byol_loss, mlp
 from clipforge.train.step import Outputs
 from clipforge.train.teachers import ema_update_
@@ -249,7 +249,8 @@ class BarlipStep(_HeadsStep):
 
     def __init__(self, recipe: Recipe, model: nn.Module, objective, teachers: dict[str, nn.Module]):
         super().__init__(recipe, model, objective, teachers)
-        warn_if_heads_outgrow_the_batch(self.cfg, recipe.data.batch_size * active_world_size())
+        if active_rank() == 0:  # once per run, not once per rank
+            warn_if_heads_outgrow_the_batch(self.cfg, recipe.data.batch_size * active_world_size())
 
     def make_head(self, width: int) -> nn.Module:
         return mlp([width, self.cfg.head_hidden, self.cfg.head_hidden, self.cfg.head_out], last_bn=True)

@@ -34,6 +34,13 @@ def active_world_size() -> int:
     return 1
 
 
+def active_rank() -> int:
+    """This process's rank in the default process group, or 0 when none is initialised."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return 0
+
+
 # ----------------------------------------------------------------------------- autograd collectives
 class _GatherWithGrad(torch.autograd.Function):
     """all_gather along dim 0; backward sums every rank's gradient for this rank's rows."""
