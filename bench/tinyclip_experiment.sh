@@ -7,9 +7,13 @@
 #   inherit       weights inherited from the teacher (manual), affinity distillation
 #   inherit-clip  inherited, CLIP loss only (no teacher in training)
 #   multi         clipforge distill: 2 stages x 200 steps, each inherited from the one before, distilled
+#   auto          clipforge distill --student sparsity=0.86 --prune-steps 300: L0 gates learnt on the teacher's
+#                 shape for 300 steps (distilling), pruned to about the manual student's block weights
+#                 (14 %), then 400 steps distilled: the same student steps, 300 more teacher-sized ones
 # The built-in shapes evaluation runs every 100 steps (zero-shot on seen and unseen compositions).
 #
 #   PY=/path/to/python bash bench/tinyclip_experiment.sh RUNS_DIR "0 1 2"      then: python bench/tinyclip_table.py RUNS_DIR
+#   ARMS="auto" PY=... bash bench/tinyclip_experiment.sh RUNS_DIR "0 1 2"       only the arms named (the teacher always)
 #
 # Each run holds /tmp/cpu.lock (one CPU-heavy job at a time); a finished run (a checkpoint at its last step) is kept.
 set -euo pipefail
@@ -19,10 +23,14 @@ PY=${PY:-python}
 COMMON=(--set train.steps=400 --set eval.every_steps=100 --set train.checkpoint_every_steps=400)
 mkdir -p "$RUNS"
 
+ARMS=${ARMS:-"scratch distill inherit inherit-clip multi"}
+wanted() { [[ " $ARMS " == *" $1 "* ]]; }
+
 finished() { [ -d "$1/checkpoints/$(printf 'step_%07d' "$2")" ]; }
 
 train() {  # dir args...
   local dir=$1; shift
+  if [ "$dir" != "$TEACHER" ] && ! wanted "$(basename "${dir%-s*}")"; then return 0; fi
   if finished "$dir" 400; then return 0; fi
   rm -rf "$dir"
   echo "$(date +%T) train $dir"
@@ -40,11 +48,17 @@ for seed in $SEEDS; do
   train "$RUNS/inherit-clip-s$seed" tinyclip-shapes --set 'teachers=[]' --set 'objective.terms=[{name="clip"}]' \
     "${INHERIT[@]}" "${COMMON[@]}" "${S[@]}"
   dir="$RUNS/multi-s$seed"
-  if ! finished "$dir/stage_2" 200; then
+  if wanted multi && ! finished "$dir/stage_2" 200; then
     echo "$(date +%T) distill $dir"
     flock /tmp/cpu.lock "$PY" -m clipforge distill "$TEACHER" --student vision_width=96,vision_layers=3,text_width=64,text_heads=2 \
       --stages 2 --run-dir "$dir" --recipe tinyclip-shapes --set train.steps=200 --set eval.every_steps=100 \
       --set train.checkpoint_every_steps=200 "${S[@]}" > "$dir.log" 2>&1
+  fi
+  dir="$RUNS/auto-s$seed"
+  if wanted auto && ! finished "$dir/stage_1" 400; then
+    echo "$(date +%T) distill (automatic inheritance) $dir"
+    flock /tmp/cpu.lock "$PY" -m clipforge distill "$TEACHER" --student sparsity=0.86 --prune-steps 300 \
+      --run-dir "$dir" --recipe tinyclip-shapes "${COMMON[@]}" "${S[@]}" > "$dir.log" 2>&1
   fi
 done
 echo "$(date +%T) done"

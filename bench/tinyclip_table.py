@@ -4,7 +4,8 @@ unseen compositions at student steps 100 / 200 / 300 / 400, per arm and seed, an
     python bench/tinyclip_table.py RUNS_DIR
 
 Reads each run's metrics.jsonl (the trainer's built-in evaluation rows). The multi-stage arm's student
-steps are stage 1's steps followed by stage 2's (stage_1/, stage_2/ of its run dir).
+steps are stage 1's steps followed by stage 2's (stage_1/, stage_2/ of its run dir); the automatic arm's
+are its stage_1/ (the pruned student; its gate-learning run, stage_1/masks/, is not a student step).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import sys
 from pathlib import Path
 from statistics import mean
 
-ARMS = ("scratch", "distill", "inherit", "inherit-clip", "multi")
+ARMS = ("scratch", "distill", "inherit", "inherit-clip", "multi", "auto")
 STEPS = (100, 200, 300, 400)
 SPLITS = ("seen", "unseen")
 

@@ -158,6 +158,53 @@ def test_frozen_groups_stay_bitwise_unchanged_through_adamw_steps_and_lr_scale_r
     assert not torch.equal(before["logit_scale"], after["logit_scale"])
 
 
+def test_a_group_with_a_constant_lr_keeps_it_whatever_the_schedule_and_after_a_resume():
+    model = tiny_clip()
+    optim = OptimConfig(groups=[ParamGroupConfig(match="logit_scale", lr=0.02, weight_decay=0.0)])
+    groups = build_param_groups(model, optim)
+    optimizer = torch.optim.AdamW(groups, lr=1e-3)
+    for schedule_lr in (0.0, 1e-4, 5e-4):  # warm-up start, mid, peak
+        set_group_lrs(optimizer, schedule_lr)
+        lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
+        assert lrs["optim.groups[0] logit_scale (no decay)"] == 0.02
+        assert lrs["default"] == lrs["default (no decay)"] == schedule_lr
+    # resume: the checkpoint's optimizer had lr 0.05 for the group; the recipe now says 0.02
+    old = OptimConfig(groups=[ParamGroupConfig(match="logit_scale", lr=0.05, weight_decay=0.0)])
+    saved = torch.optim.AdamW(build_param_groups(model, old), lr=1e-3).state_dict()
+    optimizer = torch.optim.AdamW(groups, lr=1e-3)
+    optimizer.load_state_dict(saved)
+    assert [g["fixed_lr"] for g in optimizer.param_groups][0] == 0.05  # torch restored the saved settings
+    apply_group_settings(optimizer, groups, optim)
+    set_group_lrs(optimizer, 1e-4)
+    assert [g["lr"] for g in optimizer.param_groups if "logit_scale" in g["name"]] == [0.02]
+    with pytest.raises(RecipeError, match="sets both lr \\(constant\\) and lr_scale"):
+        validate_recipe({"optim": {"groups": [{"match": "text.*", "lr": 0.1, "lr_scale": 0.5}]}})
+    with pytest.raises(RecipeError, match="freeze = true, so its lr/lr_scale/weight_decay would never apply"):
+        validate_recipe({"optim": {"groups": [{"match": "text.*", "freeze": True, "lr": 0.1}]}})
+
+
+def test_a_methods_default_groups_apply_to_its_parameters_and_a_recipe_group_overrides_them():
+    class Step(nn.Module):  # a training step whose method brings parameters and their own lr
+        def __init__(self):
+            super().__init__()
+            self.model = tiny_clip()
+            self.gates = nn.Linear(2, 2)
+
+        def default_param_groups(self):
+            return [ParamGroupConfig(match="gates.*", lr=0.02, weight_decay=0.0),
+                    ParamGroupConfig(match="nothing.here.*", lr=0.5)]  # matches nothing: no error, no group
+
+    step = Step()
+    names = {g["name"]: g for g in build_param_groups(step, OptimConfig())}
+    assert names["method default gates.*"]["fixed_lr"] == 0.02 and names["method default gates.*"]["weight_decay"] == 0.0
+    assert [p for p in names["method default gates.*"]["params"]] == [step.gates.weight]
+    assert not any("nothing" in n for n in names)
+    overridden = {g["name"]: g for g in build_param_groups(
+        step, OptimConfig(groups=[ParamGroupConfig(match="gates.*", lr_scale=0.5)]))}
+    assert overridden["optim.groups[0] gates.*"]["lr_scale"] == 0.5 and overridden["optim.groups[0] gates.*"]["fixed_lr"] is None
+    assert not any(n.startswith("method default") for n in overridden)
+
+
 def test_apply_group_settings_puts_the_recipe_values_back_after_loading_an_optimizer_state():
     model = tiny_clip()
     old = OptimConfig(weight_decay=0.2, groups=[ParamGroupConfig(match="text.*", lr_scale=0.1)])
@@ -222,7 +269,7 @@ def test_group_patterns_that_match_nothing_are_errors_that_show_the_names():
 
 
 def test_group_config_values_are_checked_with_the_key_in_the_message():
-    with pytest.raises(RecipeError, match="freeze = true, so its lr_scale/weight_decay would never apply"):
+    with pytest.raises(RecipeError, match="freeze = true, so its lr/lr_scale/weight_decay would never apply"):
         validate_recipe({"optim": {"groups": [{"match": "text.*", "freeze": True, "lr_scale": 0.1}]}})
     with pytest.raises(RecipeError, match=r"optim.groups.0.lr_scale"):
         validate_recipe({"optim": {"groups": [{"match": "text.*", "lr_scale": -1}]}})

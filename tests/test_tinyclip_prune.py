@@ -98,6 +98,28 @@ def test_the_lagrangian_drives_the_pruned_size_to_the_target():
     assert abs(realised - target) < 0.1, realised
 
 
+def test_gates_and_multipliers_train_at_tinyclips_constant_lr_without_weight_decay():
+    """TinyCLIP's L0 optimiser: gates at lr 0.02, multipliers at |lr| 0.02, no weight decay, unscheduled; a
+    recipe's own optim.groups entry for them wins."""
+    from clipforge.train.params import build_param_groups, set_group_lrs
+
+    step = _step()
+    groups = {g["name"]: g for g in build_param_groups(step, load_recipe("tiny-shapes", MODEL).optim)}
+    gates, lagrangian = groups["method default gates.* (no decay)"], groups["method default lagrangian.* (no decay)"]
+    assert {id(p) for p in gates["params"]} == {id(p) for p in step.gates.parameters()}
+    assert {id(p) for p in lagrangian["params"]} == {id(p) for p in step.lagrangian.parameters()}
+    optimizer = torch.optim.AdamW(list(groups.values()), lr=1e-3)
+    set_group_lrs(optimizer, 5e-4)
+    lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
+    assert lrs["method default gates.* (no decay)"] == lrs["method default lagrangian.* (no decay)"] == 0.02
+    assert lrs["default"] == 5e-4
+    recipe = load_recipe("tiny-shapes", MODEL + ["method.name=tinyclip_prune", "method.gate_lr=0.1"])
+    torch.manual_seed(0)
+    step = build_step(recipe, torch.device("cpu"), log=False)
+    assert {g["name"]: g["fixed_lr"] for g in build_param_groups(step, recipe.optim)}[
+        "method default gates.* (no decay)"] == 0.1
+
+
 PRUNE_TOML = """
 base = "tiny-shapes"
 name = "tiny-prune"
@@ -161,7 +183,8 @@ def test_trains_from_a_recipe_resumes_exactly_and_prunes_to_an_ordinary_checkpoi
     assert a["step"] == b["step"] == 4
     for key in ("loss", "prune/expected_sparsity", "prune/lambda_1"):
         assert a[key] == b[key], key
-    assert a["prune/target"] == 0.4 and a["prune/lambda_1"] > 0  # warmed up; lambda rose (ascent)
+    # warmed up; lambda rose (ascent) at its own lr 0.02, not the model's 5e-4 schedule
+    assert a["prune/target"] == 0.4 and a["prune/lambda_1"] > 0.01
     shutil.rmtree(tmp_path / "half")
     out = prune_checkpoint(tmp_path / "full" / "checkpoints" / "latest", tmp_path / "pruned")
     model, _, tokenizer = load(out)  # an ordinary checkpoint

@@ -539,6 +539,8 @@ class ParamGroupConfig(Section):
 
     match: str | list[str]  # fnmatch glob(s) over full parameter names, e.g. "text.*"
     lr_scale: float = Field(1.0, ge=0.0)  # lr = schedule lr * lr_scale
+    # a constant lr instead (no warm-up, no decay): e.g. TinyCLIP's L0 gates and Lagrange multipliers
+    lr: float | None = Field(None, gt=0.0)
     weight_decay: float | None = Field(None, ge=0.0)  # None = optim.weight_decay; the no-decay set stays 0
     freeze: bool = False  # requires_grad = False, and in no optimizer group
 
@@ -547,11 +549,14 @@ class ParamGroupConfig(Section):
         patterns = [self.match] if isinstance(self.match, str) else self.match
         if not patterns or any(not p for p in patterns):
             raise ValueError(f"optim.groups: match must be a non-empty glob or list of globs, got {self.match!r}")
-        if self.freeze and (self.lr_scale != 1.0 or self.weight_decay is not None):
+        if self.freeze and (self.lr_scale != 1.0 or self.weight_decay is not None or self.lr is not None):
             raise ValueError(
-                f"optim.groups: the group matching {self.match!r} has freeze = true, so its lr_scale/weight_decay "
+                f"optim.groups: the group matching {self.match!r} has freeze = true, so its lr/lr_scale/weight_decay "
                 "would never apply; drop them or set freeze = false"
             )
+        if self.lr is not None and self.lr_scale != 1.0:
+            raise ValueError(f"optim.groups: the group matching {self.match!r} sets both lr (constant) and lr_scale "
+                             "(a share of the schedule's lr); keep one")
         return self
 
 

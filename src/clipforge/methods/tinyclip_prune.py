@@ -36,7 +36,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from clipforge.config import MethodConfig, ModelConfig, Recipe
+from clipforge.config import MethodConfig, ModelConfig, ParamGroupConfig, Recipe
 from clipforge.methods import register_method
 from clipforge.models.l0 import HardConcreteGates, LagrangianPenalty, target_sparsity
 from clipforge.objectives.base import Metrics
@@ -52,6 +52,11 @@ class TinyclipPruneConfig(MethodConfig):
     start_sparsity: float = Field(0.0, ge=0.0, lt=1.0)
     warmup_steps: int = Field(100, ge=0)
     init_keep: float = Field(0.95, gt=0.0, lt=1.0)  # initial P(gate open)
+    # TinyCLIP trains the gates (lr 0.02) and the Lagrange multipliers (|lr| 0.02) in an optimiser of their
+    # own at a constant lr, no weight decay: at a model's lr (~5e-4) the gates barely move in a few hundred
+    # steps. An optim.groups entry matching "gates.*" or "lagrangian.*" overrides these
+    gate_lr: float = Field(0.02, gt=0.0)
+    lambda_lr: float = Field(0.02, gt=0.0)
 
     def check_recipe(self, recipe: Recipe) -> None:
         if any(t.kind == "ema" for t in recipe.teachers):
@@ -99,6 +104,11 @@ class TinyclipPruneStep(TrainStep):
         self._sampled: dict[str, Tensor] | None = None
         for tower in TOWERS:
             self._hook(tower)
+
+    def default_param_groups(self) -> list[ParamGroupConfig]:
+        """The gates' and multipliers' constant learning rates (clipforge.train.params.build_param_groups)."""
+        return [ParamGroupConfig(match="gates.*", lr=self.cfg.gate_lr, weight_decay=0.0),
+                ParamGroupConfig(match="lagrangian.*", lr=self.cfg.lambda_lr, weight_decay=0.0)]
 
     # ------------------------------------------------------------------ gates
     def gate_values(self) -> dict[str, Tensor]:

@@ -112,7 +112,11 @@ def build_param_groups(module: nn.Module, optim_cfg: OptimConfig) -> list[dict[s
     module = _unwrap(module)
     groups_cfg = list(optim_cfg.groups)
     freeze_parameters(module, groups_cfg)
-    assignment = _assign_groups(module, groups_cfg)
+    # a method's own defaults for its own parameters (e.g. TinyCLIP's gates) come after the recipe's
+    # groups, so a recipe group that matches the same parameters wins
+    method_groups = list(getattr(module, "default_param_groups", lambda: [])())
+    assignment = _assign_groups(module, groups_cfg + method_groups, optional_from=len(groups_cfg))
+    groups_cfg += method_groups
     no_decay = no_weight_decay_names(module)
     buckets: dict[tuple[int | None, bool], list[nn.Parameter]] = {}
     for name, p in _named_parameters(module):
@@ -122,11 +126,12 @@ def build_param_groups(module: nn.Module, optim_cfg: OptimConfig) -> list[dict[s
     out = []
     for index in [*range(len(groups_cfg)), None]:
         if index is None:
-            label, lr_scale, weight_decay = "default", 1.0, optim_cfg.weight_decay
+            label, lr_scale, fixed_lr, weight_decay = "default", 1.0, None, optim_cfg.weight_decay
         else:
             g = groups_cfg[index]
-            label = f"optim.groups[{index}] {_match_text(g.match)}"
-            lr_scale = g.lr_scale
+            where = f"optim.groups[{index}]" if index < len(optim_cfg.groups) else "method default"
+            label = f"{where} {_match_text(g.match)}"
+            lr_scale, fixed_lr = g.lr_scale, g.lr
             weight_decay = optim_cfg.weight_decay if g.weight_decay is None else g.weight_decay
         for exempt in (False, True):
             params = buckets.get((index, exempt))
@@ -135,6 +140,7 @@ def build_param_groups(module: nn.Module, optim_cfg: OptimConfig) -> list[dict[s
                     "params": params,
                     "weight_decay": 0.0 if exempt else weight_decay,
                     "lr_scale": lr_scale,
+                    "fixed_lr": fixed_lr,
                     "name": f"{label} (no decay)" if exempt else label,
                 })
     if not out:
@@ -146,9 +152,10 @@ def build_param_groups(module: nn.Module, optim_cfg: OptimConfig) -> list[dict[s
 
 
 def set_group_lrs(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """The schedule's lr for this step, times each group's ``lr_scale``."""
+    """The schedule's lr for this step, times each group's ``lr_scale`` (or the group's constant lr)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
+        fixed = group.get("fixed_lr")
+        group["lr"] = fixed if fixed is not None else lr * group.get("lr_scale", 1.0)
 
 
 def apply_group_settings(
@@ -174,30 +181,34 @@ def apply_group_settings(
             )
         live["weight_decay"] = fresh["weight_decay"]
         live["lr_scale"] = fresh["lr_scale"]
+        live["fixed_lr"] = fresh["fixed_lr"]
         live["name"] = fresh["name"]
         live["betas"] = tuple(optim_cfg.betas)
         live["eps"] = optim_cfg.eps
 
 
-def _assign_groups(module: nn.Module, groups_cfg: list[ParamGroupConfig]) -> dict[str, int | None]:
+def _assign_groups(module: nn.Module, groups_cfg: list[ParamGroupConfig],
+                   optional_from: int | None = None) -> dict[str, int | None]:
     """Parameter name -> index of the first group whose match fits it (None: no group).
 
     A pattern matching no parameter, or a group left empty because earlier groups took all its
-    parameters, is an error: either is a typo or a mistake in the order.
+    parameters, is an error: either is a typo or a mistake in the order. Groups from
+    ``optional_from`` on (a method's defaults) may match nothing.
     """
     names = [name for name, _ in _named_parameters(module)]
     assignment: dict[str, int | None] = dict.fromkeys(names)
     for index, g in enumerate(groups_cfg):
+        optional = optional_from is not None and index >= optional_from
         matched_any = False
         for pattern in _patterns(g.match):
             hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
-            if not hits:
+            if not hits and not optional:
                 raise RecipeError(_no_match_message(f"optim.groups[{index}].match", pattern, names))
             for n in hits:
                 if assignment[n] is None:
                     assignment[n] = index
                     matched_any = True
-        if not matched_any:
+        if not matched_any and not optional:
             raise RecipeError(
                 f"optim.groups[{index}] ({_match_text(g.match)}) gets no parameter: every parameter it matches "
                 "is taken by an earlier group (the first matching group wins); move it before them or narrow them"

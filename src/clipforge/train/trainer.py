@@ -43,6 +43,7 @@ from clipforge.train.params import (
     build_param_groups,
     check_resume_compatible,
     freeze_parameters,
+    set_group_lrs,
 )
 from clipforge.train.logs import MetricsLog, NoLog, TrainProgress, banner, check_trackers, run_facts
 from clipforge.train.schedule import lr_at
@@ -559,8 +560,7 @@ class StepRunner:
     def set_lr(self, step: int) -> float:
         r = self.recipe
         lr = lr_at(step, r.train.steps, r.optim.lr, r.schedule)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
+        set_group_lrs(self.optimizer, lr)
         return lr
 
     def to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
