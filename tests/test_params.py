@@ -453,6 +453,9 @@ def test_resume_accepts_training_knobs_with_one_warning_each():
                 "data.num_workers", "optim.groups[0].lr_scale: 0.1 -> 0.5", "optim.groups[0].weight_decay: null -> 0.0",
                 "model.patch_dropout", "model.init_from"):
         assert key in text, key
+    constant = recipe(optim={"groups": [{"match": "text.*", "lr": 0.02}, {"match": "logit_*", "freeze": True}]})
+    again = recipe(optim={"groups": [{"match": "text.*", "lr": 0.05}, {"match": "logit_*", "freeze": True}]})
+    assert check_resume_compatible(constant.model_dump(mode="json"), again) == ["optim.groups[0].lr: 0.02 -> 0.05"]
 
 
 def test_resume_refuses_architecture_and_optimizer_layout_changes_naming_key_and_reason():

@@ -630,7 +630,7 @@ def _compare_groups(saved: list[dict], now: list[dict], errors: list[str], warni
         if old["freeze"] != new["freeze"]:
             errors.append(f"optim.groups[{i}].freeze changed ({_show(old['freeze'])} -> {_show(new['freeze'])}): "
                           "frozen parameters have no optimizer state, so the saved state no longer lines up")
-        for key in ("lr_scale", "weight_decay"):
+        for key in ("lr_scale", "lr", "weight_decay"):
             if old[key] != new[key]:
                 warnings.append(f"optim.groups[{i}].{key}: {_show(old[key])} -> {_show(new[key])}")
 
