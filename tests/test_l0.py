@@ -43,6 +43,19 @@ def test_gates_are_hard_concrete_in_training_and_deterministic_in_eval():
     assert torch.equal(g(), g())
 
 
+def test_one_gate_of_a_set_stays_open_in_eval_however_closed_they_all_are():
+    """A tower has 2-12 width groups and blocks: closing all of them would leave no model to prune to."""
+    g = HardConcreteGates(3, init_keep=0.5)
+    with torch.no_grad():
+        g.log_alpha.copy_(torch.tensor([-9.0, -8.0, -10.0]))  # P(z > 0) ~ 0 for each
+    g.eval()
+    z = g()
+    assert (z > 0).tolist() == [False, True, False]  # the highest-scored one
+    with torch.no_grad():
+        g.log_alpha.copy_(torch.tensor([-9.0, 9.0, 9.0]))
+    assert (g() > 0).tolist() == [False, True, True]  # otherwise as CoFi: round(sum(1 - P)) closed
+
+
 def test_expected_sparsity_is_monotone_in_log_alpha():
     gates = _gates()
     values = []

@@ -48,6 +48,14 @@ def test_masked_layer_norm_over_the_kept_dims_is_a_layer_norm_of_those_dims():
     assert (out[:, ~keep.bool()] == 0).all()
 
 
+def test_masked_layer_norm_with_every_dim_closed_gives_zeros_not_nan():
+    ln = torch.nn.LayerNorm(6)
+    x = torch.randn(2, 3, 6, requires_grad=True)
+    out = masked_layer_norm(x, ln, torch.zeros(6, dtype=torch.bool))
+    out.sum().backward()
+    assert torch.equal(out, torch.zeros_like(out)) and torch.isfinite(x.grad).all()
+
+
 def test_pruned_model_is_smaller_and_computes_what_the_gated_model_computes():
     step = _step()
     with torch.no_grad():  # deterministic gates: closed (-5), open (5) and in between (0: z = 0.5)

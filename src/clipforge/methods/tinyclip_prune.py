@@ -73,7 +73,7 @@ class TinyclipPruneConfig(MethodConfig):
 def masked_layer_norm(x: Tensor, ln: nn.LayerNorm, keep: Tensor) -> Tensor:
     """LayerNorm over the kept dims only (``keep``: 0/1 per dim); the others come out 0."""
     m = keep.to(x.dtype)
-    n = m.sum()
+    n = m.sum().clamp_min(1)  # a sampled mask may close every group: the output is then 0, not 0 / 0
     mean = (x * m).sum(-1, keepdim=True) / n
     var = ((x - mean) * m).pow(2).sum(-1, keepdim=True) / n
     return ((x - mean) * torch.rsqrt(var + ln.eps) * ln.weight + ln.bias) * m

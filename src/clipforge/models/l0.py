@@ -53,9 +53,12 @@ class HardConcreteGates(nn.Module):
 
     def deterministic(self) -> Tensor:
         """CoFi's test-time gates: as many closed (exactly 0) as expected, round(sum(1 - P(z > 0))),
-        the lowest-scored ones; the others keep the soft value sigmoid(0.8 log_alpha / beta)."""
+        the lowest-scored ones; the others keep the soft value sigmoid(0.8 log_alpha / beta). One gate
+        always stays open: clipforge gates whole head groups and blocks (2-12 per tower, where CoFi gates
+        hundreds of dims), and a tower with no width or no block left is no model."""
         soft = torch.sigmoid(self.log_alpha / self.temperature * 0.8)
-        closed = self.log_alpha.numel() - int(torch.round(self.prob_nonzero().sum()))
+        n = self.log_alpha.numel()
+        closed = min(n - int(torch.round(self.prob_nonzero().sum())), n - 1)
         if closed > 0:
             soft = soft.clone()
             soft[torch.topk(soft, closed, largest=False).indices] = 0.0
