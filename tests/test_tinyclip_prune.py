@@ -198,3 +198,22 @@ def test_trains_from_a_recipe_resumes_exactly_and_prunes_to_an_ordinary_checkpoi
     model, _, tokenizer = load(out)  # an ordinary checkpoint
     ids, mask = tokenizer(["a red circle"])
     assert model.encode_text(ids, mask).shape == (1, 16)
+
+
+def test_resuming_with_other_optimizer_groups_than_the_checkpoints_is_refused_clearly(tmp_path, capsys, monkeypatch):
+    """A checkpoint written before the method's default groups existed: a clipforge error naming both layouts,
+    not torch's bare "different number of parameter groups"."""
+    from clipforge.methods.tinyclip_prune import TinyclipPruneStep
+
+    (tmp_path / "r.toml").write_text(PRUNE_TOML)
+    with monkeypatch.context() as m:
+        m.setattr(TinyclipPruneStep, "default_param_groups", lambda self: [])
+        code, _, err = run_cli(capsys, "train", tmp_path / "r.toml", "--run-dir", tmp_path / "old", "--set",
+                               "train.steps=2")
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "train", "--run-dir", tmp_path / "old", "--resume", "latest", "--set",
+                           "train.steps=4")
+    assert code == 2
+    assert "optimizer state has 2 parameter groups (default, default (no decay)) but this run makes 4" in err
+    assert "method's own default groups" in err
+
