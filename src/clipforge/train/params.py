@@ -115,8 +115,8 @@ def build_param_groups(module: nn.Module, optim_cfg: OptimConfig) -> list[dict[s
     # a method's own defaults for its own parameters (e.g. TinyCLIP's gates) come after the recipe's
     # groups, so a recipe group that matches the same parameters wins
     method_groups = list(getattr(module, "default_param_groups", lambda: [])())
-    assignment = _assign_groups(module, groups_cfg + method_groups, optional_from=len(groups_cfg))
-    groups_cfg += method_groups
+    recipe_count, groups_cfg = len(groups_cfg), groups_cfg + method_groups
+    assignment = _assign_groups(module, groups_cfg, optional_from=recipe_count)
     no_decay = no_weight_decay_names(module)
     buckets: dict[tuple[int | None, bool], list[nn.Parameter]] = {}
     for name, p in _named_parameters(module):
@@ -129,7 +129,7 @@ def build_param_groups(module: nn.Module, optim_cfg: OptimConfig) -> list[dict[s
             label, lr_scale, fixed_lr, weight_decay = "default", 1.0, None, optim_cfg.weight_decay
         else:
             g = groups_cfg[index]
-            where = f"optim.groups[{index}]" if index < len(optim_cfg.groups) else "method default"
+            where = f"optim.groups[{index}]" if index < recipe_count else "method default"
             label = f"{where} {_match_text(g.match)}"
             lr_scale, fixed_lr = g.lr_scale, g.lr
             weight_decay = optim_cfg.weight_decay if g.weight_decay is None else g.weight_decay
@@ -156,6 +156,17 @@ def set_group_lrs(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         fixed = group.get("fixed_lr")
         group["lr"] = fixed if fixed is not None else lr * group.get("lr_scale", 1.0)
+
+
+def check_saved_group_layout(saved: dict[str, Any], optimizer: torch.optim.Optimizer) -> None:
+    """Before ``optimizer.load_state_dict(saved)``: the saved state must have the run's number of groups."""
+    names = [g.get("name", "?") for g in saved.get("param_groups", [])]
+    if names and len(names) != len(optimizer.param_groups):
+        now = [g.get("name", "?") for g in optimizer.param_groups]
+        raise ResumeError(f"its optimizer state has {len(names)} parameter groups ({', '.join(names)}) but this run "
+                          f"makes {len(now)} ({', '.join(now)}): optim.groups, or the method's own default groups "
+                          "(e.g. tinyclip_prune's since 2026-11-27), changed. Resume with the code and recipe that "
+                          "wrote it, or start the run again (model.init_from keeps the weights)")
 
 
 def apply_group_settings(

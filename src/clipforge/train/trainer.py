@@ -42,6 +42,7 @@ from clipforge.train.params import (
     apply_group_settings,
     build_param_groups,
     check_resume_compatible,
+    check_saved_group_layout,
     freeze_parameters,
     set_group_lrs,
 )
@@ -269,7 +270,10 @@ class Trainer:
                     f"{saved_state.get('world_size', 1)} process(es); the optimizer state is laid out differently "
                     "with and without FSDP, so resume with the same train.fsdp setting"
                 )
-            _check_optimizer_groups(saved_state["optimizer"], optimizer, resume_from)
+            try:  # a clear refusal where torch's load_state_dict would only say the group counts differ
+                check_saved_group_layout(saved_state["optimizer"], optimizer)
+            except ResumeError as e:
+                raise _shared_error(f"cannot resume {resume_from}: {e}") from None
             D.load_full_optimizer_state(model, optimizer, saved_state["optimizer"], ctx, r.train.fsdp)
             # the saved state carries the old hyper-parameters; the recipe's (possibly changed) ones apply
             apply_group_settings(optimizer, build_param_groups(model, r.optim), r.optim)
@@ -645,17 +649,6 @@ def build_step(recipe: Recipe, device: torch.device, resume_from: Path | None = 
         # in place (state-dict keys unchanged), after the teachers copied the eager model
         step.model.compile(mode=recipe.train.compile_mode)
     return step
-
-
-def _check_optimizer_groups(saved: dict, optimizer: torch.optim.Optimizer, resume_from) -> None:
-    """A clear refusal where torch's load_state_dict would only say that the group counts differ."""
-    names = [g.get("name", "?") for g in saved.get("param_groups", [])]
-    if names and len(names) != len(optimizer.param_groups):
-        now = [g.get("name", "?") for g in optimizer.param_groups]
-        raise _shared_error(f"cannot resume {resume_from}: its optimizer state has {len(names)} parameter groups ({', '.join(names)}) "
-                          f"but this run makes {len(now)} ({', '.join(now)}): optim.groups, or the method's own "
-                          "default groups (e.g. tinyclip_prune's since 2026-11-27), changed. Resume with the code "
-                          "and recipe that wrote it, or start the run again (model.init_from keeps the weights)")
 
 
 def _warm_start(model: torch.nn.Module, recipe: Recipe, log: bool):
