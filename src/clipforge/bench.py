@@ -468,6 +468,7 @@ def run_bench(recipe: str | Recipe, overrides: list[str] | None = None, *, devic
         "bench": "clipforge bench", "recipe": r.name, "device": _device_name(dev), "torch": torch.__version__,
         "threads": torch.get_num_threads(), "precision": prec, "compile": r.train.compile,
         "compile_mode": r.train.compile_mode, "bf16_residual": r.train.bf16_residual,
+        "fused_mlp": r.train.fused_mlp,
         "global_batch": r.data.batch_size * r.train.accum_steps, "accum_mode": r.train.accum_mode,
         "patch_dropout": r.model.patch_dropout, "steps_per_round": steps, "rounds": rounds,
     }
@@ -514,9 +515,11 @@ def run_bench(recipe: str | Recipe, overrides: list[str] | None = None, *, devic
         result["ratio_per_round"] = summarise(per_round)
         if sides[1].flops_per_step == 0 and ours.flops_per_step:
             result["note"] = "OpenCLIP FLOPs are not counted under compile; compare img/s"
-        if r.train.bf16_residual:  # an option OpenCLIP has no counterpart for: say the ratio includes it
-            result["ratio_note"] = ("train.bf16_residual applies to clipforge only: OpenCLIP keeps its float32 "
-                                    "residual stream under autocast")
+        # options OpenCLIP has no counterpart for: say the ratio includes them
+        only_ours = [f"train.{k}" for k in ("bf16_residual", "fused_mlp") if getattr(r.train, k)]
+        if only_ours:
+            result["ratio_note"] = (f"{' and '.join(only_ours)} apply to clipforge only (OpenCLIP keeps a float32 "
+                                    "residual stream under autocast and runs its MLPs unfused)")
     if profile:  # CPU: self time per op category; CUDA: kernel time per category and GPU busy share
         result["profile"] = {}
         for side in sides:
@@ -539,7 +542,8 @@ def _device_name(device: torch.device) -> str:
 def format_table(result: dict[str, Any]) -> str:
     """A few human lines for the terminal (the JSON has everything)."""
     lines = [f"{result['recipe']} on {result['device']}: {result['precision']}, global batch {result['global_batch']}, "
-             f"compile={result['compile']}" + (", bf16 residual" if result.get("bf16_residual") else "")]
+             f"compile={result['compile']}" + (", bf16 residual" if result.get("bf16_residual") else "")
+             + (", fused MLP" if result.get("fused_mlp") else "")]
     for name, side in result["sides"].items():
         ips = side["img_per_s"]
         mfu = f"{100 * side['mfu']:.1f}%" if side["mfu"] is not None else "-"

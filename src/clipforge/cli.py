@@ -196,12 +196,13 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from clipforge.index.embed import EmbedError
     from clipforge.index.server import ServerError
     from clipforge.models.convert import ConversionError  # also ExportError
+    from clipforge.models.fused_mlp import FusedMLPUnavailable
     from clipforge.train.checkpoint import CheckpointError
     from clipforge.train.trainer import TrainingError
 
     return (RecipeError, CheckpointError, TrainingError, FileNotFoundError, ConversionError, FileExistsError,
             EmbedError, SearchIndexError, ServerError, DataError, EvalError,
-            MissingDependencyError, BenchError)
+            MissingDependencyError, BenchError, FusedMLPUnavailable)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

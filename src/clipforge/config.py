@@ -619,6 +619,10 @@ class TrainConfig(Section):
     # float32: the memory-bound kernels between the matmuls move half the bytes (GPU speed). Weights,
     # their gradients and AdamW stay float32. Not bitwise the default: the residual adds round to bf16
     bf16_residual: bool = False
+    # every transformer MLP through two Triton GEMMs with the activation in their epilogues (forward:
+    # bias + GELU; backward: GELU's derivative and the bias gradient): fewer passes over the MLP's
+    # hidden tensor (GPU speed, models/fused_mlp.py). CUDA only; equal to the plain MLP within rounding
+    fused_mlp: bool = False
 
     @model_validator(mode="after")
     def _compile_mode_needs_compile(self) -> "TrainConfig":

@@ -20,9 +20,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from clipforge.config import ModelConfig
+from clipforge.models.fused_mlp import FusedMLPUnavailable, check_available
 from clipforge.models.lexical import LexicalHead, keep_top_k, lexical_weights
 from clipforge.models.text import TextTransformer
-from clipforge.models.vit import VisionTransformer
+from clipforge.models.vit import MLP, VisionTransformer
 
 # extras a caller may ask forward() for
 EXTRAS = frozenset({"image_pooled", "text_pooled", "image_tokens", "text_tokens", "image_token_embeds",
@@ -99,6 +100,22 @@ class CLIP(nn.Module):
         self.visual.low_precision_residual = on
         if isinstance(self.text, TextTransformer):
             self.text.low_precision_residual = on
+
+    def set_fused_mlp(self, on: bool) -> None:
+        """train.fused_mlp: every transformer MLP of both towers (not a Hugging Face text tower's)
+        through the fused Triton GEMMs of models/fused_mlp.py. Refused where the kernels cannot run,
+        and where a method hooks the MLP's linear layers (the fused path does not call them)."""
+        mlps = [m for m in self.modules() if isinstance(m, MLP)]
+        if on:
+            check_available(next(self.parameters()).device)
+            hooked = [name for name, m in self.named_modules() if isinstance(m, MLP)
+                      for layer in (m.fc, m.proj) if layer._forward_pre_hooks or layer._forward_hooks]
+            if hooked:
+                raise FusedMLPUnavailable(
+                    f"train.fused_mlp bypasses the MLP's linear layers, and this run hooks them ({hooked[0]}, "
+                    f"{len(hooked)} MLPs; e.g. tinyclip_prune's masks): leave train.fused_mlp=false for this method")
+        for m in mlps:
+            m.fused = on
 
     def num_params(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clipforge.models.fused_mlp import fused_mlp
+
 
 # ----------------------------------------------------------------------------- transformer pieces
 class Attention(nn.Module):
@@ -107,9 +109,13 @@ class MLP(nn.Module):
         super().__init__()
         self.fc = nn.Linear(width, hidden)
         self.proj = nn.Linear(hidden, width)
+        self.activation_name = activation
         self.activation = ACTIVATIONS[activation]
+        self.fused = False  # train.fused_mlp: the activation inside two Triton GEMMs (models/fused_mlp.py)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            return fused_mlp(x, self.fc, self.proj, self.activation_name)
         return self.proj(self.activation(self.fc(x)))
 
 
