@@ -42,6 +42,9 @@ CASES = [
     # --case-timeout 400: autotuning every GEMM shape takes minutes)
     ("vit-b16-compile-autotune-bf16res-b768", "clip-vit-b16",
      ["train.bf16_residual=true", "train.compile_mode=max-autotune-no-cudagraphs"], True, [768]),
+    # the fastest settings so far plus the MLPs' GELU in two Triton GEMMs' epilogues (models/fused_mlp.py)
+    ("vit-b16-compile-bf16res-fusedmlp-b768", "clip-vit-b16", ["train.bf16_residual=true", "train.fused_mlp=true"],
+     True, [768]),
 ]
 
 TINY = ["model.image_size=32", "model.patch_size=8", "model.vision_width=64", "model.vision_layers=2",
@@ -143,6 +146,11 @@ def main() -> None:
         base = next((s for s in summaries if s["case"] == f"vit-b16{suffix}" and s["ok"]), None)
         if base and flip["batch"] == base["batch"]:
             final[f"flip50{suffix}_speedup"] = round(flip["clipforge"]["img_per_s"] / base["clipforge"]["img_per_s"], 3)
+    for fused in (s for s in summaries if "-fusedmlp" in s["case"] and s["ok"]):
+        # train.fused_mlp's speed-up over the same case with the plain MLP, at the same batch
+        base = next((s for s in summaries if s["case"] == fused["case"].replace("-fusedmlp", "") and s["ok"]), None)
+        if base and fused["batch"] == base["batch"]:
+            final["fused_mlp_speedup"] = round(fused["clipforge"]["img_per_s"] / base["clipforge"]["img_per_s"], 3)
     (out_dir / "summary.json").write_text(json.dumps(final, indent=1))
     print(json.dumps(final))
 

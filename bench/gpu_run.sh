@@ -2,7 +2,8 @@
 # The device machine's one call (see docs/performance.md): bench/gpu.sh, then the CUDA-only tests.
 # Runs from the repository root with the carried wheels in .whl/ (pydantic, open_clip_torch, ftfy, ...).
 #   bash bench/gpu_run.sh "<gpu.sh arguments>"
-#   BENCH_TIMEOUT=480 TEST_TIMEOUT=120 TESTS="sync_free or compiled" bash bench/gpu_run.sh "..."   # the defaults
+#   BENCH_TIMEOUT=480 TEST_TIMEOUT=120 TESTS="sync_free or compiled" TEST_FILES=tests/test_perf_paths.py \
+#     bash bench/gpu_run.sh "..."   # the defaults
 set -uo pipefail
 OUT=${OUT:-bench-out}
 mkdir -p "$OUT" /tmp/gpuout
@@ -12,4 +13,4 @@ python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name(0)
 # shellcheck disable=SC2086
 timeout "${BENCH_TIMEOUT:-480}" bash bench/gpu.sh --out /tmp/gpuout $1 2>&1 | tee "$OUT/log.txt"
 tar czf "$OUT/gpu.tgz" -C /tmp/gpuout .
-timeout "${TEST_TIMEOUT:-120}" python3 -m pytest -q -p no:cacheprovider tests/test_perf_paths.py -k "${TESTS:-sync_free or compiled}" 2>&1 | tail -5 | tee "$OUT/pytest.txt"
+timeout "${TEST_TIMEOUT:-120}" python3 -m pytest -q -p no:cacheprovider ${TEST_FILES:-tests/test_perf_paths.py} -k "${TESTS:-sync_free or compiled}" 2>&1 | tail -5 | tee "$OUT/pytest.txt"

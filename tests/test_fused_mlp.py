@@ -9,6 +9,7 @@ model and in the trainer; the FLOP count is the plain MLP's; and the refusals.""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -165,6 +166,21 @@ def test_fused_mlp_is_refused_where_it_cannot_run(monkeypatch):
     with pytest.raises(FusedMLPUnavailable, match="hooks them"):
         model.set_fused_mlp(True)
     assert not any(m.fused for m in model.modules() if isinstance(m, MLP))  # nothing half-switched
+
+
+def test_the_kernel_compiles_for_hopper_with_pipelined_tensor_core_loops(tmp_path):
+    # the interpreter above never compiles the kernel: build it for an H100 (sm_90) with Triton's own
+    # ptxas, as the JIT would for a ViT's shapes, in a process without TRITON_INTERPRET
+    code = ("import json; from clipforge.models.fused_mlp import GPU_CONFIGS, compile_for_gpu; "
+            "print(json.dumps(compile_for_gpu(90, configs=GPU_CONFIGS[:1])))")
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    builds = json.loads(out.stdout)
+    assert [b["backward"] for b in builds] == [False, True]
+    for build in builds:
+        assert build["pipelined"] and build["tensor_cores"], build  # cp.async stages feeding wgmma
+        assert build["shared_bytes"] <= 227 * 1024  # an H100 block's shared memory
 
 
 @pytest.mark.slow

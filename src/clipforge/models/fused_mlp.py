@@ -82,8 +82,11 @@ _chosen: dict[tuple, tuple] = {}
 
 
 def _precision(dtype: torch.dtype) -> str:
-    # float32 operands: TF32 only where torch's own matmuls use it (the trainer enables it on CUDA)
-    return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    """tl.dot's input precision. It only matters for float32 operands: TF32 where torch's own matmuls
+    use it (the trainer enables it on CUDA), else exact; for bf16 / fp16 Triton's default."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
 
 
 def _launch(config: tuple, a, b, out, pre, bias, colsum, backward: bool, act: int) -> None:
@@ -107,18 +110,18 @@ def _config_for(a, b, pre, bias, backward: bool, act: int) -> tuple:
     key = (1 << max(m - 1, 1).bit_length(), n, k, a.dtype, backward, act, a.device.index)
     if key not in _chosen:
         triton, _ = _kernels()
-        times = {}
+        times, error = {}, None
         for config in GPU_CONFIGS:
             out, scratch_pre, colsum = _outputs(a, n, config[0], backward)
             pre_arg = pre if backward else scratch_pre
             try:
                 times[config] = triton.testing.do_bench(
                     lambda c=config: _launch(c, a, b, out, pre_arg, bias, colsum, backward, act), warmup=5, rep=20)
-            except Exception:  # noqa: BLE001 - a tile too large for this GPU's shared memory: skip it
-                continue
+            except Exception as e:  # noqa: BLE001 - e.g. a tile too large for this GPU's shared memory: skip it
+                error = e
         if not times:
-            raise FusedMLPUnavailable("train.fused_mlp: no Triton tile configuration compiled on this GPU; "
-                                      "leave train.fused_mlp=false")
+            raise FusedMLPUnavailable(f"train.fused_mlp: no Triton tile configuration ran on this GPU (the last "
+                                      f"error: {type(error).__name__}: {error}); leave train.fused_mlp=false")
         _chosen[key] = min(times, key=times.get)
     return _chosen[key]
 
@@ -131,6 +134,43 @@ def _outputs(a: torch.Tensor, n: int, block_m: int, backward: bool):
     pre = None if backward else torch.empty_like(out)
     colsum = torch.empty((m + block_m - 1) // block_m if backward else 1, n, dtype=torch.float32, device=a.device)
     return out, pre, colsum
+
+
+def compile_for_gpu(arch: int = 90, act: str = "gelu", configs: list[tuple] = GPU_CONFIGS) -> list[dict]:
+    """Compile the kernel ahead of time for CUDA compute capability ``arch`` (90: Hopper, 80: Ampere)
+    with each tile of ``configs``, forward and backward, without a GPU (Triton's bundled ptxas), as the
+    JIT specialises it for a ViT's shapes (aligned pointers, sizes divisible by 16, unit strides
+    constant). Returns what each build uses: shared memory, and whether its loads are pipelined
+    (cp.async) into tensor-core instructions (wgmma on Hopper, mma on Ampere). Not under
+    TRITON_INTERPRET (there the kernel is not compiled)."""
+    if interpreting():
+        raise FusedMLPUnavailable("compile_for_gpu needs the compiled kernel: unset TRITON_INTERPRET")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    triton, kernel = _kernels()
+    names = kernel.arg_names
+    pointers = {"a": "*bf16", "b": "*bf16", "out": "*bf16", "pre": "*bf16", "bias": "*bf16", "colsum": "*fp32"}
+    builds = []
+    for backward in (False, True):
+        # A is K-contiguous; B is the first weight transposed (K-contiguous) forward, the second
+        # weight (N-contiguous) backward
+        unit = {"s_ak": 1, ("s_bn" if backward else "s_bk"): 1}
+        for config in configs:
+            block_m, block_n, block_k, group_m, warps, stages = config
+            constants = {**unit, "BACKWARD": backward, "ACT": ACT_CODES[act], "PRECISION": "tf32", "UPCAST": False,
+                         "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": group_m}
+            signature = {n: "constexpr" if n in constants else pointers.get(n, "i32") for n in names}
+            aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n not in constants}
+            source = ASTSource(fn=kernel, signature=signature, attrs=aligned,
+                               constexprs={(names.index(n),): v for n, v in constants.items()})
+            compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                                      options={"num_warps": warps, "num_stages": stages})
+            ptx = compiled.asm["ptx"]
+            builds.append({"backward": backward, "config": config, "shared_bytes": compiled.metadata.shared,
+                           "pipelined": "cp.async" in ptx,
+                           "tensor_cores": ("wgmma.mma_async" if arch >= 90 else "mma.sync") in ptx})
+    return builds
 
 
 # ----------------------------------------------------------------------------- ops (opaque to torch.compile)

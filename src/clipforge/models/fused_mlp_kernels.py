@@ -46,8 +46,9 @@ def gemm_act_kernel(a, b, out, pre, bias, colsum, M, N, K,
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
-    # rows and columns past the edge read valid memory (modulo) and are never stored
-    a_ptrs = a + (rm % M)[:, None] * s_am + rk[None, :] * s_ak
+    # rows and columns past the edge read valid memory (modulo) and are never stored; row offsets
+    # in int64 (M × N passes 2³¹ at a few thousand images of 197 tokens)
+    a_ptrs = a + (rm % M).to(tl.int64)[:, None] * s_am + rk[None, :] * s_ak
     b_ptrs = b + rk[:, None] * s_bk + (rn % N)[None, :] * s_bn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
@@ -61,7 +62,7 @@ def gemm_act_kernel(a, b, out, pre, bias, colsum, M, N, K,
         a_ptrs += BLOCK_K * s_ak
         b_ptrs += BLOCK_K * s_bk
     inside = (rm[:, None] < M) & (rn[None, :] < N)
-    offsets = rm[:, None] * N + rn[None, :]
+    offsets = rm.to(tl.int64)[:, None] * N + rn[None, :]
     if BACKWARD:
         h = tl.load(pre + offsets, mask=inside, other=0.0).to(tl.float32)
         grad = tl.where(inside, acc * act_grad_fn(h, ACT), 0.0)
