@@ -6,6 +6,8 @@ mode, gradient clipping, fused AdamW, the after-step hook) on the recipe's first
 ``data.batch_size`` samples, repeated ``train.accum_steps`` times. Tiny-shapes model, fp32.
 
 - ``plain``: CLIP loss, ``train.accum_steps=1``, the whole batch in one forward/backward;
+- ``plain_checkpointed``: ``plain`` with ``train.grad_checkpointing=true`` (each transformer block
+  keeps only its input for backward and recomputes the rest);
 - ``gradcache``: CLIP loss, ``train.accum_mode="gradcache"``, micro-batches of ``--micro`` samples
   and ``accum_steps = batch / micro``;
 - ``sigmoid_gradcache``: the SigLIP recipe (tiny-shapes-siglip) with the same GradCache
@@ -46,6 +48,13 @@ PATHS = {
         "recipe": "tiny-shapes",
         "gradcache": False,
         "description": "CLIP loss, accum_steps=1: the whole batch in one forward/backward",
+    },
+    "plain_checkpointed": {
+        "recipe": "tiny-shapes",
+        "gradcache": False,
+        "overrides": ["train.grad_checkpointing=true"],
+        "description": "CLIP loss, accum_steps=1, every transformer block recomputed in backward "
+                       "(train.grad_checkpointing)",
     },
     "gradcache": {
         "recipe": "tiny-shapes",

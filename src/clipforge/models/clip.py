@@ -101,6 +101,15 @@ class CLIP(nn.Module):
         if isinstance(self.text, TextTransformer):
             self.text.low_precision_residual = on
 
+    def set_grad_checkpointing(self, on: bool) -> None:
+        """train.grad_checkpointing: every transformer block of both towers recomputes its activations
+        in backward (models/vit.py run_block); a Hugging Face text tower through its own switch."""
+        self.visual.grad_checkpointing = on
+        if isinstance(self.text, TextTransformer):
+            self.text.grad_checkpointing = on
+        else:
+            self.text.set_activation_checkpointing(on)
+
     def set_fused_mlp(self, on: bool) -> None:
         """train.fused_mlp: every transformer MLP of both towers (not a Hugging Face text tower's)
         through the fused Triton GEMMs of models/fused_mlp.py. Refused where the kernels cannot run,

@@ -195,6 +195,19 @@ class HFTextTower(nn.Module):
                                  f"{HF_CONFIG_FILE}")
         self.hf.load_state_dict({k: state[k] for k in own}, strict=True)
 
+    def set_activation_checkpointing(self, on: bool) -> None:
+        """train.grad_checkpointing for the encoder's layers, through transformers' own switch
+        (non-reentrant, as clipforge's blocks; named gradient_checkpointing_* before transformers 5)."""
+        new_api = hasattr(self.hf, "activation_checkpointing_enable")
+        if on and new_api:
+            self.hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        elif on:
+            self.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        elif new_api and self.hf.is_activation_checkpointing:
+            self.hf.activation_checkpointing_disable()
+        elif not new_api and self.hf.is_gradient_checkpointing:
+            self.hf.gradient_checkpointing_disable()
+
     def pool(self, tokens: Tensor, attention_mask: Tensor) -> Tensor:
         if self.pooling == "cls":
             return tokens[:, 0]

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clipforge.models.vit import Block, LayerNorm, init_blocks_, to_residual_dtype, token_at
+from clipforge.models.vit import Block, LayerNorm, init_blocks_, run_block, to_residual_dtype, token_at
 
 
 class TextTransformer(nn.Module):
@@ -30,6 +30,7 @@ class TextTransformer(nn.Module):
         self.blocks = nn.ModuleList([Block(width, heads, mlp_ratio, activation) for _ in range(layers)])
         self.ln_final = LayerNorm(width)
         self.low_precision_residual = False  # train.bf16_residual: see to_residual_dtype
+        self.grad_checkpointing = False  # train.grad_checkpointing: see run_block
         self.init_weights_()
 
     def init_weights_(self) -> None:
@@ -68,7 +69,7 @@ class TextTransformer(nn.Module):
             query = eot if eot_only and i == len(self.blocks) - 1 else None
             if drop > 0:
                 x = F.dropout(x, drop, training=True)
-            x, _ = block(x, is_causal=True, query=query)
+            x, _ = run_block(block, x, self.grad_checkpointing, is_causal=True, query=query)
         x = self.ln_final(x)
         if eot_only:
             return {"pooled": x}  # N×W: the end-of-text token

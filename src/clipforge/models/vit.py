@@ -13,6 +13,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from clipforge.models.fused_mlp import fused_mlp
@@ -143,6 +144,16 @@ class Block(nn.Module):
         return x, weights
 
 
+def run_block(block: Block, x: torch.Tensor, checkpointed: bool, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``block(x, **kwargs)``; with ``checkpointed`` (train.grad_checkpointing) and gradients on, the
+    block keeps only its input for backward and recomputes its activations there (torch's
+    non-reentrant checkpoint): a tower's activation memory falls from all its blocks' intermediates
+    to one tensor per block, for about one more forward pass of compute."""
+    if checkpointed and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False, **kwargs)
+    return block(x, **kwargs)
+
+
 def init_blocks_(blocks: nn.ModuleList, width: int) -> None:
     """CLIP/OpenCLIP initialisation: residual-branch outputs shrink with depth (GPT-2 style)."""
     layers = len(blocks)
@@ -212,6 +223,7 @@ class VisionTransformer(nn.Module):
         self.blocks = nn.ModuleList([Block(width, heads, mlp_ratio, activation) for _ in range(layers)])
         self.ln_post = LayerNorm(width)
         self.low_precision_residual = False  # train.bf16_residual: see to_residual_dtype
+        self.grad_checkpointing = False  # train.grad_checkpointing: see run_block
         self.init_weights_()
 
     def init_weights_(self) -> None:
@@ -271,7 +283,7 @@ class VisionTransformer(nn.Module):
         cls_attention = []
         for i, block in enumerate(self.blocks):
             query = last_query if i == len(self.blocks) - 1 else None
-            x, weights = block(x, return_weights=return_cls_attention, query=query)
+            x, weights = run_block(block, x, self.grad_checkpointing, return_weights=return_cls_attention, query=query)
             if return_cls_attention:
                 cls_attention.append(weights[:, :, 0, 1:])  # N×H×K: class-token row, patch columns
 

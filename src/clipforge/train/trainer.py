@@ -646,6 +646,7 @@ def build_step(recipe: Recipe, device: torch.device, resume_from: Path | None = 
     # after the teachers were built: they run as the recipe's teacher config says
     step.model.set_low_precision_residual(recipe.train.bf16_residual)
     step.model.set_fused_mlp(recipe.train.fused_mlp)
+    step.model.set_grad_checkpointing(recipe.train.grad_checkpointing)
     if recipe.train.compile:
         # in place (state-dict keys unchanged), after the teachers copied the eager model
         step.model.compile(mode=recipe.train.compile_mode)
