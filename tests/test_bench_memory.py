@@ -1,7 +1,7 @@
 """bench/memory_scaling.py --quick runs end to end and prints the JSON the docs are built from.
 
 Only the shape of the output is checked: memory numbers depend on the machine (peaks just have
-to be positive). The quick run starts twelve small subprocesses: about 45 s on 2 quiet cores.
+to be positive). The quick run starts fourteen small subprocesses: about 50 s on 2 quiet cores.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "memory_scaling.py"
-PATHS = ("plain", "gradcache", "sigmoid_gradcache", "gradcache_chunked", "sigmoid_gradcache_chunked")
+PATHS = ("plain", "plain_checkpointed", "gradcache", "sigmoid_gradcache", "gradcache_chunked", "sigmoid_gradcache_chunked")
 RESULT_KEYS = {
     "batch", "micro_batch", "accum_steps", "recipe_overrides", "peak_rss_mib", "step_increment_mib",
     "rss_after_build_mib", "build_peak_rss_mib", "peak_reset_after_build", "step_seconds", "params",
@@ -22,7 +22,7 @@ RESULT_KEYS = {
 }
 
 
-@pytest.mark.slow  # twelve subprocesses that build and train a model
+@pytest.mark.slow  # fourteen subprocesses that build and train a model
 def test_memory_scaling_quick_prints_one_json_object():
     proc = subprocess.run([sys.executable, str(BENCH), "--quick"], capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -49,6 +49,7 @@ def test_memory_scaling_quick_prints_one_json_object():
     # GradCache runs batch / micro micro-batches; plain runs the whole batch at once
     assert [r["accum_steps"] for r in out["paths"]["gradcache"]["results"]] == [2, 4]
     assert [r["accum_steps"] for r in out["paths"]["plain"]["results"]] == [1, 1]
+    assert all("train.grad_checkpointing=true" in r["recipe_overrides"] for r in out["paths"]["plain_checkpointed"]["results"])
 
     chunked = out["sigmoid_chunked"]
     assert chunked["note"]
