@@ -118,6 +118,9 @@ CASES = [  # (term, wrapper, accum_mode, micro-batches per rank)
     ("clip", "ddp", "gradcache", 2),
     ("siglip", "ddp", "gradcache", 2),
     ("clip", "fsdp", "plain", 1),
+    # train.grad_checkpointing under both wrappers (blocks recomputed in backward, the same gradients)
+    ("clip", "ddp+checkpointing", "gradcache", 2),
+    ("clip", "fsdp+checkpointing", "plain", 1),
 ]
 PER_RANK_BATCH = 4
 
@@ -173,7 +176,10 @@ def _model_checks(rank: int) -> dict:
     for term, wrapper, mode, k in CASES:
         global_batch = random_batch(WORLD * k * b, seed=5)
         torch.manual_seed(0)
-        model = D.wrap_model(CLIP(tiny_model_config(term == "siglip")), ctx, torch.device("cpu"), wrapper == "fsdp")
+        fsdp = wrapper.startswith("fsdp")
+        core = CLIP(tiny_model_config(term == "siglip"))
+        core.set_grad_checkpointing(wrapper.endswith("+checkpointing"))
+        model = D.wrap_model(core, ctx, torch.device("cpu"), fsdp)
         objective = objective_for(term)
         # the loader's layout: rank r's j-th micro-batch = global rows j*b*W + r*b ... + b
         micro = [rows(global_batch, j * b * WORLD + rank * b, j * b * WORLD + (rank + 1) * b) for j in range(k)]
@@ -181,7 +187,7 @@ def _model_checks(rank: int) -> dict:
             loss, _ = gradcache_accumulation(model, objective, micro, forward_fn(model), no_autocast, torch.device("cpu"))
         else:
             loss, _ = plain_accumulation(model, objective, micro, forward_fn(model), no_autocast)
-        D.average_replicated_grads(model, ctx, wrapper == "fsdp")
+        D.average_replicated_grads(model, ctx, fsdp)
         grads = {}
         for name, p in D.unwrap(model).named_parameters():
             grads[name] = (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
