@@ -78,6 +78,28 @@ def test_a_ratio_that_includes_bf16_residual_says_so():
     assert "bf16 residual" in format_table(result) and "clipforge only" in format_table(result)
 
 
+def test_grad_checkpointing_runs_on_both_sides_and_counts_model_flops_only(monkeypatch):
+    import open_clip
+
+    from clipforge.bench import format_table
+
+    calls = []
+    original = open_clip.model.CLIP.set_grad_checkpointing
+
+    def recording(self, enable=True):
+        calls.append(enable)
+        return original(self, enable)
+
+    monkeypatch.setattr(open_clip.model.CLIP, "set_grad_checkpointing", recording)
+    kwargs = dict(device="cpu", precision="fp32", steps=1, rounds=1, warmup=0, against="openclip", loader_batches=0)
+    on = run_bench("tiny-shapes", [*TINY, "train.grad_checkpointing=true"], **kwargs)
+    off = run_bench("tiny-shapes", TINY, **kwargs)
+    assert on["grad_checkpointing"] and calls == [True, False]  # OpenCLIP's side as ours
+    assert "grad checkpointing" in format_table(on)
+    # MFU counts the model's FLOPs: the recomputed forward is not counted again
+    assert on["sides"]["clipforge"]["gflops_per_sample"] == off["sides"]["clipforge"]["gflops_per_sample"]
+
+
 def test_against_openclip_refuses_what_openclip_cannot_run():
     from clipforge.bench import BenchError
 

@@ -202,8 +202,10 @@ def clipforge_side(recipe: Recipe, device: torch.device, count: bool = True) -> 
 
     flops = 0.0
     if count:
-        # one training pass counted on an eager copy (FlopCounterMode does not see into compiled graphs)
-        eager = recipe.model_copy(update={"train": recipe.train.model_copy(update={"compile": False})})
+        # one training pass counted on an eager copy (FlopCounterMode does not see into compiled graphs),
+        # without activation checkpointing: MFU counts the model's FLOPs, not their recomputation
+        eager = recipe.model_copy(update={"train": recipe.train.model_copy(
+            update={"compile": False, "grad_checkpointing": False})})
         counting = StepRunner(*_step_and_optimizer(eager, device), eager, device)
         flops = count_flops(lambda: counting.forward_backward([counting.to_device(host_batch)] * micro))
         del counting
@@ -263,6 +265,7 @@ def openclip_side(recipe: Recipe, device: torch.device, host_batch: dict[str, An
     model = open_clip.model.CLIP(m.embed_dim, vision_cfg, text_cfg,
                                  init_logit_bias=m.logit_bias_init if sigmoid else None,
                                  output_dict=True).to(device).train()
+    model.set_grad_checkpointing(r.train.grad_checkpointing)  # OpenCLIP's --grad-checkpointing
     if r.train.compile:
         model.compile(mode=r.train.compile_mode)
     loss_fn = SigLipLoss() if sigmoid else ClipLoss()
@@ -468,7 +471,7 @@ def run_bench(recipe: str | Recipe, overrides: list[str] | None = None, *, devic
         "bench": "clipforge bench", "recipe": r.name, "device": _device_name(dev), "torch": torch.__version__,
         "threads": torch.get_num_threads(), "precision": prec, "compile": r.train.compile,
         "compile_mode": r.train.compile_mode, "bf16_residual": r.train.bf16_residual,
-        "fused_mlp": r.train.fused_mlp,
+        "fused_mlp": r.train.fused_mlp, "grad_checkpointing": r.train.grad_checkpointing,
         "global_batch": r.data.batch_size * r.train.accum_steps, "accum_mode": r.train.accum_mode,
         "patch_dropout": r.model.patch_dropout, "steps_per_round": steps, "rounds": rounds,
     }
@@ -543,7 +546,8 @@ def format_table(result: dict[str, Any]) -> str:
     """A few human lines for the terminal (the JSON has everything)."""
     lines = [f"{result['recipe']} on {result['device']}: {result['precision']}, global batch {result['global_batch']}, "
              f"compile={result['compile']}" + (", bf16 residual" if result.get("bf16_residual") else "")
-             + (", fused MLP" if result.get("fused_mlp") else "")]
+             + (", fused MLP" if result.get("fused_mlp") else "")
+             + (", grad checkpointing" if result.get("grad_checkpointing") else "")]
     for name, side in result["sides"].items():
         ips = side["img_per_s"]
         mfu = f"{100 * side['mfu']:.1f}%" if side["mfu"] is not None else "-"
