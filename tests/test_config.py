@@ -54,7 +54,7 @@ def test_bad_value_names_key_and_expected():
     assert "'optim.lr'" in str(e.value) and "number" in str(e.value) and "'fast'" in str(e.value)
     with pytest.raises(RecipeError) as e:
         load_recipe("tiny-shapes", ["schedule.kind=cosin"])
-    assert "'schedule.kind'" in str(e.value) and "'cosine' or 'constant'" in str(e.value)
+    assert "'schedule.kind'" in str(e.value) and "'cosine', 'constant' or 'cooldown'" in str(e.value)
     with pytest.raises(RecipeError) as e:
         load_recipe("tiny-shapes", ["model.patch_size=7"])
     assert "multiple of model.patch_size" in str(e.value)

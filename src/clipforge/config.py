@@ -579,9 +579,24 @@ class OptimConfig(Section):
 
 
 class ScheduleConfig(Section):
-    kind: Literal["cosine", "constant"] = "cosine"
+    # cosine: warmup, half-cosine to the floor; constant: warmup, then optim.lr; cooldown: warmup,
+    # constant, then the last cooldown_steps decay to the floor (warmup-stable-decay, OpenCLIP's
+    # const-cooldown): a run can be extended while constant and cooled down at any budget
+    kind: Literal["cosine", "constant", "cooldown"] = "cosine"
     warmup_steps: int = Field(100, ge=0)
-    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)  # cosine floor as a fraction of optim.lr
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)  # the floor (cosine, cooldown) as a fraction of optim.lr
+    cooldown_steps: int = Field(0, ge=0)  # kind = "cooldown": the decaying steps at the end of train.steps
+    cooldown_power: float = Field(1.0, gt=0.0, le=10.0)  # 1: linear decay; 2: (1 - t)^2 ...
+
+    @model_validator(mode="after")
+    def _cooldown_needs_steps(self) -> "ScheduleConfig":
+        if self.kind == "cooldown" and self.cooldown_steps == 0:
+            raise ValueError("schedule.kind = 'cooldown' decays over schedule.cooldown_steps: set it (e.g. a "
+                             "tenth to a fifth of train.steps), or use kind = 'constant'")
+        if self.kind != "cooldown" and self.cooldown_steps:
+            raise ValueError(f"schedule.cooldown_steps = {self.cooldown_steps} only applies to kind = 'cooldown' "
+                             f"(this schedule is {self.kind!r}); set kind = 'cooldown' or drop cooldown_steps")
+        return self
 
 
 class TrainConfig(Section):
@@ -771,6 +786,10 @@ class Recipe(Section):
                 "objective term 'siglip' needs a logit bias: set model.logit_bias_init (SigLIP uses -10) "
                 "and model.logit_scale_init = 2.302585 (ln 10)"
             )
+        sched = self.schedule
+        if sched.kind == "cooldown" and sched.warmup_steps + sched.cooldown_steps > self.train.steps:
+            raise ValueError(f"schedule.warmup_steps ({sched.warmup_steps}) + cooldown_steps ({sched.cooldown_steps}) "
+                             f"exceed train.steps ({self.train.steps}): shorten them or train longer")
         if self.data.tokenizer.vocab_size > self.model.vocab_size:
             raise ValueError(
                 f"data.tokenizer.vocab_size ({self.data.tokenizer.vocab_size}) exceeds "
