@@ -1,7 +1,7 @@
 """train.fused_mlp: the MLP with its activation in two Triton GEMMs (models/fused_mlp.py).
 
-Without a GPU the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, set here before the
-kernels are first imported): the same kernel code, tile by tile in numpy. What is checked: the
+Without a GPU the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, set by conftest.py
+before triton is first imported): the same kernel code, tile by tile in numpy. What is checked: the
 fused MLP equals the plain one (values and every gradient; float32 to summation order, bf16
 autocast to bf16 rounding) on shapes whose rows, columns and reduction do not divide the tiles and
 span several tiles (the bias gradient sums per-tile partials); through torch.compile; in a whole
@@ -18,8 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are first imported (lazily)
+# without CUDA, tests/conftest.py has set TRITON_INTERPRET=1 (before triton's first import)
 pytest.importorskip("triton", reason="train.fused_mlp needs Triton (PyTorch's CUDA wheels bring it)")
 
 from clipforge.bench import count_flops  # noqa: E402
