@@ -506,3 +506,78 @@ def test_resume_refuses_changes_to_objective_terms_that_own_parameters():
                     [{"name": "clip"}, {"name": "test_params_scale", "dim": 3}]):
         with pytest.raises(ResumeError, match=r"objective.terms changed .* test_params_scale that own parameters"):
             check_resume_compatible(saved, recipe(objective={"terms": changed}))
+
+
+# ----------------------------------------------------------------------------- optim.layer_decay
+def _scales(model: nn.Module, optim: OptimConfig) -> dict[str, float]:
+    names = {id(p): n for n, p in model.named_parameters()}
+    return {names[id(p)]: g["lr_scale"] for g in build_param_groups(model, optim) for p in g["params"]}
+
+
+def test_layer_decay_scales_each_towers_blocks_by_depth_and_keeps_the_heads_at_full_lr():
+    model = tiny_clip(vision_layers=3, text_layers=2)
+    scales = _scales(model, OptimConfig(layer_decay=0.5, layer_decay_text=0.8))
+    # image tower, L = 3: embeddings d^4, block i d^(3 - i)
+    for name in ("visual.patch_embed.weight", "visual.class_token", "visual.pos_embed", "visual.ln_pre.weight"):
+        assert scales[name] == pytest.approx(0.5**4), name
+    for i in range(3):
+        assert scales[f"visual.blocks.{i}.attn.qkv.weight"] == pytest.approx(0.5 ** (3 - i))
+        assert scales[f"visual.blocks.{i}.ln_2.bias"] == pytest.approx(0.5 ** (3 - i))
+    # text tower, L = 2, its own decay
+    assert scales["text.token_embed.weight"] == scales["text.pos_embed"] == pytest.approx(0.8**3)
+    assert [scales[f"text.blocks.{i}.mlp.fc.weight"] for i in range(2)] == pytest.approx([0.8**2, 0.8])
+    for name in ("visual.ln_post.weight", "text.ln_final.bias", "image_projection.weight", "logit_scale"):
+        assert scales[name] == 1.0, name
+    # a recipe group's lr_scale multiplies; the schedule's lr reaches every group scaled
+    scaled = _scales(model, OptimConfig(layer_decay=0.5, groups=[ParamGroupConfig(match="text.*", lr_scale=0.1)]))
+    assert scaled["text.blocks.1.mlp.fc.weight"] == pytest.approx(0.05)
+    assert scaled["visual.blocks.2.mlp.fc.weight"] == pytest.approx(0.5)
+    optimizer = torch.optim.AdamW(build_param_groups(model, OptimConfig(layer_decay=0.5)), lr=1.0)
+    set_group_lrs(optimizer, 1e-3)
+    assert sorted({round(g["lr"] / 1e-3, 6) for g in optimizer.param_groups}) == [0.0625, 0.125, 0.25, 0.5, 1.0]
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))
+    assert _scales(model, OptimConfig()) == dict.fromkeys(scales, 1.0)  # off: every scale 1
+
+
+def test_the_layer_decay_layout_does_not_depend_on_its_value_so_a_resume_may_change_it():
+    model = tiny_clip(vision_layers=2, text_layers=2)
+    layouts = [[(g["name"], len(g["params"])) for g in build_param_groups(model, OptimConfig(layer_decay=d,
+                                                                                              layer_decay_text=t))]
+               for d, t in ((0.5, None), (0.9, 0.9), (0.7, 0.3), (1.0, None))]
+    assert all(layout == layouts[0] for layout in layouts)
+    with pytest.raises(RecipeError, match="set optim.layer_decay too"):
+        validate_recipe({"optim": {"layer_decay_text": 0.5}})
+
+
+def test_layer_decay_from_the_cli_resumes_with_a_new_value_and_refuses_switching_it_off(tmp_path, capsys):
+    from tiny_checkpoint import run_cli
+
+    small = ["model.vision_layers=2", "model.text_layers=1", "data.tokenizer.corpus_size=300", "data.batch_size=8",
+             "data.num_workers=0", "eval.at_end=false", "train.checkpoint_every_steps=2"]
+    sets = [a for s in small for a in ("--set", s)]
+    run = tmp_path / "run"
+    code, _, err = run_cli(capsys, "train", "tiny-shapes", "--run-dir", run, *sets, "--set", "train.steps=2",
+                           "--set", "optim.layer_decay=0.7")
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "train", "--run-dir", run, "--resume", "latest", "--set", "train.steps=4",
+                           "--set", "optim.layer_decay=0.8")
+    assert code == 0, err
+    assert "optim.layer_decay" in err  # the change is applied, with the warning that lists it
+    code, _, err = run_cli(capsys, "train", "--run-dir", run, "--resume", "latest", "--set", "train.steps=6",
+                           "--set", "optim.layer_decay=null")
+    assert code == 2
+    assert "optim.layer_decay on / off changed" in err and "Traceback" not in err
+
+
+def test_layer_decay_reaches_a_hugging_face_text_towers_encoder_layers():
+    pytest.importorskip("transformers")
+    from clipforge.train.trainer import build_step
+
+    recipe = load_recipe("lit-minilm-shapes", ["model.text_unlocked_layers=2", "method.cache=false",
+                                               "optim.layer_decay=0.9", "optim.layer_decay_text=0.5"])
+    scales = _scales(build_step(recipe, torch.device("cpu"), log=False), recipe.optim)
+    # MiniLM has 6 layers; the last two train: layer i gets 0.5^(6 - i)
+    assert scales["model.text.hf.encoder.layer.4.attention.self.query.weight"] == pytest.approx(0.25)
+    assert scales["model.text.hf.encoder.layer.5.output.dense.weight"] == pytest.approx(0.5)
+    assert not any(".layer.3." in n or "embeddings" in n for n in scales)  # locked: in no group
+    assert scales["model.visual.blocks.0.attn.qkv.weight"] == pytest.approx(0.9 ** recipe.model.vision_layers)

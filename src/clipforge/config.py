@@ -568,6 +568,18 @@ class OptimConfig(Section):
     grad_clip: float | None = Field(1.0, gt=0.0)  # max global grad norm; None = off
     # per-pattern lr_scale / weight_decay / freeze (see clipforge.train.params); first match wins
     groups: list[ParamGroupConfig] = Field(default_factory=list)
+    # layer-wise lr decay (BEiT; EVA-CLIP, fine-tuning): in a tower of L blocks, block i's lr is scaled
+    # by d^(L - i), the embeddings by d^(L + 1); what follows the blocks (final norm, projections, the
+    # logit scale, a method's heads) keeps the full lr. Multiplies a group's lr_scale. None = off
+    layer_decay: float | None = Field(None, gt=0.0, le=1.0)
+    layer_decay_text: float | None = Field(None, gt=0.0, le=1.0)  # the text tower's (default: layer_decay)
+
+    @model_validator(mode="after")
+    def _text_decay_needs_decay(self) -> "OptimConfig":
+        if self.layer_decay_text is not None and self.layer_decay is None:
+            raise ValueError("optim.layer_decay_text sets the text tower's layer decay beside optim.layer_decay: set "
+                             "optim.layer_decay too (1.0 leaves the image tower's lr undecayed)")
+        return self
 
     @field_validator("betas")
     @classmethod

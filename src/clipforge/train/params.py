@@ -23,6 +23,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -118,10 +119,16 @@ def build_param_groups(module: nn.Module, optim_cfg: OptimConfig) -> list[dict[s
     recipe_count, groups_cfg = len(groups_cfg), groups_cfg + method_groups
     assignment = _assign_groups(module, groups_cfg, optional_from=recipe_count)
     no_decay = no_weight_decay_names(module)
-    buckets: dict[tuple[int | None, bool], list[nn.Parameter]] = {}
+    depths = layer_decay_scales(module, optim_cfg)  # name -> ((tower, depth), lr scale), when on
+    top = ("", 0)  # everything after the towers' blocks: the full lr
+    buckets: dict[tuple[int | None, bool, tuple[str, int]], list[nn.Parameter]] = {}
     for name, p in _named_parameters(module):
         if p.requires_grad:
-            buckets.setdefault((assignment[name], name in no_decay), []).append(p)
+            buckets.setdefault((assignment[name], name in no_decay, depths.get(name, (top, 1.0))[0]), []).append(p)
+    # with layer decay each group splits further by (tower, depth): the layout depends on the model
+    # and on whether layer decay is on, never on its value, which may change on resume
+    levels = [top, *sorted({key[2] for key in buckets} - {top})]
+    level_scale = {level: scale for level, scale in depths.values()} | {top: 1.0}
 
     out = []
     for index in [*range(len(groups_cfg)), None]:
@@ -134,21 +141,55 @@ def build_param_groups(module: nn.Module, optim_cfg: OptimConfig) -> list[dict[s
             lr_scale, fixed_lr = g.lr_scale, g.lr
             weight_decay = optim_cfg.weight_decay if g.weight_decay is None else g.weight_decay
         for exempt in (False, True):
-            params = buckets.get((index, exempt))
-            if params:
-                out.append({
-                    "params": params,
-                    "weight_decay": 0.0 if exempt else weight_decay,
-                    "lr_scale": lr_scale,
-                    "fixed_lr": fixed_lr,
-                    "name": f"{label} (no decay)" if exempt else label,
-                })
+            for level in levels:
+                params = buckets.get((index, exempt, level))
+                if params:
+                    name = f"{label} (no decay)" if exempt else label
+                    if level != top:
+                        name += f" [{level[0]} depth {level[1]}]"
+                    out.append({
+                        "params": params,
+                        "weight_decay": 0.0 if exempt else weight_decay,
+                        "lr_scale": lr_scale * level_scale[level],
+                        "fixed_lr": fixed_lr,
+                        "name": name,
+                    })
     if not out:
         raise RecipeError(
             "no parameter is left to train: optim.groups freezes every parameter (or they were frozen "
             "already); set freeze = false on at least one group"
         )
     return out
+
+
+def layer_decay_scales(module: nn.Module, optim_cfg: OptimConfig) -> dict[str, tuple[tuple[str, int], float]]:
+    """``optim.layer_decay``: parameter name -> ((tower, depth), lr scale) (empty when off).
+
+    BEiT's rule per tower of L blocks: embeddings (before the first block, depth 0) d^(L+1), block i
+    (depth i + 1) d^(L-i), and what follows the last block 1 (not listed). Towers are recognised by their block lists:
+    ``visual.blocks.<i>``, ``text.blocks.<i>`` and a Hugging Face tower's ``text.hf.encoder.layer.<i>``;
+    the embeddings are the tower's parameters that come before its first block."""
+    if optim_cfg.layer_decay is None:
+        return {}
+    decays = {"visual": optim_cfg.layer_decay,
+              "text": optim_cfg.layer_decay if optim_cfg.layer_decay_text is None else optim_cfg.layer_decay_text}
+    block_of = re.compile(r"^(visual|text)\.(?:blocks|hf\.encoder\.layer)\.(\d+)\.")
+    named = [name for name, _ in _named_parameters(module)]
+    layers = {tower: 1 + max((int(m.group(2)) for n in named if (m := block_of.match(n)) and m.group(1) == tower),
+                             default=-1) for tower in decays}
+    scales: dict[str, tuple[tuple[str, int], float]] = {}
+    seen_block = dict.fromkeys(decays, False)
+    for name in named:  # parameters in module order: a tower's embeddings come before its blocks
+        tower = name.split(".", 1)[0]
+        if tower not in decays or layers[tower] == 0:
+            continue
+        if m := block_of.match(name):
+            seen_block[tower] = True
+            block = int(m.group(2))
+            scales[name] = ((tower, block + 1), decays[tower] ** (layers[tower] - block))
+        elif not seen_block[tower]:
+            scales[name] = ((tower, 0), decays[tower] ** (layers[tower] + 1))
+    return scales
 
 
 def set_group_lrs(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -165,7 +206,7 @@ def check_saved_group_layout(saved: dict[str, Any], optimizer: torch.optim.Optim
         now = [g.get("name", "?") for g in optimizer.param_groups]
         raise ResumeError(f"its optimizer state has {len(names)} parameter groups ({', '.join(names)}) but this run "
                           f"makes {len(now)} ({', '.join(now)}): optim.groups, or the method's own default groups "
-                          "(e.g. tinyclip_prune's since 2026-11-27), changed. Resume with the code and recipe that "
+                          "(e.g. tinyclip_prune's since 2026-11-27), or optim.layer_decay on / off changed. Resume with the code and recipe that "
                           "wrote it, or start the run again (model.init_from keeps the weights)")
 
 
