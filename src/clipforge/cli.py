@@ -196,13 +196,14 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from clipforge.index.embed import EmbedError
     from clipforge.index.server import ServerError
     from clipforge.models.convert import ConversionError  # also ExportError
+    from clipforge.merge import MergeError
     from clipforge.models.fused_mlp import FusedMLPUnavailable
     from clipforge.train.checkpoint import CheckpointError
     from clipforge.train.trainer import TrainingError
 
     return (RecipeError, CheckpointError, TrainingError, FileNotFoundError, ConversionError, FileExistsError,
             EmbedError, SearchIndexError, ServerError, DataError, EvalError,
-            MissingDependencyError, BenchError, FusedMLPUnavailable)
+            MissingDependencyError, BenchError, FusedMLPUnavailable, MergeError)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -555,6 +556,31 @@ def export(
     if to not in EXPORT_KINDS:
         raise typer.BadParameter(f"unknown target {to!r}; choose one of {', '.join(EXPORT_KINDS)}", param_hint="--to")
     console.print(f"exported to {export_checkpoint(ckpt, to, out)}")
+
+
+@app.command()
+def merge(
+    ckpts: list[str] = typer.Argument(..., help="Two or more checkpoints of one network (or run directories: their latest)."),
+    out: Path = typer.Option(..., "--out", help="Checkpoint directory to write (new or empty)."),
+    alpha: Optional[float] = typer.Option(None, "--alpha", min=0.0, max=1.0,
+                                          help="Two checkpoints: (1 - alpha) * first + alpha * second (WiSE-FT: zero-shot, then fine-tuned)."),
+    weights: Optional[str] = typer.Option(None, "--weights", help="One weight per checkpoint, comma-separated, summing to 1 [default: uniform, a soup]."),
+) -> None:
+    """Average checkpoints in weight space: WiSE-FT's interpolation, or a model soup."""
+    from clipforge.merge import merge as merge_checkpoints
+
+    if alpha is not None and weights is not None:
+        raise typer.BadParameter("give --alpha (two checkpoints) or --weights, not both", param_hint="--alpha")
+    if alpha is not None and len(ckpts) != 2:
+        raise typer.BadParameter(f"--alpha interpolates two checkpoints, got {len(ckpts)}; use --weights",
+                                 param_hint="--alpha")
+    parsed = [1.0 - alpha, alpha] if alpha is not None else None
+    if weights is not None:
+        try:
+            parsed = [float(w) for w in weights.split(",")]
+        except ValueError:
+            raise typer.BadParameter(f"{weights!r}: comma-separated numbers, e.g. 0.7,0.3", param_hint="--weights") from None
+    console.print(f"merged into {merge_checkpoints(ckpts, out, parsed)}")
 
 
 @app.command("import")

@@ -1,0 +1,111 @@
+"""Weight-space ensembles of checkpoints of one network: WiSE-FT and model soups.
+
+    clipforge merge zeroshot/ finetuned/ --alpha 0.5 --out wise/    # WiSE-FT: (1 - α) θ_zero-shot + α θ_fine-tuned
+    clipforge merge a/ b/ c/ --out soup/                            # a uniform soup: the mean of the weights
+    clipforge merge a/ b/ --weights 0.7,0.3 --out mix/              # any convex combination
+
+WiSE-FT (Wortsman et al., CVPR 2022) interpolates a zero-shot model and its fine-tuned version in
+weight space: on the fine-tuning distribution it keeps most of the fine-tuned accuracy, under
+distribution shift it is often better than both ends. Model soups (Wortsman et al., ICML 2022)
+average models fine-tuned from one start. Both need the models to be one network with one
+tokenizer (the same ``model`` config, training-only keys aside); every floating-point tensor of
+the state dict is averaged (the logit scale too), anything else must be equal. The result is an
+ordinary model-only checkpoint: ``clipforge eval``, ``export``, ``embed`` and ``clipforge.load`` take it,
+and its ``config.json`` says which checkpoints and weights made it.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from clipforge.eval.evaluate import checkpoint_dir
+from clipforge.train import checkpoint as ckpt
+
+# model keys that only change training (patch dropout, ...), never the network: the ones a resume
+# may change too (docs/training.md, "What may change on resume")
+TRAINING_ONLY = ("patch_dropout", "token_selection", "attentive_block", "init_from")
+
+
+class MergeError(ValueError):
+    """Checkpoints that cannot be merged; the message says which and why."""
+
+
+def merge_weights(paths: list[str | Path], weights: list[float] | None = None) -> tuple[dict, dict, list[float]]:
+    """(merged state dict, the first checkpoint's config, the weights used) for ``paths``.
+
+    ``weights`` (default: uniform) must be as many as the paths, each >= 0, summing to 1."""
+    dirs = [checkpoint_dir(p) for p in paths]
+    if len(dirs) < 2:
+        raise MergeError("merge needs two or more checkpoints (for WiSE-FT: the zero-shot one, then the fine-tuned one)")
+    weights = [1.0 / len(dirs)] * len(dirs) if weights is None else list(weights)
+    if len(weights) != len(dirs):
+        raise MergeError(f"{len(weights)} weights for {len(dirs)} checkpoints: give one weight per checkpoint")
+    if any(w < 0 for w in weights) or not math.isclose(sum(weights), 1.0, abs_tol=1e-6):
+        raise MergeError(f"weights {weights} must be >= 0 and sum to 1 (a convex combination: outside it the "
+                         "interpolation leaves the segment between the models)")
+    configs = [ckpt.read_config(d) for d in dirs]
+    for d, config in zip(dirs[1:], configs[1:]):
+        _check_same_network(dirs[0], configs[0], d, config)
+    states = [load_file(str(d / ckpt.WEIGHTS)) for d in dirs]
+    return _average(dirs, states, weights), configs[0], weights
+
+
+def merge(paths: list[str | Path], out: str | Path, weights: list[float] | None = None) -> Path:
+    """Write the weight-space average of ``paths`` to the new checkpoint directory ``out``."""
+    from clipforge.models.clip import CLIP
+    from clipforge.models.convert import write_model_checkpoint
+    from clipforge.models.tokenizer import load_tokenizer
+
+    state, config, weights = merge_weights(paths, weights)
+    first = checkpoint_dir(paths[0])
+    model_cfg = ckpt.model_config_from(config)
+    model = CLIP(model_cfg)
+    model.load_state_dict(state, strict=True)
+    tokenizer = load_tokenizer(config["tokenizer"], first)
+    source = {"merge": [{"checkpoint": str(checkpoint_dir(p).resolve()), "weight": w} for p, w in zip(paths, weights)]}
+    return write_model_checkpoint(out, model, tokenizer, ckpt.checkpoint_config(model_cfg, tokenizer, source=source))
+
+
+def _check_same_network(first: Path, a: dict, other: Path, b: dict) -> None:
+    model_a = {k: v for k, v in a["model"].items() if k not in TRAINING_ONLY}
+    model_b = {k: v for k, v in b["model"].items() if k not in TRAINING_ONLY}
+    differ = sorted(k for k in model_a.keys() | model_b.keys() if model_a.get(k) != model_b.get(k))
+    if differ:
+        shown = ", ".join(f"model.{k}: {model_a.get(k)!r} vs {model_b.get(k)!r}" for k in differ[:4])
+        raise MergeError(f"{first} and {other} are different networks ({shown}); weight averaging needs one "
+                         "architecture, e.g. a fine-tuned model and the checkpoint it started from")
+    if a["tokenizer"] != b["tokenizer"] or _tokenizer_bytes(first) != _tokenizer_bytes(other):
+        raise MergeError(f"{first} and {other} have different tokenizers: the merged text tower would read "
+                         "token ids one of them never saw. Merge models that share a tokenizer (fine-tuning keeps it)")
+
+
+def _tokenizer_bytes(directory: Path) -> bytes | None:
+    from clipforge.models.tokenizer import TOKENIZER_FILE
+
+    path = directory / TOKENIZER_FILE
+    return path.read_bytes() if path.is_file() else None
+
+
+def _average(dirs: list[Path], states: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
+    keys = states[0].keys()
+    for d, state in zip(dirs[1:], states[1:]):
+        if state.keys() != keys:
+            missing = sorted(keys - state.keys())[:3] or sorted(state.keys() - keys)[:3]
+            raise MergeError(f"{d} holds other tensors than {dirs[0]} ({missing}...): not the same network")
+    merged = {}
+    for key in keys:
+        tensors = [state[key] for state in states]
+        if any(t.shape != tensors[0].shape for t in tensors):
+            raise MergeError(f"{key}: shapes {[tuple(t.shape) for t in tensors]} differ between the checkpoints")
+        if tensors[0].is_floating_point():  # averaged in float64, stored in the checkpoint's dtype
+            total = sum(w * t.double() for w, t in zip(weights, tensors))
+            merged[key] = total.to(tensors[0].dtype)
+        elif all(torch.equal(t, tensors[0]) for t in tensors):
+            merged[key] = tensors[0]
+        else:
+            raise MergeError(f"{key} is not floating point and differs between the checkpoints: it cannot be averaged")
+    return merged
