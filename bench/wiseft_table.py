@@ -33,8 +33,8 @@ def main() -> None:
             rows[(float(m.group(2)), int(m.group(1)))] = {s: top1(d / f"eval-{s}.json") for s in SPLITS}
     alphas = sorted({a for a, _ in rows})
     seeds = sorted({s for _, s in rows})
-    print("| alpha | " + " | ".join(f"CIFAR-10 val s{s}" for s in seeds) + " | CIFAR mean | shapes seen mean "
-          "| shapes unseen mean |")
+    print("| alpha | " + " | ".join(f"seed {s}: CIFAR / seen / unseen" for s in seeds) + " | CIFAR-10 val mean "
+          "| shapes seen mean | shapes unseen mean |")
     print("| --- " * (4 + len(seeds)) + "|")
     table = []
     for a in alphas:
@@ -42,7 +42,7 @@ def main() -> None:
         means = {k: round(statistics.mean(v), 1) if (v := [r[k] for r in per_seed if r.get(k) is not None]) else None
                  for k in SPLITS}
         table.append({"alpha": a, "per_seed": dict(zip(seeds, per_seed)), "mean": means})
-        print(f"| {a:g} | " + " | ".join(str(r.get("cifar")) for r in per_seed)
+        print(f"| {a:g} | " + " | ".join(" / ".join(str(r.get(k)) for k in SPLITS) for r in per_seed)
               + f" | {means['cifar']} | {means['seen']} | {means['unseen']} |")
     if args.json:
         args.json.write_text(json.dumps(table, indent=1))
