@@ -114,16 +114,16 @@ class CLIP(nn.Module):
         """train.fused_mlp: every transformer MLP of both towers (not a Hugging Face text tower's)
         through the fused Triton GEMMs of models/fused_mlp.py. Refused where the kernels cannot run,
         and where a method hooks the MLP's linear layers (the fused path does not call them)."""
-        mlps = [m for m in self.modules() if isinstance(m, MLP)]
+        mlps = {name: m for name, m in self.named_modules() if isinstance(m, MLP)}
         if on:
             check_available(next(self.parameters()).device)
-            hooked = [name for name, m in self.named_modules() if isinstance(m, MLP)
-                      for layer in (m.fc, m.proj) if layer._forward_pre_hooks or layer._forward_hooks]
+            hooked = [name for name, m in mlps.items()
+                      if any(layer._forward_pre_hooks or layer._forward_hooks for layer in (m.fc, m.proj))]
             if hooked:
                 raise FusedMLPUnavailable(
                     f"train.fused_mlp bypasses the MLP's linear layers, and this run hooks them ({hooked[0]}, "
                     f"{len(hooked)} MLPs; e.g. tinyclip_prune's masks): leave train.fused_mlp=false for this method")
-        for m in mlps:
+        for m in mlps.values():
             m.fused = on
 
     def num_params(self, trainable_only: bool = False) -> int:
