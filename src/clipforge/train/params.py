@@ -166,26 +166,26 @@ def layer_decay_scales(module: nn.Module, optim_cfg: OptimConfig) -> dict[str, t
     """``optim.layer_decay``: parameter name -> ((tower, depth), lr scale) (empty when off).
 
     BEiT's rule per tower of L blocks: embeddings (before the first block, depth 0) d^(L+1), block i
-    (depth i + 1) d^(L-i), and what follows the last block 1 (not listed). Towers are recognised by their block lists:
-    ``visual.blocks.<i>``, ``text.blocks.<i>`` and a Hugging Face tower's ``text.hf.encoder.layer.<i>``;
-    the embeddings are the tower's parameters that come before its first block."""
+    (depth i + 1) d^(L-i), and what follows the last block 1 (not listed). Towers are recognised by
+    their block lists: ``visual.blocks.<i>``, ``text.blocks.<i>`` and a Hugging Face tower's
+    ``text.hf.encoder.layer.<i>``; the embeddings are the tower's parameters before its first block."""
     if optim_cfg.layer_decay is None:
         return {}
     decays = {"visual": optim_cfg.layer_decay,
               "text": optim_cfg.layer_decay if optim_cfg.layer_decay_text is None else optim_cfg.layer_decay_text}
     block_of = re.compile(r"^(visual|text)\.(?:blocks|hf\.encoder\.layer)\.(\d+)\.")
     named = [name for name, _ in _named_parameters(module)]
-    layers = {tower: 1 + max((int(m.group(2)) for n in named if (m := block_of.match(n)) and m.group(1) == tower),
-                             default=-1) for tower in decays}
+    block_index = {n: (m.group(1), int(m.group(2))) for n in named if (m := block_of.match(n))}
+    layers = {tower: 1 + max((i for t, i in block_index.values() if t == tower), default=-1) for tower in decays}
     scales: dict[str, tuple[tuple[str, int], float]] = {}
     seen_block = dict.fromkeys(decays, False)
     for name in named:  # parameters in module order: a tower's embeddings come before its blocks
         tower = name.split(".", 1)[0]
         if tower not in decays or layers[tower] == 0:
             continue
-        if m := block_of.match(name):
+        if name in block_index:
             seen_block[tower] = True
-            block = int(m.group(2))
+            block = block_index[name][1]
             scales[name] = ((tower, block + 1), decays[tower] ** (layers[tower] - block))
         elif not seen_block[tower]:
             scales[name] = ((tower, 0), decays[tower] ** (layers[tower] + 1))
@@ -206,8 +206,9 @@ def check_saved_group_layout(saved: dict[str, Any], optimizer: torch.optim.Optim
         now = [g.get("name", "?") for g in optimizer.param_groups]
         raise ResumeError(f"its optimizer state has {len(names)} parameter groups ({', '.join(names)}) but this run "
                           f"makes {len(now)} ({', '.join(now)}): optim.groups, or the method's own default groups "
-                          "(e.g. tinyclip_prune's since 2026-11-27), or optim.layer_decay on / off changed. Resume with the code and recipe that "
-                          "wrote it, or start the run again (model.init_from keeps the weights)")
+                          "(e.g. tinyclip_prune's since 2026-11-27), or optim.layer_decay on / off changed. Resume "
+                          "with the code and recipe that wrote it, or start the run again (model.init_from keeps the "
+                          "weights)")
 
 
 def apply_group_settings(
