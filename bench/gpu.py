@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -55,7 +56,7 @@ TINY = ["model.image_size=32", "model.patch_size=8", "model.vision_width=64", "m
 
 def run_case(args, name: str, recipe: str, overrides: list[str], compile: bool, batch: int, out_dir: Path,
              timeout: float) -> dict:
-    out = out_dir / f"{name}.json"
+    out = out_dir / (re.sub(r"[^A-Za-z0-9_.-]+", "_", name) + ".json")
     cmd = [sys.executable, "-m", "clipforge", "bench", recipe, "--device", args.device, "--precision", args.precision,
            "--batch", str(batch), "--steps", str(args.steps), "--rounds", str(args.rounds), "--warmup", str(args.warmup),
            "--loader-batches", str(args.loader_batches), "--out", str(out),
@@ -97,7 +98,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--loader-batches", type=int, default=4)
     parser.add_argument("--case-timeout", type=float, default=240.0)
-    parser.add_argument("--cases", default=",".join(c[0] for c in CASES[:4]), help="comma-separated, run in this order")
+    parser.add_argument("--cases", default=",".join(c[0] for c in CASES[:4]),
+                        help="comma-separated, run in this order; CASE+key=value adds an override to a case, "
+                             "e.g. vit-b16-compile-bf16res-b768+train.attention_backend=flash")
+    parser.add_argument("--also-cases", default="", help="appended to --cases (e.g. a case chosen by a script)")
     parser.add_argument("--deadline", type=float, default=None,
                         help="seconds for all cases: a case is not started after it, and is cut at it")
     parser.add_argument("--no-openclip", action="store_true")
@@ -110,13 +114,17 @@ def main() -> None:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     by_name = {c[0]: c for c in CASES}
-    unknown = [n for n in args.cases.split(",") if n not in by_name]
+    if args.also_cases:
+        args.cases = f"{args.cases},{args.also_cases}"
+    unknown = [n.split("+")[0] for n in args.cases.split(",") if n.split("+")[0] not in by_name]
     if unknown:
         parser.error(f"unknown cases {unknown}; known: {', '.join(by_name)}")
     started = time.perf_counter()
     summaries = []
     for name in args.cases.split(","):
-        _, recipe, overrides, compile, batches = by_name[name]
+        base, *extra = name.split("+")  # CASE+key=value: the case with more overrides
+        _, recipe, overrides, compile, batches = by_name[base]
+        overrides = overrides + extra
         for batch in ([8] if args.tiny else batches):  # the largest batch that fits
             timeout = args.case_timeout
             if args.deadline is not None:  # what is left of the budget bounds this case
@@ -151,6 +159,12 @@ def main() -> None:
         base = next((s for s in summaries if s["case"] == fused["case"].replace("-fusedmlp", "") and s["ok"]), None)
         if base and fused["batch"] == base["batch"]:
             final["fused_mlp_speedup"] = round(fused["clipforge"]["img_per_s"] / base["clipforge"]["img_per_s"], 3)
+    for extended in (s for s in summaries if "+" in s["case"] and s["ok"]):
+        # CASE+key=value over CASE itself, at the same batch
+        base = next((s for s in summaries if s["case"] == extended["case"].split("+")[0] and s["ok"]), None)
+        if base and extended["batch"] == base["batch"]:
+            final.setdefault("speedup_over_base_case", {})[extended["case"]] = round(
+                extended["clipforge"]["img_per_s"] / base["clipforge"]["img_per_s"], 3)
     (out_dir / "summary.json").write_text(json.dumps(final, indent=1))
     print(json.dumps(final))
 

@@ -135,6 +135,79 @@ def test_gpu_script_refuses_unknown_cases_and_starts_nothing_past_its_deadline(t
     assert all(not c["ok"] and "deadline" in c["error_tail"] for c in summary["cases"])
 
 
+def test_gpu_script_runs_a_case_with_extra_overrides_beside_the_case(tmp_path):
+    script = Path(__file__).resolve().parents[1] / "bench" / "gpu.py"
+    cases = "vit-b16+train.attention_backend=math,vit-b16"
+    proc = subprocess.run([sys.executable, str(script), "--device", "cpu", "--tiny", "--no-openclip", "--cases", cases,
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [c["case"] for c in summary["cases"]] == cases.split(",") and all(c["ok"] for c in summary["cases"])
+    extended = json.loads(Path(summary["cases"][0]["json"]).read_text())
+    assert extended["attention_backend"] == "math"
+    assert json.loads((tmp_path / "vit-b16.json").read_text())["attention_backend"] == "auto"
+    assert list(summary["speedup_over_base_case"]) == ["vit-b16+train.attention_backend=math"]
+
+
+def test_attention_backends_bench_says_which_kernel_ran_and_its_error(tmp_path):
+    script = Path(__file__).resolve().parents[1] / "bench" / "attention_backends.py"
+    out = tmp_path / "attention.json"
+    proc = subprocess.run([sys.executable, str(script), "--device", "cpu", "--batch", "1", "--dtype", "fp32",
+                           "--shapes", "text-t77", "--iters", "1", "--rounds", "1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    shape = json.loads(out.read_text())["shapes"]["text-t77"]
+    assert shape["causal"] and len(shape["variants"]) == 10  # 5 kernels x (packed, separate)
+    v = shape["variants"]
+    assert v["flash/packed"]["kernels"][0].endswith("flash_attention_for_cpu")
+    assert v["math/separate"]["kernels"] == ["aten::_scaled_dot_product_attention_math"]
+    assert v["cudnn/packed"]["kernels"] == v["math/packed"]["kernels"]  # no cuDNN on a CPU: the maths
+    for variant in v.values():  # float32 on a CPU: each kernel against the float32 maths
+        assert variant["max_relative_error"]["output"] < 1e-4 and variant["max_relative_error"]["qkv_grad"] < 1e-4
+        assert variant["ms_fwd_bwd"] > 0
+    assert shape["fastest"]["packed"].endswith("/packed")
+
+
+def test_attention_sweep_suggests_a_kernel_only_when_it_beats_the_default():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "attention_backends.py"
+    spec = importlib.util.spec_from_file_location("attention_backends", path)
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+
+    def result(ms: dict[str, float], auto_kernel: str = "cudnn") -> dict:
+        kernels = {"auto": auto_kernel, "cudnn": "cudnn", "flash": "flash", "efficient": "efficient", "math": "math"}
+        variants = {f"{k}/packed": {"ms_fwd_bwd": v, "kernels": [kernels[k]]} for k, v in ms.items()}
+        variants["math/separate"] = {"ms_fwd_bwd": 0.1, "kernels": ["math"]}  # another layout: not the model's
+        return {"shapes": {"vit-b16": {"variants": variants}}}
+
+    case = "vit-b16-compile-bf16res-b768"
+    assert sweep.suggested_case(result({"auto": 2.0, "cudnn": 2.0, "flash": 1.5}), case) == f"{case}+train.attention_backend=flash"
+    assert sweep.suggested_case(result({"auto": 2.0, "cudnn": 2.0, "flash": 1.97}), case) == ""  # within 3 %
+    assert sweep.suggested_case(result({"auto": 2.0, "cudnn": 1.8}), case) == ""  # the kernel auto ran anyway
+    assert sweep.suggested_case(result({"auto": 2.0, "efficient": 2.5}), case) == ""
+
+
+def test_bench_applies_the_attention_backend_to_both_sides_and_says_so(monkeypatch):
+    import torch.nn.attention
+
+    from clipforge.bench import format_table
+
+    entered, original = [], torch.nn.attention.sdpa_kernel
+
+    def recording(backends, *args, **kwargs):  # OpenCLIP's side looks it up when it is built
+        entered.append(list(backends))
+        return original(backends, *args, **kwargs)
+
+    recording.__wrapped__ = original.__wrapped__  # torch._dynamo reads it when first imported
+    monkeypatch.setattr(torch.nn.attention, "sdpa_kernel", recording)
+    result = run_bench("tiny-shapes", [*TINY, "train.attention_backend=math"], device="cpu", precision="fp32",
+                       steps=1, rounds=1, warmup=0, against="openclip", loader_batches=0)
+    assert result["attention_backend"] == "math" and "attention math" in format_table(result)
+    assert entered and all(b == [torch.nn.attention.SDPBackend.MATH] for b in entered)
+
+
 def test_block_autotune_bench_compares_modes_on_the_same_block(tmp_path):
     """bench/block_autotune.py on a CPU: one JSON line per mode in --out, the same block and gradients in
     every mode, and the FLOP count of its matmuls and attention by hand."""

@@ -22,6 +22,7 @@ training). Reported, as one JSON object:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import platform
 import resource
@@ -285,10 +286,18 @@ def openclip_side(recipe: Recipe, device: torch.device, host_batch: dict[str, An
     if device.type == "cuda":
         ids, images_host = ids.pin_memory(), images_host.pin_memory()
 
+    # train.attention_backend applies to OpenCLIP's attention too (nn.MultiheadAttention calls SDPA)
+    from torch.nn.attention import sdpa_kernel
+
+    from clipforge.models.vit import attention_kernels
+
+    kernels = attention_kernels(r.train.attention_backend)
+
     def train_pass():
         images = images_host.to(device, non_blocking=True)
         images = (images.float() / 255 - mean) / std  # OpenCLIP's loaders hand over normalised floats
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        with (torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32),
+              sdpa_kernel(kernels) if kernels else contextlib.nullcontext()):
             out = model(images, ids.to(device, non_blocking=True))
             if sigmoid:
                 loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"], out["logit_bias"])
@@ -472,6 +481,7 @@ def run_bench(recipe: str | Recipe, overrides: list[str] | None = None, *, devic
         "threads": torch.get_num_threads(), "precision": prec, "compile": r.train.compile,
         "compile_mode": r.train.compile_mode, "bf16_residual": r.train.bf16_residual,
         "fused_mlp": r.train.fused_mlp, "grad_checkpointing": r.train.grad_checkpointing,
+        "attention_backend": r.train.attention_backend,
         "global_batch": r.data.batch_size * r.train.accum_steps, "accum_mode": r.train.accum_mode,
         "patch_dropout": r.model.patch_dropout, "steps_per_round": steps, "rounds": rounds,
     }
@@ -547,7 +557,8 @@ def format_table(result: dict[str, Any]) -> str:
     lines = [f"{result['recipe']} on {result['device']}: {result['precision']}, global batch {result['global_batch']}, "
              f"compile={result['compile']}" + (", bf16 residual" if result.get("bf16_residual") else "")
              + (", fused MLP" if result.get("fused_mlp") else "")
-             + (", grad checkpointing" if result.get("grad_checkpointing") else "")]
+             + (", grad checkpointing" if result.get("grad_checkpointing") else "")
+             + (f", attention {result['attention_backend']}" if result.get("attention_backend", "auto") != "auto" else "")]
     for name, side in result["sides"].items():
         ips = side["img_per_s"]
         mfu = f"{100 * side['mfu']:.1f}%" if side["mfu"] is not None else "-"

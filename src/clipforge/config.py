@@ -654,6 +654,11 @@ class TrainConfig(Section):
     # memory from all the blocks' intermediates to one tensor per block, for about a third more compute
     # per step (a larger batch on the same memory). Same gradients (tested equal)
     grad_checkpointing: bool = False
+    # the one fused attention kernel every transformer attention may use: "cudnn", "flash", "efficient"
+    # (CUDA; flash also on CPU), or "math" (the unfused maths). A call the kernel cannot run (a mask for
+    # flash, a CUDA kernel on a CPU) takes the maths. "auto": PyTorch's choice. GPU speed; the same
+    # attention within rounding
+    attention_backend: Literal["auto", "cudnn", "flash", "efficient", "math"] = "auto"
 
     @model_validator(mode="after")
     def _compile_mode_needs_compile(self) -> "TrainConfig":

@@ -23,7 +23,7 @@ from clipforge.config import ModelConfig
 from clipforge.models.fused_mlp import FusedMLPUnavailable, check_available
 from clipforge.models.lexical import LexicalHead, keep_top_k, lexical_weights
 from clipforge.models.text import TextTransformer
-from clipforge.models.vit import MLP, VisionTransformer
+from clipforge.models.vit import MLP, Attention, VisionTransformer, attention_kernels
 
 # extras a caller may ask forward() for
 EXTRAS = frozenset({"image_pooled", "text_pooled", "image_tokens", "text_tokens", "image_token_embeds",
@@ -125,6 +125,15 @@ class CLIP(nn.Module):
                     f"{len(hooked)} MLPs; e.g. tinyclip_prune's masks): leave train.fused_mlp=false for this method")
         for m in mlps.values():
             m.fused = on
+
+    def set_attention_backend(self, name: str) -> None:
+        """train.attention_backend: the one fused attention kernel every transformer attention of both
+        towers may use, the maths where it cannot ("auto": PyTorch's choice). A Hugging Face text
+        tower keeps its own."""
+        kernels = attention_kernels(name)
+        for m in self.modules():
+            if isinstance(m, Attention):
+                m.kernels = kernels
 
     def num_params(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)

@@ -15,11 +15,36 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from clipforge.models.fused_mlp import fused_mlp
 
 
 # ----------------------------------------------------------------------------- transformer pieces
+# train.attention_backend: the one fused attention kernel allowed, with the unfused maths for a call
+# it cannot run (e.g. flash with a mask, or a CUDA kernel on a CPU). None: PyTorch's choice
+ATTENTION_BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+                      "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+
+
+def attention_kernels(name: str | None) -> list[SDPBackend] | None:
+    """The SDPA backends allowed: ``name``'s and the maths; None ("auto") for all of them."""
+    if name is None or name == "auto":
+        return None
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}: use auto or one of {', '.join(ATTENTION_BACKENDS)}")
+    return list(dict.fromkeys([ATTENTION_BACKENDS[name], SDPBackend.MATH]))
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernels: list[SDPBackend] | None,
+         **kwargs) -> torch.Tensor:
+    """``F.scaled_dot_product_attention``, restricted to ``kernels`` (attention_kernels) when given."""
+    if kernels is None:
+        return F.scaled_dot_product_attention(q, k, v, **kwargs)
+    with sdpa_kernel(kernels):
+        return F.scaled_dot_product_attention(q, k, v, **kwargs)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with one fused QKV projection.
 
@@ -35,6 +60,7 @@ class Attention(nn.Module):
         self.head_dim = width // heads
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
+        self.kernels: list[SDPBackend] | None = None  # train.attention_backend (attention_kernels)
 
     def forward(
         self, x: torch.Tensor, is_causal: bool = False, return_weights: bool = False,
@@ -54,7 +80,7 @@ class Attention(nn.Module):
             out = weights @ v
         else:
             weights = None
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
+            out = sdpa(q, k, v, self.kernels, is_causal=is_causal)
         out = out.transpose(1, 2).reshape(n, t, w)  # N×H×T×D -> N×T×W
         return self.proj(out), weights
 
@@ -66,7 +92,7 @@ class Attention(nn.Module):
         k, v = F.linear(x, weight[w:], bias[w:]).view(n, t, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         # causal: the query at position p sees keys 0..p (N×1×1×T, broadcast over heads)
         visible = (torch.arange(t, device=x.device) <= query[:, None]).view(n, 1, 1, t) if is_causal else None
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible)  # N×H×1×D
+        out = sdpa(q, k, v, self.kernels, attn_mask=visible)  # N×H×1×D
         return self.proj(out.reshape(n, w))
 
 

@@ -647,6 +647,7 @@ def build_step(recipe: Recipe, device: torch.device, resume_from: Path | None = 
     step.model.set_low_precision_residual(recipe.train.bf16_residual)
     step.model.set_fused_mlp(recipe.train.fused_mlp)
     step.model.set_grad_checkpointing(recipe.train.grad_checkpointing)
+    step.model.set_attention_backend(recipe.train.attention_backend)
     if recipe.train.compile:
         # in place (state-dict keys unchanged), after the teachers copied the eager model
         step.model.compile(mode=recipe.train.compile_mode)
