@@ -84,3 +84,28 @@ def test_unknown_backends_are_refused():
     backend = torch.nn.attention.SDPBackend
     assert attention_kernels("flash") == [backend.FLASH_ATTENTION, backend.MATH]
     assert attention_kernels("math") == [backend.MATH]
+
+
+CUDA_KERNEL_OPS = {"cudnn": "aten::_scaled_dot_product_cudnn_attention",
+                   "flash": "aten::_scaled_dot_product_flash_attention",
+                   "efficient": "aten::_scaled_dot_product_efficient_attention"}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on a GPU machine)")
+@pytest.mark.parametrize("name", list(CUDA_KERNEL_OPS))
+def test_each_cuda_kernel_runs_when_named_and_follows_the_maths(name):
+    """On a GPU (an H100 has all three), bf16 autocast, ViT-B/16's head size (64): the named kernel
+    ran, and the embeddings follow the maths' within bf16 rounding."""
+    recipe = load_recipe("tiny-shapes", [*SMALL, "model.vision_width=128", "model.text_width=128"])
+    batch = {k: v.cuda() for k, v in _batch(recipe).items()}
+    embeds = {}
+    for backend in ("math", name):
+        torch.manual_seed(0)
+        model = CLIP(recipe.model).cuda()
+        model.set_attention_backend(backend)
+        with torch.profiler.profile() as prof, torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(batch["images"], batch["input_ids"], batch["attention_mask"])
+        ops = {e.key for e in prof.key_averages()}
+        embeds[backend] = out["image_embeds"].float()
+    assert CUDA_KERNEL_OPS[name] in ops, sorted(op for op in ops if "attention" in op)
+    torch.testing.assert_close(embeds[name], embeds["math"], rtol=0.02, atol=0.02)
