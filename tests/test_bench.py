@@ -245,6 +245,24 @@ def test_filip_table_reads_the_experiments_evaluations_and_averages_the_seeds(tm
     assert empty.returncode != 0 and "run bench/filip_experiment.sh first" in empty.stderr
 
 
+def test_soup_table_reads_the_greedy_record_and_the_evaluations(tmp_path):
+    """bench/soup_table.py (docs/methods/model-soups.md's table) from clipforge merge / eval files."""
+    script = Path(__file__).resolve().parents[1] / "bench" / "soup_table.py"
+    for name, acc in (("ft-a", 0.2), ("ft-b", 0.4), ("uniform", 0.1), ("greedy", 0.45), ("zs", 0.05)):
+        (tmp_path / name).mkdir()
+        for i, split in enumerate(("test", "seen", "unseen")):
+            (tmp_path / name / f"eval-{split}.json").write_text(json.dumps({"metrics": {"acc1": acc + i / 100}}))
+    record = [{"checkpoint": str(tmp_path / "ft-b/checkpoints/step_0000600"), "alone": 0.5, "soup": 0.5, "kept": True},
+              {"checkpoint": str(tmp_path / "ft-a/checkpoints/step_0000600"), "alone": 0.3, "soup": 0.55, "kept": True}]
+    (tmp_path / "greedy" / "config.json").write_text(json.dumps({"source": {"greedy_soup": record}}))
+    out = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, check=True).stdout
+    assert "| ft-a | 30.0 | 20.0 | 21.0 | 22.0 |" in out
+    assert "| best single by held-out (ft-b) | 50.0 | 40.0 | 41.0 | 42.0 |" in out
+    assert "| uniform soup (2 models) | — | 10.0 | 11.0 | 12.0 |" in out
+    assert "| greedy soup (ft-b, ft-a) | 55.0 | 45.0 | 46.0 | 47.0 |" in out
+    assert "| zero-shot start | — | 5.0 | 6.0 | 7.0 |" in out
+
+
 def test_lit_table_reads_the_experiments_evaluations_and_averages_the_seeds(tmp_path):
     """bench/lit_table.py (docs/methods/lit-flame.md's table) from clipforge eval retrieval results."""
     script = Path(__file__).resolve().parents[1] / "bench" / "lit_table.py"

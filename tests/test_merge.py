@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import clipforge
-from clipforge.merge import MergeError, merge, merge_weights
+from clipforge.merge import MergeError, greedy_soup, merge, merge_weights
 from clipforge.models.tokenizer import BPETokenizer
 from tiny_checkpoint import CAPTIONS, make_tiny_checkpoint, run_cli
 
@@ -88,3 +88,78 @@ def test_cli_merge_writes_a_checkpoint_eval_can_read_and_refuses_bad_options(tmp
                            "--out", tmp_path / "zs.json")
     assert code == 0, err
     assert "acc1" in (tmp_path / "zs.json").read_text()
+
+
+def _distance_scorer(target: dict[str, torch.Tensor]):
+    """Held-out "accuracy" for the greedy logic alone: minus the squared distance to ``target``."""
+    calls = []
+
+    def score(state):
+        calls.append(state)
+        return -sum(float((state[k].double() - t.double()).square().sum()) for k, t in target.items()
+                    if t.is_floating_point())
+
+    return score, calls
+
+
+def test_greedy_soup_adds_models_best_first_only_while_the_held_out_score_does_not_drop(three, tmp_path):
+    a, b, c = (_weights(p) for p in three)
+    target = {k: (a[k].double() + b[k].double()) / 2 if a[k].is_floating_point() else a[k] for k in a}
+    score, calls = _distance_scorer(target)
+    # c first on the command line; a and b are equally close to their mean, so a (given first) leads
+    soup, _, kept, record = greedy_soup([three[2], three[0], three[1]], score)
+    assert kept == [three[0], three[1]] and len(calls) == 3 + 2  # each alone, then two candidate soups
+    assert [r["checkpoint"] for r in record] == [str(p.resolve()) for p in (three[0], three[1], three[2])]
+    assert [r["kept"] for r in record] == [True, True, False]
+    assert record[1]["soup"] == pytest.approx(0.0, abs=1e-6) and record[2]["soup"] < record[1]["soup"]
+    assert record[0]["alone"] == record[0]["soup"] == record[1]["alone"]
+    for k in a:  # the soup is the uniform mean of what was kept
+        assert torch.allclose(soup[k], (a[k] + b[k]) / 2, atol=1e-6), k
+
+
+def test_a_greedy_candidate_that_ties_joins_and_one_model_alone_is_itself(three, tmp_path):
+    _, _, kept, _ = greedy_soup(three, lambda state: 0.5)
+    assert kept == three  # ">=": a soup that is no worse is kept (the recipe's rule)
+    a = _weights(three[0])
+    soup, _, kept, record = greedy_soup(three, _distance_scorer(a)[0])
+    assert kept == [three[0]] and [r["kept"] for r in record] == [True, False, False]
+    assert all(torch.equal(soup[k], a[k]) for k in a)  # bitwise the one model kept
+
+
+def test_cli_greedy_soup_scores_on_held_out_data_and_records_its_choices(tmp_path, capsys, three):
+    code, _, err = run_cli(capsys, "merge", *three, "--greedy", "--data", "shapes:seen", "--out", tmp_path / "soup")
+    assert code == 0, err
+    assert "greedy soup of" in err and "acc1" in err
+    source = json.loads((tmp_path / "soup" / "config.json").read_text())["source"]
+    record, merged = source["greedy_soup"], source["merge"]
+    assert len(record) == 3 and record[0]["kept"]
+    assert [r["alone"] for r in record] == sorted((r["alone"] for r in record), reverse=True)
+    best = record[0]["soup"]
+    for r in record[1:]:  # each joins exactly when the soup with it scores at least the soup before it
+        assert r["kept"] == (r["soup"] >= best)
+        best = max(best, r["soup"]) if r["kept"] else best
+    kept = [r["checkpoint"] for r in record if r["kept"]]
+    assert [m["checkpoint"] for m in merged] == kept
+    soup, states = _weights(tmp_path / "soup"), {str(p.resolve()): _weights(p) for p in three}
+    for key in soup:
+        assert torch.allclose(soup[key], sum(states[c][key] for c in kept) / len(kept), atol=1e-6), key
+    # the record's score for the soup is what clipforge eval reports for the written checkpoint
+    code, _, err = run_cli(capsys, "eval", tmp_path / "soup", "--task", "zeroshot", "--data", "shapes:seen",
+                           "--out", tmp_path / "soup.json")
+    assert code == 0, err
+    assert json.loads((tmp_path / "soup.json").read_text())["metrics"]["acc1"] == pytest.approx(best)
+
+
+def test_cli_greedy_soup_refuses_what_it_cannot_do(tmp_path, capsys, three):
+    def error(*args) -> str:  # the message, unwrapped from the terminal's error box
+        code, _, err = run_cli(capsys, "merge", *three, *args)
+        assert code == 2
+        return " ".join(line.strip("│ ") for line in err.splitlines())
+
+    assert "scores the soups on held-out data: give --data" in error("--greedy", "--out", tmp_path / "a")
+    assert "leave out --alpha and --weights" in error("--greedy", "--alpha", "0.5", "--data", "shapes:seen",
+                                                      "--out", tmp_path / "b")
+    assert "add --greedy" in error("--data", "shapes:seen", "--out", tmp_path / "c")
+    message = error("--greedy", "--data", "shapes:seen", "--metric", "acc9", "--out", tmp_path / "d")
+    assert "'acc9' is not one of" in message and "acc1" in message
+    assert not any((tmp_path / n).exists() for n in "abcd")

@@ -565,10 +565,29 @@ def merge(
     alpha: Optional[float] = typer.Option(None, "--alpha", min=0.0, max=1.0,
                                           help="Two checkpoints: (1 - alpha) * first + alpha * second (WiSE-FT: zero-shot, then fine-tuned)."),
     weights: Optional[str] = typer.Option(None, "--weights", help="One weight per checkpoint, comma-separated, summing to 1 [default: uniform, a soup]."),
+    greedy: bool = typer.Option(False, "--greedy", help="A greedy soup: models in order of held-out --metric on --data, each kept only if the soup's does not drop."),
+    data: Optional[str] = typer.Option(None, "--data", help="--greedy: the held-out data, as clipforge eval takes it (not your test set)."),
+    task: str = typer.Option("zeroshot", "--task", help="--greedy: zeroshot | retrieval | linear-probe (with --train-data)."),
+    metric: Optional[str] = typer.Option(None, "--metric", help="--greedy: the metric to maximise [default: acc1; retrieval: image_retrieval_recall@1]."),
+    train_data: Optional[str] = typer.Option(None, "--train-data", help="--greedy --task linear-probe: the probe's training data."),
+    batch_size: int = typer.Option(64, "--batch-size", help="--greedy: evaluation batch size."),
+    device: Optional[str] = typer.Option(None, "--device", help="--greedy: where to evaluate [default: cuda if available]."),
 ) -> None:
-    """Average checkpoints in weight space: WiSE-FT's interpolation, or a model soup."""
+    """Average checkpoints in weight space: WiSE-FT's interpolation, or a (greedy) model soup."""
     from clipforge.merge import merge as merge_checkpoints
 
+    if greedy:
+        if alpha is not None or weights is not None:
+            raise typer.BadParameter("--greedy chooses the models itself (each weighs the same): leave out "
+                                     "--alpha and --weights", param_hint="--greedy")
+        if data is None:
+            raise typer.BadParameter("--greedy scores the soups on held-out data: give --data (e.g. "
+                                     "imagefolder:heldout/, data none of the models trained on and not your test set)",
+                                     param_hint="--data")
+        _merge_greedy(ckpts, out, task, data, metric, train_data, batch_size, device)
+        return
+    if data is not None or metric is not None or train_data is not None:
+        raise typer.BadParameter("--data, --metric and --train-data choose a greedy soup: add --greedy", param_hint="--greedy")
     if alpha is not None and weights is not None:
         raise typer.BadParameter("give --alpha (two checkpoints) or --weights, not both", param_hint="--alpha")
     if alpha is not None and len(ckpts) != 2:
@@ -581,6 +600,18 @@ def merge(
         except ValueError:
             raise typer.BadParameter(f"{weights!r}: comma-separated numbers, e.g. 0.7,0.3", param_hint="--weights") from None
     console.print(f"merged into {merge_checkpoints(ckpts, out, parsed)}")
+
+
+def _merge_greedy(ckpts: list[str], out: Path, task: str, data: str, metric: Optional[str], train_data: Optional[str],
+                  batch_size: int, device: Optional[str]) -> None:
+    from clipforge.merge import held_out_scorer, merge_greedy
+
+    score, metric = held_out_scorer(ckpts[0], task, data, metric, device=device, train_data=train_data,
+                                    batch_size=batch_size)
+    written, record = merge_greedy(ckpts, out, score, log=lambda line: console.print(line, highlight=False))
+    kept = sum(r["kept"] for r in record)
+    console.print(f"greedy soup of {kept} of {len(record)} models ({metric} {max(r['soup'] for r in record if r['kept']):.4f}"
+                  f" on {data}) written to {written}")
 
 
 @app.command("import")

@@ -3,11 +3,13 @@
     clipforge merge zeroshot/ finetuned/ --alpha 0.5 --out wise/    # WiSE-FT: (1 - α) θ_zero-shot + α θ_fine-tuned
     clipforge merge a/ b/ c/ --out soup/                            # a uniform soup: the mean of the weights
     clipforge merge a/ b/ --weights 0.7,0.3 --out mix/              # any convex combination
+    clipforge merge a/ b/ c/ --greedy --data imagefolder:heldout/ --out soup/   # a greedy soup
 
 WiSE-FT (Wortsman et al., CVPR 2022) interpolates a zero-shot model and its fine-tuned version in
 weight space: on the fine-tuning distribution it keeps most of the fine-tuned accuracy, under
 distribution shift it is often better than both ends. Model soups (Wortsman et al., ICML 2022)
-average models fine-tuned from one start. Both need the models to be one network with one
+average models fine-tuned from one start; the greedy soup (their Recipe 2) adds the models in order
+of held-out accuracy, each only if the soup's held-out accuracy does not drop. Both need the models to be one network with one
 tokenizer (the same ``model`` config, training-only keys aside); every floating-point tensor of
 the state dict is averaged (the logit scale too), anything else must be equal. The result is an
 ordinary model-only checkpoint: ``clipforge eval``, ``export``, ``embed`` and ``clipforge.load`` take it,
@@ -17,6 +19,7 @@ and its ``config.json`` says which checkpoints and weights made it.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -47,27 +50,117 @@ def merge_weights(paths: list[str | Path], weights: list[float] | None = None) -
     if any(w < 0 for w in weights) or not math.isclose(sum(weights), 1.0, abs_tol=1e-6):
         raise MergeError(f"weights {weights} must be >= 0 and sum to 1 (a convex combination: outside it the "
                          "interpolation leaves the segment between the models)")
-    configs = [ckpt.read_config(d) for d in dirs]
-    for d, config in zip(dirs[1:], configs[1:]):
-        _check_same_network(dirs[0], configs[0], d, config)
+    config = _one_network(dirs)
     states = [load_file(str(d / ckpt.WEIGHTS)) for d in dirs]
-    return _average(dirs, states, weights), configs[0], weights
+    return _average(dirs, states, weights), config, weights
 
 
 def merge(paths: list[str | Path], out: str | Path, weights: list[float] | None = None) -> Path:
     """Write the weight-space average of ``paths`` to the new checkpoint directory ``out``."""
+    state, config, weights = merge_weights(paths, weights)
+    source = {"merge": [{"checkpoint": str(checkpoint_dir(p).resolve()), "weight": w} for p, w in zip(paths, weights)]}
+    return write_merged(state, config, checkpoint_dir(paths[0]), out, source)
+
+
+def greedy_soup(paths: list[str | Path], score: Callable[[dict[str, torch.Tensor]], float],
+                log: Callable[[str], None] = lambda line: None) -> tuple[dict, dict, list[Path], list[dict]]:
+    """Model soups' greedy recipe: (the soup's state dict, the first checkpoint's config, the
+    checkpoints kept, what was scored).
+
+    ``score`` maps a state dict to held-out accuracy (higher is better). Each model is scored alone;
+    in that order, best first, a model joins when the uniform average of the soup and it scores at
+    least as well as the soup without it (Wortsman et al. 2022, Recipe 2). Two model states are held
+    at a time (the soup as a float64 sum)."""
+    dirs = [checkpoint_dir(p) for p in paths]
+    if len(dirs) < 2:
+        raise MergeError("a greedy soup needs two or more checkpoints to choose from")
+    config = _one_network(dirs)
+    first = load_file(str(dirs[0] / ckpt.WEIGHTS))
+    scores = []
+    for d in dirs:
+        state = first if d == dirs[0] else load_file(str(d / ckpt.WEIGHTS))
+        _average([dirs[0], d], [first, state], [1.0, 0.0])  # the same tensors, or a clear refusal
+        scores.append(score(state))
+        log(f"{d}: {scores[-1]:.4f} alone")
+    order = sorted(range(len(dirs)), key=lambda i: -scores[i])  # stable: ties keep the given order
+    best = load_file(str(dirs[order[0]] / ckpt.WEIGHTS))
+    total = {k: t.double() for k, t in best.items() if t.is_floating_point()}
+    kept, soup_score = [dirs[order[0]]], scores[order[0]]
+    record = [{"checkpoint": str(kept[0].resolve()), "alone": soup_score, "soup": soup_score, "kept": True}]
+    for i in order[1:]:
+        state = load_file(str(dirs[i] / ckpt.WEIGHTS))
+        with_it = score(_mean_with(total, len(kept), state))
+        joins = with_it >= soup_score
+        record.append({"checkpoint": str(dirs[i].resolve()), "alone": scores[i], "soup": with_it, "kept": joins})
+        log(f"{dirs[i]}: soup of {len(kept) + 1} {with_it:.4f} vs {soup_score:.4f} -> {'kept' if joins else 'left out'}")
+        if joins:
+            kept.append(dirs[i])
+            soup_score = with_it
+            for k in total:
+                total[k] += state[k].double()
+    soup = {k: (total[k] / len(kept)).to(t.dtype) if k in total else t for k, t in best.items()}
+    return soup, config, kept, record
+
+
+def _mean_with(total: dict[str, torch.Tensor], count: int, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The uniform average of ``count`` models (their float64 ``total``) and ``state``."""
+    return {k: ((total[k] + t.double()) / (count + 1)).to(t.dtype) if k in total else t for k, t in state.items()}
+
+
+def merge_greedy(paths: list[str | Path], out: str | Path, score: Callable[[dict[str, torch.Tensor]], float],
+                 log: Callable[[str], None] = lambda line: None) -> tuple[Path, list[dict]]:
+    """greedy_soup written to ``out``; its record is kept in the checkpoint's config.json."""
+    state, config, kept, record = greedy_soup(paths, score, log)
+    source = {"merge": [{"checkpoint": str(d.resolve()), "weight": 1.0 / len(kept)} for d in kept],
+              "greedy_soup": record}
+    return write_merged(state, config, checkpoint_dir(paths[0]), out, source), record
+
+
+def held_out_scorer(first: str | Path, task: str, data: str, metric: str | None = None, *,
+                    device: str | None = None, **eval_options) -> tuple[Callable[[dict[str, torch.Tensor]], float], str]:
+    """(score(state dict) -> ``metric`` of ``clipforge eval --task task --data data``, the metric's name)
+    for greedy_soup: the first checkpoint's network, tokenizer and preprocessing, its recipe's
+    shapes settings, another state loaded for each call. ``metric`` defaults to acc1 (zero-shot,
+    linear probe) or image_retrieval_recall@1 (retrieval)."""
+    from clipforge.api import load
+    from clipforge.eval.evaluate import checkpoint_shapes_config, evaluate, normalise_task
+
+    task = normalise_task(task)
+    metric = metric or ("image_retrieval_recall@1" if task == "retrieval" else "acc1")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, preprocess, tokenizer = load(checkpoint_dir(first), device=device)
+    shapes = checkpoint_shapes_config(first)
+
+    def score(state: dict[str, torch.Tensor]) -> float:
+        model.load_state_dict(state, strict=True)
+        result = evaluate((model, preprocess, tokenizer), task, data, plots=False, shapes=shapes, **eval_options)
+        if metric not in result["metrics"]:
+            raise MergeError(f"--metric {metric!r} is not one of what --task {task} reports: "
+                             f"{', '.join(sorted(result['metrics']))}")
+        return float(result["metrics"][metric])
+
+    return score, metric
+
+
+def write_merged(state: dict[str, torch.Tensor], config: dict, first: Path, out: str | Path, source: dict) -> Path:
+    """A model-only checkpoint of ``state`` (the network and tokenizer of ``first``) in ``out``."""
     from clipforge.models.clip import CLIP
     from clipforge.models.convert import write_model_checkpoint
     from clipforge.models.tokenizer import load_tokenizer
 
-    state, config, weights = merge_weights(paths, weights)
-    first = checkpoint_dir(paths[0])
     model_cfg = ckpt.model_config_from(config)
     model = CLIP(model_cfg)
     model.load_state_dict(state, strict=True)
     tokenizer = load_tokenizer(config["tokenizer"], first)
-    source = {"merge": [{"checkpoint": str(checkpoint_dir(p).resolve()), "weight": w} for p, w in zip(paths, weights)]}
     return write_model_checkpoint(out, model, tokenizer, ckpt.checkpoint_config(model_cfg, tokenizer, source=source))
+
+
+def _one_network(dirs: list[Path]) -> dict:
+    """The first checkpoint's config, once every checkpoint is the same network and tokenizer."""
+    configs = [ckpt.read_config(d) for d in dirs]
+    for d, config in zip(dirs[1:], configs[1:]):
+        _check_same_network(dirs[0], configs[0], d, config)
+    return configs[0]
 
 
 def _check_same_network(first: Path, a: dict, other: Path, b: dict) -> None:

@@ -81,6 +81,7 @@ def evaluate(
     max_samples: int | None = None,
     per_class: bool = False,
     nmtune: bool = False,
+    shapes=None,
 ) -> dict[str, Any]:
     """Evaluate a checkpoint (path) or a loaded ``(model, preprocess, tokenizer)`` on ``data``.
 
@@ -97,6 +98,8 @@ def evaluate(
     (CLIP_benchmark's names), else the folder names and the ``photo`` set. ``max_samples`` evaluates
     a seeded random subset of at most that many images (zeroshot and retrieval). ``per_class``
     adds ``per_class``: {class name: {"accuracy", "count"}} (zeroshot and linear-probe).
+    ``shapes`` (a ShapesConfig) sets the built-in shapes splits for a loaded model; a checkpoint's
+    own recipe says them otherwise.
     """
     task = normalise_task(task)
     if nmtune and task != "linear-probe":
@@ -119,14 +122,16 @@ def evaluate(
         raise EvalError(f"--similarity late-interaction needs per-token embeddings, which {type(model).__name__} "
                         "does not give (no encode_image_tokens); use --similarity pooled")
     common = dict(batch_size=batch_size, workers=workers, max_bad_fraction=max_bad_fraction, progress=progress)
+    if shapes_split:
+        shapes = shapes or checkpoint_shapes_config(model_or_ckpt)
 
     if shapes_split == "binding":
         from clipforge.eval.binding import evaluate_binding
 
-        result = evaluate_binding(model, tokenizer, checkpoint_shapes_config(model_or_ckpt), model.cfg.image_size,
+        result = evaluate_binding(model, tokenizer, shapes, model.cfg.image_size,
                                   similarity=similarity, batch_size=batch_size, progress=progress)
     elif shapes_split:
-        result = run_shapes_zeroshot(model, tokenizer, checkpoint_shapes_config(model_or_ckpt), shapes_split,
+        result = run_shapes_zeroshot(model, tokenizer, shapes, shapes_split,
                                      templates, similarity=similarity, batch_size=batch_size)
     elif task == "zeroshot":
         result = run_zeroshot(model, preprocess, tokenizer, spec, classnames, templates, max_samples=max_samples,

@@ -1,0 +1,54 @@
+"""The model-soup table from bench/soup_experiment.sh's runs: zero-shot top-1 of every fine-tuned
+model, the best of them by held-out accuracy, the uniform soup and the greedy soup.
+
+    python bench/soup_table.py RUNS_DIR [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+SPLITS = ("test", "seen", "unseen")
+
+
+def top1(path: Path) -> float | None:
+    if not path.is_file():
+        return None
+    return round(100 * json.loads(path.read_text())["metrics"]["acc1"], 1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("runs", type=Path)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    greedy = json.loads((args.runs / "greedy" / "config.json").read_text())["source"]["greedy_soup"]
+    # the held-out ("select") accuracy of each model alone, from the greedy soup's own record
+    select = {Path(r["checkpoint"]).parents[1].name: round(100 * r["alone"], 1) for r in greedy}
+    rows = []
+    for d in sorted(args.runs.glob("ft-*")):
+        if d.is_dir():
+            rows.append({"model": d.name, "select": select.get(d.name), **{s: top1(d / f"eval-{s}.json") for s in SPLITS}})
+    best = max(rows, key=lambda r: r["select"] if r["select"] is not None else -1)
+    kept = [Path(r["checkpoint"]).parents[1].name for r in greedy if r["kept"]]
+    rows += [
+        {"model": f"best single by held-out ({best['model']})", "select": best["select"],
+         **{s: best[s] for s in SPLITS}},
+        {"model": f"uniform soup ({len(select)} models)", "select": None,
+         **{s: top1(args.runs / "uniform" / f"eval-{s}.json") for s in SPLITS}},
+        {"model": f"greedy soup ({', '.join(kept)})", "select": round(100 * max(r["soup"] for r in greedy if r["kept"]), 1),
+         **{s: top1(args.runs / "greedy" / f"eval-{s}.json") for s in SPLITS}},
+        {"model": "zero-shot start", "select": None, **{s: top1(args.runs / "zs" / f"eval-{s}.json") for s in SPLITS}},
+    ]
+    print("| model | CIFAR-10 held-out select (choosing) | CIFAR-10 held-out test | shapes seen | shapes unseen |")
+    print("| --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['model']} | {r['select'] if r['select'] is not None else '—'} | {r['test']} | {r['seen']} | {r['unseen']} |")
+    if args.json:
+        args.json.write_text(json.dumps({"rows": rows, "greedy_record": greedy}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
