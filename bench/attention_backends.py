@@ -20,12 +20,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import sdpa_kernel
 
+from clipforge.bench import ms_per_call, print_json
 from clipforge.models.vit import attention_kernels
 
 # (name, tokens, width, heads, causal)
@@ -64,16 +64,6 @@ def kernel_ops(run) -> list[str]:
     return sorted({e.key for e in prof.key_averages()
                    if "attention" in e.key and not e.key.startswith(("aten::scaled_dot", "autograd::"))})
 
-
-def timed_ms(fn, device: torch.device, iters: int) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) * 1e3 / iters
 
 
 def suggested_case(result: dict, case: str, shape: str = "vit-b16", margin: float = 0.03) -> str:
@@ -148,7 +138,7 @@ def main() -> None:
                 record["fwd_bwd_tflop"] = result["shapes"][name]["fwd_bwd_tflop"]
     for _ in range(args.rounds):
         for key, run in runs.items():  # interleaved
-            per_round[key].append(timed_ms(run, device, args.iters))
+            per_round[key].append(ms_per_call(run, device, args.iters))
     for (name, backend, layout), times in per_round.items():
         record = result["shapes"][name]["variants"][f"{backend}/{layout}"]
         ms = statistics.median(times)
@@ -158,11 +148,7 @@ def main() -> None:
         timed = {k: v["ms_fwd_bwd"] for k, v in shape["variants"].items() if "ms_fwd_bwd" in v}
         shape["fastest"] = {layout: min((k for k in timed if k.endswith(layout)), key=timed.get, default=None)
                             for layout in ("packed", "separate")}
-    text = json.dumps(result)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    print_json(result, args.out)
 
 
 if __name__ == "__main__":

@@ -14,24 +14,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import time
 
 import torch
 
+from clipforge.bench import ms_per_call, print_json
 from clipforge.models.vit import Block
 
-
-def timed_ms(fn, device: torch.device, iters: int) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) * 1e3 / iters
 
 
 def main() -> None:
@@ -85,7 +75,7 @@ def main() -> None:
     per_round = {name: [] for name in sides}
     for _ in range(args.rounds):
         for name in sides:  # A B A B
-            per_round[name].append(timed_ms(lambda: step(name), device, args.iters))
+            per_round[name].append(ms_per_call(lambda: step(name), device, args.iters))
     flops = 2 * args.batch * args.tokens * args.width**2 * 12 * 3  # the block's GEMMs, forward + backward
     for name, times in per_round.items():
         ms = statistics.median(times)
@@ -95,11 +85,7 @@ def main() -> None:
     from clipforge.models import fused_mlp
 
     result["tile_configs"] = {str(k): v for k, v in fused_mlp._chosen.items()}
-    text = json.dumps(result)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    print_json(result, args.out)
 
 
 if __name__ == "__main__":

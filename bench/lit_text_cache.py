@@ -13,12 +13,12 @@ first pass over the same batches (what every epoch after the first sees). Sides 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
 import torch
 
+from clipforge.bench import print_json
 from clipforge.config import load_recipe
 from clipforge.data.loader import build_train_loader
 from clipforge.models.tokenizer import tokenizer_for_recipe
@@ -88,11 +88,7 @@ def main() -> None:
                           "flame": round(medians["flame_live"] / medians["flame_cached"], 2)},
         "cache_hits": {k: s.step.cache.hits for k, s in sides.items() if s.step.cache is not None},
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    print_json(result, args.out, indent=2)
 
 
 if __name__ == "__main__":

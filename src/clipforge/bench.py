@@ -23,6 +23,7 @@ training). Reported, as one JSON object:
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import platform
 import resource
@@ -70,6 +71,26 @@ def summarise(values: list[float]) -> dict[str, Any]:
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def ms_per_call(fn: Callable[[], Any], device: torch.device, calls: int) -> float:
+    """Wall-clock milliseconds per call of ``fn``, over ``calls`` calls (the device's queue drained
+    before and after): the bench/ scripts' unit of timing."""
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    synchronize(device)
+    return (time.perf_counter() - start) * 1e3 / calls
+
+
+def print_json(result: dict[str, Any], out: str | None, indent: int | None = None) -> None:
+    """A bench script's result: printed as JSON, and written to ``out`` too when given."""
+    text = json.dumps(result, indent=indent)
+    print(text)
+    if out:
+        with open(out, "w") as f:
+            f.write(text + "\n")
 
 
 def precision_name(dtype: torch.dtype, device: torch.device) -> str:
