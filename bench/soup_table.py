@@ -24,7 +24,10 @@ def main() -> None:
     parser.add_argument("runs", type=Path)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
-    greedy = json.loads((args.runs / "greedy" / "config.json").read_text())["source"]["greedy_soup"]
+    record = args.runs / "greedy" / "config.json"
+    if not record.is_file():
+        raise SystemExit(f"no greedy soup in {args.runs} ({record} is missing): run bench/soup_experiment.sh first")
+    greedy = json.loads(record.read_text())["source"]["greedy_soup"]
     # the held-out ("select") accuracy of each model alone, from the greedy soup's own record
     select = {Path(r["checkpoint"]).parents[1].name: round(100 * r["alone"], 1) for r in greedy}
     rows = []

@@ -261,6 +261,8 @@ def test_soup_table_reads_the_greedy_record_and_the_evaluations(tmp_path):
     assert "| uniform soup (2 models) | — | 10.0 | 11.0 | 12.0 |" in out
     assert "| greedy soup (ft-b, ft-a) | 55.0 | 45.0 | 46.0 | 47.0 |" in out
     assert "| zero-shot start | — | 5.0 | 6.0 | 7.0 |" in out
+    empty = subprocess.run([sys.executable, str(script), str(tmp_path / "none")], capture_output=True, text=True)
+    assert empty.returncode != 0 and "run bench/soup_experiment.sh first" in empty.stderr
 
 
 def test_lit_table_reads_the_experiments_evaluations_and_averages_the_seeds(tmp_path):
