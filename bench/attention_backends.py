@@ -1,6 +1,6 @@
 """Which fused attention kernel is fastest on a CLIP model's shapes (train.attention_backend), and
 what the QKV layout costs: forward + backward of ``F.scaled_dot_product_attention`` for each SDPA
-kernel PyTorch has, on ViT-B/16's attention (197 tokens, 12 heads of 64) and on 192 tokens (how
+kernel PyTorch has (and the maths compiled, as a compiled model runs it), on ViT-B/16's attention (197 tokens, 12 heads of 64) and on 192 tokens (how
 much of the time is the tiles' padding past 192), and on the text tower's causal attention.
 
 Two layouts per kernel: ``packed``, q, k and v as views of one N×T×3W projection output, as the
@@ -22,15 +22,16 @@ import json
 import statistics
 
 import torch
-import torch.nn.functional as F
-from torch.nn.attention import sdpa_kernel
 
 from clipforge.bench import ms_per_call, print_json
-from clipforge.models.vit import attention_kernels
+from clipforge.models.vit import attention_kernels, sdpa
 
 # (name, tokens, width, heads, causal)
 SHAPES = [("vit-b16", 197, 768, 12, False), ("vit-b16-t192", 192, 768, 12, False), ("text-t77", 77, 512, 8, True)]
-BACKENDS = ["auto", "cudnn", "flash", "efficient", "math"]
+# (label, train.attention_backend, compiled): the maths also through torch.compile, as a compiled model
+# runs it (inductor fuses its scaling and softmax around two batched GEMMs)
+VARIANTS = [("auto", "auto", False), ("cudnn", "cudnn", False), ("flash", "flash", False),
+            ("efficient", "efficient", False), ("math", "math", False), ("math+compile", "math", True)]
 
 
 def make_inputs(batch: int, tokens: int, width: int, heads: int, layout: str, device, dtype, seed: int = 0):
@@ -46,23 +47,29 @@ def make_inputs(batch: int, tokens: int, width: int, heads: int, layout: str, de
     return leaves, lambda: leaves
 
 
-def fwd_bwd(get_qkv, kernels, causal: bool, upstream: torch.Tensor) -> torch.Tensor:
-    q, k, v = get_qkv()
-    if kernels is None:
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-    else:
-        with sdpa_kernel(kernels):
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+def attention(backend: str, causal: bool, compiled: bool):
+    """q, k, v -> the model's attention (models/vit.py sdpa) with ``backend``'s kernels."""
+    kernels = attention_kernels(backend)
+
+    def attend(q, k, v):
+        return sdpa(q, k, v, kernels, is_causal=causal)
+
+    return torch.compile(attend) if compiled else attend
+
+
+def fwd_bwd(get_qkv, attend, upstream: torch.Tensor) -> torch.Tensor:
+    out = attend(*get_qkv())
     out.backward(upstream)
     return out
 
 
 def kernel_ops(run) -> list[str]:
-    """The attention ops that ran (aten names), so a variant says which kernel it measured."""
+    """The attention ops that ran (aten names; a compiled variant's batched GEMMs and Triton kernels),
+    so a variant says which kernel it measured."""
     with torch.profiler.profile() as prof:
         run()
-    return sorted({e.key for e in prof.key_averages()
-                   if "attention" in e.key and not e.key.startswith(("aten::scaled_dot", "autograd::"))})
+    return sorted({e.key for e in prof.key_averages() if any(w in e.key for w in ("attention", "bmm", "triton_"))
+                   and not e.key.startswith(("aten::scaled_dot", "autograd::"))})
 
 
 
@@ -75,7 +82,8 @@ def suggested_case(result: dict, case: str, shape: str = "vit-b16", margin: floa
     best = min(timed, key=lambda k: timed[k]["ms_fwd_bwd"])
     if best == "auto" or timed[best]["kernels"] == auto["kernels"]:
         return ""
-    return f"{case}+train.attention_backend={best}" if timed[best]["ms_fwd_bwd"] < (1 - margin) * auto["ms_fwd_bwd"] else ""
+    backend = best.split("+")[0]  # math+compile: the maths, as the compiled case runs it
+    return f"{case}+train.attention_backend={backend}" if timed[best]["ms_fwd_bwd"] < (1 - margin) * auto["ms_fwd_bwd"] else ""
 
 
 def main() -> None:
@@ -106,21 +114,21 @@ def main() -> None:
         upstream = torch.randn(args.batch, heads, tokens, width // heads, generator=torch.Generator().manual_seed(1))
         # the reference: float32 maths, packed layout (the same numbers as every variant's inputs)
         ref_leaves, ref_qkv = make_inputs(args.batch, tokens, width, heads, "packed", device, torch.float32)
-        ref_out = fwd_bwd(ref_qkv, attention_kernels("math"), causal, upstream.to(device)).detach()
+        ref_out = fwd_bwd(ref_qkv, attention("math", causal, False), upstream.to(device)).detach()
         ref_grad = ref_leaves[0].grad
         ref_leaves[0].grad = None
         fwd_flops = 4 * args.batch * heads * tokens**2 * (width // heads)  # QK^T and PV, dense count
         result["shapes"][name] = {"tokens": tokens, "width": width, "heads": heads, "causal": causal,
                                   "fwd_bwd_tflop": round(3 * fwd_flops / 1e12, 3), "variants": {}}
-        for backend in BACKENDS:
+        for label, backend, compiled in VARIANTS:
             for layout in ("packed", "separate"):
-                key = (name, backend, layout)
+                key = (name, label, layout)
                 leaves, get_qkv = make_inputs(args.batch, tokens, width, heads, layout, device, dtype)
                 up = upstream.to(device, dtype)
-                kernels = attention_kernels(backend)
-                record = result["shapes"][name]["variants"][f"{backend}/{layout}"] = {}
+                attend = attention(backend, causal, compiled)
+                record = result["shapes"][name]["variants"][f"{label}/{layout}"] = {}
                 try:
-                    out = fwd_bwd(get_qkv, kernels, causal, up)
+                    out = fwd_bwd(get_qkv, attend, up)
                 except RuntimeError as e:  # a kernel this device or dtype does not have
                     record["error"] = str(e).splitlines()[0][:300]
                     continue
@@ -131,16 +139,16 @@ def main() -> None:
                     "qkv_grad": round(float((grad.float() - ref_grad).abs().max() / ref_grad.abs().max()), 5)}
                 for t in leaves:
                     t.grad = None
-                record["kernels"] = kernel_ops(lambda: fwd_bwd(get_qkv, kernels, causal, up))
-                runs[key] = (lambda g=get_qkv, k=kernels, c=causal, u=up, ls=leaves:
-                             (fwd_bwd(g, k, c, u), [setattr(t, "grad", None) for t in ls]))
+                record["kernels"] = kernel_ops(lambda: fwd_bwd(get_qkv, attend, up))
+                runs[key] = (lambda g=get_qkv, a=attend, u=up, ls=leaves:
+                             (fwd_bwd(g, a, u), [setattr(t, "grad", None) for t in ls]))
                 per_round[key] = []
                 record["fwd_bwd_tflop"] = result["shapes"][name]["fwd_bwd_tflop"]
     for _ in range(args.rounds):
         for key, run in runs.items():  # interleaved
             per_round[key].append(ms_per_call(run, device, args.iters))
-    for (name, backend, layout), times in per_round.items():
-        record = result["shapes"][name]["variants"][f"{backend}/{layout}"]
+    for (name, label, layout), times in per_round.items():
+        record = result["shapes"][name]["variants"][f"{label}/{layout}"]
         ms = statistics.median(times)
         record.update(ms_fwd_bwd=round(ms, 3), min=round(min(times), 3), max=round(max(times), 3),
                       tflops_per_s=round(record.pop("fwd_bwd_tflop") / ms * 1e3, 1))

@@ -157,11 +157,12 @@ def test_attention_backends_bench_says_which_kernel_ran_and_its_error(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     shape = json.loads(out.read_text())["shapes"]["text-t77"]
-    assert shape["causal"] and len(shape["variants"]) == 10  # 5 kernels x (packed, separate)
+    assert shape["causal"] and len(shape["variants"]) == 12  # 5 kernels and the compiled maths x 2 layouts
     v = shape["variants"]
     assert v["flash/packed"]["kernels"][0].endswith("flash_attention_for_cpu")
-    assert v["math/separate"]["kernels"] == ["aten::_scaled_dot_product_attention_math"]
+    assert v["math/separate"]["kernels"] == ["aten::_scaled_dot_product_attention_math", "aten::bmm"]
     assert v["cudnn/packed"]["kernels"] == v["math/packed"]["kernels"]  # no cuDNN on a CPU: the maths
+    assert "aten::_scaled_dot_product_attention_math" not in v["math+compile/packed"]["kernels"]  # inductor's
     for variant in v.values():  # float32 on a CPU: each kernel against the float32 maths
         assert variant["max_relative_error"]["output"] < 1e-4 and variant["max_relative_error"]["qkv_grad"] < 1e-4
         assert variant["ms_fwd_bwd"] > 0
@@ -177,7 +178,8 @@ def test_attention_sweep_suggests_a_kernel_only_when_it_beats_the_default():
     spec.loader.exec_module(sweep)
 
     def result(ms: dict[str, float], auto_kernel: str = "cudnn") -> dict:
-        kernels = {"auto": auto_kernel, "cudnn": "cudnn", "flash": "flash", "efficient": "efficient", "math": "math"}
+        kernels = {"auto": auto_kernel, "cudnn": "cudnn", "flash": "flash", "efficient": "efficient", "math": "math",
+                   "math+compile": "bmm"}
         variants = {f"{k}/packed": {"ms_fwd_bwd": v, "kernels": [kernels[k]]} for k, v in ms.items()}
         variants["math/separate"] = {"ms_fwd_bwd": 0.1, "kernels": ["math"]}  # another layout: not the model's
         return {"shapes": {"vit-b16": {"variants": variants}}}
@@ -187,6 +189,8 @@ def test_attention_sweep_suggests_a_kernel_only_when_it_beats_the_default():
     assert sweep.suggested_case(result({"auto": 2.0, "cudnn": 2.0, "flash": 1.97}), case) == ""  # within 3 %
     assert sweep.suggested_case(result({"auto": 2.0, "cudnn": 1.8}), case) == ""  # the kernel auto ran anyway
     assert sweep.suggested_case(result({"auto": 2.0, "efficient": 2.5}), case) == ""
+    # the compiled maths is what a compiled case runs with attention_backend=math
+    assert sweep.suggested_case(result({"auto": 2.0, "math": 3.0, "math+compile": 1.5}), case) == f"{case}+train.attention_backend=math"
 
 
 def test_bench_applies_the_attention_backend_to_both_sides_and_says_so(monkeypatch):
