@@ -160,6 +160,7 @@ def test_cli_greedy_soup_refuses_what_it_cannot_do(tmp_path, capsys, three):
     assert "leave out --alpha and --weights" in error("--greedy", "--alpha", "0.5", "--data", "shapes:seen",
                                                       "--out", tmp_path / "b")
     assert "add --greedy" in error("--data", "shapes:seen", "--out", tmp_path / "c")
+    assert "add --greedy" in error("--max-samples", "100", "--out", tmp_path / "c")
     message = error("--greedy", "--data", "shapes:seen", "--metric", "acc9", "--out", tmp_path / "d")
     assert "'acc9' is not one of" in message and "acc1" in message
     assert not any((tmp_path / n).exists() for n in "abcd")

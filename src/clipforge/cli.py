@@ -570,6 +570,7 @@ def merge(
     task: str = typer.Option("zeroshot", "--task", help="--greedy: zeroshot | retrieval | linear-probe (with --train-data)."),
     metric: Optional[str] = typer.Option(None, "--metric", help="--greedy: the metric to maximise [default: acc1; retrieval: image_retrieval_recall@1]."),
     train_data: Optional[str] = typer.Option(None, "--train-data", help="--greedy --task linear-probe: the probe's training data."),
+    max_samples: Optional[int] = typer.Option(None, "--max-samples", help="--greedy: score on a fixed random subset of this many held-out images (zeroshot, retrieval)."),
     batch_size: int = typer.Option(64, "--batch-size", help="--greedy: evaluation batch size."),
     device: Optional[str] = typer.Option(None, "--device", help="--greedy: where to evaluate [default: cuda if available]."),
 ) -> None:
@@ -584,10 +585,12 @@ def merge(
             raise typer.BadParameter("--greedy scores the soups on held-out data: give --data (e.g. "
                                      "imagefolder:heldout/, data none of the models trained on and not your test set)",
                                      param_hint="--data")
-        _merge_greedy(ckpts, out, task, data, metric, train_data, batch_size, device)
+        _merge_greedy(ckpts, out, task, data, metric, device, train_data=train_data, batch_size=batch_size,
+                      max_samples=max_samples)
         return
-    if data is not None or metric is not None or train_data is not None:
-        raise typer.BadParameter("--data, --metric and --train-data choose a greedy soup: add --greedy", param_hint="--greedy")
+    if data is not None or metric is not None or train_data is not None or max_samples is not None:
+        raise typer.BadParameter("--data, --metric, --train-data and --max-samples choose a greedy soup: add --greedy",
+                                 param_hint="--greedy")
     if alpha is not None and weights is not None:
         raise typer.BadParameter("give --alpha (two checkpoints) or --weights, not both", param_hint="--alpha")
     if alpha is not None and len(ckpts) != 2:
@@ -602,12 +605,11 @@ def merge(
     console.print(f"merged into {merge_checkpoints(ckpts, out, parsed)}")
 
 
-def _merge_greedy(ckpts: list[str], out: Path, task: str, data: str, metric: Optional[str], train_data: Optional[str],
-                  batch_size: int, device: Optional[str]) -> None:
+def _merge_greedy(ckpts: list[str], out: Path, task: str, data: str, metric: Optional[str], device: Optional[str],
+                  **eval_options) -> None:
     from clipforge.merge import held_out_scorer, merge_greedy
 
-    score, metric = held_out_scorer(ckpts[0], task, data, metric, device=device, train_data=train_data,
-                                    batch_size=batch_size)
+    score, metric = held_out_scorer(ckpts[0], task, data, metric, device=device, **eval_options)
     written, record = merge_greedy(ckpts, out, score, log=lambda line: console.print(line, highlight=False))
     kept = sum(r["kept"] for r in record)
     console.print(f"greedy soup of {kept} of {len(record)} models ({metric} {max(r['soup'] for r in record if r['kept']):.4f}"
