@@ -610,10 +610,10 @@ def _merge_greedy(ckpts: list[str], out: Path, task: str, data: str, metric: Opt
     from clipforge.merge import held_out_scorer, merge_greedy
 
     score, metric = held_out_scorer(ckpts[0], task, data, metric, device=device, **eval_options)
-    written, record = merge_greedy(ckpts, out, score, log=lambda line: console.print(line, highlight=False))
+    written, record = merge_greedy(ckpts, out, score, log=lambda line: console.print(line, highlight=False, markup=False, soft_wrap=True))
     kept = sum(r["kept"] for r in record)
     console.print(f"greedy soup of {kept} of {len(record)} models ({metric} {max(r['soup'] for r in record if r['kept']):.4f}"
-                  f" on {data}) written to {written}")
+                  f" on {data}) written to {written}", soft_wrap=True, markup=False)
 
 
 @app.command("import")
