@@ -610,10 +610,11 @@ def _merge_greedy(ckpts: list[str], out: Path, task: str, data: str, metric: Opt
     from clipforge.merge import held_out_scorer, merge_greedy
 
     score, metric = held_out_scorer(ckpts[0], task, data, metric, device=device, **eval_options)
-    written, record = merge_greedy(ckpts, out, score, log=lambda line: console.print(line, highlight=False, markup=False, soft_wrap=True))
-    kept = sum(r["kept"] for r in record)
-    console.print(f"greedy soup of {kept} of {len(record)} models ({metric} {max(r['soup'] for r in record if r['kept']):.4f}"
-                  f" on {data}) written to {written}", soft_wrap=True, markup=False)
+    plain = dict(highlight=False, markup=False, soft_wrap=True)  # paths, unwrapped
+    written, record = merge_greedy(ckpts, out, score, log=lambda line: console.print(line, **plain))
+    kept = [r for r in record if r["kept"]]
+    console.print(f"greedy soup of {len(kept)} of {len(record)} models ({metric} {kept[-1]['soup']:.4f} on {data}) "
+                  f"written to {written}", **plain)
 
 
 @app.command("import")
