@@ -437,7 +437,7 @@ def eval_(
         Console().print(result_table(result))
         if path is not None:
             plots = ", ".join(result.get("plots", {}).values())
-            console.print(f"result: {path}" + (f"   plot: {plots}" if plots else ""))
+            console.print(f"result: {path}" + (f"   plot: {plots}" if plots else ""), soft_wrap=True, markup=False)
 
 
 def _eval_merge(files: list[str], out: Optional[Path]) -> None:
