@@ -8,12 +8,12 @@
 WiSE-FT (Wortsman et al., CVPR 2022) interpolates a zero-shot model and its fine-tuned version in
 weight space: on the fine-tuning distribution it keeps most of the fine-tuned accuracy, under
 distribution shift it is often better than both ends. Model soups (Wortsman et al., ICML 2022)
-average models fine-tuned from one start; the greedy soup (their Recipe 2) adds the models in order
-of held-out accuracy, each only if the soup's held-out accuracy does not drop. Both need the models to be one network with one
-tokenizer (the same ``model`` config, training-only keys aside); every floating-point tensor of
-the state dict is averaged (the logit scale too), anything else must be equal. The result is an
-ordinary model-only checkpoint: ``clipforge eval``, ``export``, ``embed`` and ``clipforge.load`` take it,
-and its ``config.json`` says which checkpoints and weights made it.
+average models fine-tuned from one start; their greedy soup adds the models in order of held-out
+accuracy, each only if the soup's held-out accuracy does not drop. Both need the models to be one
+network with one tokenizer (the same ``model`` config, training-only keys aside); every
+floating-point tensor of the state dict is averaged (the logit scale too), anything else must be
+equal. The result is an ordinary model-only checkpoint: ``clipforge eval``, ``export``, ``embed``
+and ``clipforge.load`` take it, and its ``config.json`` says which checkpoints and weights made it.
 """
 
 from __future__ import annotations
@@ -69,8 +69,8 @@ def greedy_soup(paths: list[str | Path], score: Callable[[dict[str, torch.Tensor
 
     ``score`` maps a state dict to held-out accuracy (higher is better). Each model is scored alone;
     in that order, best first, a model joins when the uniform average of the soup and it scores at
-    least as well as the soup without it (Wortsman et al. 2022, Recipe 2). Two model states are held
-    at a time (the soup as a float64 sum)."""
+    least as well as the soup without it (Wortsman et al. 2022, GreedySoup). Memory: the soup as a
+    float64 sum, the best model, and the one candidate being scored."""
     dirs = [checkpoint_dir(p) for p in paths]
     if len(dirs) < 2:
         raise MergeError("a greedy soup needs two or more checkpoints to choose from")
@@ -79,9 +79,10 @@ def greedy_soup(paths: list[str | Path], score: Callable[[dict[str, torch.Tensor
     scores = []
     for d in dirs:
         state = first if d == dirs[0] else load_file(str(d / ckpt.WEIGHTS))
-        _average([dirs[0], d], [first, state], [1.0, 0.0])  # the same tensors, or a clear refusal
+        _check_same_tensors(dirs[0], first, d, state)
         scores.append(score(state))
         log(f"{d}: {scores[-1]:.4f} alone")
+    del first, state
     order = sorted(range(len(dirs)), key=lambda i: -scores[i])  # stable: ties keep the given order
     best = load_file(str(dirs[order[0]] / ckpt.WEIGHTS))
     total = {k: t.double() for k, t in best.items() if t.is_floating_point()}
@@ -184,21 +185,24 @@ def _tokenizer_bytes(directory: Path) -> bytes | None:
 
 
 def _average(dirs: list[Path], states: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
-    keys = states[0].keys()
     for d, state in zip(dirs[1:], states[1:]):
-        if state.keys() != keys:
-            missing = sorted(keys - state.keys())[:3] or sorted(state.keys() - keys)[:3]
-            raise MergeError(f"{d} holds other tensors than {dirs[0]} ({missing}...): not the same network")
+        _check_same_tensors(dirs[0], states[0], d, state)
     merged = {}
-    for key in keys:
-        tensors = [state[key] for state in states]
-        if any(t.shape != tensors[0].shape for t in tensors):
-            raise MergeError(f"{key}: shapes {[tuple(t.shape) for t in tensors]} differ between the checkpoints")
-        if tensors[0].is_floating_point():  # averaged in float64, stored in the checkpoint's dtype
-            total = sum(w * t.double() for w, t in zip(weights, tensors))
-            merged[key] = total.to(tensors[0].dtype)
-        elif all(torch.equal(t, tensors[0]) for t in tensors):
-            merged[key] = tensors[0]
-        else:
-            raise MergeError(f"{key} is not floating point and differs between the checkpoints: it cannot be averaged")
+    for key, first in states[0].items():
+        if first.is_floating_point():  # averaged in float64, stored in the checkpoint's dtype
+            merged[key] = sum(w * state[key].double() for w, state in zip(weights, states)).to(first.dtype)
+        else:  # equal in every checkpoint (checked)
+            merged[key] = first
     return merged
+
+
+def _check_same_tensors(first: Path, a: dict[str, torch.Tensor], other: Path, b: dict[str, torch.Tensor]) -> None:
+    """The same tensor names and shapes, and equal non-float tensors (which cannot be averaged)."""
+    if a.keys() != b.keys():
+        missing = sorted(a.keys() - b.keys())[:3] or sorted(b.keys() - a.keys())[:3]
+        raise MergeError(f"{other} holds other tensors than {first} ({missing}...): not the same network")
+    for key, t in a.items():
+        if b[key].shape != t.shape:
+            raise MergeError(f"{key}: shapes {[tuple(t.shape), tuple(b[key].shape)]} differ between the checkpoints")
+        if not t.is_floating_point() and not torch.equal(b[key], t):
+            raise MergeError(f"{key} is not floating point and differs between the checkpoints: it cannot be averaged")
