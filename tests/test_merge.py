@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import clipforge
-from clipforge.merge import MergeError, greedy_soup, merge, merge_weights
+from clipforge.merge import MergeError, greedy_soup, merge, merge_greedy, merge_weights
 from clipforge.models.tokenizer import BPETokenizer
 from tiny_checkpoint import CAPTIONS, make_tiny_checkpoint, run_cli
 
@@ -164,3 +164,9 @@ def test_cli_greedy_soup_refuses_what_it_cannot_do(tmp_path, capsys, three):
     message = error("--greedy", "--data", "shapes:seen", "--metric", "acc9", "--out", tmp_path / "d")
     assert "'acc9' is not one of" in message and "acc1" in message
     assert not any((tmp_path / n).exists() for n in "abcd")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("mine")
+    calls = []
+    with pytest.raises(FileExistsError, match="not empty"):  # before any model is scored
+        merge_greedy(three, tmp_path / "full", lambda state: calls.append(1) or 0.0)
+    assert calls == [] and (tmp_path / "full" / "keep.txt").read_text() == "mine"

@@ -111,6 +111,9 @@ def _mean_with(total: dict[str, torch.Tensor], count: int, state: dict[str, torc
 def merge_greedy(paths: list[str | Path], out: str | Path, score: Callable[[dict[str, torch.Tensor]], float],
                  log: Callable[[str], None] = lambda line: None) -> tuple[Path, list[dict]]:
     """greedy_soup written to ``out``; its record is kept in the checkpoint's config.json."""
+    from clipforge.outputs import new_output_dir
+
+    new_output_dir(out)  # refused before the scoring, not after it
     state, config, kept, record = greedy_soup(paths, score, log)
     source = {"merge": [{"checkpoint": str(d.resolve()), "weight": 1.0 / len(kept)} for d in kept],
               "greedy_soup": record}
