@@ -38,7 +38,7 @@ def timed_ms(fn, device: torch.device, iters: int) -> list[float]:
 def run_mode(mode: str, args, device: torch.device) -> dict:
     torch._dynamo.reset()  # each mode compiles from scratch
     torch.manual_seed(0)
-    block = Block(args.width, args.heads, 4.0).to(device)
+    block = Block(args.width, args.heads, 4 * args.width).to(device)
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     # the bf16 residual stream (train.bf16_residual): the block's input and output are autocast's dtype
     x = torch.randn(args.batch, args.tokens, args.width, device=device, dtype=dtype, requires_grad=True)

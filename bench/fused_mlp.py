@@ -39,7 +39,7 @@ def main() -> None:
     device = torch.device(args.device)
 
     torch.manual_seed(0)
-    plain = Block(args.width, args.heads, 4.0).to(device)
+    plain = Block(args.width, args.heads, 4 * args.width).to(device)
     fused = copy.deepcopy(plain)
     fused.mlp.fused = True
     x = torch.randn(args.batch, args.tokens, args.width, device=device, dtype=torch.bfloat16, requires_grad=True)

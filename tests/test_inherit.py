@@ -224,7 +224,8 @@ def test_distill_cli_runs_the_stages_and_resumes_an_interrupted_one(tmp_path, ca
     assert code == 2 and "student" in err and "new --run-dir" in err
 
 
-def test_distill_cli_automatic_inheritance_learns_gates_prunes_and_distils(tmp_path, capsys):
+@pytest.mark.parametrize("granularity", ["groups", "cofi"])
+def test_distill_cli_automatic_inheritance_learns_gates_prunes_and_distils(tmp_path, capsys, granularity):
     import json
 
     from clipforge.api import load
@@ -233,11 +234,13 @@ def test_distill_cli_automatic_inheritance_learns_gates_prunes_and_distils(tmp_p
     code, _, err = run_cli(capsys, "train", tmp_path / "teacher.toml", "--run-dir", tmp_path / "big")
     assert code == 0, err
     args = ["distill", tmp_path / "big", "--student", "sparsity=0.5", "--prune-steps", "3", "--stages", "2",
-            "--run-dir", tmp_path / "auto", "--set", "train.steps=2"]
+            "--run-dir", tmp_path / "auto", "--set", "train.steps=2", "--granularity", granularity]
     code, _, err = run_cli(capsys, *args)
     assert code == 0, err
     plan = json.loads((tmp_path / "auto" / "distill.json").read_text())
     assert plan["sparsity_targets"] == [0.25, 0.333333]  # kept 100% -> 75% -> 50%
+    assert plan["granularity"] == granularity
+    assert f'granularity = "{granularity}"' in (tmp_path / "auto" / "stage_2" / "masks" / "recipe.toml").read_text()
     for k in (1, 2):
         stage = tmp_path / "auto" / f"stage_{k}"
         masks = [json.loads(line) for line in (stage / "masks" / "metrics.jsonl").read_text().splitlines()]
@@ -245,6 +248,7 @@ def test_distill_cli_automatic_inheritance_learns_gates_prunes_and_distils(tmp_p
         assert (stage / "pruned" / "config.json").is_file()
     model, _, _ = load(tmp_path / "auto" / "stage_2" / "checkpoints" / "latest")  # ordinary, not larger
     assert model.cfg.vision_width <= 32 and model.cfg.vision_layers <= 4
+    assert model.cfg.uniform_layers() == (granularity == "groups")  # cofi: per-layer heads and MLP widths
     before = (tmp_path / "auto" / "stage_1" / "masks" / "metrics.jsonl").read_text()
     code, _, err = run_cli(capsys, *args)  # again: everything is done already (pruned stages are kept)
     assert code == 0 and err.count("done already") == 2 and "training" not in err, err
@@ -252,3 +256,6 @@ def test_distill_cli_automatic_inheritance_learns_gates_prunes_and_distils(tmp_p
     code, _, err = run_cli(capsys, "distill", tmp_path / "big", "--student", "sparsity=0.5,width=0.5", "--run-dir",
                            tmp_path / "x", "--prune-steps", "3")
     assert code == 2 and "takes no other key" in err
+    code, _, err = run_cli(capsys, "distill", tmp_path / "big", "--student", "width=0.5", "--run-dir",
+                           tmp_path / "y", "--granularity", "cofi")
+    assert code == 2 and "--granularity are for automatic inheritance" in err

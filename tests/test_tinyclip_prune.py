@@ -3,6 +3,7 @@ to an ordinary checkpoint with equal outputs, the sparsity target, and exact res
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from clipforge.config import load_recipe
@@ -67,7 +68,7 @@ def test_pruned_model_is_smaller_and_computes_what_the_gated_model_computes():
     step.eval()
     z = step.gate_values()
     assert z["visual_width"][1] == 0 and z["visual_width"][0] > 0.99 and 0 < z["visual_width"][2] < 0.9
-    small = pruned_model(step.model, z).eval()
+    small = pruned_model(step.model, step.tower_gates(z)).eval()
     c = small.cfg
     assert (c.vision_width, c.vision_heads, c.vision_layers) == (20, 5, 3)  # 5 of 8 groups of 4 dims, 3 of 4 blocks
     assert (c.text_width, c.text_heads, c.text_layers) == (20, 5, 2)
@@ -98,7 +99,7 @@ def test_the_lagrangian_drives_the_pruned_size_to_the_target():
         opt.step()
     assert abs(float(step.expected_sparsity().detach()) - target) < 0.05
     step.eval()
-    small = pruned_model(step.model, step.gate_values())
+    small = pruned_model(step.model, step.tower_gates())
 
     def block_params(m):
         return sum(p.numel() for n, p in m.named_parameters() if ".blocks." in n and p.ndim == 2)
@@ -217,3 +218,156 @@ def test_resuming_with_other_optimizer_groups_than_the_checkpoints_is_refused_cl
     assert "optimizer state has 2 parameter groups (default, default (no decay)) but this run makes 4" in err
     assert "method's own default groups" in err
 
+
+
+# ----------------------------------------------------------------------------- granularity = "cofi"
+def _cofi_step(extra: list[str] | None = None, seed: int = 0):
+    recipe = load_recipe("tiny-shapes", MODEL + ["method.name=tinyclip_prune", "method.granularity=cofi",
+                                                 *(extra or [])])
+    torch.manual_seed(seed)
+    step = build_step(recipe, torch.device("cpu"), log=False)
+    with torch.no_grad():
+        for name, p in step.model.named_parameters():
+            if name.endswith("bias") or "ln" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return step
+
+
+def _set_cofi_gates(step, seed: int) -> None:
+    """Random deterministic gates: a mix of closed (-6), open (6) and soft (0.5) values in every set."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for gate in step.gates.values():
+            choice = torch.randint(0, 3, gate.log_alpha.shape, generator=g)
+            gate.log_alpha.copy_(torch.tensor([-6.0, 6.0, 0.5])[choice])
+
+
+def _block_weights(model) -> int:
+    return sum(p.numel() for n, p in model.named_parameters() if ".blocks." in n and p.ndim == 2)
+
+
+def test_cofi_gates_heads_units_and_hidden_dims_per_layer_and_sublayers_apart():
+    step = _cofi_step()
+    sizes = {k: g.log_alpha.numel() for k, g in step.gates.items()}
+    # vision 4 layers x 8 heads, 4 x 128 units, 32 dims; text 3 layers
+    assert sizes == {"visual_hidden": 32, "visual_heads": 32, "visual_units": 512, "visual_mha": 4, "visual_ffn": 4,
+                     "text_hidden": 32, "text_heads": 24, "text_units": 384, "text_mha": 3, "text_ffn": 3}
+    with torch.no_grad():  # +-12: P(z > 0) within 1e-4 of 1 / 0, so CoFi's count of closed gates is exact
+        for gate in step.gates.values():
+            gate.log_alpha.fill_(12.0)
+        step.gates["visual_mha"].log_alpha[1] = -12.0  # layer 1: no attention
+        step.gates["visual_ffn"].log_alpha[2] = -12.0  # layer 2: no MLP
+        step.gates["text_mha"].log_alpha[0] = step.gates["text_ffn"].log_alpha[0] = -12.0  # text layer 0: gone
+        step.gates["visual_heads"].log_alpha[[0, 9, 10, 31]] = -12.0  # heads 0 of layer 0, 1-2 of layer 1, 7 of 3
+        step.gates["visual_units"].log_alpha[130:200] = -12.0  # 70 units of layer 1
+        step.gates["visual_hidden"].log_alpha[[3, 17]] = -12.0
+    step.eval()
+    small = pruned_model(step.model, step.tower_gates()).eval()
+    c = small.cfg
+    assert c.vision_width == 30 and c.vision_head_dim == 4
+    assert c.vision_layer_heads == [7, 0, 8, 7] and c.vision_layer_mlp == [128, 58, 0, 128]
+    assert c.text_layers == 2 and c.text_layer_heads is None and c.text_width == 32  # uniform again: plain
+    with torch.no_grad():
+        gated, pruned = step.model(*_inputs()), small(*_inputs())
+    for key in ("image_embeds", "text_embeds"):
+        torch.testing.assert_close(pruned[key], gated[key], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_cofi_pruned_model_computes_the_gated_model_and_prunes_again(seed):
+    """Random gates: the pruned model equals the gated one; a second cofi stage on that per-layer model
+    (as `clipforge distill --granularity cofi` does) gates and prunes it again, still equal."""
+    step = _cofi_step(seed=seed)
+    _set_cofi_gates(step, seed)
+    step.eval()
+    small = pruned_model(step.model, step.tower_gates()).eval()
+    with torch.no_grad():
+        gated, pruned = step.model(*_inputs()), small(*_inputs())
+    for key in ("image_embeds", "text_embeds"):
+        torch.testing.assert_close(pruned[key], gated[key], rtol=0, atol=1e-5)
+    assert not small.cfg.uniform_layers() and _block_weights(small) < _block_weights(step.model)
+
+    recipe = load_recipe("tiny-shapes", ["method.name=tinyclip_prune", "method.granularity=cofi",
+                                         "data.tokenizer.vocab_size=64"])
+    recipe = recipe.model_copy(update={"model": small.cfg})
+    again = build_step(recipe, torch.device("cpu"), log=False)
+    again.model.load_state_dict(small.state_dict())
+    _set_cofi_gates(again, seed + 10)
+    again.eval()
+    smaller = pruned_model(again.model, again.tower_gates()).eval()
+    with torch.no_grad():
+        gated, pruned = again.model(*_inputs()), smaller(*_inputs())
+    for key in ("image_embeds", "text_embeds"):
+        torch.testing.assert_close(pruned[key], gated[key], rtol=0, atol=1e-5)
+
+
+def test_cofi_expected_sparsity_is_the_share_of_block_weights_pruned_when_gates_are_decided():
+    step = _cofi_step(seed=2)
+    _set_cofi_gates(step, 5)
+    with torch.no_grad():  # P(z > 0) of -6 / 6 is ~0 / ~1; soft gates 0.5 -> open
+        for gate in step.gates.values():
+            gate.log_alpha.copy_(torch.where(gate.log_alpha > 0, 12.0, -12.0))
+    step.eval()
+    small = pruned_model(step.model, step.tower_gates())
+    realised = 1 - _block_weights(small) / _block_weights(step.model)
+    sparsity = float(step.expected_sparsity().detach())
+    assert abs(sparsity - realised) < 1e-3, (sparsity, realised)
+
+
+def test_cofi_lagrangian_drives_the_pruned_size_to_the_target():
+    step = _cofi_step(seed=3)
+    with torch.no_grad():
+        for g in step.gates.values():
+            g.log_alpha.add_(torch.randn_like(g.log_alpha))
+    opt = torch.optim.Adam([*step.gates.parameters(), *step.lagrangian.parameters()], lr=0.05)
+    for _ in range(400):
+        opt.zero_grad()
+        step.lagrangian(step.expected_sparsity(), 0.5).backward()
+        opt.step()
+    assert abs(float(step.expected_sparsity().detach()) - 0.5) < 0.05
+    step.eval()
+    realised = 1 - _block_weights(pruned_model(step.model, step.tower_gates())) / _block_weights(step.model)
+    assert abs(realised - 0.5) < 0.1, realised
+
+
+def test_groups_granularity_on_a_per_layer_model_is_refused_with_the_fix():
+    shaped = ["model.vision_head_dim=4", "model.vision_layer_heads=[8, 2, 8, 8]"]
+    with pytest.raises(ValueError, match="set method.granularity = 'cofi'"):
+        load_recipe("tiny-shapes", MODEL + shaped + ["method.name=tinyclip_prune"])
+    load_recipe("tiny-shapes", MODEL + shaped + ["method.name=tinyclip_prune", "method.granularity=cofi"])
+
+
+def test_a_cofi_run_trains_resumes_and_prunes_to_a_per_layer_checkpoint(tmp_path, capsys):
+    import json
+
+    from clipforge.api import load
+    from clipforge.methods.tinyclip_prune import prune_checkpoint
+
+    (tmp_path / "r.toml").write_text(PRUNE_TOML.replace('name = "tinyclip_prune"',
+                                                        'name = "tinyclip_prune"\ngranularity = "cofi"'))
+    code, _, err = run_cli(capsys, "train", tmp_path / "r.toml", "--run-dir", tmp_path / "full")
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "train", tmp_path / "r.toml", "--run-dir", tmp_path / "half", "--set",
+                           "train.steps=2")
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "train", "--run-dir", tmp_path / "half", "--resume", "latest", "--set",
+                           "train.steps=4")
+    assert code == 0, err
+
+    def last(run):
+        return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line][-1]
+    a, b = last(tmp_path / "full"), last(tmp_path / "half")
+    for key in ("loss", "prune/expected_sparsity", "prune/lambda_1"):
+        assert a[key] == b[key], key
+    with torch.no_grad():  # decide the gates so that the pruned model differs from the teacher shape
+        from safetensors.torch import load_file, save_file
+        path = tmp_path / "full" / "checkpoints" / "latest" / "method.safetensors"
+        state = load_file(str(path))
+        state["gates.visual_heads.log_alpha"][:3] = -6.0  # three heads of layer 0
+        state["gates.visual_ffn.log_alpha"][1] = -6.0  # layer 1's MLP
+        save_file(state, str(path))
+    out = prune_checkpoint(tmp_path / "full" / "checkpoints" / "latest", tmp_path / "pruned")
+    model, _, tokenizer = load(out)
+    assert model.cfg.vision_layer_heads[0] == 1 and model.cfg.vision_layer_mlp[1] == 0
+    ids, mask = tokenizer(["a red circle"])
+    assert model.encode_text(ids, mask).shape == (1, 16)

@@ -275,6 +275,9 @@ def openclip_side(recipe: Recipe, device: torch.device, host_batch: dict[str, An
             "--against openclip compares plain CLIP / SigLIP steps; this recipe has "
             f"method={r.method.name!r}, terms={terms}, teachers={len(r.teachers)}, accum_mode={r.train.accum_mode!r}"
         )
+    if not m.uniform_layers():
+        raise BenchError("--against openclip: OpenCLIP has one head count and MLP width per tower; this model's "
+                         "layers differ (model.*_layer_heads / *_layer_mlp / *_head_dim)")
     if m.token_selection != "random":
         raise BenchError("--against openclip: OpenCLIP has no attentive token selection; use token_selection=random")
     vision_cfg = dict(image_size=m.image_size, patch_size=m.patch_size, width=m.vision_width, layers=m.vision_layers,

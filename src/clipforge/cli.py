@@ -294,6 +294,10 @@ def distill(
     clip_weight: float = typer.Option(0.0, "--clip-weight", help="Share of the hard CLIP loss (TinyCLIP's 1 - alpha)."),
     prune_steps: Optional[int] = typer.Option(None, "--prune-steps", min=1, help="Automatic inheritance (--student "
                                               "sparsity=S): steps per stage that learn the L0 gates before pruning."),
+    granularity: str = typer.Option("groups", "--granularity", help="Automatic inheritance: 'groups' (whole heads "
+                                    "across layers and whole blocks; the student keeps one shape per tower and "
+                                    "exports to OpenCLIP/HF) or 'cofi' (TinyCLIP's: heads, MLP units and hidden dims "
+                                    "per layer, attention and MLP apart)."),
     set_: list[str] = typer.Option([], "--set", help="Override a value of every stage's recipe (repeatable)."),
 ) -> None:
     """TinyCLIP multi-stage distillation: each stage's student inherits the previous stage's weights
@@ -304,7 +308,7 @@ def distill(
 
     dirs = run(teacher, student, stages, run_dir, recipe, clip_weight, set_, eval_hooks=_default_eval_hooks,
                log=lambda line: console.print(line, highlight=False, markup=False, soft_wrap=True),
-               prune_steps=prune_steps)
+               prune_steps=prune_steps, granularity=granularity)
     if len(dirs) == stages:
         console.print(f"done: the student is {dirs[-1] / 'checkpoints' / 'latest'}", soft_wrap=True, markup=False)
 

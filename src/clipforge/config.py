@@ -200,6 +200,18 @@ class ModelConfig(Section):
     text_source: dict[str, Any] | None = None
     # joint space
     embed_dim: int = Field(128, ge=2)
+    # per-layer shapes of the native towers (a TinyCLIP/CoFi-pruned student: method tinyclip_prune with
+    # granularity = "cofi" removes heads and MLP units per layer and hidden dims across the tower).
+    # None: every layer has <tower>_heads heads and int(width x mlp_ratio) MLP units, head_dim = width / heads.
+    # <tower>_head_dim decouples the attention's width (heads x head_dim) from the residual width;
+    # <tower>_layer_heads / _layer_mlp give each layer's count, 0 removing that sublayer. OpenCLIP and
+    # Hugging Face have no such models: export them to ONNX
+    vision_head_dim: int | None = Field(None, ge=1)
+    vision_layer_heads: list[int] | None = None
+    vision_layer_mlp: list[int] | None = None
+    text_head_dim: int | None = Field(None, ge=1)
+    text_layer_heads: list[int] | None = None
+    text_layer_mlp: list[int] | None = None
     # LexLIP: heads on both towers giving non-negative weights over the text vocabulary (models/lexical.py);
     # encode_*(sparse=True) keeps the lexical_top_k largest weights of each vector
     lexical_head: bool = False
@@ -222,10 +234,8 @@ class ModelConfig(Section):
             raise ValueError(
                 f"model.image_size ({self.image_size}) must be a multiple of model.patch_size ({self.patch_size})"
             )
-        if self.vision_width % self.vision_heads:
-            raise ValueError(
-                f"model.vision_width ({self.vision_width}) must be divisible by model.vision_heads ({self.vision_heads})"
-            )
+        for tower in ("vision", "text"):
+            self._check_layer_shapes(tower)
         if self.text_tower == "hf" and self.lexical_head:
             raise ValueError("model.lexical_head works on the native text tower (its vocabulary and width): set "
                              "model.text_tower = 'clip', or drop the lexical head for a pretrained tower")
@@ -234,11 +244,47 @@ class ModelConfig(Section):
         elif self.text_pretrained is not None or self.text_unlocked_layers:
             raise ValueError("model.text_pretrained / text_unlocked_layers apply to a pretrained tower: set "
                              "model.text_tower = 'hf' (or drop them)")
-        if self.text_width % self.text_heads:
-            raise ValueError(
-                f"model.text_width ({self.text_width}) must be divisible by model.text_heads ({self.text_heads})"
-            )
         return self
+
+    def _check_layer_shapes(self, tower: str) -> None:
+        width, heads, layers = (getattr(self, f"{tower}_{k}") for k in ("width", "heads", "layers"))
+        if getattr(self, f"{tower}_head_dim") is None and width % heads:
+            raise ValueError(f"model.{tower}_width ({width}) must be divisible by model.{tower}_heads ({heads}) "
+                             f"(or set model.{tower}_head_dim)")
+        for kind in ("heads", "mlp"):
+            counts = getattr(self, f"{tower}_layer_{kind}")
+            if counts is None:
+                continue
+            if len(counts) != layers or any(c < 0 for c in counts):
+                raise ValueError(f"model.{tower}_layer_{kind} = {counts} must give one count >= 0 for each of the "
+                                 f"model.{tower}_layers = {layers} layers (0 removes that sublayer)")
+        shapes = self.block_shapes(tower)
+        if not any(h or m for h, m in shapes):
+            raise ValueError(f"every {tower} layer has 0 heads and 0 MLP units: the tower would compute nothing")
+
+    # ------------------------------------------------------------------ tower shapes
+    def head_dim(self, tower: str) -> int:
+        """The attention head width of a native tower ('vision' or 'text')."""
+        explicit = getattr(self, f"{tower}_head_dim")
+        return explicit if explicit is not None else getattr(self, f"{tower}_width") // getattr(self, f"{tower}_heads")
+
+    def block_shapes(self, tower: str) -> list[tuple[int, int]]:
+        """(heads, MLP units) of each layer of a native tower ('vision' or 'text'); 0 = no such sublayer."""
+        layers = getattr(self, f"{tower}_layers")
+        heads = getattr(self, f"{tower}_layer_heads") or [getattr(self, f"{tower}_heads")] * layers
+        units = getattr(self, f"{tower}_layer_mlp") or [int(getattr(self, f"{tower}_width") * self.mlp_ratio)] * layers
+        return list(zip(heads, units))
+
+    def uniform_layers(self) -> bool:
+        """True for the towers every CLIP implementation has: the same heads and MLP in every layer, and
+        heads x head_dim = width (what OpenCLIP, Hugging Face and weight inheritance expect)."""
+        for tower in ("vision", "text"):
+            width, heads = getattr(self, f"{tower}_width"), getattr(self, f"{tower}_heads")
+            if self.head_dim(tower) * heads != width:
+                return False
+            if any(shape != (heads, int(width * self.mlp_ratio)) for shape in self.block_shapes(tower)):
+                return False
+        return True
 
 
     def _resolve_text_source(self) -> None:

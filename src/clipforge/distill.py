@@ -80,7 +80,8 @@ def stage_recipe(base: dict[str, Any], model: dict[str, Any], teacher: Path, ini
 
 
 def plan(teacher: str | Path, student: str, stages: int, recipe: str | None = None, clip_weight: float = 0.0,
-         overrides: list[str] | None = None, prune_steps: int | None = None) -> dict[str, Any]:
+         overrides: list[str] | None = None, prune_steps: int | None = None,
+         granularity: str = "groups") -> dict[str, Any]:
     """The stages as data (what distill.json holds): teacher, spec, and each stage's model config
     (manual inheritance) or each stage's sparsity target (automatic: ``sparsity=...`` in ``student``)."""
     from clipforge.train import checkpoint as ckpt
@@ -102,9 +103,12 @@ def plan(teacher: str | Path, student: str, stages: int, recipe: str | None = No
         # kept share after stage k: 1 - S k / n; each stage removes its share of what the last one kept
         kept = [1 - spec["sparsity"] * k / stages for k in range(stages + 1)]
         targets = [round(1 - kept[k] / kept[k - 1], 6) for k in range(1, stages + 1)]
-        return {**common, "models": None, "sparsity_targets": targets, "prune_steps": prune_steps}
-    if prune_steps:
-        raise RecipeError("--prune-steps is for automatic inheritance: give --student sparsity=S")
+        if granularity not in ("groups", "cofi"):
+            raise RecipeError(f"--granularity is 'groups' or 'cofi', got {granularity!r}")
+        return {**common, "models": None, "sparsity_targets": targets, "prune_steps": prune_steps,
+                "granularity": granularity}
+    if prune_steps or granularity != "groups":
+        raise RecipeError("--prune-steps and --granularity are for automatic inheritance: give --student sparsity=S")
     models = [student_config(teacher_model, spec, k / stages).model_dump(mode="json") for k in range(1, stages + 1)]
     return {**common, "models": models}
 
@@ -114,7 +118,9 @@ def _check_same_plan(run_dir: Path, new: dict[str, Any]) -> None:
     if not path.is_file():
         return
     old = json.loads(path.read_text())
-    for key in ("teacher", "student", "stages", "clip_weight", "recipe", "models", "prune_steps"):
+    if old.get("models") is None:  # automatic plans written before --granularity existed pruned in groups
+        old.setdefault("granularity", "groups")
+    for key in ("teacher", "student", "stages", "clip_weight", "recipe", "models", "prune_steps", "granularity"):
         if old.get(key) != new.get(key):
             raise RecipeError(f"{run_dir} holds a distillation with {key} = {old.get(key)!r}, not {new.get(key)!r} "
                               f"({path}); rerun the same command to resume it, or choose a new --run-dir")
@@ -144,8 +150,13 @@ def _train(r: Recipe, where: Path, label: str, eval_hooks, log) -> bool:
 
 
 def _shape(model: dict[str, Any]) -> str:
-    return (f"vision {model['vision_width']}x{model['vision_layers']} ({model['vision_heads']} heads), "
-            f"text {model['text_width']}x{model['text_layers']} ({model['text_heads']} heads)")
+    def tower(prefix: str) -> str:
+        heads, units = model.get(f"{prefix}_layer_heads"), model.get(f"{prefix}_layer_mlp")
+        if heads is None and units is None:
+            return f"{model[prefix + '_width']}x{model[prefix + '_layers']} ({model[prefix + '_heads']} heads)"
+        return f"{model[prefix + '_width']} wide, heads per layer {heads}, MLP units per layer {units}"
+    return f"vision {tower('vision')}, text {tower('text')}"
+
 
 
 def _auto_stage(the_plan: dict[str, Any], k: int, previous: Path, where: Path, eval_hooks, log) -> Path | None:
@@ -160,7 +171,8 @@ def _auto_stage(the_plan: dict[str, Any], k: int, previous: Path, where: Path, e
     stages, steps = the_plan["stages"], the_plan["prune_steps"]
     model = ckpt.model_config_from(ckpt.read_config(_teacher_dir(previous))).model_dump(mode="json")
     method = {"name": "tinyclip_prune", "target_sparsity": the_plan["sparsity_targets"][k - 1],
-              "warmup_steps": steps // 3}  # TinyCLIP: warm-up 1000 of prune_step 3000
+              "warmup_steps": steps // 3,  # TinyCLIP: warm-up 1000 of prune_step 3000
+              "granularity": the_plan.get("granularity", "groups")}
     r = stage_recipe(the_plan["base"], model, Path(the_plan["teacher"]), previous, k, stages,
                      the_plan["clip_weight"], the_plan["overrides"], inherit="none", method=method, steps=steps)
     if not _train(r, where / "masks", f"stage {k}/{stages}: learning gates (sparsity {method['target_sparsity']:.2f})",
@@ -173,12 +185,12 @@ def _auto_stage(the_plan: dict[str, Any], k: int, previous: Path, where: Path, e
 def run(teacher: str | Path, student: str, stages: int, run_dir: str | Path, recipe: str | None = None,
         clip_weight: float = 0.0, overrides: list[str] | None = None,
         eval_hooks: Callable[[Recipe], list] | None = None, log: Callable[[str], None] = print,
-        prune_steps: int | None = None) -> list[Path]:
+        prune_steps: int | None = None, granularity: str = "groups") -> list[Path]:
     """Train (or resume) every stage in order; returns the run directories of the finished stages."""
     from clipforge.train import checkpoint as ckpt
 
     run_dir = Path(run_dir)
-    the_plan = plan(teacher, student, stages, recipe, clip_weight, overrides, prune_steps)
+    the_plan = plan(teacher, student, stages, recipe, clip_weight, overrides, prune_steps, granularity)
     _check_same_plan(run_dir, the_plan)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / PLAN_FILE).write_text(json.dumps(the_plan, indent=2))

@@ -112,6 +112,16 @@ def check_hf_compatible(cfg) -> None:
         )
     if cfg.logit_bias_init is not None:
         raise ExportError(SIGLIP_REFUSAL)
+    check_uniform_layers(cfg, "Hugging Face")
+
+
+def check_uniform_layers(cfg, target: str) -> None:
+    """Refuse a model whose layers differ (a CoFi-pruned TinyCLIP student): ``target`` has one shape per tower."""
+    if not cfg.uniform_layers():
+        raise ExportError(
+            f"cannot export to {target}: the model's layers have their own head counts, MLP widths or head width "
+            f"(model.*_layer_heads / *_layer_mlp / *_head_dim, e.g. a tinyclip_prune granularity = 'cofi' student), "
+            f"and {target}'s CLIP has one shape per tower. Export to ONNX instead (--to onnx)")
 
 
 def hf_clip_config(cfg, tokenizer) -> dict[str, Any]:
@@ -256,6 +266,7 @@ def check_openclip_compatible(cfg) -> None:
         raise ExportError(
             "cannot export to OpenCLIP: the model has LexLIP lexical heads (model.lexical_head), which OpenCLIP's CLIP "
             "does not have. Export to ONNX (--to onnx) for the dense embeddings")
+    check_uniform_layers(cfg, "OpenCLIP")
 
 
 def openclip_model_config(cfg, tokenizer, out_dir: str) -> dict[str, Any]:

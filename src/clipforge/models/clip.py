@@ -44,6 +44,8 @@ class CLIP(nn.Module):
             activation=cfg.activation,
             pool=cfg.vision_pool,
             patch_dropout=cfg.patch_dropout,
+            block_shapes=cfg.block_shapes("vision"),
+            head_dim=cfg.head_dim("vision"),
         )
         if cfg.text_tower == "hf":  # a pretrained encoder (LiT, FLAME); its weights: load_pretrained or a checkpoint
             from clipforge.models.hf_text import HFTextTower
@@ -59,6 +61,8 @@ class CLIP(nn.Module):
                 heads=cfg.text_heads,
                 mlp_ratio=cfg.mlp_ratio,
                 activation=cfg.activation,
+                block_shapes=cfg.block_shapes("text"),
+                head_dim=cfg.head_dim("text"),
             )
             text_width = cfg.text_width
         # both projections are built before either is initialised: the RNG draws (and so every seeded

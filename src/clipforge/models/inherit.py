@@ -48,6 +48,11 @@ def layer_map(teacher_layers: int, student_layers: int) -> list[int]:
 
 def check_inheritable(teacher: ModelConfig, student: ModelConfig) -> None:
     """Refuse, by key, a student that is not a sub-network of the teacher."""
+    for who, cfg in (("teacher", teacher), ("student", student)):
+        if not cfg.uniform_layers():
+            raise InheritError(f"manual inheritance slices towers whose layers all have one shape; the {who}'s "
+                               "layers differ (model.*_layer_heads / *_layer_mlp / *_head_dim, a CoFi-pruned model). "
+                               "Prune it further with method tinyclip_prune (granularity = 'cofi') instead")
     for key in SAME:
         if getattr(student, key) != getattr(teacher, key):
             raise InheritError(f"model.{key} = {getattr(student, key)!r} but the teacher's is "
@@ -157,6 +162,9 @@ def parse_student_spec(spec: str) -> dict[str, float]:
 def student_config(teacher: ModelConfig, spec: dict[str, float], progress: float = 1.0) -> ModelConfig:
     """The teacher's config shrunk by ``spec``; ``progress`` in (0, 1] goes that fraction of the way
     (multi-stage compression: stage k of S uses k / S, e.g. width 100% -> 83% -> 67% -> 50%)."""
+    if not teacher.uniform_layers():
+        raise InheritError("--student width/layers fractions shrink towers whose layers all have one shape; this "
+                           "teacher's layers differ (a CoFi-pruned model): use --student sparsity=S")
     changes: dict[str, Any] = {}
     for tower, (width_key, layers_key, heads_key) in TOWERS.items():
         t_width, t_layers, t_heads = (getattr(teacher, k) for k in (width_key, layers_key, heads_key))

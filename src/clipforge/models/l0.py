@@ -1,6 +1,6 @@
 """Hard-concrete L0 gates and the Lagrangian sparsity control of TinyCLIP's automatic inheritance
-(CoFi-style; methods.md section 4). The building blocks only: see docs/methods/tinyclip.md for
-why the masked training and pruning are not wired into a method yet.
+(CoFi-style; methods.md section 4). The building blocks; clipforge/methods/tinyclip_prune.py wires
+them into training and pruning.
 
 Gate (Louizos et al. 2018): u ~ U(0, 1), s = sigmoid((log u - log(1 - u) + log_alpha) / beta),
 z = clamp(s * (r - l) + l, 0, 1) with beta = 2/3 and stretch (l, r) = (-0.1, 1.1), so z is exactly 0
@@ -54,8 +54,8 @@ class HardConcreteGates(nn.Module):
     def deterministic(self) -> Tensor:
         """CoFi's test-time gates: as many closed (exactly 0) as expected, round(sum(1 - P(z > 0))),
         the lowest-scored ones; the others keep the soft value sigmoid(0.8 log_alpha / beta). One gate
-        always stays open: clipforge gates whole head groups and blocks (2-12 per tower, where CoFi gates
-        hundreds of dims), and a tower with no width or no block left is no model."""
+        of a set always stays open: with whole head groups and blocks as gates (2-12 per tower) closing all
+        would leave a tower with no width or no block, which is no model."""
         soft = torch.sigmoid(self.log_alpha / self.temperature * 0.8)
         n = self.log_alpha.numel()
         closed = min(n - int(torch.round(self.prob_nonzero().sum())), n - 1)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clipforge.models.vit import Block, LayerNorm, init_blocks_, run_block, to_residual_dtype, token_at
+from clipforge.models.vit import LayerNorm, build_blocks, init_blocks_, run_block, to_residual_dtype, token_at
 
 
 class TextTransformer(nn.Module):
@@ -21,13 +21,15 @@ class TextTransformer(nn.Module):
 
     def __init__(
         self, vocab_size: int, context_length: int, width: int, layers: int, heads: int, mlp_ratio: float = 4.0,
-        activation: str = "gelu",
+        activation: str = "gelu", block_shapes: list[tuple[int, int]] | None = None, head_dim: int | None = None,
     ):
+        """``block_shapes`` / ``head_dim``: a pruned model's layers, as VisionTransformer's."""
         super().__init__()
         self.context_length = context_length
         self.token_embed = nn.Embedding(vocab_size, width)
         self.pos_embed = nn.Parameter(torch.zeros(context_length, width))
-        self.blocks = nn.ModuleList([Block(width, heads, mlp_ratio, activation) for _ in range(layers)])
+        shapes = block_shapes or [(heads, int(width * mlp_ratio))] * layers
+        self.blocks = build_blocks(width, shapes, activation, head_dim)
         self.ln_final = LayerNorm(width)
         self.low_precision_residual = False  # train.bf16_residual: see to_residual_dtype
         self.grad_checkpointing = False  # train.grad_checkpointing: see run_block

@@ -54,12 +54,13 @@ class Attention(nn.Module):
     still come from every token, the query, the attention and the output projection from one.
     """
 
-    def __init__(self, width: int, heads: int):
+    def __init__(self, width: int, heads: int, head_dim: int | None = None):
         super().__init__()
         self.heads = heads
-        self.head_dim = width // heads
-        self.qkv = nn.Linear(width, 3 * width)
-        self.proj = nn.Linear(width, width)
+        self.head_dim = head_dim or width // heads
+        inner = heads * self.head_dim  # = width unless head_dim is set apart (a pruned model's heads)
+        self.qkv = nn.Linear(width, 3 * inner)
+        self.proj = nn.Linear(inner, width)
         self.kernels: list[SDPBackend] | None = None  # train.attention_backend (attention_kernels)
 
     def forward(
@@ -68,8 +69,9 @@ class Attention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if query is not None:
             return self._one_query_per_sample(x, query, is_causal), None
-        n, t, w = x.shape
-        # N×T×3W -> 3 × N×H×T×D (views, no copy)
+        n, t, _ = x.shape
+        w = self.heads * self.head_dim
+        # N×T×3(H·D) -> 3 × N×H×T×D (views, no copy)
         q, k, v = self.qkv(x).view(n, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         if return_weights:
             scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))  # N×H×T×T
@@ -81,12 +83,13 @@ class Attention(nn.Module):
         else:
             weights = None
             out = sdpa(q, k, v, self.kernels, is_causal=is_causal)
-        out = out.transpose(1, 2).reshape(n, t, w)  # N×H×T×D -> N×T×W
+        out = out.transpose(1, 2).reshape(n, t, w)  # N×H×T×D -> N×T×(H·D)
         return self.proj(out), weights
 
     def _one_query_per_sample(self, x: torch.Tensor, query: torch.Tensor, is_causal: bool) -> torch.Tensor:
         """N×T×W tokens, N query positions -> N×W: the attention output at those positions only."""
-        n, t, w = x.shape
+        n, t, _ = x.shape
+        w = self.heads * self.head_dim
         weight, bias = self.qkv.weight, self.qkv.bias  # rows: [query | key | value]
         q = F.linear(token_at(x, query), weight[:w], bias[:w]).view(n, self.heads, 1, self.head_dim)
         k, v = F.linear(x, weight[w:], bias[w:]).view(n, t, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
@@ -147,14 +150,17 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+    """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x)).
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float, activation: str = "gelu"):
+    A pruned model's block may lack either sublayer (0 heads or 0 MLP units; TinyCLIP/CoFi remove
+    whole MHA and FFN layers): ``attn`` / ``mlp`` and their LayerNorms are then None."""
+
+    def __init__(self, width: int, heads: int, mlp_hidden: int, activation: str = "gelu", head_dim: int | None = None):
         super().__init__()
-        self.ln_1 = LayerNorm(width)
-        self.attn = Attention(width, heads)
-        self.ln_2 = LayerNorm(width)
-        self.mlp = MLP(width, int(width * mlp_ratio), activation)
+        self.ln_1 = LayerNorm(width) if heads else None
+        self.attn = Attention(width, heads, head_dim) if heads else None
+        self.ln_2 = LayerNorm(width) if mlp_hidden else None
+        self.mlp = MLP(width, mlp_hidden, activation) if mlp_hidden else None
 
     def forward(
         self, x: torch.Tensor, is_causal: bool = False, return_weights: bool = False,
@@ -162,12 +168,20 @@ class Block(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """N×T×W -> N×T×W; with ``query`` (N positions) -> N×W, the block's output at those
         positions only (a tower's last block when only its pooled token is read)."""
-        attn_out, weights = self.attn(self.ln_1(x), is_causal=is_causal, return_weights=return_weights, query=query)
-        if query is not None:
-            x = token_at(x, query)
-        x = x + attn_out
-        x = x + self.mlp(self.ln_2(x))
+        weights = None
+        if self.attn is None:
+            x = x if query is None else token_at(x, query)
+        else:
+            attn_out, weights = self.attn(self.ln_1(x), is_causal=is_causal, return_weights=return_weights, query=query)
+            x = (x if query is None else token_at(x, query)) + attn_out
+        if self.mlp is not None:
+            x = x + self.mlp(self.ln_2(x))
         return x, weights
+
+
+def build_blocks(width: int, shapes: list[tuple[int, int]], activation: str, head_dim: int | None) -> nn.ModuleList:
+    """A tower's blocks from each layer's (heads, MLP units) (ModelConfig.block_shapes)."""
+    return nn.ModuleList([Block(width, heads, units, activation, head_dim) for heads, units in shapes])
 
 
 def run_block(block: Block, x: torch.Tensor, checkpointed: bool, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -187,11 +201,15 @@ def init_blocks_(blocks: nn.ModuleList, width: int) -> None:
     proj_std = width**-0.5 * (2 * layers) ** -0.5
     fc_std = (2 * width) ** -0.5
     for block in blocks:
-        nn.init.normal_(block.attn.qkv.weight, std=attn_std)
-        nn.init.normal_(block.attn.proj.weight, std=proj_std)
-        nn.init.normal_(block.mlp.fc.weight, std=fc_std)
-        nn.init.normal_(block.mlp.proj.weight, std=proj_std)
-        for linear in (block.attn.qkv, block.attn.proj, block.mlp.fc, block.mlp.proj):
+        if block.attn is not None:
+            nn.init.normal_(block.attn.qkv.weight, std=attn_std)
+            nn.init.normal_(block.attn.proj.weight, std=proj_std)
+        if block.mlp is not None:
+            nn.init.normal_(block.mlp.fc.weight, std=fc_std)
+            nn.init.normal_(block.mlp.proj.weight, std=proj_std)
+        for linear in (block.attn.qkv, block.attn.proj) if block.attn is not None else ():
+            nn.init.zeros_(linear.bias)
+        for linear in (block.mlp.fc, block.mlp.proj) if block.mlp is not None else ():
             nn.init.zeros_(linear.bias)
 
 
@@ -232,7 +250,11 @@ class VisionTransformer(nn.Module):
         pool: str = "cls",
         patch_dropout: float = 0.0,
         activation: str = "gelu",
+        block_shapes: list[tuple[int, int]] | None = None,
+        head_dim: int | None = None,
     ):
+        """``block_shapes``: each layer's (heads, MLP units), for a pruned model (ModelConfig.block_shapes);
+        None: ``layers`` layers of ``heads`` heads and int(width x mlp_ratio) units."""
         super().__init__()
         if pool not in ("cls", "mean"):
             raise ValueError(f"pool must be 'cls' or 'mean', got {pool!r}")
@@ -246,7 +268,8 @@ class VisionTransformer(nn.Module):
         num_positions = self.num_patches + (1 if pool == "cls" else 0)
         self.pos_embed = nn.Parameter(torch.zeros(num_positions, width))  # class token first, if any
         self.ln_pre = LayerNorm(width)  # as in CLIP; keeps OpenCLIP weights convertible
-        self.blocks = nn.ModuleList([Block(width, heads, mlp_ratio, activation) for _ in range(layers)])
+        shapes = block_shapes or [(heads, int(width * mlp_ratio))] * layers
+        self.blocks = build_blocks(width, shapes, activation, head_dim)
         self.ln_post = LayerNorm(width)
         self.low_precision_residual = False  # train.bf16_residual: see to_residual_dtype
         self.grad_checkpointing = False  # train.grad_checkpointing: see run_block
@@ -288,6 +311,8 @@ class VisionTransformer(nn.Module):
         """
         if return_cls_attention and self.class_token is None:
             raise ValueError("cls_attention needs a class token: set model.vision_pool = 'cls'")
+        if return_cls_attention and any(block.attn is None for block in self.blocks):
+            raise ValueError("cls_attention needs attention in every layer; this pruned model has layers without")
         x = self.embed_patches(images)  # N×P×W
         n, p, w = x.shape
         has_cls = self.class_token is not None
