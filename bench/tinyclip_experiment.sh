@@ -7,10 +7,12 @@
 #   inherit       weights inherited from the teacher (manual), affinity distillation
 #   inherit-clip  inherited, CLIP loss only (no teacher in training)
 #   multi         clipforge distill: 2 stages x 200 steps, each inherited from the one before, distilled
-#   auto          clipforge distill --student sparsity=0.86 --prune-steps 600: L0 gates learnt on the teacher's
+#   auto          clipforge distill --student sparsity=0.86 --prune-steps 600 --granularity groups: L0 gates learnt on the teacher's
 #                 shape for 600 steps (distilling), pruned towards the manual student's block weights
 #                 (14 %), then 400 steps distilled: the same student steps, 600 more teacher-sized ones
 #                 (with 300 the gates had only reached an expected sparsity of 0.54: docs/methods/tinyclip.md)
+#   auto-cofi     the same with --granularity cofi: TinyCLIP/CoFi gates (hidden dims, heads and MLP units per
+#                 layer, attention and MLP sublayers apart) instead of whole head groups and blocks
 # The built-in shapes evaluation runs every 100 steps (zero-shot on seen and unseen compositions).
 #
 #   PY=/path/to/python bash bench/tinyclip_experiment.sh RUNS_DIR "0 1 2"      then: python bench/tinyclip_table.py RUNS_DIR
@@ -59,7 +61,13 @@ for seed in $SEEDS; do
   if wanted auto && ! finished "$dir/stage_1" 400; then
     echo "$(date +%T) distill (automatic inheritance) $dir"
     flock /tmp/cpu.lock "$PY" -m clipforge distill "$TEACHER" --student sparsity=0.86 --prune-steps 600 \
-      --run-dir "$dir" --recipe tinyclip-shapes "${COMMON[@]}" "${S[@]}" > "$dir.log" 2>&1
+      --granularity groups --run-dir "$dir" --recipe tinyclip-shapes "${COMMON[@]}" "${S[@]}" > "$dir.log" 2>&1
+  fi
+  dir="$RUNS/auto-cofi-s$seed"
+  if wanted auto-cofi && ! finished "$dir/stage_1" 400; then
+    echo "$(date +%T) distill (automatic inheritance, cofi) $dir"
+    flock /tmp/cpu.lock "$PY" -m clipforge distill "$TEACHER" --student sparsity=0.86 --prune-steps 600 \
+      --granularity cofi --run-dir "$dir" --recipe tinyclip-shapes "${COMMON[@]}" "${S[@]}" > "$dir.log" 2>&1
   fi
 done
 echo "$(date +%T) done"

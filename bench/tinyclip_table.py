@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from statistics import mean
 
-ARMS = ("scratch", "distill", "inherit", "inherit-clip", "multi", "auto")
+ARMS = ("scratch", "distill", "inherit", "inherit-clip", "multi", "auto", "auto-cofi")
 STEPS = (100, 200, 300, 400)
 SPLITS = ("seen", "unseen")
 
@@ -76,6 +76,38 @@ def table(found: dict) -> list[str]:
     return lines
 
 
+def block_weights(model: dict, prefix: str) -> int:
+    """Weights of a tower's blocks from its config: 4 x head_dim x W per head, 2 x W per MLP unit."""
+    width, layers, heads = (model[f"{prefix}_{k}"] for k in ("width", "layers", "heads"))
+    head_dim = model.get(f"{prefix}_head_dim") or width // heads
+    layer_heads = model.get(f"{prefix}_layer_heads") or [heads] * layers
+    layer_mlp = model.get(f"{prefix}_layer_mlp") or [int(width * model["mlp_ratio"])] * layers
+    return sum(4 * head_dim * width * h + 2 * width * u for h, u in zip(layer_heads, layer_mlp))
+
+
+def pruned_shapes(found: dict, runs: Path) -> list[str]:
+    """The automatic arms' pruned students: shape per tower, block weights, the gates' last expected sparsity."""
+    lines = ["| arm | seed | vision: width, heads per layer, MLP units per layer | text: the same | block weights | "
+             "expected sparsity at the last gate step |", "| --- | --- | --- | --- | --- | --- |"]
+    for arm, seed in sorted(k for k in found if k[0].startswith("auto")):
+        stage = runs / f"{arm}-s{seed}" / "stage_1"
+        config = stage / "pruned" / "config.json"
+        if not config.is_file():
+            continue
+        model = json.loads(config.read_text())["model"]
+        towers = []
+        for prefix in ("vision", "text"):
+            layers = model[f"{prefix}_layers"]
+            heads = model.get(f"{prefix}_layer_heads") or [model[f"{prefix}_heads"]] * layers
+            units = model.get(f"{prefix}_layer_mlp") or [int(model[f"{prefix}_width"] * model["mlp_ratio"])] * layers
+            towers.append(f"{model[prefix + '_width']}, {heads}, {units}")
+        rows = [json.loads(line) for line in (stage / "masks" / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        sparsity = [r["prune/expected_sparsity"] for r in rows if "prune/expected_sparsity" in r]
+        weights = block_weights(model, "vision") + block_weights(model, "text")
+        lines.append(f"| {arm} | {seed} | {towers[0]} | {towers[1]} | {weights / 1e6:.3f} M | {sparsity[-1]:.3f} |")
+    return lines
+
+
 def main() -> None:
     runs = Path(sys.argv[1])
     found = read(runs) if runs.is_dir() else {}
@@ -87,6 +119,10 @@ def main() -> None:
         print("Teacher (tiny-shapes, seed 0): seen " + cells(curve(evals, "seen")) + "; unseen " + cells(curve(evals, "unseen")) + "\n")
     print("Zero-shot top-1 (%) at student steps 100 / 200 / 300 / 400\n")
     print("\n".join(table(found)))
+    shapes = pruned_shapes(found, runs)
+    if len(shapes) > 2:
+        print("\nPruned students (automatic arms)\n")
+        print("\n".join(shapes))
 
 
 if __name__ == "__main__":

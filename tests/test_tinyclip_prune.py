@@ -17,7 +17,7 @@ MODEL = ["model.image_size=32", "model.patch_size=8", "model.vision_width=32", "
 
 
 def _step(seed: int = 0):
-    recipe = load_recipe("tiny-shapes", MODEL + ["method.name=tinyclip_prune"])
+    recipe = load_recipe("tiny-shapes", MODEL + ["method.name=tinyclip_prune", "method.granularity=groups"])
     torch.manual_seed(seed)
     step = build_step(recipe, torch.device("cpu"), log=False)
     with torch.no_grad():  # non-trivial biases and LayerNorms, so a folding mistake shows
@@ -145,6 +145,7 @@ embed_dim = 16
 context_length = 16
 [method]
 name = "tinyclip_prune"
+granularity = "groups"
 target_sparsity = 0.4
 warmup_steps = 2
 [data]
@@ -333,7 +334,7 @@ def test_cofi_lagrangian_drives_the_pruned_size_to_the_target():
 def test_groups_granularity_on_a_per_layer_model_is_refused_with_the_fix():
     shaped = ["model.vision_head_dim=4", "model.vision_layer_heads=[8, 2, 8, 8]"]
     with pytest.raises(ValueError, match="set method.granularity = 'cofi'"):
-        load_recipe("tiny-shapes", MODEL + shaped + ["method.name=tinyclip_prune"])
+        load_recipe("tiny-shapes", MODEL + shaped + ["method.name=tinyclip_prune", "method.granularity=groups"])
     load_recipe("tiny-shapes", MODEL + shaped + ["method.name=tinyclip_prune", "method.granularity=cofi"])
 
 
@@ -343,8 +344,7 @@ def test_a_cofi_run_trains_resumes_and_prunes_to_a_per_layer_checkpoint(tmp_path
     from clipforge.api import load
     from clipforge.methods.tinyclip_prune import prune_checkpoint
 
-    (tmp_path / "r.toml").write_text(PRUNE_TOML.replace('name = "tinyclip_prune"',
-                                                        'name = "tinyclip_prune"\ngranularity = "cofi"'))
+    (tmp_path / "r.toml").write_text(PRUNE_TOML.replace('granularity = "groups"', 'granularity = "cofi"'))
     code, _, err = run_cli(capsys, "train", tmp_path / "r.toml", "--run-dir", tmp_path / "full")
     assert code == 0, err
     code, _, err = run_cli(capsys, "train", tmp_path / "r.toml", "--run-dir", tmp_path / "half", "--set",
@@ -371,3 +371,15 @@ def test_a_cofi_run_trains_resumes_and_prunes_to_a_per_layer_checkpoint(tmp_path
     assert model.cfg.vision_layer_heads[0] == 1 and model.cfg.vision_layer_mlp[1] == 0
     ids, mask = tokenizer(["a red circle"])
     assert model.encode_text(ids, mask).shape == (1, 16)
+
+
+def test_resuming_a_groups_run_under_the_cofi_default_names_the_setting(tmp_path, capsys):
+    """Runs written before granularity existed have no method.granularity in their recipe: resuming one now
+    (default cofi) must say which setting brings its gates back, not only that the state differs."""
+    (tmp_path / "r.toml").write_text(PRUNE_TOML)
+    code, _, err = run_cli(capsys, "train", tmp_path / "r.toml", "--run-dir", tmp_path / "old", "--set",
+                           "train.steps=2")
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "train", "--run-dir", tmp_path / "old", "--resume", "latest", "--set",
+                           "train.steps=4", "--set", "method.granularity=cofi")
+    assert code == 2 and "resume with --set method.granularity=groups" in err, err

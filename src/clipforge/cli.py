@@ -294,10 +294,10 @@ def distill(
     clip_weight: float = typer.Option(0.0, "--clip-weight", help="Share of the hard CLIP loss (TinyCLIP's 1 - alpha)."),
     prune_steps: Optional[int] = typer.Option(None, "--prune-steps", min=1, help="Automatic inheritance (--student "
                                               "sparsity=S): steps per stage that learn the L0 gates before pruning."),
-    granularity: str = typer.Option("groups", "--granularity", help="Automatic inheritance: 'groups' (whole heads "
-                                    "across layers and whole blocks; the student keeps one shape per tower and "
-                                    "exports to OpenCLIP/HF) or 'cofi' (TinyCLIP's: heads, MLP units and hidden dims "
-                                    "per layer, attention and MLP apart)."),
+    granularity: Optional[str] = typer.Option(None, "--granularity", help="Automatic inheritance: 'cofi' (default; TinyCLIP's: "
+                                    "heads, MLP units and hidden dims per layer, attention and MLP apart; the student "
+                                    "has per-layer shapes) or 'groups' (whole heads across layers and whole blocks; "
+                                    "the student keeps one shape per tower and exports to OpenCLIP/HF)."),
     set_: list[str] = typer.Option([], "--set", help="Override a value of every stage's recipe (repeatable)."),
 ) -> None:
     """TinyCLIP multi-stage distillation: each stage's student inherits the previous stage's weights

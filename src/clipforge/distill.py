@@ -81,7 +81,7 @@ def stage_recipe(base: dict[str, Any], model: dict[str, Any], teacher: Path, ini
 
 def plan(teacher: str | Path, student: str, stages: int, recipe: str | None = None, clip_weight: float = 0.0,
          overrides: list[str] | None = None, prune_steps: int | None = None,
-         granularity: str = "groups") -> dict[str, Any]:
+         granularity: str | None = None) -> dict[str, Any]:
     """The stages as data (what distill.json holds): teacher, spec, and each stage's model config
     (manual inheritance) or each stage's sparsity target (automatic: ``sparsity=...`` in ``student``)."""
     from clipforge.train import checkpoint as ckpt
@@ -103,11 +103,12 @@ def plan(teacher: str | Path, student: str, stages: int, recipe: str | None = No
         # kept share after stage k: 1 - S k / n; each stage removes its share of what the last one kept
         kept = [1 - spec["sparsity"] * k / stages for k in range(stages + 1)]
         targets = [round(1 - kept[k] / kept[k - 1], 6) for k in range(1, stages + 1)]
+        granularity = granularity or "cofi"
         if granularity not in ("groups", "cofi"):
             raise RecipeError(f"--granularity is 'groups' or 'cofi', got {granularity!r}")
         return {**common, "models": None, "sparsity_targets": targets, "prune_steps": prune_steps,
                 "granularity": granularity}
-    if prune_steps or granularity != "groups":
+    if prune_steps or granularity is not None:
         raise RecipeError("--prune-steps and --granularity are for automatic inheritance: give --student sparsity=S")
     models = [student_config(teacher_model, spec, k / stages).model_dump(mode="json") for k in range(1, stages + 1)]
     return {**common, "models": models}
@@ -185,7 +186,7 @@ def _auto_stage(the_plan: dict[str, Any], k: int, previous: Path, where: Path, e
 def run(teacher: str | Path, student: str, stages: int, run_dir: str | Path, recipe: str | None = None,
         clip_weight: float = 0.0, overrides: list[str] | None = None,
         eval_hooks: Callable[[Recipe], list] | None = None, log: Callable[[str], None] = print,
-        prune_steps: int | None = None, granularity: str = "groups") -> list[Path]:
+        prune_steps: int | None = None, granularity: str | None = None) -> list[Path]:
     """Train (or resume) every stage in order; returns the run directories of the finished stages."""
     from clipforge.train import checkpoint as ckpt
 

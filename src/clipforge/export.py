@@ -121,7 +121,8 @@ def check_uniform_layers(cfg, target: str) -> None:
         raise ExportError(
             f"cannot export to {target}: the model's layers have their own head counts, MLP widths or head width "
             f"(model.*_layer_heads / *_layer_mlp / *_head_dim, e.g. a tinyclip_prune granularity = 'cofi' student), "
-            f"and {target}'s CLIP has one shape per tower. Export to ONNX instead (--to onnx)")
+            f"and {target}'s CLIP has one shape per tower. Export to ONNX instead (--to onnx), or prune with "
+            f"granularity 'groups' (clipforge distill --granularity groups) for a student {target} can hold")
 
 
 def hf_clip_config(cfg, tokenizer) -> dict[str, Any]:

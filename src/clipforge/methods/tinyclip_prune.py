@@ -5,7 +5,7 @@ checkpoint whose outputs equal the gated model's (deterministic gates).
 
     [method]
     name = "tinyclip_prune"
-    granularity = "cofi"      # or "groups" (the default): see below
+    granularity = "cofi"      # the default; or "groups": see below
     target_sparsity = 0.5     # share of the towers' block parameters to remove
     warmup_steps = 100        # target: start_sparsity -> target_sparsity, linearly
     [model]                   # the teacher's shape, warm-started from it
@@ -18,7 +18,7 @@ The gates, per tower (clipforge.models.l0), at one of two granularities:
   of every layer, ``<tower>_mha`` / ``<tower>_ffn`` one per attention / MLP sublayer. The pruned model has
   per-layer head counts and MLP widths (ModelConfig.*_layer_heads / *_layer_mlp, the teacher's head_dim):
   a clipforge checkpoint that OpenCLIP and Hugging Face cannot hold (ONNX export works).
-- ``groups``: ``<tower>_layers`` one gate per block (attention and MLP together) and ``<tower>_width``
+- ``groups`` (for students OpenCLIP and HF must take): ``<tower>_layers`` one gate per block (attention and MLP together) and ``<tower>_width``
   one gate per head index g, shared by every layer, gating head g, the g-th head_dim-sized group of
   hidden dims and the g-th group of MLP units. The pruned model keeps one shape per tower: an ordinary
   checkpoint that exports to OpenCLIP and Hugging Face.
@@ -58,7 +58,7 @@ class TinyclipPruneConfig(MethodConfig):
     # cofi: heads, MLP units and hidden dims gated apart, per layer, and attention / MLP sublayers apart
     # (TinyCLIP's automatic inheritance); groups: whole head groups across layers and whole blocks, which
     # prune to one shape per tower (an OpenCLIP / Hugging Face exportable model)
-    granularity: Literal["groups", "cofi"] = "groups"
+    granularity: Literal["cofi", "groups"] = "cofi"
     target_sparsity: float = Field(0.5, gt=0.0, lt=1.0)
     start_sparsity: float = Field(0.0, ge=0.0, lt=1.0)
     warmup_steps: int = Field(100, ge=0)
@@ -181,6 +181,14 @@ class TinyclipPruneStep(TrainStep):
         """The gates' and multipliers' constant learning rates (clipforge.train.params.build_param_groups)."""
         return [ParamGroupConfig(match="gates.*", lr=self.cfg.gate_lr, weight_decay=0.0),
                 ParamGroupConfig(match="lagrangian.*", lr=self.cfg.lambda_lr, weight_decay=0.0)]
+
+    def state_mismatch_hint(self, missing: set[str], unexpected: set[str]) -> str:
+        other = "groups" if self.cfg.granularity == "cofi" else "cofi"
+        if any(k.startswith("gates.") for k in unexpected) and set(gate_sizes(self.model.cfg, other)) >= {
+                k.split(".")[1] for k in unexpected if k.startswith("gates.")}:
+            return (f"the checkpoint's gates are method.granularity = '{other}' (before 2026-11-28 the only one, and "
+                    f"the default): resume with --set method.granularity={other}")
+        return ""
 
     # ------------------------------------------------------------------ gates
     def gate_values(self) -> dict[str, Tensor]:

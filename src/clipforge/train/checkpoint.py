@@ -306,9 +306,10 @@ def load_method_state(step: torch.nn.Module, ckpt: Path) -> None:
     state = load_file(str(path))
     missing, unexpected = expected - set(state), set(state) - expected
     if missing or unexpected:
+        hint = step.state_mismatch_hint(missing, unexpected) if hasattr(step, "state_mismatch_hint") else ""
         raise CheckpointError(f"{ckpt}: {METHOD_WEIGHTS} does not match this recipe's method state "
                               f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}); "
-                              "the method, teachers and terms must stay as they were")
+                              + (hint or "the method, teachers and terms must stay as they were"))
     step.load_state_dict(state, strict=False)
 
 

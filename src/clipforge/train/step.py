@@ -169,6 +169,11 @@ class TrainStep(nn.Module):
         """Everything but the model's own weights (those go to model.safetensors)."""
         return {k: v for k, v in full.items() if not k.startswith("model.")}
 
+    def state_mismatch_hint(self, missing: set[str], unexpected: set[str]) -> str:
+        """What to do when a checkpoint's method state has other keys than this step's (a method's own
+        advice, e.g. a setting whose default changed); empty for none."""
+        return ""
+
 
 def cosine_momentum(step: int, total: int, start: float, end: float) -> float:
     """BYOL / A-CLIP momentum: ``start`` at step 0 rising to ``end`` at the last step along a half cosine."""
