@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 from clipforge.config import MethodConfig, ModelConfig, ParamGroupConfig, Recipe
 from clipforge.methods import register_method
-from clipforge.models.l0 import HardConcreteGates, LagrangianPenalty, target_sparsity
+from clipforge.models.l0 import HardConcreteGates, LagrangianPenalty, expected_tower_params, target_sparsity
 from clipforge.objectives.base import Metrics
 from clipforge.train.step import Outputs, TrainStep
 
@@ -257,23 +257,18 @@ class TinyclipPruneStep(TrainStep):
 
     # ------------------------------------------------------------------ sparsity
     def expected_sparsity(self) -> Tensor:
-        """1 - E[block weights] / all block weights, both towers together (TinyCLIP's joint flag). Per layer
-        a head holds 4 x head_dim x W weights and an MLP unit 2 x W, under the sublayer's gate; E[W] is the
-        expected kept width (groups: head_dim x the open width gates; cofi: the open hidden dims)."""
+        """1 - E[block weights] / all block weights, both towers together (TinyCLIP's joint flag), with
+        CoFi's count (l0.expected_tower_params): per layer a head holds 4 x head_dim x W weights and an MLP
+        unit 2 x W, under the sublayer's gate, W the expected kept width (groups: head_dim x the open width
+        gates, which makes a block (4 + 2r) E[W]^2)."""
+        def params(probs: dict[str, Tensor], tower: str) -> Tensor:
+            z = tower_gates(self.model.cfg, probs, tower)  # probabilities in the place of gate values
+            return expected_tower_params(z.mha, z.ffn, z.heads, z.units, z.hidden,
+                                         self.model.cfg.head_dim(TOWERS[tower]))
+
         p = {k: g.prob_nonzero() for k, g in self.gates.items()}
-        expected, full = 0.0, 0.0
-        for tower, prefix in TOWERS.items():
-            cfg = self.model.cfg
-            z = tower_gates(cfg, p, tower)  # probabilities in place of gate values: the same layout
-            head_dim, width = cfg.head_dim(prefix), getattr(cfg, f"{prefix}_width")
-            e_width = z.hidden.sum()
-            for (heads, units), zh, zu, mha, ffn in zip(cfg.block_shapes(prefix), z.heads, z.units, z.mha, z.ffn):
-                if heads:
-                    expected = expected + mha * zh.sum() * 4 * head_dim * e_width
-                if units:
-                    expected = expected + ffn * zu.sum() * 2 * e_width
-                full += (heads * 4 * head_dim + units * 2) * width
-        return 1 - expected / full
+        every = {k: torch.ones_like(v) for k, v in p.items()}  # every gate open: the full count
+        return 1 - sum(params(p, t) for t in TOWERS) / sum(float(params(every, t)) for t in TOWERS)
 
     # ------------------------------------------------------------------ the step
     def encode(self, batch: dict[str, Any]) -> Outputs:

@@ -19,6 +19,7 @@ The target warms up linearly from ``start`` to ``target`` over ``warmup_steps``.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -65,18 +66,23 @@ class HardConcreteGates(nn.Module):
         return soft
 
 
-def expected_tower_params(layer_mha: Tensor, layer_ffn: Tensor, heads: Tensor, units: Tensor, hidden: Tensor,
+def expected_tower_params(layer_mha: Sequence, layer_ffn: Sequence, heads: Sequence, units: Sequence, hidden: Tensor,
                           head_dim: int) -> Tensor:
     """Expected prunable parameters of one transformer tower from its gates' P(z > 0).
 
-    layer_mha, layer_ffn: L; heads: L x H; units: L x M; hidden: D. Per layer an attention head holds
-    4 * head_dim * D weights (q, k, v rows and proj columns) and an MLP unit 2 * D; the expected width
-    E[D] = sum(P(hidden)) scales both (biases and LayerNorms are left out, as in CoFi).
+    Per layer l: layer_mha[l], layer_ffn[l] (the sublayers' gates), heads[l] (H_l) and units[l] (M_l), None
+    for a layer without that sublayer; hidden: D, shared by every layer. A head holds 4 * head_dim * D
+    weights (q, k, v rows and proj columns) and an MLP unit 2 * D, scaled by the expected width
+    E[D] = sum(P(hidden)) (biases and LayerNorms are left out, as in CoFi).
     """
     width = hidden.sum()
-    attention = (layer_mha * heads.sum(dim=1)).sum() * 4 * head_dim * width
-    mlp = (layer_ffn * units.sum(dim=1)).sum() * 2 * width
-    return attention + mlp
+    total = hidden.new_zeros(())
+    for mha, ffn, h, u in zip(layer_mha, layer_ffn, heads, units):
+        if h is not None:
+            total = total + mha * h.sum() * 4 * head_dim * width
+        if u is not None:
+            total = total + ffn * u.sum() * 2 * width
+    return total
 
 
 def full_tower_params(layers: int, heads: int, head_dim: int, units: int, width: int) -> int:
