@@ -21,13 +21,15 @@ from torch import nn
 
 from clipforge.config import ModelConfig
 from clipforge.models.fused_mlp import FusedMLPUnavailable, check_available
-from clipforge.models.lexical import LexicalHead, keep_top_k, lexical_weights
+from clipforge.models.lexical import LexicalHead, keep_top_k, max_pooled_logits
 from clipforge.models.text import TextTransformer
 from clipforge.models.vit import MLP, Attention, VisionTransformer, attention_kernels
 
 # extras a caller may ask forward() for
 EXTRAS = frozenset({"image_pooled", "text_pooled", "image_tokens", "text_tokens", "image_token_embeds",
-                    "text_token_embeds", "cls_attention", "kept_indices", "image_lexical", "text_lexical"})
+                    "text_token_embeds", "cls_attention", "kept_indices", "image_lexical", "text_lexical",
+                    "image_lexical_logits", "text_lexical_logits"})
+LEXICAL = frozenset({"image_lexical", "text_lexical", "image_lexical_logits", "text_lexical_logits"})
 
 
 class CLIP(nn.Module):
@@ -172,7 +174,7 @@ class CLIP(nn.Module):
         return keep_top_k(weights, self.cfg.lexical_top_k).to_sparse()
 
     def _check_lexical(self, need: frozenset[str]) -> None:
-        if {"image_lexical", "text_lexical"} & need and not self.cfg.lexical_head:
+        if LEXICAL & need and not self.cfg.lexical_head:
             raise ValueError("lexical (sparse) outputs need a model with lexical heads: train with "
                              "model.lexical_head = true (e.g. the lexlip-shapes recipe)")
 
@@ -207,6 +209,8 @@ class CLIP(nn.Module):
         - "cls_attention": list (one per layer) of N×H×K attention from the class token to patches
           (computed with explicit softmax, slower; the default path uses fused SDPA)
         - "kept_indices": N×K indices of the patches the ViT saw (all patches when none dropped)
+        - "image_lexical" / "text_lexical": LexLIP's lexical weights N×|V| >= 0 (lexical heads only);
+          "image_lexical_logits" / "text_lexical_logits": the max-pooled logits they come from
 
         ``keep_indices`` (N×K) selects patches explicitly, e.g. A-CLIP's attentive masking.
         ``images`` or ``input_ids`` may be None to run one tower only (its outputs are then absent).
@@ -229,8 +233,8 @@ class CLIP(nn.Module):
             if "text_pooled" in need:
                 out["text_pooled"] = text_features
         elif input_ids is not None:
-            text = self.text(input_ids, attention_mask,
-                             return_tokens=bool({"text_tokens", "text_token_embeds", "text_lexical"} & need))
+            text = self.text(input_ids, attention_mask, return_tokens=bool(
+                {"text_tokens", "text_token_embeds", "text_lexical", "text_lexical_logits"} & need))
             out["text_embeds"] = F.normalize(self.text_projection(text["pooled"]), dim=-1)
             if "text_pooled" in need:
                 out["text_pooled"] = text["pooled"]
@@ -238,15 +242,27 @@ class CLIP(nn.Module):
                 out["text_tokens"] = text["tokens"]
             if "text_token_embeds" in need:
                 out["text_token_embeds"] = F.normalize(self.text_projection(text["tokens"]), dim=-1)
-            if "text_lexical" in need:  # positions after end-of-text are padding: masked out of the max
-                out["text_lexical"] = lexical_weights(self.text_lexical(text["tokens"]), attention_mask)
+            if {"text_lexical", "text_lexical_logits"} & need:  # padding (after end-of-text): out of the max
+                out.update(self._lexical("text", max_pooled_logits(self.text_lexical(text["tokens"]), attention_mask),
+                                         need))
+        return out
+
+    @staticmethod
+    def _lexical(side: str, pooled: torch.Tensor, need: frozenset[str]) -> dict[str, torch.Tensor]:
+        """The lexical weights l = log(1 + ReLU(pooled)) and/or the max-pooled logits themselves (LexLIP's
+        bottleneck takes their softmax), as asked."""
+        out = {}
+        if f"{side}_lexical" in need:
+            out[f"{side}_lexical"] = torch.log1p(torch.relu(pooled))
+        if f"{side}_lexical_logits" in need:
+            out[f"{side}_lexical_logits"] = pooled
         return out
 
     def _image_outputs(self, images: torch.Tensor, need: frozenset[str], keep_indices: torch.Tensor | None) -> dict:
         vision = self.visual(
             self.normalize_images(images),
             keep_indices=keep_indices,
-            return_tokens=bool({"image_tokens", "image_token_embeds", "image_lexical"} & need),
+            return_tokens=bool({"image_tokens", "image_token_embeds", "image_lexical", "image_lexical_logits"} & need),
             return_cls_attention="cls_attention" in need,
         )
         out: dict[str, torch.Tensor | list[torch.Tensor]] = {
@@ -258,10 +274,10 @@ class CLIP(nn.Module):
             out["image_tokens"] = vision["tokens"]
         if "image_token_embeds" in need:
             out["image_token_embeds"] = F.normalize(self.image_projection(vision["tokens"]), dim=-1)
-        if "image_lexical" in need:  # the pooled token and every (kept) patch vote for words
+        if {"image_lexical", "image_lexical_logits"} & need:  # the pooled token and every (kept) patch vote
             self._check_lexical(need)
             tokens = torch.cat([vision["pooled"][:, None], vision["tokens"]], dim=1)
-            out["image_lexical"] = lexical_weights(self.image_lexical(tokens))
+            out.update(self._lexical("image", max_pooled_logits(self.image_lexical(tokens)), need))
         if "cls_attention" in need:
             out["cls_attention"] = vision["cls_attention"]
         if "kept_indices" in need:

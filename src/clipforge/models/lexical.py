@@ -38,14 +38,20 @@ class LexicalHead(nn.Module):
         return self.decoder(self.norm(self.act(self.dense(tokens))))
 
 
+def max_pooled_logits(logits: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Per-token logits N×T×V (``mask`` N×T, 1 = real token) -> N×V: each word's largest logit over the
+    real tokens (padding set to -1e6 first, so it never wins)."""
+    if mask is not None:
+        logits = logits.masked_fill(~mask.bool()[:, :, None], PAD_LOGIT)
+    return logits.max(dim=1).values
+
+
 def lexical_weights(logits: Tensor, mask: Tensor | None = None) -> Tensor:
     """Per-token logits N×T×V (``mask`` N×T, 1 = real token) -> non-negative weights N×V.
 
     l = log(1 + ReLU(max over real tokens of the logits)); padding positions are set to -1e6
     first, so they never change l (the checklist's padding test)."""
-    if mask is not None:
-        logits = logits.masked_fill(~mask.bool()[:, :, None], PAD_LOGIT)
-    return torch.log1p(torch.relu(logits.max(dim=1).values))
+    return torch.log1p(torch.relu(max_pooled_logits(logits, mask)))
 
 
 def keep_top_k(weights: Tensor, k: int) -> Tensor:

@@ -46,12 +46,15 @@ class TextTransformer(nn.Module):
         attention_mask: torch.Tensor | None = None,
         return_tokens: bool = False,
         dropout: float = 0.0,
+        token_embeds: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Returns {"pooled": N×W} and, when asked, "tokens": N×L×W after the final LayerNorm
         (positions after end-of-text are padding and carry no meaning).
 
         ``dropout`` (training only): elementwise dropout on the residual stream entering every block,
-        CLIP 🚀's "local mode" for its text views (the released code's ``--text-dropout-prob``)."""
+        CLIP 🚀's "local mode" for its text views (the released code's ``--text-dropout-prob``).
+        ``token_embeds`` (N×L×W): used in the place of the token embeddings of ``input_ids`` (e.g. LexLIP's
+        masked captions with a [MASK] vector that is no vocabulary word)."""
         n, length = input_ids.shape
         if length > self.context_length:
             raise ValueError(
@@ -64,7 +67,8 @@ class TextTransformer(nn.Module):
         # Only the end-of-text token is read after the last block: unless the tokens are asked
         # for, that block computes its query, attention output and MLP at that position alone.
         eot_only = not return_tokens and len(self.blocks) > 0
-        x = self.token_embed(input_ids) + self.pos_embed[:length]  # N×L×W
+        tokens = self.token_embed(input_ids) if token_embeds is None else token_embeds
+        x = tokens + self.pos_embed[:length]  # N×L×W
         x = to_residual_dtype(x, self.low_precision_residual)
         drop = dropout if self.training else 0.0
         for i, block in enumerate(self.blocks):
