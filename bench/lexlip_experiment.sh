@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# LexLIP phase 1 with and without its lexicon bottleneck (docs/methods/lexlip.md, "Phase 1: LexMLM"), at
+# equal steps: for each seed S (train.seed = data.seed = S), 400 steps at batch 128 on shapes of
+#   lexlip       lexlip-shapes: dense CLIP + in-batch lexical contrastive + FLOPs
+#   bottleneck   lexlip-bottleneck-shapes: the same + LexMLM (weak decoder from each tower's bottleneck, self MLM)
+# then bench/lexical.py on each (text -> image over the shapes eval images: lexical precision@10, non-zeros,
+# index size; its dense row is the same model's dense head).
+#
+#   PY=/path/to/python bash bench/lexlip_experiment.sh RUNS_DIR "0 1 2"     then: python bench/lexlip_table.py RUNS_DIR
+#
+# Each run holds /tmp/cpu.lock (one CPU-heavy job at a time); a finished run (a checkpoint at its last step) is kept.
+set -euo pipefail
+RUNS=${1:?usage: bench/lexlip_experiment.sh RUNS_DIR "SEEDS"}
+SEEDS=${2:-"0 1 2"}
+PY=${PY:-python}
+HERE=$(cd "$(dirname "$0")" && pwd)
+COMMON=(--set train.steps=400 --set eval.every_steps=400 --set train.checkpoint_every_steps=400)
+mkdir -p "$RUNS"
+for seed in $SEEDS; do
+  for arm in lexlip bottleneck; do
+    recipe=lexlip-shapes; [ "$arm" = bottleneck ] && recipe=lexlip-bottleneck-shapes
+    dir="$RUNS/$arm-s$seed"
+    if [ ! -d "$dir/checkpoints/step_0000400" ]; then
+      rm -rf "$dir"
+      echo "$(date +%T) train $dir"
+      flock /tmp/cpu.lock "$PY" -m clipforge train "$recipe" --run-dir "$dir" "${COMMON[@]}" \
+        --set train.seed="$seed" --set data.seed="$seed" > "$dir.log" 2>&1
+    fi
+    if [ ! -s "$dir/lexical.json" ]; then
+      echo "$(date +%T) bench $dir"
+      flock /tmp/cpu.lock "$PY" "$HERE/lexical.py" --clip "$dir/checkpoints/latest" --lexlip "$dir/checkpoints/latest" \
+        --scale '' --no-seismic --emoji /nonexistent > "$dir/lexical.json.tmp" 2> "$dir/lexical.log"
+      mv "$dir/lexical.json.tmp" "$dir/lexical.json"
+    fi
+  done
+done
+echo "$(date +%T) done"
