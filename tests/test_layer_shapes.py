@@ -15,6 +15,7 @@ from clipforge.config import ModelConfig
 from clipforge.export import ExportError, check_hf_compatible, check_openclip_compatible, export_onnx
 from clipforge.models.clip import CLIP
 from clipforge.models.inherit import InheritError, check_inheritable, student_config
+from tiny_checkpoint import make_tiny_checkpoint, perturb_biases_
 
 PLAIN = dict(image_size=32, patch_size=8, vision_width=20, vision_layers=3, vision_heads=4, vocab_size=64,
              context_length=12, text_width=20, text_layers=3, text_heads=4, embed_dim=16)
@@ -24,12 +25,7 @@ SHAPED = dict(PLAIN, vision_head_dim=8, vision_layer_heads=[2, 0, 3], vision_lay
 
 def _model(fields: dict, seed: int = 0) -> CLIP:
     torch.manual_seed(seed)
-    model = CLIP(ModelConfig(**fields))
-    with torch.no_grad():  # non-trivial biases and norms
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or "ln" in name:
-                p.add_(0.1 * torch.randn_like(p))
-    return model.eval()
+    return perturb_biases_(CLIP(ModelConfig(**fields))).eval()
 
 
 def _inputs():
@@ -113,7 +109,6 @@ def test_uniform_layers_is_what_openclip_and_hf_can_hold_and_exports_refuse_the_
 
 def test_a_shaped_model_saves_loads_and_exports_to_onnx_with_the_same_embeddings(tmp_path):
     import clipforge
-    from tiny_checkpoint import make_tiny_checkpoint
 
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnx")

@@ -4,8 +4,6 @@ a masked caption from b, the three MLM losses, and the method end to end from th
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
@@ -13,7 +11,7 @@ from clipforge.config import load_recipe
 from clipforge.methods.lexlip import WeakDecoder, bert_mask, bottleneck, mlm_loss
 from clipforge.models.lexical import max_pooled_logits
 from clipforge.train.trainer import build_step
-from tiny_checkpoint import run_cli
+from tiny_checkpoint import train_straight_and_resumed
 
 SMALL = ["model.image_size=32", "model.patch_size=8", "model.vision_width=32", "model.vision_heads=2",
          "model.vision_layers=2", "model.text_width=32", "model.text_heads=2", "model.text_layers=2",
@@ -203,18 +201,7 @@ every_steps = 1
 
 def test_trains_from_the_cli_and_resumes_exactly(tmp_path, capsys):
     (tmp_path / "r.toml").write_text(TOML)
-    code, _, err = run_cli(capsys, "train", tmp_path / "r.toml", "--run-dir", tmp_path / "full")
-    assert code == 0, err
-    code, _, err = run_cli(capsys, "train", tmp_path / "r.toml", "--run-dir", tmp_path / "half", "--set",
-                           "train.steps=2")
-    assert code == 0, err
-    code, _, err = run_cli(capsys, "train", "--run-dir", tmp_path / "half", "--resume", "latest", "--set",
-                           "train.steps=4")
-    assert code == 0, err
-
-    def last(run):
-        return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line][-1]
-    a, b = last(tmp_path / "full"), last(tmp_path / "half")
+    a, b = train_straight_and_resumed(capsys, tmp_path / "r.toml", tmp_path)
     assert a["step"] == b["step"] == 4
     for key in ("loss", "lexmlm/i2t", "lexmlm/t2t", "lexmlm/self", "lexical/loss"):
         assert a[key] == b[key], key

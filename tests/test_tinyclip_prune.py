@@ -9,7 +9,7 @@ import torch
 from clipforge.config import load_recipe
 from clipforge.methods.tinyclip_prune import masked_layer_norm, pruned_model
 from clipforge.train.trainer import build_step
-from tiny_checkpoint import run_cli
+from tiny_checkpoint import perturb_biases_, run_cli, train_straight_and_resumed
 
 MODEL = ["model.image_size=32", "model.patch_size=8", "model.vision_width=32", "model.vision_heads=8",
          "model.vision_layers=4", "model.text_width=32", "model.text_heads=8", "model.text_layers=3",
@@ -20,10 +20,7 @@ def _step(seed: int = 0):
     recipe = load_recipe("tiny-shapes", MODEL + ["method.name=tinyclip_prune", "method.granularity=groups"])
     torch.manual_seed(seed)
     step = build_step(recipe, torch.device("cpu"), log=False)
-    with torch.no_grad():  # non-trivial biases and LayerNorms, so a folding mistake shows
-        for name, p in step.model.named_parameters():
-            if name.endswith("bias") or "ln" in name:
-                p.add_(0.1 * torch.randn_like(p))
+    perturb_biases_(step.model)  # non-trivial biases and LayerNorms, so a folding mistake shows
     return step
 
 
@@ -171,25 +168,13 @@ every_steps = 1
 
 
 def test_trains_from_a_recipe_resumes_exactly_and_prunes_to_an_ordinary_checkpoint(tmp_path, capsys):
-    import json
     import shutil
 
     from clipforge.api import load
     from clipforge.methods.tinyclip_prune import prune_checkpoint
 
     (tmp_path / "r.toml").write_text(PRUNE_TOML)
-    code, _, err = run_cli(capsys, "train", tmp_path / "r.toml", "--run-dir", tmp_path / "full")
-    assert code == 0, err
-    code, _, err = run_cli(capsys, "train", tmp_path / "r.toml", "--run-dir", tmp_path / "half", "--set",
-                           "train.steps=2")
-    assert code == 0, err
-    code, _, err = run_cli(capsys, "train", "--run-dir", tmp_path / "half", "--resume", "latest", "--set",
-                           "train.steps=4")
-    assert code == 0, err
-
-    def last(run):
-        return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line][-1]
-    a, b = last(tmp_path / "full"), last(tmp_path / "half")
+    a, b = train_straight_and_resumed(capsys, tmp_path / "r.toml", tmp_path)
     assert a["step"] == b["step"] == 4
     for key in ("loss", "prune/expected_sparsity", "prune/lambda_1"):
         assert a[key] == b[key], key
@@ -227,10 +212,7 @@ def _cofi_step(extra: list[str] | None = None, seed: int = 0):
                                                  *(extra or [])])
     torch.manual_seed(seed)
     step = build_step(recipe, torch.device("cpu"), log=False)
-    with torch.no_grad():
-        for name, p in step.model.named_parameters():
-            if name.endswith("bias") or "ln" in name:
-                p.add_(0.1 * torch.randn_like(p))
+    perturb_biases_(step.model)
     return step
 
 
@@ -339,24 +321,11 @@ def test_groups_granularity_on_a_per_layer_model_is_refused_with_the_fix():
 
 
 def test_a_cofi_run_trains_resumes_and_prunes_to_a_per_layer_checkpoint(tmp_path, capsys):
-    import json
-
     from clipforge.api import load
     from clipforge.methods.tinyclip_prune import prune_checkpoint
 
     (tmp_path / "r.toml").write_text(PRUNE_TOML.replace('granularity = "groups"', 'granularity = "cofi"'))
-    code, _, err = run_cli(capsys, "train", tmp_path / "r.toml", "--run-dir", tmp_path / "full")
-    assert code == 0, err
-    code, _, err = run_cli(capsys, "train", tmp_path / "r.toml", "--run-dir", tmp_path / "half", "--set",
-                           "train.steps=2")
-    assert code == 0, err
-    code, _, err = run_cli(capsys, "train", "--run-dir", tmp_path / "half", "--resume", "latest", "--set",
-                           "train.steps=4")
-    assert code == 0, err
-
-    def last(run):
-        return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line][-1]
-    a, b = last(tmp_path / "full"), last(tmp_path / "half")
+    a, b = train_straight_and_resumed(capsys, tmp_path / "r.toml", tmp_path)
     for key in ("loss", "prune/expected_sparsity", "prune/lambda_1"):
         assert a[key] == b[key], key
     with torch.no_grad():  # decide the gates so that the pruned model differs from the teacher shape

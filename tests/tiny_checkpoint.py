@@ -34,6 +34,15 @@ CAPTIONS = [
 ]
 
 
+@torch.no_grad()
+def perturb_biases_(model: torch.nn.Module) -> torch.nn.Module:
+    """Make the biases and LayerNorms non-trivial (in place), so a mapping or folding mistake shows."""
+    for name, p in model.named_parameters():
+        if name.endswith("bias") or "ln" in name:
+            p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
 def make_tiny_checkpoint(directory: Path, seed: int = 0, **model_overrides) -> Path:
     """Save a random tiny CLIP + a BPE tokenizer trained on a few captions; returns the step dir."""
     torch.manual_seed(seed)
@@ -42,11 +51,7 @@ def make_tiny_checkpoint(directory: Path, seed: int = 0, **model_overrides) -> P
         model=ModelConfig(**{**TINY_MODEL, **model_overrides}),
         data=DataConfig(tokenizer=TokenizerConfig(vocab_size=200)),
     )
-    model = CLIP(recipe.model)
-    with torch.no_grad():  # make the biases and LayerNorms non-trivial, so a mapping mistake shows
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or "ln" in name:
-                p.add_(0.1 * torch.randn_like(p))
+    model = perturb_biases_(CLIP(recipe.model))
     tokenizer = BPETokenizer.train(CAPTIONS * 4, 200, recipe.model.context_length)
     return save_checkpoint(Path(directory), 1, model, recipe, tokenizer, train_state=None, keep_last=1)
 
@@ -104,3 +109,24 @@ def run_cli(capsys, *args) -> tuple[int, str, str]:
         torch.set_num_threads(old_threads)
     out = capsys.readouterr()
     return code, out.out, out.err
+
+
+def last_logged_row(run: Path) -> dict:
+    """The last training row (one with a loss) of a run's metrics.jsonl."""
+    import json
+
+    rows = [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    return rows[-1]
+
+
+def train_straight_and_resumed(capsys, recipe: Path, tmp_path: Path, steps: int = 4) -> tuple[dict, dict]:
+    """Train ``recipe`` for ``steps`` in one go, and for half of them then resumed (``--resume latest``) to
+    ``steps``: the last logged rows of both runs (run dirs ``full`` and ``half`` under ``tmp_path``)."""
+    code, _, err = run_cli(capsys, "train", recipe, "--run-dir", tmp_path / "full", "--set", f"train.steps={steps}")
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "train", recipe, "--run-dir", tmp_path / "half", "--set", f"train.steps={steps // 2}")
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "train", "--run-dir", tmp_path / "half", "--resume", "latest", "--set",
+                           f"train.steps={steps}")
+    assert code == 0, err
+    return last_logged_row(tmp_path / "full"), last_logged_row(tmp_path / "half")
