@@ -3,6 +3,8 @@
 # equal steps: for each seed S (train.seed = data.seed = S), 400 steps at batch 128 on shapes of
 #   lexlip       lexlip-shapes: dense CLIP + in-batch lexical contrastive + FLOPs
 #   bottleneck   lexlip-bottleneck-shapes: the same + LexMLM (weak decoder from each tower's bottleneck, self MLM)
+#   lexlip640    lexlip-shapes for 640 steps: the bottleneck arm's wall time (its steps take ~1.6x as long on
+#                2 CPU cores: the masked text pass and two decoder passes), i.e. equal compute
 # then bench/lexical.py on each (text -> image over the shapes eval images: lexical precision@10, non-zeros,
 # index size; its dense row is the same model's dense head).
 #
@@ -14,16 +16,17 @@ RUNS=${1:?usage: bench/lexlip_experiment.sh RUNS_DIR "SEEDS"}
 SEEDS=${2:-"0 1 2"}
 PY=${PY:-python}
 HERE=$(cd "$(dirname "$0")" && pwd)
-COMMON=(--set train.steps=400 --set eval.every_steps=400 --set train.checkpoint_every_steps=400)
 mkdir -p "$RUNS"
 for seed in $SEEDS; do
-  for arm in lexlip bottleneck; do
+  for arm in ${ARMS:-lexlip bottleneck lexlip640}; do
     recipe=lexlip-shapes; [ "$arm" = bottleneck ] && recipe=lexlip-bottleneck-shapes
+    steps=400; [ "$arm" = lexlip640 ] && steps=640
     dir="$RUNS/$arm-s$seed"
-    if [ ! -d "$dir/checkpoints/step_0000400" ]; then
+    if [ ! -d "$dir/checkpoints/$(printf 'step_%07d' "$steps")" ]; then
       rm -rf "$dir"
       echo "$(date +%T) train $dir"
-      flock /tmp/cpu.lock "$PY" -m clipforge train "$recipe" --run-dir "$dir" "${COMMON[@]}" \
+      flock /tmp/cpu.lock "$PY" -m clipforge train "$recipe" --run-dir "$dir" --set train.steps="$steps" \
+        --set eval.every_steps="$steps" --set train.checkpoint_every_steps="$steps" \
         --set train.seed="$seed" --set data.seed="$seed" > "$dir.log" 2>&1
     fi
     if [ ! -s "$dir/lexical.json" ]; then

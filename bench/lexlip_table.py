@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO / "src"))
 
 import clipforge  # noqa: E402
 
-ARMS = ("lexlip", "bottleneck")
+ARMS = ("lexlip", "bottleneck", "lexlip640")
 
 
 @torch.no_grad()
