@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# LexLIP phase 1 with and without its lexicon bottleneck (docs/methods/lexlip.md, "Phase 1: LexMLM"), at
-# equal steps: for each seed S (train.seed = data.seed = S), 400 steps at batch 128 on shapes of
-#   lexlip       lexlip-shapes: dense CLIP + in-batch lexical contrastive + FLOPs
-#   bottleneck   lexlip-bottleneck-shapes: the same + LexMLM (weak decoder from each tower's bottleneck, self MLM)
+# LexLIP phase 1 with and without its lexicon bottleneck (docs/methods/lexlip.md, "Phase 1: the lexicon
+# bottleneck"): for each seed S (train.seed = data.seed = S), batch 128 on shapes, three arms (ARMS=... for some)
+#   lexlip       lexlip-shapes, 400 steps: dense CLIP + in-batch lexical contrastive + FLOPs
+#   bottleneck   lexlip-bottleneck-shapes, 400 steps: the same + LexMLM (weak decoder from each tower's
+#                bottleneck, the text tower's own MLM): equal steps
 #   lexlip640    lexlip-shapes for 640 steps: the bottleneck arm's wall time (its steps take ~1.6x as long on
 #                2 CPU cores: the masked text pass and two decoder passes), i.e. equal compute
 # then bench/lexical.py on each (text -> image over the shapes eval images: lexical precision@10, non-zeros,
