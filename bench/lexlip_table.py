@@ -3,9 +3,9 @@ and seed, and the mean over seeds,
 
 - lexical precision@10 (text -> image, SciPy posting lists over the shapes eval images; bench/lexical.py) and
   the same model's dense head's, average non-zeros per image / text vector;
-- word precision: of an eval image's m largest lexical weights (m = the number of words of its class
-  name, e.g. "red circle" -> 2), the share that are those words. This is what the bottleneck is for: the
-  lexicon weights have to carry the caption's words. Seen and unseen colour-shape pairs apart;
+- word precision: of an eval image's (or its caption's) m largest lexical weights (m = the number of words
+  of its class name, e.g. "red circle" -> 2), the share that are those words. This is what the bottleneck
+  is for: the lexicon weights have to carry the caption's words. Seen and unseen colour-shape pairs apart;
 - the trainer's zero-shot top-1 of the dense head (seen / unseen), the last logged LexMLM losses and the
   median training img/s.
 
@@ -34,29 +34,33 @@ ARMS = ("lexlip", "bottleneck", "lexlip640")
 
 
 @torch.no_grad()
-def word_precision(ckpt: Path, per_class: int = 50) -> dict[str, float]:
+def word_precision(ckpt: Path, per_class: int = 50) -> dict[str, dict[str, float]]:
+    """Per side ("image", "text") and split: of each eval sample's m largest lexical weights (m = the number of
+    words of its class name), the share that are those words (the text side reads the sample's caption)."""
     from clipforge.config import ShapesConfig
     from clipforge.data.synthetic import ShapesDataset, class_names
 
     model, _, tokenizer = clipforge.load(ckpt)
-    names = class_names()
     words = []
-    for name in names:  # the class name's word ids, without the start / end tokens
+    for name in class_names():  # the class name's word ids, without the start / end tokens
         ids, mask = tokenizer([name])
-        real = ids[0][: int(mask[0].sum())].tolist()
-        words.append(set(real[1:-1]))
-    out = {}
+        words.append(set(ids[0][1: int(mask[0].sum()) - 1].tolist()))
+    out = {"image": {}, "text": {}}
     for split in ("seen", "unseen"):
         ds = ShapesDataset(ShapesConfig(eval_samples_per_class=per_class), model.cfg.image_size, seed=0, split=split)
-        pixels, _, labels = ds.render_batch(range(len(ds)))
-        hits = []
+        pixels, captions, labels = ds.render_batch(range(len(ds)))
+        hits = {"image": [], "text": []}
         for start in range(0, len(pixels), 256):
-            weights = model(pixels[start:start + 256], None, need={"image_lexical"})["image_lexical"]
-            for row, label in zip(weights, labels[start:start + 256].tolist()):
-                target = words[label]
-                top = row.topk(len(target)).indices.tolist()
-                hits.append(len(target & set(top)) / len(target))
-        out[split] = round(mean(hits), 4)
+            chunk = slice(start, start + 256)
+            ids, mask = tokenizer(list(captions[chunk]))
+            weights = {"image": model(pixels[chunk], None, need={"image_lexical"})["image_lexical"],
+                       "text": model(None, ids, mask, need={"text_lexical"})["text_lexical"]}
+            for side, rows in weights.items():
+                for row, label in zip(rows, labels[chunk].tolist()):
+                    target = words[label]
+                    hits[side].append(len(target & set(row.topk(len(target)).indices.tolist())) / len(target))
+        for side in out:
+            out[side][split] = round(mean(hits[side]), 4)
     return out
 
 
@@ -90,14 +94,16 @@ def collect(runs: Path) -> dict:
 
 
 def table(found: dict) -> list[str]:
-    lines = ["| arm | seed | lexical P@10 | dense head P@10 | non-zeros img / txt | word precision seen / unseen | "
-             "zero-shot seen / unseen | LexMLM i2t / t2t / self | img/s |", "| --- " * 9 + "|"]
+    lines = ["| arm | seed | lexical P@10 | dense head P@10 | non-zeros img / txt | word precision, images seen / "
+             "unseen | word precision, captions seen / unseen | zero-shot seen / unseen | LexMLM i2t / t2t / self | "
+             "img/s |", "| --- " * 10 + "|"]
 
     def row(arm, seed, r):
         mlm = " / ".join(f"{r[k]:.2f}" for k in ("lexmlm/i2t", "lexmlm/t2t", "lexmlm/self")) if "lexmlm/i2t" in r else "-"
         return (f"| {arm} | {seed} | {r['lexical_p@10']:.3f} | {r['dense_head_p@10']:.3f} | "
                 f"{r['nonzeros']['images']:.1f} / {r['nonzeros']['texts']:.1f} | "
-                f"{r['word_precision']['seen']:.3f} / {r['word_precision']['unseen']:.3f} | "
+                f"{r['word_precision']['image']['seen']:.3f} / {r['word_precision']['image']['unseen']:.3f} | "
+                f"{r['word_precision']['text']['seen']:.3f} / {r['word_precision']['text']['unseen']:.3f} | "
                 f"{r['zeroshot_seen']:.3f} / {r['zeroshot_unseen']:.3f} | {mlm} | {r['img_per_s_median']:.0f} |")
     for arm in ARMS:
         rows = [r for r in found.values() if r["arm"] == arm]
@@ -107,7 +113,8 @@ def table(found: dict) -> list[str]:
             avg = {k: mean(r[k] for r in rows) for k in ("lexical_p@10", "dense_head_p@10", "zeroshot_seen",
                                                          "zeroshot_unseen", "img_per_s_median")}
             avg["nonzeros"] = {s: mean(r["nonzeros"][s] for r in rows) for s in ("images", "texts")}
-            avg["word_precision"] = {s: mean(r["word_precision"][s] for r in rows) for s in ("seen", "unseen")}
+            avg["word_precision"] = {side: {s: mean(r["word_precision"][side][s] for r in rows) for s in ("seen", "unseen")}
+                                     for side in ("image", "text")}
             for k in ("lexmlm/i2t", "lexmlm/t2t", "lexmlm/self"):
                 if all(k in r for r in rows):
                     avg[k] = mean(r[k] for r in rows)
