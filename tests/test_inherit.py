@@ -16,7 +16,7 @@ from clipforge.models.inherit import (
     student_config,
 )
 from clipforge.train.params import InitFromError, load_init_from
-from tiny_checkpoint import TINY_MODEL_TOML, run_cli
+from tiny_checkpoint import TINY_MODEL_TOML, TINY_RUN_TOML, run_cli
 
 TEACHER = dict(image_size=32, patch_size=8, vision_width=64, vision_layers=6, vision_heads=4,
                vocab_size=64, context_length=12, text_width=48, text_layers=4, text_heads=3, embed_dim=16)
@@ -151,27 +151,8 @@ def test_student_spec_and_progressive_stage_shapes():
 TEACHER_TOML = """
 base = "tiny-shapes"
 name = "tiny-teacher"
-""" + TINY_MODEL_TOML.replace("vision_layers = 1", "vision_layers = 4").replace("text_layers = 1", "text_layers = 2") + """
-[data]
-batch_size = 8
-num_workers = 0
-[data.tokenizer]
-vocab_size = 300
-corpus_size = 200
-[schedule]
-kind = "constant"
-warmup_steps = 0
-[train]
-threads = 1
-steps = 2
-[eval]
-at_end = false
-every_steps = "none"
-[logging]
-tensorboard = false
-progress = false
-every_steps = 1
-"""
+""" + TINY_MODEL_TOML.replace("vision_layers = 1", "vision_layers = 4").replace("text_layers = 1", "text_layers = 2") + \
+    TINY_RUN_TOML.replace("steps = 4", "steps = 2")
 
 
 def _losses(run_dir) -> dict[int, float]:

@@ -11,7 +11,7 @@ from clipforge.config import load_recipe
 from clipforge.methods.lexlip import WeakDecoder, bert_mask, bottleneck, mlm_loss
 from clipforge.models.lexical import max_pooled_logits
 from clipforge.train.trainer import build_step
-from tiny_checkpoint import train_straight_and_resumed
+from tiny_checkpoint import TINY_MODEL_TOML, TINY_RUN_TOML, train_straight_and_resumed
 
 SMALL = ["model.image_size=32", "model.patch_size=8", "model.vision_width=32", "model.vision_heads=2",
          "model.vision_layers=2", "model.text_width=32", "model.text_heads=2", "model.text_layers=2",
@@ -164,39 +164,7 @@ def test_recipes_it_cannot_train_are_refused_with_the_fix(change, message):
         load_recipe("lexlip-bottleneck-shapes", SMALL + change)
 
 
-TOML = """
-base = "lexlip-bottleneck-shapes"
-[model]
-image_size = 32
-patch_size = 8
-vision_width = 32
-vision_heads = 2
-vision_layers = 1
-text_width = 32
-text_heads = 2
-text_layers = 1
-embed_dim = 16
-context_length = 16
-[data]
-batch_size = 8
-num_workers = 0
-[data.tokenizer]
-vocab_size = 300
-corpus_size = 200
-[schedule]
-kind = "constant"
-warmup_steps = 0
-[train]
-threads = 1
-steps = 4
-[eval]
-at_end = false
-every_steps = "none"
-[logging]
-tensorboard = false
-progress = false
-every_steps = 1
-"""
+TOML = 'base = "lexlip-bottleneck-shapes"\n' + TINY_MODEL_TOML + TINY_RUN_TOML
 
 
 def test_trains_from_the_cli_and_resumes_exactly(tmp_path, capsys):

@@ -9,7 +9,7 @@ import torch
 from clipforge.config import load_recipe
 from clipforge.methods.tinyclip_prune import masked_layer_norm, pruned_model
 from clipforge.train.trainer import build_step
-from tiny_checkpoint import perturb_biases_, run_cli, train_straight_and_resumed
+from tiny_checkpoint import TINY_RUN_TOML, perturb_biases_, run_cli, train_straight_and_resumed
 
 MODEL = ["model.image_size=32", "model.patch_size=8", "model.vision_width=32", "model.vision_heads=8",
          "model.vision_layers=4", "model.text_width=32", "model.text_heads=8", "model.text_layers=3",
@@ -145,26 +145,7 @@ name = "tinyclip_prune"
 granularity = "groups"
 target_sparsity = 0.4
 warmup_steps = 2
-[data]
-batch_size = 8
-num_workers = 0
-[data.tokenizer]
-vocab_size = 300
-corpus_size = 200
-[schedule]
-kind = "constant"
-warmup_steps = 0
-[train]
-threads = 1
-steps = 4
-[eval]
-at_end = false
-every_steps = "none"
-[logging]
-tensorboard = false
-progress = false
-every_steps = 1
-"""
+""" + TINY_RUN_TOML
 
 
 def test_trains_from_a_recipe_resumes_exactly_and_prunes_to_an_ordinary_checkpoint(tmp_path, capsys):

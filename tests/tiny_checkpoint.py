@@ -28,6 +28,27 @@ text_heads = 2
 embed_dim = 32
 context_length = 16
 """
+# the rest of a tiny test recipe: 4 steps of batch 8 in-process, constant lr, no evaluation, quiet logs
+TINY_RUN_TOML = """[data]
+batch_size = 8
+num_workers = 0
+[data.tokenizer]
+vocab_size = 300
+corpus_size = 200
+[schedule]
+kind = "constant"
+warmup_steps = 0
+[train]
+threads = 1
+steps = 4
+[eval]
+at_end = false
+every_steps = "none"
+[logging]
+tensorboard = false
+progress = false
+every_steps = 1
+"""
 CAPTIONS = [
     "a red circle", "a blue square", "a green triangle on the left", "two yellow stars",
     "a small purple heart", "an orange ring next to a black cross", "a photo of a dog", "a cat, sleeping!",
