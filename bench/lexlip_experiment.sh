@@ -6,6 +6,8 @@
 #                bottleneck, the text tower's own MLM): equal steps
 #   lexlip640    lexlip-shapes for 640 steps: the bottleneck arm's wall time (its steps take ~1.6x as long on
 #                2 CPU cores: the masked text pass and two decoder passes), i.e. equal compute
+#   moco-b       phase 2 after phase 1 (the paper's order): lexlip-moco-shapes for 200 steps from bottleneck-sS
+#   moco-l       the same from lexlip640-sS (equal compute before phase 2, without the bottleneck)
 # then bench/lexical.py on each (text -> image over the shapes eval images: lexical precision@10, non-zeros,
 # index size; its dense row is the same model's dense head).
 #
@@ -19,14 +21,19 @@ PY=${PY:-python}
 HERE=$(cd "$(dirname "$0")" && pwd)
 mkdir -p "$RUNS"
 for seed in $SEEDS; do
-  for arm in ${ARMS:-lexlip bottleneck lexlip640}; do
+  for arm in ${ARMS:-lexlip bottleneck lexlip640 moco-b moco-l}; do
     recipe=lexlip-shapes; [ "$arm" = bottleneck ] && recipe=lexlip-bottleneck-shapes
     steps=400; [ "$arm" = lexlip640 ] && steps=640
+    init=()
+    case $arm in
+      moco-b) recipe=lexlip-moco-shapes; steps=200; init=(--set model.init_from="$RUNS/bottleneck-s$seed") ;;
+      moco-l) recipe=lexlip-moco-shapes; steps=200; init=(--set model.init_from="$RUNS/lexlip640-s$seed") ;;
+    esac
     dir="$RUNS/$arm-s$seed"
     if [ ! -d "$dir/checkpoints/$(printf 'step_%07d' "$steps")" ]; then
       rm -rf "$dir"
       echo "$(date +%T) train $dir"
-      flock /tmp/cpu.lock "$PY" -m clipforge train "$recipe" --run-dir "$dir" --set train.steps="$steps" \
+      flock /tmp/cpu.lock "$PY" -m clipforge train "$recipe" --run-dir "$dir" "${init[@]}" --set train.steps="$steps" \
         --set eval.every_steps="$steps" --set train.checkpoint_every_steps="$steps" \
         --set train.seed="$seed" --set data.seed="$seed" > "$dir.log" 2>&1
     fi

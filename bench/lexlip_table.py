@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO / "src"))
 
 import clipforge  # noqa: E402
 
-ARMS = ("lexlip", "bottleneck", "lexlip640")
+ARMS = ("lexlip", "bottleneck", "lexlip640", "moco-b", "moco-l")
 
 
 @torch.no_grad()
