@@ -8,6 +8,8 @@
 #                2 CPU cores: the masked text pass and two decoder passes), i.e. equal compute
 #   moco-b       phase 2 after phase 1 (the paper's order): lexlip-moco-shapes for 200 steps from bottleneck-sS
 #   moco-l       the same from lexlip640-sS (equal compute before phase 2, without the bottleneck)
+#   moco-b-ft, moco-l-ft   the same two at a continuation's learning rate (optim.lr = 2e-4, a tenth of the
+#                recipe's from-scratch 2e-3)
 # then bench/lexical.py on each (text -> image over the shapes eval images: lexical precision@10, non-zeros,
 # index size; its dense row is the same model's dense head).
 #
@@ -28,6 +30,10 @@ for seed in $SEEDS; do
     case $arm in
       moco-b) recipe=lexlip-moco-shapes; steps=200; init=(--set model.init_from="$RUNS/bottleneck-s$seed") ;;
       moco-l) recipe=lexlip-moco-shapes; steps=200; init=(--set model.init_from="$RUNS/lexlip640-s$seed") ;;
+      moco-b-ft) recipe=lexlip-moco-shapes; steps=200
+                 init=(--set model.init_from="$RUNS/bottleneck-s$seed" --set optim.lr=2e-4) ;;
+      moco-l-ft) recipe=lexlip-moco-shapes; steps=200
+                 init=(--set model.init_from="$RUNS/lexlip640-s$seed" --set optim.lr=2e-4) ;;
     esac
     dir="$RUNS/$arm-s$seed"
     if [ ! -d "$dir/checkpoints/$(printf 'step_%07d' "$steps")" ]; then

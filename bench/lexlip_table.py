@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO / "src"))
 
 import clipforge  # noqa: E402
 
-ARMS = ("lexlip", "bottleneck", "lexlip640", "moco-b", "moco-l")
+ARMS = ("lexlip", "bottleneck", "lexlip640", "moco-b", "moco-l", "moco-b-ft", "moco-l-ft")
 
 
 @torch.no_grad()
