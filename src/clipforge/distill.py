@@ -159,7 +159,6 @@ def _shape(model: dict[str, Any]) -> str:
     return f"vision {tower('vision')}, text {tower('text')}"
 
 
-
 def _auto_stage(the_plan: dict[str, Any], k: int, previous: Path, where: Path, eval_hooks, log) -> Path | None:
     """Automatic inheritance for stage k: learn L0 gates on the previous model for prune_steps
     (method tinyclip_prune, distilling meanwhile), then prune; returns the pruned checkpoint."""

@@ -44,13 +44,12 @@ from torch import Tensor, nn
 
 from clipforge.config import MethodConfig, ModelConfig, ParamGroupConfig, Recipe
 from clipforge.methods import register_method
+from clipforge.models.inherit import TOWERS as WIDTH_KEYS  # (width, layers, heads) keys
 from clipforge.models.l0 import HardConcreteGates, LagrangianPenalty, expected_tower_params, target_sparsity
 from clipforge.objectives.base import Metrics
 from clipforge.train.step import Outputs, TrainStep
 
 TOWERS = {"visual": "vision", "text": "text"}  # module name -> ModelConfig prefix
-WIDTH_KEYS = {"visual": ("vision_width", "vision_layers", "vision_heads"),
-              "text": ("text_width", "text_layers", "text_heads")}
 
 
 class TinyclipPruneConfig(MethodConfig):

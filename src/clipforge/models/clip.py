@@ -21,7 +21,7 @@ from torch import nn
 
 from clipforge.config import ModelConfig
 from clipforge.models.fused_mlp import FusedMLPUnavailable, check_available
-from clipforge.models.lexical import LexicalHead, keep_top_k, max_pooled_logits
+from clipforge.models.lexical import LexicalHead, keep_top_k, max_pooled_logits, weights_from_pooled
 from clipforge.models.text import TextTransformer
 from clipforge.models.vit import MLP, Attention, VisionTransformer, attention_kernels
 
@@ -253,7 +253,7 @@ class CLIP(nn.Module):
         bottleneck takes their softmax), as asked."""
         out = {}
         if f"{side}_lexical" in need:
-            out[f"{side}_lexical"] = torch.log1p(torch.relu(pooled))
+            out[f"{side}_lexical"] = weights_from_pooled(pooled)
         if f"{side}_lexical_logits" in need:
             out[f"{side}_lexical_logits"] = pooled
         return out

@@ -51,7 +51,12 @@ def lexical_weights(logits: Tensor, mask: Tensor | None = None) -> Tensor:
 
     l = log(1 + ReLU(max over real tokens of the logits)); padding positions are set to -1e6
     first, so they never change l (the checklist's padding test)."""
-    return torch.log1p(torch.relu(max_pooled_logits(logits, mask)))
+    return weights_from_pooled(max_pooled_logits(logits, mask))
+
+
+def weights_from_pooled(pooled: Tensor) -> Tensor:
+    """Max-pooled logits N×V -> the lexical weights log(1 + ReLU(.)) N×V."""
+    return torch.log1p(torch.relu(pooled))
 
 
 def keep_top_k(weights: Tensor, k: int) -> Tensor:
