@@ -694,7 +694,8 @@ class TrainConfig(Section):
     bf16_residual: bool = False
     # every transformer MLP through two Triton GEMMs with the activation in their epilogues (forward:
     # bias + GELU; backward: GELU's derivative and the bias gradient): fewer passes over the MLP's
-    # hidden tensor (GPU speed, models/fused_mlp.py). CUDA only; equal to the plain MLP within rounding
+    # hidden tensor (models/fused_mlp.py). CUDA only; equal to the plain MLP within rounding. Slower on
+    # an H100 (0.93x for ViT-B/16: its Triton GEMMs trail cuBLAS's; docs/performance.md, run 7)
     fused_mlp: bool = False
     # recompute every transformer block's activations in backward instead of keeping them: activation
     # memory from all the blocks' intermediates to one tensor per block, for about a third more compute
