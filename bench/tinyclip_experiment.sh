@@ -13,6 +13,8 @@
 #                 (with 300 the gates had only reached an expected sparsity of 0.54: docs/methods/tinyclip.md)
 #   auto-cofi     the same with --granularity cofi: TinyCLIP/CoFi gates (hidden dims, heads and MLP units per
 #                 layer, attention and MLP sublayers apart) instead of whole head groups and blocks
+#   auto-cofi-target  auto-cofi with --prune-size target: after CoFi's test-time gates, the least likely open
+#                 gates are closed until the student's block-weight sparsity reaches 0.86 (equal sizes)
 # The built-in shapes evaluation runs every 100 steps (zero-shot on seen and unseen compositions).
 #
 #   PY=/path/to/python bash bench/tinyclip_experiment.sh RUNS_DIR "0 1 2"      then: python bench/tinyclip_table.py RUNS_DIR
@@ -68,6 +70,13 @@ for seed in $SEEDS; do
     echo "$(date +%T) distill (automatic inheritance, cofi) $dir"
     flock /tmp/cpu.lock "$PY" -m clipforge distill "$TEACHER" --student sparsity=0.86 --prune-steps 600 \
       --granularity cofi --run-dir "$dir" --recipe tinyclip-shapes "${COMMON[@]}" "${S[@]}" > "$dir.log" 2>&1
+  fi
+  dir="$RUNS/auto-cofi-target-s$seed"
+  if wanted auto-cofi-target && ! finished "$dir/stage_1" 400; then
+    echo "$(date +%T) distill (automatic inheritance, cofi, pruned to the target size) $dir"
+    flock /tmp/cpu.lock "$PY" -m clipforge distill "$TEACHER" --student sparsity=0.86 --prune-steps 600 \
+      --granularity cofi --prune-size target --run-dir "$dir" --recipe tinyclip-shapes "${COMMON[@]}" "${S[@]}" \
+      > "$dir.log" 2>&1
   fi
 done
 echo "$(date +%T) done"

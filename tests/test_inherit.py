@@ -239,4 +239,7 @@ def test_distill_cli_automatic_inheritance_learns_gates_prunes_and_distils(tmp_p
     assert code == 2 and "takes no other key" in err
     code, _, err = run_cli(capsys, "distill", tmp_path / "big", "--student", "width=0.5", "--run-dir",
                            tmp_path / "y", "--granularity", "cofi")
-    assert code == 2 and "--granularity are for automatic inheritance" in err
+    assert code == 2 and "--granularity and --prune-size are for automatic inheritance" in err
+    code, _, err = run_cli(capsys, "distill", tmp_path / "big", "--student", "sparsity=0.5", "--run-dir",
+                           tmp_path / "z", "--prune-steps", "3", "--prune-size", "exact")
+    assert code == 2 and "--prune-size is 'expected' or 'target'" in err

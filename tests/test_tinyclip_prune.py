@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from clipforge.config import load_recipe
-from clipforge.methods.tinyclip_prune import masked_layer_norm, pruned_model
+from clipforge.methods.tinyclip_prune import masked_layer_norm, pruned_model, tower_gates
+from clipforge.train import checkpoint as ckpt
 from clipforge.train.trainer import build_step
 from tiny_checkpoint import TINY_RUN_TOML, perturb_biases_, run_cli, train_straight_and_resumed
 
@@ -321,6 +322,55 @@ def test_a_cofi_run_trains_resumes_and_prunes_to_a_per_layer_checkpoint(tmp_path
     assert model.cfg.vision_layer_heads[0] == 1 and model.cfg.vision_layer_mlp[1] == 0
     ids, mask = tokenizer(["a red circle"])
     assert model.encode_text(ids, mask).shape == (1, 16)
+    # the run's default size is CoFi's ("expected"): 4 steps leave the gates far from the 0.4 target
+    source = ckpt.read_config(out)["source"]
+    assert source["prune_size"] == "expected" and source["realised_sparsity"] < 0.4
+    # size="target" prunes on to the run's target_sparsity; what it records is what the checkpoint holds
+    out = prune_checkpoint(tmp_path / "full" / "checkpoints" / "latest", tmp_path / "to_target", size="target")
+    source = ckpt.read_config(out)["source"]
+    assert source["prune_size"] == "target" and source["realised_sparsity"] >= 0.4
+    teacher, _, _ = load(tmp_path / "full" / "checkpoints" / "latest")
+    assert abs(1 - _block_weights(load(out)[0]) / _block_weights(teacher) - source["realised_sparsity"]) < 1e-3
+    with pytest.raises(ValueError, match="'expected' or 'target'"):
+        prune_checkpoint(tmp_path / "full" / "checkpoints" / "latest", tmp_path / "x", size="exact")
+
+
+@pytest.mark.parametrize("granularity", ["cofi", "groups"])
+def test_pruning_to_the_target_closes_the_least_likely_open_gates_until_the_sparsity_is_reached(granularity):
+    from clipforge.methods.tinyclip_prune import close_to_target, realised_sparsity
+
+    step = _cofi_step(seed=5) if granularity == "cofi" else _step(seed=5)
+    with torch.no_grad():
+        for g in step.gates.values():
+            g.log_alpha.add_(2 * torch.randn_like(g.log_alpha))
+    cfg, values = step.model.cfg, step.gate_values()
+    probs = {k: g.prob_nonzero().detach() for k, g in step.gates.items()}
+    start = realised_sparsity(cfg, values)
+    target = min(start + 0.2, 0.9)
+    fitted = close_to_target(cfg, values, probs, target)
+    assert realised_sparsity(cfg, fitted) >= target
+    newly = [(k, i) for k in values for i in range(len(values[k])) if values[k][i] > 0 and fitted[k][i] == 0]
+    still = [(k, i) for k in values for i in range(len(values[k])) if fitted[k][i] > 0]
+    assert newly
+    for k in values:  # CoFi's closed gates stay closed, open ones keep their value, one per set stays open
+        assert torch.all(fitted[k][values[k] == 0] == 0)
+        assert torch.equal(fitted[k][fitted[k] > 0], values[k][fitted[k] > 0])
+        assert int((fitted[k] > 0).sum()) >= 1
+    # least likely open first: every newly closed gate was at most as likely open as any gate left open
+    # (except a set's last open gate, which is never closed)
+    last = {k for k in fitted if int((fitted[k] > 0).sum()) == 1}
+    assert max(float(probs[k][i]) for k, i in newly) <= min(float(probs[k][i]) for k, i in still if k not in last)
+    # no more than needed: the last gate closed, reopened, leaves the sparsity below the target
+    k, i = max(newly, key=lambda ki: float(probs[ki[0]][ki[1]]))
+    reopened = {n: v.clone() for n, v in fitted.items()}
+    reopened[k][i] = values[k][i]
+    assert realised_sparsity(cfg, reopened) < target
+    # the pruned model holds exactly the realised share of block weights
+    step.eval()
+    small = pruned_model(step.model, {t: tower_gates(cfg, fitted, t) for t in ("visual", "text")})
+    assert abs(1 - _block_weights(small) / _block_weights(step.model) - realised_sparsity(cfg, fitted)) < 1e-3
+    # a target already reached changes nothing
+    assert all(torch.equal(close_to_target(cfg, values, probs, start)[k], values[k]) for k in values)
 
 
 def test_resuming_a_groups_run_under_the_cofi_default_names_the_setting(tmp_path, capsys):

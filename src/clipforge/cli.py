@@ -298,6 +298,10 @@ def distill(
                                     "heads, MLP units and hidden dims per layer, attention and MLP apart; the student "
                                     "has per-layer shapes) or 'groups' (whole heads across layers and whole blocks; "
                                     "the student keeps one shape per tower and exports to OpenCLIP/HF)."),
+    prune_size: Optional[str] = typer.Option(None, "--prune-size", help="Automatic inheritance: 'expected' (default; "
+                                             "CoFi's test-time gates, which can keep more than the target) or "
+                                             "'target' (then close the least likely open gates until the "
+                                             "student's sparsity reaches the target)."),
     set_: list[str] = typer.Option([], "--set", help="Override a value of every stage's recipe (repeatable)."),
 ) -> None:
     """TinyCLIP multi-stage distillation: each stage's student inherits the previous stage's weights
@@ -308,7 +312,7 @@ def distill(
 
     dirs = run(teacher, student, stages, run_dir, recipe, clip_weight, set_, eval_hooks=_default_eval_hooks,
                log=lambda line: console.print(line, highlight=False, markup=False, soft_wrap=True),
-               prune_steps=prune_steps, granularity=granularity)
+               prune_steps=prune_steps, granularity=granularity, prune_size=prune_size)
     if len(dirs) == stages:
         console.print(f"done: the student is {dirs[-1] / 'checkpoints' / 'latest'}", soft_wrap=True, markup=False)
 

@@ -81,7 +81,7 @@ def stage_recipe(base: dict[str, Any], model: dict[str, Any], teacher: Path, ini
 
 def plan(teacher: str | Path, student: str, stages: int, recipe: str | None = None, clip_weight: float = 0.0,
          overrides: list[str] | None = None, prune_steps: int | None = None,
-         granularity: str | None = None) -> dict[str, Any]:
+         granularity: str | None = None, prune_size: str | None = None) -> dict[str, Any]:
     """The stages as data (what distill.json holds): teacher, spec, and each stage's model config
     (manual inheritance) or each stage's sparsity target (automatic: ``sparsity=...`` in ``student``)."""
     from clipforge.train import checkpoint as ckpt
@@ -103,13 +103,16 @@ def plan(teacher: str | Path, student: str, stages: int, recipe: str | None = No
         # kept share after stage k: 1 - S k / n; each stage removes its share of what the last one kept
         kept = [1 - spec["sparsity"] * k / stages for k in range(stages + 1)]
         targets = [round(1 - kept[k] / kept[k - 1], 6) for k in range(1, stages + 1)]
-        granularity = granularity or "cofi"
+        granularity, prune_size = granularity or "cofi", prune_size or "expected"
         if granularity not in ("groups", "cofi"):
             raise RecipeError(f"--granularity is 'groups' or 'cofi', got {granularity!r}")
+        if prune_size not in ("expected", "target"):
+            raise RecipeError(f"--prune-size is 'expected' or 'target', got {prune_size!r}")
         return {**common, "models": None, "sparsity_targets": targets, "prune_steps": prune_steps,
-                "granularity": granularity}
-    if prune_steps or granularity is not None:
-        raise RecipeError("--prune-steps and --granularity are for automatic inheritance: give --student sparsity=S")
+                "granularity": granularity, "prune_size": prune_size}
+    if prune_steps or granularity is not None or prune_size is not None:
+        raise RecipeError("--prune-steps, --granularity and --prune-size are for automatic inheritance: "
+                          "give --student sparsity=S")
     models = [student_config(teacher_model, spec, k / stages).model_dump(mode="json") for k in range(1, stages + 1)]
     return {**common, "models": models}
 
@@ -121,7 +124,9 @@ def _check_same_plan(run_dir: Path, new: dict[str, Any]) -> None:
     old = json.loads(path.read_text())
     if old.get("models") is None:  # automatic plans written before --granularity existed pruned in groups
         old.setdefault("granularity", "groups")
-    for key in ("teacher", "student", "stages", "clip_weight", "recipe", "models", "prune_steps", "granularity"):
+        old.setdefault("prune_size", "expected")  # ... and before --prune-size, by CoFi's expected count
+    for key in ("teacher", "student", "stages", "clip_weight", "recipe", "models", "prune_steps", "granularity",
+                "prune_size"):
         if old.get(key) != new.get(key):
             raise RecipeError(f"{run_dir} holds a distillation with {key} = {old.get(key)!r}, not {new.get(key)!r} "
                               f"({path}); rerun the same command to resume it, or choose a new --run-dir")
@@ -172,25 +177,26 @@ def _auto_stage(the_plan: dict[str, Any], k: int, previous: Path, where: Path, e
     model = ckpt.model_config_from(ckpt.read_config(_teacher_dir(previous))).model_dump(mode="json")
     method = {"name": "tinyclip_prune", "target_sparsity": the_plan["sparsity_targets"][k - 1],
               "warmup_steps": steps // 3,  # TinyCLIP: warm-up 1000 of prune_step 3000
-              "granularity": the_plan.get("granularity", "groups")}
+              "granularity": the_plan.get("granularity", "groups"),
+              "prune_size": the_plan.get("prune_size", "expected")}
     r = stage_recipe(the_plan["base"], model, Path(the_plan["teacher"]), previous, k, stages,
                      the_plan["clip_weight"], the_plan["overrides"], inherit="none", method=method, steps=steps)
     if not _train(r, where / "masks", f"stage {k}/{stages}: learning gates (sparsity {method['target_sparsity']:.2f})",
                   eval_hooks, log):
         return None
-    prune_checkpoint(where / "masks" / "checkpoints" / "latest", pruned)
+    prune_checkpoint(where / "masks" / "checkpoints" / "latest", pruned, size=method["prune_size"])
     return pruned
 
 
 def run(teacher: str | Path, student: str, stages: int, run_dir: str | Path, recipe: str | None = None,
         clip_weight: float = 0.0, overrides: list[str] | None = None,
         eval_hooks: Callable[[Recipe], list] | None = None, log: Callable[[str], None] = print,
-        prune_steps: int | None = None, granularity: str | None = None) -> list[Path]:
+        prune_steps: int | None = None, granularity: str | None = None, prune_size: str | None = None) -> list[Path]:
     """Train (or resume) every stage in order; returns the run directories of the finished stages."""
     from clipforge.train import checkpoint as ckpt
 
     run_dir = Path(run_dir)
-    the_plan = plan(teacher, student, stages, recipe, clip_weight, overrides, prune_steps, granularity)
+    the_plan = plan(teacher, student, stages, recipe, clip_weight, overrides, prune_steps, granularity, prune_size)
     _check_same_plan(run_dir, the_plan)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / PLAN_FILE).write_text(json.dumps(the_plan, indent=2))
@@ -203,12 +209,17 @@ def run(teacher: str | Path, student: str, stages: int, run_dir: str | Path, rec
             previous = _auto_stage(the_plan, k, previous, where, eval_hooks, log)
             if previous is None:
                 return stage_dirs
-            model, inherit = ckpt.read_config(previous)["model"], "none"
+            pruned = ckpt.read_config(previous)
+            model, inherit = pruned["model"], "none"
+            realised = (pruned.get("source") or {}).get("realised_sparsity")
+            label = f"stage {k}/{stages}: {_shape(model)}" + ("" if realised is None else
+                                                             f" (block-weight sparsity {realised:.3f})")
         else:
             model = the_plan["models"][k - 1]
+            label = f"stage {k}/{stages}: {_shape(model)}"
         r = stage_recipe(the_plan["base"], model, teacher_dir, previous, k, stages, clip_weight,
                          the_plan["overrides"], inherit=inherit)
-        if not _train(r, where, f"stage {k}/{stages}: {_shape(model)}", eval_hooks, log):
+        if not _train(r, where, label, eval_hooks, log):
             return stage_dirs
         stage_dirs.append(where)
         previous = where / "checkpoints" / "latest"

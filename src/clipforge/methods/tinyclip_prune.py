@@ -67,6 +67,12 @@ class TinyclipPruneConfig(MethodConfig):
     # steps. An optim.groups entry matching "gates.*" or "lagrangian.*" overrides these
     gate_lr: float = Field(0.02, gt=0.0)
     lambda_lr: float = Field(0.02, gt=0.0)
+    # how prune_checkpoint sizes the pruned model. "expected": CoFi's test-time gates (per gate set, the
+    # expected number closed), whose realised sparsity can fall short of the target (in products of
+    # gates, e.g. heads x hidden dims, the counts round apart); "target": from there, close the open
+    # gates least likely open (lowest P(z > 0), over every set) until the realised sparsity reaches
+    # target_sparsity, so students of one target have one size
+    prune_size: Literal["expected", "target"] = "expected"
 
     def check_recipe(self, recipe: Recipe) -> None:
         if any(t.kind == "ema" for t in recipe.teachers):
@@ -260,14 +266,7 @@ class TinyclipPruneStep(TrainStep):
         CoFi's count (l0.expected_tower_params): per layer a head holds 4 x head_dim x W weights and an MLP
         unit 2 x W, under the sublayer's gate, W the expected kept width (groups: head_dim x the open width
         gates, which makes a block (4 + 2r) E[W]^2)."""
-        def params(probs: dict[str, Tensor], tower: str) -> Tensor:
-            z = tower_gates(self.model.cfg, probs, tower)  # probabilities in the place of gate values
-            return expected_tower_params(z.mha, z.ffn, z.heads, z.units, z.hidden,
-                                         self.model.cfg.head_dim(TOWERS[tower]))
-
-        p = {k: g.prob_nonzero() for k, g in self.gates.items()}
-        every = {k: torch.ones_like(v) for k, v in p.items()}  # every gate open: the full count
-        return 1 - sum(params(p, t) for t in TOWERS) / sum(float(params(every, t)) for t in TOWERS)
+        return sparsity_of(self.model.cfg, {k: g.prob_nonzero() for k, g in self.gates.items()})
 
     # ------------------------------------------------------------------ the step
     def encode(self, batch: dict[str, Any]) -> Outputs:
@@ -293,6 +292,41 @@ class TinyclipPruneStep(TrainStep):
     def after_optimizer_step(self, step: int) -> None:
         super().after_optimizer_step(step)
         self.steps_done.fill_(step)
+
+
+# ----------------------------------------------------------------------------- sparsity
+def sparsity_of(cfg: ModelConfig, probs: dict[str, Tensor]) -> Tensor:
+    """1 - (block weights kept) / (all block weights), both towers, for gate probabilities ``probs``
+    (the expected sparsity) or 0/1 values (the realised sparsity of decided gates)."""
+    def params(p: dict[str, Tensor], tower: str) -> Tensor:
+        z = tower_gates(cfg, p, tower)  # probabilities in the place of gate values
+        return expected_tower_params(z.mha, z.ffn, z.heads, z.units, z.hidden, cfg.head_dim(TOWERS[tower]))
+
+    every = {k: torch.ones_like(v) for k, v in probs.items()}  # every gate open: the full count
+    return 1 - sum(params(probs, t) for t in TOWERS) / sum(float(params(every, t)) for t in TOWERS)
+
+
+def realised_sparsity(cfg: ModelConfig, values: dict[str, Tensor]) -> float:
+    """The share of block weights that pruning with gate ``values`` removes."""
+    return float(sparsity_of(cfg, {k: (v > 0).float() for k, v in values.items()}))
+
+
+def close_to_target(cfg: ModelConfig, values: dict[str, Tensor], probs: dict[str, Tensor],
+                    target: float) -> dict[str, Tensor]:
+    """``values`` (CoFi's test-time gates) with more gates closed, least likely open first (lowest
+    ``probs``, over every gate set), until the realised sparsity reaches ``target``; one gate of each set
+    stays open. Gates CoFi's rule closed stay closed, open ones keep their values."""
+    values = {k: v.detach().clone() for k, v in values.items()}
+    if realised_sparsity(cfg, values) >= target:
+        return values
+    order = sorted((float(probs[k][i]), k, i) for k, v in values.items() for i in (v > 0).nonzero().flatten().tolist())
+    for _, k, i in order:
+        if int((values[k] > 0).sum()) <= 1:
+            continue
+        values[k][i] = 0.0
+        if realised_sparsity(cfg, values) >= target:
+            break
+    return values
 
 
 # ----------------------------------------------------------------------------- pruning
@@ -385,8 +419,9 @@ def pruned_model(model: nn.Module, gates: dict[str, TowerGates]) -> nn.Module:
     return small
 
 
-def prune_checkpoint(ckpt_dir: str | Path, out: str | Path) -> Path:
-    """A ``tinyclip_prune`` training checkpoint -> an ordinary, smaller clipforge checkpoint at ``out``."""
+def prune_checkpoint(ckpt_dir: str | Path, out: str | Path, size: str | None = None) -> Path:
+    """A ``tinyclip_prune`` training checkpoint -> an ordinary, smaller clipforge checkpoint at ``out``.
+    ``size``: "expected" or "target" (TinyclipPruneConfig.prune_size); None: the run's own setting."""
     from safetensors.torch import load_file
 
     from clipforge.api import load
@@ -401,17 +436,24 @@ def prune_checkpoint(ckpt_dir: str | Path, out: str | Path) -> Path:
                                 "method.name = 'tinyclip_prune' run?")
     state = load_file(str(method_file))
     granularity = "cofi" if "gates.visual_hidden.log_alpha" in state else "groups"
-    values = {}
+    values, probs = {}, {}
     for name in gate_sizes(model.cfg, granularity):
         key = f"gates.{name}.log_alpha"
         if key not in state:
             raise ValueError(f"{method_file} has no {key}: not a tinyclip_prune checkpoint of this model")
         g = HardConcreteGates(state[key].numel())
         g.log_alpha.data.copy_(state[key])
-        values[name] = g.eval()().detach()
-    small = pruned_model(model, {tower: tower_gates(model.cfg, values, tower) for tower in TOWERS})
+        values[name], probs[name] = g.eval()().detach(), g.prob_nonzero().detach()
     recipe = ckpt.read_config(ckpt_dir).get("recipe")
-    source = {"from": "tinyclip_prune", "checkpoint": str(ckpt_dir)}
+    method = TinyclipPruneConfig.model_validate((recipe or {}).get("method") or {"name": "tinyclip_prune"})
+    size = size or method.prune_size
+    if size not in ("expected", "target"):
+        raise ValueError(f"prune size is 'expected' or 'target', got {size!r}")
+    if size == "target":
+        values = close_to_target(model.cfg, values, probs, method.target_sparsity)
+    small = pruned_model(model, {tower: tower_gates(model.cfg, values, tower) for tower in TOWERS})
+    source = {"from": "tinyclip_prune", "checkpoint": str(ckpt_dir), "prune_size": size,
+              "realised_sparsity": round(realised_sparsity(model.cfg, values), 4)}
     config = ckpt.checkpoint_config(small.cfg, tokenizer, source=source)
     config["recipe"] = recipe  # the data the pruned model continues on (clipforge distill reads it)
     return write_model_checkpoint(out, small, tokenizer, config)
