@@ -167,6 +167,19 @@ def test_trains_from_a_recipe_resumes_exactly_and_prunes_to_an_ordinary_checkpoi
     model, _, tokenizer = load(out)  # an ordinary checkpoint
     ids, mask = tokenizer(["a red circle"])
     assert model.encode_text(ids, mask).shape == (1, 16)
+    # the same from the CLI, on the run directory, to the target size
+    code, out_text, err = run_cli(capsys, "prune", tmp_path / "full", tmp_path / "cli", "--size", "target")
+    assert code == 0, err
+    source = ckpt.read_config(tmp_path / "cli")["source"]
+    assert source["prune_size"] == "target" and source["realised_sparsity"] >= 0.4
+    printed = out_text + err
+    assert f"block-weight sparsity {source['realised_sparsity']}" in printed and "vision " in printed
+    code, _, err = run_cli(capsys, "prune", tmp_path / "full", tmp_path / "cli2", "--size", "exact")
+    assert code == 2 and "use expected or target" in err
+    code, _, err = run_cli(capsys, "prune", tmp_path / "pruned", tmp_path / "cli3")  # not a tinyclip_prune run
+    assert code == 2 and "tinyclip_prune" in err and not (tmp_path / "cli3").exists()
+    code, _, err = run_cli(capsys, "prune", tmp_path / "full", tmp_path / "cli")  # never over a checkpoint
+    assert code == 2 and "cli" in err
 
 
 def test_resuming_with_other_optimizer_groups_than_the_checkpoints_is_refused_clearly(tmp_path, capsys, monkeypatch):

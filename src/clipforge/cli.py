@@ -567,6 +567,34 @@ def export(
 
 
 @app.command()
+def prune(
+    ckpt: str = typer.Argument(..., help="A checkpoint of a method.name = 'tinyclip_prune' run (or its run directory: "
+                               "its checkpoints/latest)."),
+    out: Path = typer.Argument(..., help="Output directory (new or empty; written only when pruning succeeds)."),
+    size: Optional[str] = typer.Option(None, "--size", metavar="expected|target",
+                                       help="'expected': CoFi's test-time gates; 'target': then close the least likely "
+                                       "open gates until the run's target_sparsity is reached [default: the run's "
+                                       "method.prune_size]."),
+) -> None:
+    """TinyCLIP automatic inheritance: cut what a tinyclip_prune run's gates closed (hidden dims, heads, MLP
+    units, sublayers, layers) out of its model, giving a smaller ordinary checkpoint that computes what the
+    gated model computes (clipforge distill --student sparsity=S does this for you)."""
+    from clipforge.distill import model_shape
+    from clipforge.eval.evaluate import checkpoint_dir
+    from clipforge.methods.tinyclip_prune import prune_checkpoint
+    from clipforge.train import checkpoint as ckpt_io
+
+    if size not in (None, "expected", "target"):
+        raise typer.BadParameter(f"{size!r}: use expected or target", param_hint="--size")
+    written = prune_checkpoint(checkpoint_dir(ckpt), out, size=size)
+    config = ckpt_io.read_config(written)
+    source = config.get("source") or {}
+    console.print(f"pruned ({source.get('prune_size')}): block-weight sparsity {source.get('realised_sparsity')}; "
+                  f"{model_shape(config['model'])}", soft_wrap=True, markup=False)
+    console.print(f"written to {written}", soft_wrap=True, markup=False)
+
+
+@app.command()
 def merge(
     ckpts: list[str] = typer.Argument(..., help="Two or more checkpoints of one network (or run directories: their latest)."),
     out: Path = typer.Option(..., "--out", help="Checkpoint directory to write (new or empty)."),

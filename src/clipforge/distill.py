@@ -155,7 +155,8 @@ def _train(r: Recipe, where: Path, label: str, eval_hooks, log) -> bool:
     return result.stopped_by == "done"
 
 
-def _shape(model: dict[str, Any]) -> str:
+def model_shape(model: dict[str, Any]) -> str:
+    """A model config's tower sizes in one line (per-layer heads and MLP widths where they differ)."""
     def tower(prefix: str) -> str:
         heads, units = model.get(f"{prefix}_layer_heads"), model.get(f"{prefix}_layer_mlp")
         if heads is None and units is None:
@@ -212,11 +213,11 @@ def run(teacher: str | Path, student: str, stages: int, run_dir: str | Path, rec
             pruned = ckpt.read_config(previous)
             model, inherit = pruned["model"], "none"
             realised = (pruned.get("source") or {}).get("realised_sparsity")
-            label = f"stage {k}/{stages}: {_shape(model)}" + ("" if realised is None else
+            label = f"stage {k}/{stages}: {model_shape(model)}" + ("" if realised is None else
                                                              f" (block-weight sparsity {realised:.3f})")
         else:
             model = the_plan["models"][k - 1]
-            label = f"stage {k}/{stages}: {_shape(model)}"
+            label = f"stage {k}/{stages}: {model_shape(model)}"
         r = stage_recipe(the_plan["base"], model, teacher_dir, previous, k, stages, clip_weight,
                          the_plan["overrides"], inherit=inherit)
         if not _train(r, where, label, eval_hooks, log):
