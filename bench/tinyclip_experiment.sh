@@ -15,6 +15,8 @@
 #                 layer, attention and MLP sublayers apart) instead of whole head groups and blocks
 #   auto-cofi-target  auto-cofi with --prune-size target: after CoFi's test-time gates, the least likely open
 #                 gates are closed until the student's block-weight sparsity reaches 0.86 (equal sizes)
+#   auto-cofi-expected  the paired control of auto-cofi-target: its learnt gates (the masks phase, copied), pruned
+#                 by CoFi's rule (--prune-size expected), then the same 400 distilled steps (run after it)
 # The built-in shapes evaluation runs every 100 steps (zero-shot on seen and unseen compositions).
 #
 #   PY=/path/to/python bash bench/tinyclip_experiment.sh RUNS_DIR "0 1 2"      then: python bench/tinyclip_table.py RUNS_DIR
@@ -76,6 +78,16 @@ for seed in $SEEDS; do
     echo "$(date +%T) distill (automatic inheritance, cofi, pruned to the target size) $dir"
     flock /tmp/cpu.lock "$PY" -m clipforge distill "$TEACHER" --student sparsity=0.86 --prune-steps 600 \
       --granularity cofi --prune-size target --run-dir "$dir" --recipe tinyclip-shapes "${COMMON[@]}" "${S[@]}" \
+      > "$dir.log" 2>&1
+  fi
+  dir="$RUNS/auto-cofi-expected-s$seed"
+  if wanted auto-cofi-expected && ! finished "$dir/stage_1" 400; then
+    masks="$RUNS/auto-cofi-target-s$seed/stage_1/masks"
+    [ -d "$masks/checkpoints/step_0000600" ] || { echo "auto-cofi-expected needs auto-cofi-target's gates: $masks"; exit 1; }
+    rm -rf "$dir" && mkdir -p "$dir/stage_1" && cp -r "$masks" "$dir/stage_1/masks"  # distill skips a finished phase
+    echo "$(date +%T) distill (the same gates, CoFi's size) $dir"
+    flock /tmp/cpu.lock "$PY" -m clipforge distill "$TEACHER" --student sparsity=0.86 --prune-steps 600 \
+      --granularity cofi --prune-size expected --run-dir "$dir" --recipe tinyclip-shapes "${COMMON[@]}" "${S[@]}" \
       > "$dir.log" 2>&1
   fi
 done

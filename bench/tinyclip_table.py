@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from statistics import mean
 
-ARMS = ("scratch", "distill", "inherit", "inherit-clip", "multi", "auto", "auto-cofi", "auto-cofi-target")
+ARMS = ("scratch", "distill", "inherit", "inherit-clip", "multi", "auto", "auto-cofi", "auto-cofi-target", "auto-cofi-expected")
 STEPS = (100, 200, 300, 400)
 SPLITS = ("seen", "unseen")
 
