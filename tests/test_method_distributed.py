@@ -180,6 +180,51 @@ def assert_same_as_one_process(got: dict, want_loss: float, want: dict, tol: flo
     assert errors[worst] <= tol, (worst, errors[worst])
 
 
+# FILIP with token_keep < 1: each rank sends its samples' best-matched tokens only, so 2 ranks are not the
+# 1-process loss; the reference is the definition on the concatenated batch: rank r's tokens chosen among
+# rank r's rows, every row scored with all of its own tokens against the sent tokens of every column
+FILIP_KEEP = 0.5
+
+
+def _filip_keep_step():
+    from clipforge.train.trainer import build_step
+
+    torch.manual_seed(0)
+    return build_step(recipe_for([{"name": "filip", "chunk": 3, "token_keep": FILIP_KEEP}], False),
+                      torch.device("cpu"), log=False)
+
+
+def _filip_keep_worker(rank: int, port: int, results: str) -> None:
+    one_step_on_rank(rank, port, results, _filip_keep_step, rank_rows(global_batch(WORLD * B, 1, False), rank, 1))
+
+
+def test_filip_token_reduction_across_two_ranks_is_its_definition_on_the_concatenated_batch(tmp_path):
+    from clipforge.objectives.contrastive import multi_positive_clip_loss
+    from clipforge.objectives.filip import late_interaction_scores, most_matched_tokens
+
+    got = two_ranks_report(tmp_path, _filip_keep_worker)
+    step, batch = _filip_keep_step(), global_batch(WORLD * B, 1, False)
+    out = step(batch)
+    images, texts, scale = out["image_token_embeds"], out["text_token_embeds"], out["logit_scale"]
+    mask = batch["attention_mask"][:, :texts.shape[1]]
+    sent = [(most_matched_tokens(images[r * B:(r + 1) * B], None, texts[r * B:(r + 1) * B], mask[r * B:(r + 1) * B],
+                                 FILIP_KEEP),
+             most_matched_tokens(texts[r * B:(r + 1) * B], mask[r * B:(r + 1) * B], images[r * B:(r + 1) * B], None,
+                                 FILIP_KEEP)) for r in range(WORLD)]
+    sent_images, sent_image_mask = (torch.cat(x) for x in zip(*(s[0] for s in sent)))
+    sent_texts, sent_text_mask = (torch.cat(x) for x in zip(*(s[1] for s in sent)))
+    assert sent_texts.shape[1] < texts.shape[1] and sent_images.shape[1] < images.shape[1]  # less is sent
+    s_image, _ = late_interaction_scores(images, sent_texts, sent_text_mask)
+    _, s_text = late_interaction_scores(sent_images, texts, mask, image_mask=sent_image_mask)
+    loss = multi_positive_clip_loss(scale * s_image, scale * s_text.T)
+    loss.backward()
+    want = {n: p.grad.clone() for n, p in step.named_parameters() if p.grad is not None}
+    assert_same_as_one_process(got, loss.item(), want)
+    # and it is not the full-token loss: the reduction changed what was computed
+    full, _ = step.compute_loss(step(batch), batch)
+    assert abs(full.item() - loss.item()) > 1e-4
+
+
 @pytest.fixture(scope="module")
 def report(tmp_path_factory) -> dict:
     results = tmp_path_factory.mktemp("method_ranks") / "report.pt"

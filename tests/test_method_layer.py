@@ -255,6 +255,47 @@ def test_filip_loss_uses_s_image_for_rows_and_s_text_for_columns():
     assert torch.allclose(loss, want)
 
 
+def test_filip_token_reduction_keeps_each_samples_best_matched_real_tokens():
+    """FILIP's 25 %: per sample, the ceil(keep x real) real tokens whose best match among the other side's
+    real tokens is highest (brute force here); padding never sent; gradient only to the sent tokens."""
+    import math
+
+    from clipforge.objectives.filip import most_matched_tokens
+
+    txt, img = unit(6, 5, 8, seed=3), unit(4, 7, 8, seed=4)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0],
+                         [1, 1, 1, 1, 1]])
+    txt[1, 2:] = img[0, 0]  # padding identical to an image token (similarity 1) must still not be sent
+    txt.requires_grad_()
+    for keep in (0.25, 0.5, 1.0):
+        picked, kept = most_matched_tokens(txt, mask, img, None, keep, chunk=5)
+        assert picked.shape == (6, math.ceil(keep * 5), 8) and kept.shape == (6, math.ceil(keep * 5))
+        for i in range(6):
+            real = [r for r in range(5) if mask[i, r]]
+            t = txt.detach()
+            best = {r: max(float(t[i, r] @ img[j, k]) for j in range(4) for k in range(7)) for r in real}
+            want = sorted(real, key=lambda r: -best[r])[:max(1, math.ceil(keep * len(real)))]
+            got = [int(torch.nonzero(torch.all(t[i] == picked[i, k], dim=1))[0]) for k in range(kept.shape[1])
+                   if kept[i, k]]
+            assert got == want, (keep, i, got, want)
+    # the image side (no padding), with the texts' padding left out of the other side's tokens
+    picked, kept = most_matched_tokens(img, None, txt.detach(), mask, 0.25)
+    assert kept.all() and picked.shape == (4, 2, 8)
+    hit = [max(float(img[0, k] @ txt.detach()[j, r]) for j in range(6) for r in range(5) if mask[j, r])
+           for k in range(7)]
+    assert torch.equal(picked[0, 0], img[0, max(range(7), key=hit.__getitem__)])
+    # keep = 1 sends every real token: the late-interaction scores against them are the full ones
+    picked, kept = most_matched_tokens(txt, mask, img, None, 1.0)
+    full = late_interaction_scores(img, txt, mask)
+    sent = late_interaction_scores(img, picked, kept)
+    assert torch.allclose(full[0], sent[0], atol=1e-6) and torch.allclose(full[1], sent[1], atol=1e-6)
+    # gradient reaches exactly the sent tokens
+    picked, kept = most_matched_tokens(txt, mask, img, None, 0.5)
+    (picked * kept[..., None]).sum().backward()
+    touched = txt.grad.abs().sum(-1) > 0
+    assert int(touched.sum()) == int(kept.sum()) and not touched[~mask.bool()].any()
+
+
 # ----------------------------------------------------------------------------- multi-positive losses
 def test_multi_positive_clip_with_one_caption_each_is_clip():
     x, y = unit(6, 8), unit(6, 8, seed=1)

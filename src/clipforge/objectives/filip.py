@@ -9,6 +9,12 @@ y_j^r. The two similarities are asymmetric:
 Padding is removed from both the max and the mean. The loss is CLIP's InfoNCE with logits t * s^I
 for image -> text rows and t * s^T for text -> image rows.
 
+Across ranks each rank gathers every rank's token features. With ``token_keep`` < 1 (FILIP: 0.25) a rank
+sends only each sample's ``token_keep`` share of its real tokens, those whose best match among the
+other modality's tokens on the same rank is highest (``most_matched_tokens``): its own rows still use
+all of their tokens, the gathered columns the sent ones (its own shard's included, so every rank
+scores the same columns).
+
 Memory: the token-pair similarities of a block are Ni x c x n1 x n2 floats. ``late_interaction_scores``
 walks the texts in chunks of ``chunk`` so only one block exists at a time (its max keeps just the
 Ni x c x n1 and Ni x c x n2 argmax indices for backward). With B gathered samples, n1 = 64, n2 = 16
@@ -17,6 +23,7 @@ and chunk = 64 that is B x 64 x 64 x 16 x 4 bytes = 16 MB per 64 samples of B.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -63,6 +70,35 @@ def late_interaction_scores(
     return torch.cat(image_scores, dim=1), torch.cat(text_scores, dim=1)
 
 
+def most_matched_tokens(tokens: Tensor, mask: Tensor | None, others: Tensor, others_mask: Tensor | None,
+                        keep: float, chunk: int = 4096) -> tuple[Tensor, Tensor]:
+    """FILIP's token reduction before the all-gather: of each sample's real tokens (``mask``, 1 = real;
+    None: all), the ceil(keep x its real count) (at least 1) whose best similarity with any real token of
+    ``others`` (the other modality's tokens on this rank) is highest.
+
+    (N, n, E) -> (N, K, E) selected tokens (gradient flows to them) and their (N, K) mask, K =
+    ceil(keep x n), highest first; a sample with fewer real tokens pads the rest, masked out.
+    """
+    n_samples, length, dim = tokens.shape
+    real = torch.ones(n_samples, length, dtype=torch.bool, device=tokens.device) if mask is None else mask.bool()
+    other = others.reshape(-1, others.shape[-1])
+    if others_mask is not None:
+        other = other[others_mask.bool().reshape(-1)]
+    with torch.no_grad():  # the ranking carries no gradient
+        flat = tokens.detach().reshape(-1, dim)
+        best = torch.full((flat.shape[0],), float("-inf"), device=tokens.device)
+        for start in range(0, other.shape[0], chunk):  # (N n) x chunk similarities at a time
+            block = upcast_low_precision(flat @ other[start:start + chunk].detach().T)
+            best = torch.maximum(best, block.amax(dim=1))
+        best = best.view(n_samples, length).masked_fill(~real, float("-inf"))
+        size = max(1, math.ceil(keep * length))
+        order = best.topk(size, dim=1).indices  # N x K, highest first
+        count = (real.sum(1).float() * keep).ceil().clamp(min=1).long()  # each sample's own share
+        kept = torch.arange(size, device=tokens.device)[None, :] < count[:, None]
+    picked = tokens.gather(1, order[:, :, None].expand(-1, -1, dim))
+    return picked, kept
+
+
 def filip_loss(
     image_tokens: Tensor, text_tokens: Tensor, text_mask: Tensor, logit_scale: Tensor,
     text_owner: Tensor | None = None, chunk: int = 64, weights: Tensor | None = None,
@@ -79,6 +115,9 @@ def filip_loss(
 class FilipConfig(TermConfig):
     name: str = "filip"
     chunk: int = Field(64, ge=1)  # texts per block of token-pair similarities (memory bound, see the module doc)
+    # share of each sample's real tokens a rank sends to the others (FILIP: 0.25): the ones best matched
+    # by the other modality on the same rank (most_matched_tokens). 1: all of them. One process: no effect
+    token_keep: float = Field(1.0, gt=0.0, le=1.0)
 
 
 @register_term
@@ -90,11 +129,13 @@ class FilipLoss(Term):
     needs = frozenset({"image_token_embeds", "text_token_embeds"})
     scope = "gathered"
 
-    def __init__(self, weight: float = 1.0, chunk: int = 64):
+    def __init__(self, weight: float = 1.0, chunk: int = 64, token_keep: float = 1.0):
         super().__init__(weight)
         if chunk < 1:
             raise ValueError(f"filip chunk must be >= 1, got {chunk}")
-        self.chunk = int(chunk)
+        if not 0.0 < token_keep <= 1.0:
+            raise ValueError(f"filip token_keep is a share in (0, 1], got {token_keep}")
+        self.chunk, self.token_keep = int(chunk), float(token_keep)
 
     def forward(self, outputs: dict[str, Tensor], batch: dict[str, Any]) -> tuple[Tensor, Metrics]:
         from clipforge.objectives.distributed import active_world_size
@@ -119,14 +160,21 @@ class FilipLoss(Term):
 
         from clipforge.objectives.distributed import gather_no_grad, gather_with_grad, gathered_owner
 
-        all_images = gather_with_grad(image_tokens)
-        all_texts = gather_with_grad(text_tokens)
-        all_mask = gather_no_grad(text_mask)
+        sent_images, sent_image_mask, sent_texts, sent_mask = image_tokens, None, text_tokens, text_mask
+        if self.token_keep < 1.0:  # FILIP: send each sample's best-matched tokens only
+            sent_images, sent_image_mask = most_matched_tokens(image_tokens, None, text_tokens, text_mask,
+                                                               self.token_keep)
+            sent_texts, sent_mask = most_matched_tokens(text_tokens, text_mask, image_tokens, None, self.token_keep)
+        all_images = gather_with_grad(sent_images)
+        all_image_mask = None if sent_image_mask is None else gather_no_grad(sent_image_mask)
+        all_texts = gather_with_grad(sent_texts)
+        all_mask = gather_no_grad(sent_mask)
         rank, b_img, b_txt = dist.get_rank(), image_tokens.shape[0], text_tokens.shape[0]
-        # image -> text rows: this rank's images against every text
+        # image -> text rows: this rank's images (all their tokens) against every text
         s_image, _ = late_interaction_scores(image_tokens, all_texts, all_mask, chunk=self.chunk)
         # text -> image rows: this rank's texts against every image
-        _, s_text = late_interaction_scores(all_images, text_tokens, text_mask, chunk=self.chunk)
+        _, s_text = late_interaction_scores(all_images, text_tokens, text_mask, image_mask=all_image_mask,
+                                            chunk=self.chunk)
         local_owner = owner if owner is not None else torch.arange(b_txt, device=text_tokens.device)
         global_owner = gathered_owner(local_owner, b_img)  # owners of all texts, in global image indices
         loss = multi_positive_clip_loss(
