@@ -186,16 +186,44 @@ def assert_same_as_one_process(got: dict, want_loss: float, want: dict, tol: flo
 FILIP_KEEP = 0.5
 
 
-def _filip_keep_step():
+def _filip_keep_step(half: bool = False):
     from clipforge.train.trainer import build_step
 
     torch.manual_seed(0)
-    return build_step(recipe_for([{"name": "filip", "chunk": 3, "token_keep": FILIP_KEEP}], False),
-                      torch.device("cpu"), log=False)
+    term = {"name": "filip", "chunk": 3, "token_keep": 1.0 if half else FILIP_KEEP, "gather_half": half}
+    return build_step(recipe_for([term], False), torch.device("cpu"), log=False)
 
 
 def _filip_keep_worker(rank: int, port: int, results: str) -> None:
     one_step_on_rank(rank, port, results, _filip_keep_step, rank_rows(global_batch(WORLD * B, 1, False), rank, 1))
+
+
+def _filip_half_worker(rank: int, port: int, results: str) -> None:
+    one_step_on_rank(rank, port, results, lambda: _filip_keep_step(half=True),
+                     rank_rows(global_batch(WORLD * B, 1, False), rank, 1))
+
+
+def test_filip_half_precision_gather_is_the_loss_on_float16_rounded_columns(tmp_path):
+    """gather_half: every column's tokens cross the wire in float16; each rank's rows keep theirs."""
+    from clipforge.objectives.contrastive import multi_positive_clip_loss
+    from clipforge.objectives.filip import late_interaction_scores
+
+    got = two_ranks_report(tmp_path, _filip_half_worker)
+    step, batch = _filip_keep_step(half=True), global_batch(WORLD * B, 1, False)
+    out = step(batch)
+    images, texts, scale = out["image_token_embeds"], out["text_token_embeds"], out["logit_scale"]
+    mask = batch["attention_mask"][:, :texts.shape[1]]
+    s_image, _ = late_interaction_scores(images, texts.half().float(), mask)
+    _, s_text = late_interaction_scores(images.half().float(), texts, mask)
+    loss = multi_positive_clip_loss(scale * s_image, scale * s_text.T)
+    loss.backward()
+    want = {n: p.grad.clone() for n, p in step.named_parameters() if p.grad is not None}
+    # the loss to float rounding; the gradients to float16's (each rank's share is rounded before the sum)
+    assert abs(got["loss"] - loss.item()) <= 1e-6 * abs(loss.item())
+    errors = {name: relative_error(got["grads"][name], want[name]) for name in want}
+    assert max(errors.values()) <= 2e-3, max(errors.items(), key=lambda kv: kv[1])
+    full, _ = step.compute_loss(step(batch), batch)  # one process: nothing gathered, full precision
+    assert abs(full.item() - loss.item()) > 1e-5 * abs(loss.item())  # so the rounding above is what was tested
 
 
 def test_filip_token_reduction_across_two_ranks_is_its_definition_on_the_concatenated_batch(tmp_path):

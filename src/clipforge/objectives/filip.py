@@ -118,6 +118,8 @@ class FilipConfig(TermConfig):
     # share of each sample's real tokens a rank sends to the others (FILIP: 0.25): the ones best matched
     # by the other modality on the same rank (most_matched_tokens). 1: all of them. One process: no effect
     token_keep: float = Field(1.0, gt=0.0, le=1.0)
+    # across ranks: send the token features (and their gradients back) in float16, FILIP's half of the bytes
+    gather_half: bool = False
 
 
 @register_term
@@ -129,13 +131,13 @@ class FilipLoss(Term):
     needs = frozenset({"image_token_embeds", "text_token_embeds"})
     scope = "gathered"
 
-    def __init__(self, weight: float = 1.0, chunk: int = 64, token_keep: float = 1.0):
+    def __init__(self, weight: float = 1.0, chunk: int = 64, token_keep: float = 1.0, gather_half: bool = False):
         super().__init__(weight)
         if chunk < 1:
             raise ValueError(f"filip chunk must be >= 1, got {chunk}")
         if not 0.0 < token_keep <= 1.0:
             raise ValueError(f"filip token_keep is a share in (0, 1], got {token_keep}")
-        self.chunk, self.token_keep = int(chunk), float(token_keep)
+        self.chunk, self.token_keep, self.gather_half = int(chunk), float(token_keep), bool(gather_half)
 
     def forward(self, outputs: dict[str, Tensor], batch: dict[str, Any]) -> tuple[Tensor, Metrics]:
         from clipforge.objectives.distributed import active_world_size
@@ -165,9 +167,11 @@ class FilipLoss(Term):
             sent_images, sent_image_mask = most_matched_tokens(image_tokens, None, text_tokens, text_mask,
                                                                self.token_keep)
             sent_texts, sent_mask = most_matched_tokens(text_tokens, text_mask, image_tokens, None, self.token_keep)
-        all_images = gather_with_grad(sent_images)
+        if self.gather_half:  # FILIP: fp16 on the wire (the scores are computed in the tokens' own precision)
+            sent_images, sent_texts = sent_images.half(), sent_texts.half()
+        all_images = gather_with_grad(sent_images).to(image_tokens.dtype)
         all_image_mask = None if sent_image_mask is None else gather_no_grad(sent_image_mask)
-        all_texts = gather_with_grad(sent_texts)
+        all_texts = gather_with_grad(sent_texts).to(text_tokens.dtype)
         all_mask = gather_no_grad(sent_mask)
         rank, b_img, b_txt = dist.get_rank(), image_tokens.shape[0], text_tokens.shape[0]
         # image -> text rows: this rank's images (all their tokens) against every text
