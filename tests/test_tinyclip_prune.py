@@ -178,6 +178,11 @@ def test_trains_from_a_recipe_resumes_exactly_and_prunes_to_an_ordinary_checkpoi
     assert code == 2 and "use expected or target" in err
     code, _, err = run_cli(capsys, "prune", tmp_path / "pruned", tmp_path / "cli3")  # not a tinyclip_prune run
     assert code == 2 and "tinyclip_prune" in err and not (tmp_path / "cli3").exists()
+    from safetensors.torch import save_file
+
+    save_file({"queue": torch.zeros(2)}, str(tmp_path / "pruned" / "method.safetensors"))  # another method's state
+    code, _, err = run_cli(capsys, "prune", tmp_path / "pruned", tmp_path / "cli3")
+    assert code == 2 and "not a tinyclip_prune checkpoint" in err and not (tmp_path / "cli3").exists()
     code, _, err = run_cli(capsys, "prune", tmp_path / "full", tmp_path / "cli")  # never over a checkpoint
     assert code == 2 and "cli" in err
 

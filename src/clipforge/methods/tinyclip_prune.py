@@ -440,7 +440,8 @@ def prune_checkpoint(ckpt_dir: str | Path, out: str | Path, size: str | None = N
     for name in gate_sizes(model.cfg, granularity):
         key = f"gates.{name}.log_alpha"
         if key not in state:
-            raise ValueError(f"{method_file} has no {key}: not a tinyclip_prune checkpoint of this model")
+            raise ckpt.CheckpointError(f"{method_file} has no {key}: not a tinyclip_prune checkpoint of this model "
+                                       "(method.name = 'tinyclip_prune' runs save their gates there)")
         g = HardConcreteGates(state[key].numel())
         g.log_alpha.data.copy_(state[key])
         values[name], probs[name] = g.eval()().detach(), g.prob_nonzero().detach()
