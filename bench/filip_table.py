@@ -15,7 +15,7 @@ from statistics import mean
 
 from eval_results import read_eval_results  # bench/, beside this script
 
-ARMS = ("clip", "filip")
+ARMS = ("clip", "filip", "filip-2r", "filip-keep25")
 SIMILARITIES = ("pooled", "late-interaction")
 BINDING = ("binding_acc", "binding_acc_attribute_swap", "binding_acc_shape_swap", "binding_acc_relation_flip",
            "binding_acc_order_swap", "image_retrieval_recall@1", "text_retrieval_recall@1")
@@ -26,6 +26,11 @@ def read(runs: Path) -> dict[tuple[str, int, str], dict]:
     return read_eval_results(runs, ARMS)
 
 
+def present(found: dict) -> list[str]:
+    """The arms with at least one result (a missing seed of such an arm is shown as '-')."""
+    return [arm for arm in ARMS if any(key[0] == arm for key in found)]
+
+
 def row(cells) -> str:
     return "| " + " | ".join(cells) + " |"
 
@@ -34,7 +39,7 @@ def zeroshot_table(found: dict, seeds: list[int]) -> list[str]:
     whats = [f"zs_{split}_{sim}" for sim in SIMILARITIES for split in ("seen", "unseen")]
     lines = [row(["arm", "seed", "pooled: seen", "pooled: unseen", "late interaction: seen", "late interaction: unseen"]),
              row(["---"] * 6)]
-    for arm in ARMS:
+    for arm in present(found):
         values = {w: [found[(arm, s, w)]["acc1"] for s in seeds if (arm, s, w) in found] for w in whats}
         for s in seeds:
             lines.append(row([arm, str(s)] + [f"{100 * found[(arm, s, w)]['acc1']:.1f}" if (arm, s, w) in found
@@ -45,7 +50,7 @@ def zeroshot_table(found: dict, seeds: list[int]) -> list[str]:
 
 def binding_table(found: dict, seeds: list[int]) -> list[str]:
     lines = [row(["arm", "similarity", "seed", *BINDING]), row(["---"] * (3 + len(BINDING)))]
-    for arm in ARMS:
+    for arm in present(found):
         for sim in SIMILARITIES:
             got = [(s, found[(arm, s, f"binding_{sim}")]) for s in seeds if (arm, s, f"binding_{sim}") in found]
             for s, m in got:
