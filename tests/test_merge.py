@@ -170,3 +170,91 @@ def test_cli_greedy_soup_refuses_what_it_cannot_do(tmp_path, capsys, three):
     with pytest.raises(FileExistsError, match="not empty"):  # before any model is scored
         merge_greedy(three, tmp_path / "full", lambda state: calls.append(1) or 0.0)
     assert calls == [] and (tmp_path / "full" / "keep.txt").read_text() == "mine"
+
+
+# ----------------------------------------------------------------------------- learned soup
+def test_a_learned_soup_starts_uniform_lowers_the_held_out_loss_and_is_its_alphas_mix(three):
+    from clipforge.merge import held_out_labelled, learned_soup
+
+    images, labels, names, templates = held_out_labelled(three[0], "shapes:seen")
+    assert images.dtype == torch.uint8 and len(images) == len(labels) and len(names) > labels.max()
+    states = [_weights(p) for p in three]
+    uniform, _, record = learned_soup(three, images, labels, names, templates, steps=0)
+    mean = merge_weights(three)[0]
+    assert all(torch.allclose(uniform[k], mean[k], atol=1e-6) for k in mean)  # no step: the uniform soup
+    assert [m["alpha"] for m in record["models"]] == pytest.approx([1 / 3] * 3)
+    assert record["learned"] == record["uniform"]
+    soup, _, record = learned_soup(three, images, labels, names, templates, steps=20, lr=0.2, batch_size=64)
+    assert record["learned"]["loss"] < record["uniform"]["loss"]  # fitted on this held-out loss
+    alphas = [m["alpha"] for m in record["models"]]
+    assert sum(alphas) == pytest.approx(1.0) and max(alphas) > 0.34
+    for key, t in soup.items():  # the written soup is the recorded mix of the models
+        if t.is_floating_point():
+            assert torch.allclose(t, sum(a * s[key] for a, s in zip(alphas, states)), atol=1e-5), key
+    # each model alone is scored as the soup with all its weight on that model
+    one, _, alone = learned_soup(three[:2], images, labels, names, templates, steps=0)
+    assert [m["acc1_alone"] for m in alone["models"]] == [m["acc1_alone"] for m in record["models"][:2]]
+
+
+def test_a_learned_soup_by_tensor_mixes_each_tensor_on_its_own(three):
+    from clipforge.merge import held_out_labelled, learned_soup
+
+    images, labels, names, templates = held_out_labelled(three[0], "shapes:seen")
+    states = [_weights(p) for p in three[:2]]
+    soup, _, record = learned_soup(three[:2], images, labels, names, templates, steps=15, lr=0.3, by_tensor=True)
+    assert record["by_tensor"] and record["learned"]["loss"] < record["uniform"]["loss"]
+    # per tensor, the soup lies on the segment between the two models, at its own point
+    points = []
+    for key, t in soup.items():
+        a, b = states[0][key], states[1][key]
+        if t.is_floating_point() and not torch.equal(a, b):
+            d = (b - a).flatten()
+            points.append(float(((t - a).flatten() @ d) / (d @ d)))
+            assert torch.allclose(t, a + points[-1] * (b - a), atol=1e-5), key
+    assert len(set(round(p, 4) for p in points)) > 1 and all(0 <= p <= 1 for p in points)
+
+
+def test_cli_learned_soup_records_its_fit_and_its_accuracy_is_clipforge_evals(tmp_path, capsys, three):
+    code, _, err = run_cli(capsys, "merge", *three, "--learned", "--data", "shapes:seen", "--steps", "5",
+                           "--out", tmp_path / "soup")
+    assert code == 0, err
+    assert "learned soup of 3 models" in err and "alone" in err
+    source = json.loads((tmp_path / "soup" / "config.json").read_text())["source"]
+    record = source["learned_soup"]
+    assert record["steps"] == 5 and record["data"] == "shapes:seen" and len(record["models"]) == 3
+    assert [m["weight"] for m in source["merge"]] == [m["alpha"] for m in record["models"]]
+    code, _, err = run_cli(capsys, "eval", tmp_path / "soup", "--task", "zeroshot", "--data", "shapes:seen",
+                           "--out", tmp_path / "soup.json")
+    assert code == 0, err
+    evaluated = json.loads((tmp_path / "soup.json").read_text())
+    images = evaluated["data"]["images"]  # the recorded held-out accuracy is clipforge eval's (to one image)
+    assert evaluated["metrics"]["acc1"] == pytest.approx(record["learned"]["acc1"], abs=1.01 / images)
+
+
+def test_cli_learned_soup_refuses_what_it_cannot_do(tmp_path, capsys, three):
+    def error(*args) -> str:
+        code, _, err = run_cli(capsys, "merge", *three, *args)
+        assert code == 2
+        return " ".join(line.strip("│ ") for line in err.splitlines())
+
+    assert "fits the soup on held-out data: give --data" in error("--learned", "--out", tmp_path / "a")
+    assert "leave out --greedy, --alpha and --weights" in error("--learned", "--greedy", "--data", "shapes:seen",
+                                                                "--out", tmp_path / "b")
+    assert "leave out --task" in error("--learned", "--task", "retrieval", "--data", "shapes:binding",
+                                       "--out", tmp_path / "c")
+    assert "add --learned" in error("--steps", "5", "--out", tmp_path / "d")
+    assert not any((tmp_path / n).exists() for n in "abcd")
+
+
+def test_learned_soup_reads_labelled_images_on_disk_as_clipforge_eval_does(three, tmp_path):
+    from clipforge.eval.evaluate import read_templates
+    from clipforge.merge import held_out_labelled
+    from test_eval_tasks import image_folder
+
+    root = image_folder(tmp_path / "held", classes=3, per_class=2)
+    images, labels, names, templates = held_out_labelled(three[0], f"imagefolder:{root}")
+    size = clipforge.load(three[0])[0].cfg.image_size
+    assert images.shape == (6, 3, size, size) and images.dtype == torch.uint8
+    assert sorted(labels.tolist()) == [0, 0, 1, 1, 2, 2] and names == sorted(names) and len(names) == 3
+    assert templates == read_templates("photo")  # no templates file in the folder: eval's default set
+    assert len(held_out_labelled(three[0], f"imagefolder:{root}", max_samples=4)[1]) == 4

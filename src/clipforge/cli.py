@@ -602,17 +602,38 @@ def merge(
                                           help="Two checkpoints: (1 - alpha) * first + alpha * second (WiSE-FT: zero-shot, then fine-tuned)."),
     weights: Optional[str] = typer.Option(None, "--weights", help="One weight per checkpoint, comma-separated, summing to 1 [default: uniform, a soup]."),
     greedy: bool = typer.Option(False, "--greedy", help="A greedy soup: models in order of held-out --metric on --data, each kept only if the soup's does not drop."),
-    data: Optional[str] = typer.Option(None, "--data", help="--greedy: the held-out data, as clipforge eval takes it (not your test set)."),
+    learned: bool = typer.Option(False, "--learned", help="A learned soup: mixing weights (softmax, one per model) fitted by gradient descent on held-out zero-shot cross-entropy on --data."),
+    steps: int = typer.Option(100, "--steps", min=0, help="--learned: Adam steps on the mixing weights."),
+    lr: float = typer.Option(0.05, "--lr", min=0.0, help="--learned: Adam's learning rate for the mixing weights."),
+    by_tensor: bool = typer.Option(False, "--by-tensor", help="--learned: one mixing weight per model for every tensor (the paper's 'by layer')."),
+    data: Optional[str] = typer.Option(None, "--data", help="--greedy / --learned: the held-out data, as clipforge eval takes it (not your test set)."),
     task: str = typer.Option("zeroshot", "--task", help="--greedy: zeroshot | retrieval | linear-probe (with --train-data)."),
     metric: Optional[str] = typer.Option(None, "--metric", help="--greedy: the metric to maximise [default: acc1; retrieval: image_retrieval_recall@1]."),
     train_data: Optional[str] = typer.Option(None, "--train-data", help="--greedy --task linear-probe: the probe's training data."),
-    max_samples: Optional[int] = typer.Option(None, "--max-samples", help="--greedy: score on a fixed random subset of this many held-out images (zeroshot, retrieval)."),
-    batch_size: int = typer.Option(64, "--batch-size", help="--greedy: evaluation batch size."),
+    max_samples: Optional[int] = typer.Option(None, "--max-samples", help="--greedy / --learned: a fixed random subset of this many held-out images (zeroshot, retrieval)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="--greedy: evaluation batch size [64]; --learned: held-out images per step [256]."),
     device: Optional[str] = typer.Option(None, "--device", help="--greedy: where to evaluate [default: cuda if available]."),
 ) -> None:
     """Average checkpoints in weight space: WiSE-FT's interpolation, or a (greedy) model soup."""
     from clipforge.merge import merge as merge_checkpoints
 
+    if learned:
+        if greedy or alpha is not None or weights is not None:
+            raise typer.BadParameter("--learned fits the weights itself: leave out --greedy, --alpha and --weights",
+                                     param_hint="--learned")
+        if data is None:
+            raise typer.BadParameter("--learned fits the soup on held-out data: give --data (e.g. imagefolder:heldout/, "
+                                     "labelled images none of the models trained on and not your test set)",
+                                     param_hint="--data")
+        if task != "zeroshot" or metric is not None or train_data is not None:
+            raise typer.BadParameter("--learned fits zero-shot cross-entropy: leave out --task, --metric and --train-data",
+                                     param_hint="--learned")
+        _merge_learned(ckpts, out, data, max_samples=max_samples, steps=steps, lr=lr, by_tensor=by_tensor,
+                       batch_size=batch_size or 256, device=device)
+        return
+    if steps != 100 or lr != 0.05 or by_tensor:
+        raise typer.BadParameter("--steps, --lr and --by-tensor fit a learned soup: add --learned", param_hint="--learned")
+    batch_size = batch_size or 64
     if greedy:
         if alpha is not None or weights is not None:
             raise typer.BadParameter("--greedy chooses the models itself (each weighs the same): leave out "
@@ -651,6 +672,20 @@ def _merge_greedy(ckpts: list[str], out: Path, task: str, data: str, metric: Opt
     kept = [r for r in record if r["kept"]]
     console.print(f"greedy soup of {len(kept)} of {len(record)} models ({metric} {kept[-1]['soup']:.4f} on {data}) "
                   f"written to {written}", **plain)
+
+
+def _merge_learned(ckpts: list[str], out: Path, data: str, *, device: Optional[str], **options) -> None:
+    import torch
+
+    from clipforge.merge import merge_learned
+
+    plain = dict(highlight=False, markup=False, soft_wrap=True)  # paths, unwrapped
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    written, record = merge_learned(ckpts, out, data, device=device, log=lambda line: console.print(line, **plain),
+                                    **options)
+    best = max(m["acc1_alone"] for m in record["models"])
+    console.print(f"learned soup of {len(record['models'])} models (held-out acc1 {record['learned']['acc1']:.4f}; "
+                  f"uniform {record['uniform']['acc1']:.4f}, best alone {best:.4f}) written to {written}", **plain)
 
 
 @app.command("import")

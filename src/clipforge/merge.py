@@ -4,12 +4,14 @@
     clipforge merge a/ b/ c/ --out soup/                            # a uniform soup: the mean of the weights
     clipforge merge a/ b/ --weights 0.7,0.3 --out mix/              # any convex combination
     clipforge merge a/ b/ c/ --greedy --data imagefolder:heldout/ --out soup/   # a greedy soup
+    clipforge merge a/ b/ c/ --learned --data imagefolder:heldout/ --out soup/  # a learned soup
 
 WiSE-FT (Wortsman et al., CVPR 2022) interpolates a zero-shot model and its fine-tuned version in
 weight space: on the fine-tuning distribution it keeps most of the fine-tuned accuracy, under
 distribution shift it is often better than both ends. Model soups (Wortsman et al., ICML 2022)
 average models fine-tuned from one start; their greedy soup adds the models in order of held-out
-accuracy, each only if the soup's held-out accuracy does not drop. Both need the models to be one
+accuracy, each only if the soup's held-out accuracy does not drop; their learned soup fits the mixing
+weights themselves by gradient descent on the held-out loss. All need the models to be one
 network with one tokenizer (the same ``model`` config, training-only keys aside); every
 floating-point tensor of the state dict is averaged (the logit scale too), anything else must be
 equal. The result is an ordinary model-only checkpoint: ``clipforge eval``, ``export``, ``embed``
@@ -23,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from clipforge.eval.evaluate import checkpoint_dir
@@ -144,6 +147,143 @@ def held_out_scorer(first: str | Path, task: str, data: str, metric: str | None 
         return float(result["metrics"][metric])
 
     return score, metric
+
+
+# ----------------------------------------------------------------------------- learned soup
+def held_out_labelled(first: str | Path, data: str, max_samples: int | None = None, seed: int = 0,
+                      ) -> tuple[torch.Tensor, torch.Tensor, list[str], list[str]]:
+    """(uint8 N x 3 x H x W images, labels, class names, prompt templates) of zero-shot data as
+    ``clipforge eval --task zeroshot --data data`` reads it for the checkpoint ``first``: a built-in
+    ``shapes:seen`` / ``shapes:unseen`` split, or labelled images on disk (the dataset's own class
+    names and templates file, else the ``photo`` templates)."""
+    from PIL import Image
+
+    from clipforge.api import load
+    from clipforge.data.sources import parse_data_spec
+    from clipforge.eval.evaluate import (checkpoint_shapes_config, parse_shapes_spec, read_templates,
+                                         read_zeroshot_data, subset_classification, zeroshot_templates)
+
+    split = parse_shapes_spec(data, "zeroshot")
+    if split:
+        from clipforge.data.synthetic import ShapesDataset, class_names
+
+        shapes = checkpoint_shapes_config(first)
+        size = ckpt.model_config_from(ckpt.read_config(checkpoint_dir(first))).image_size
+        dataset = ShapesDataset(shapes, size, seed=shapes.holdout_seed, split=split)
+        images = dataset.render_batch(list(range(len(dataset))))[0]
+        labels = torch.tensor([dataset.label_of(i) for i in range(len(dataset))])
+        return images, labels, class_names(), read_templates("shapes")
+    spec = parse_data_spec(data)
+    found, _ = read_zeroshot_data(spec, None)
+    found = subset_classification(found, max_samples, seed)
+    _, preprocess, _ = load(checkpoint_dir(first))
+    images = torch.stack([preprocess(Image.open(path).convert("RGB")) for path in found.paths])
+    return images, torch.tensor(found.labels), list(found.classnames), zeroshot_templates(None, spec)[0]
+
+
+def learned_soup(paths: list[str | Path], images: torch.Tensor, labels: torch.Tensor, classnames: list[str],
+                 templates: list[str], *, steps: int = 100, lr: float = 0.05, by_tensor: bool = False,
+                 batch_size: int = 256, seed: int = 0, device: str = "cpu",
+                 log: Callable[[str], None] = lambda line: None) -> tuple[dict, dict, dict]:
+    """Model soups' learned soup: mixing weights fitted by gradient descent on held-out zero-shot
+    cross-entropy; returns (the soup's state dict, the first checkpoint's config, the record).
+
+    The soup is sum_i alpha_i theta_i with alpha = softmax(w) (a convex combination, uniform at the
+    start), one alpha per model (``by_tensor``: one per model for every tensor, the paper's "by layer"
+    at the finest grain). The loss is zero-shot classification cross-entropy of the soup on the held-out
+    images (the soup's own logit scale; class embeddings = the mean of the normalised prompt embeddings,
+    normalised, recomputed through the soup every step), ``batch_size`` images a step; Adam at ``lr``.
+    Every model is in memory (float32). The record holds each model's held-out accuracy alone, the
+    uniform and the learned soup's, and the alphas."""
+    from torch.func import functional_call
+
+    from clipforge.eval.zeroshot import filled_prompts
+    from clipforge.models.clip import CLIP
+    from clipforge.models.tokenizer import load_tokenizer
+
+    dirs = [checkpoint_dir(p) for p in paths]
+    if len(dirs) < 2:
+        raise MergeError("a learned soup needs two or more checkpoints to mix")
+    if steps < 0 or lr <= 0:
+        raise MergeError(f"a learned soup takes steps >= 0 and lr > 0, got {steps} and {lr}")
+    config = _one_network(dirs)
+    states = [load_file(str(d / ckpt.WEIGHTS)) for d in dirs]
+    for d, state in zip(dirs[1:], states[1:]):
+        _check_same_tensors(dirs[0], states[0], d, state)
+    model = CLIP(ckpt.model_config_from(config)).to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    keys = [k for k, t in states[0].items() if t.is_floating_point()]
+    stacked = {k: torch.stack([s[k].float() for s in states]).to(device) for k in keys}  # models x shape
+    fixed = {k: t.to(device) for k, t in states[0].items() if k not in stacked}
+    tokenizer = load_tokenizer(config["tokenizer"], dirs[0])
+    ids, mask = (t.to(device) for t in tokenizer(filled_prompts(tokenizer, classnames, templates)))
+    images, labels = images.to(device), labels.to(device)
+    n, k = len(labels), len(dirs)
+
+    def soup(alpha: torch.Tensor) -> dict[str, torch.Tensor]:  # alpha: 1 or len(keys) rows x k
+        return {**fixed, **{key: torch.tensordot(alpha[i % len(alpha)], stacked[key], dims=1)
+                            for i, key in enumerate(keys)}}
+
+    def loss_and_hits(params: dict, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        text = functional_call(model, params, (None, ids, mask))["text_embeds"]
+        classes = F.normalize(text.view(len(classnames), len(templates), -1).mean(dim=1), dim=-1)
+        out = functional_call(model, params, (images[rows], None, None))
+        logits = out["logit_scale"] * out["image_embeds"] @ classes.T
+        return F.cross_entropy(logits, labels[rows], reduction="sum"), (logits.argmax(1) == labels[rows]).sum()
+
+    @torch.no_grad()
+    def held_out(alpha: torch.Tensor) -> tuple[float, float]:
+        params, loss, hits = soup(alpha), 0.0, 0
+        for start in range(0, n, batch_size):
+            part = loss_and_hits(params, torch.arange(start, min(start + batch_size, n), device=device))
+            loss, hits = loss + float(part[0]), hits + int(part[1])
+        return loss / n, hits / n
+
+    alone = [held_out(torch.eye(k, device=device)[i:i + 1])[1] for i in range(k)]
+    for d, acc in zip(dirs, alone):
+        log(f"{d}: {acc:.4f} alone")
+    w = torch.zeros(len(keys) if by_tensor else 1, k, device=device, requires_grad=True)
+    uniform_loss, uniform_acc = held_out(torch.softmax(w.detach(), dim=-1))
+    log(f"uniform soup: loss {uniform_loss:.4f}, acc1 {uniform_acc:.4f}")
+    optimizer = torch.optim.Adam([w], lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    for step in range(1, steps + 1):
+        rows = torch.randperm(n, generator=g)[:batch_size].to(device)
+        loss, _ = loss_and_hits(soup(torch.softmax(w, dim=-1)), rows)
+        optimizer.zero_grad()
+        (loss / len(rows)).backward()
+        optimizer.step()
+        if step % max(1, steps // 5) == 0 or step == steps:
+            log(f"step {step}/{steps}: held-out batch loss {float(loss.detach()) / len(rows):.4f}")
+    alpha = torch.softmax(w.detach(), dim=-1)
+    loss, acc = held_out(alpha)
+    log(f"learned soup: loss {loss:.4f}, acc1 {acc:.4f}; alphas {[round(a, 4) for a in alpha.mean(0).tolist()]}")
+    merged = {key: t for key, t in states[0].items() if key not in stacked}
+    for i, key in enumerate(keys):  # the final mix in float64, stored in the checkpoint's dtype
+        a = alpha[i % len(alpha)].double().cpu()
+        merged[key] = sum(a[j] * states[j][key].double() for j in range(k)).to(states[0][key].dtype)
+    record = {"models": [{"checkpoint": str(d.resolve()), "acc1_alone": acc_i, "alpha": float(a)}
+                         for d, acc_i, a in zip(dirs, alone, alpha.mean(0).tolist())],
+              "uniform": {"loss": uniform_loss, "acc1": uniform_acc}, "learned": {"loss": loss, "acc1": acc},
+              "steps": steps, "lr": lr, "by_tensor": by_tensor, "batch_size": batch_size, "seed": seed,
+              "held_out_images": n}
+    return merged, config, record
+
+
+def merge_learned(paths: list[str | Path], out: str | Path, data: str, *, max_samples: int | None = None,
+                  log: Callable[[str], None] = lambda line: None, **options) -> tuple[Path, dict]:
+    """learned_soup on ``data`` (zero-shot, read as clipforge eval reads it) written to ``out``; its record
+    and alphas are kept in the checkpoint's config.json."""
+    from clipforge.outputs import new_output_dir
+
+    new_output_dir(out)  # refused before the fitting, not after it
+    images, labels, classnames, templates = held_out_labelled(paths[0], data, max_samples)
+    state, config, record = learned_soup(paths, images, labels, classnames, templates, log=log, **options)
+    record["data"] = data
+    source = {"merge": [{"checkpoint": m["checkpoint"], "weight": m["alpha"]} for m in record["models"]],
+              "learned_soup": record}
+    return write_merged(state, config, checkpoint_dir(paths[0]), out, source), record
 
 
 def write_merged(state: dict[str, torch.Tensor], config: dict, first: Path, out: str | Path, source: dict) -> Path:
