@@ -1,5 +1,6 @@
 """The model-soup table from bench/soup_experiment.sh's runs: zero-shot top-1 of every fine-tuned
-model, the best of them by held-out accuracy, the uniform soup and the greedy soup.
+model, the best of them by held-out accuracy, the uniform soup, the greedy soup and (when made) the learned
+soups.
 
     python bench/soup_table.py RUNS_DIR [--json out.json]
 """
@@ -43,14 +44,26 @@ def main() -> None:
          **{s: top1(args.runs / "uniform" / f"eval-{s}.json") for s in SPLITS}},
         {"model": f"greedy soup ({', '.join(kept)})", "select": round(100 * max(r["soup"] for r in greedy if r["kept"]), 1),
          **{s: top1(args.runs / "greedy" / f"eval-{s}.json") for s in SPLITS}},
-        {"model": "zero-shot start", "select": None, **{s: top1(args.runs / "zs" / f"eval-{s}.json") for s in SPLITS}},
     ]
+    learned_records = {}
+    for kind in ("learned", "learned-by-tensor"):
+        config = args.runs / kind / "config.json"
+        if config.is_file():
+            learned = json.loads(config.read_text())["source"]["learned_soup"]
+            learned_records[kind] = learned
+            alphas = ", ".join(f"{Path(m['checkpoint']).parents[1].name} {m['alpha']:.2f}" for m in learned["models"]
+                               if m["alpha"] >= 0.05)
+            rows.append({"model": f"{kind} soup ({alphas}{'; mean over tensors' if learned['by_tensor'] else ''})",
+                         "select": round(100 * learned["learned"]["acc1"], 1),
+                         **{s: top1(args.runs / kind / f"eval-{s}.json") for s in SPLITS}})
+    rows.append({"model": "zero-shot start", "select": None, **{s: top1(args.runs / "zs" / f"eval-{s}.json") for s in SPLITS}})
     print("| model | CIFAR-10 held-out select (choosing) | CIFAR-10 held-out test | shapes seen | shapes unseen |")
     print("| --- | --- | --- | --- | --- |")
     for r in rows:
         print(f"| {r['model']} | {r['select'] if r['select'] is not None else '—'} | {r['test']} | {r['seen']} | {r['unseen']} |")
     if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "greedy_record": greedy}, indent=1))
+        args.json.write_text(json.dumps({"rows": rows, "greedy_record": greedy, "learned_records": learned_records},
+                                        indent=1))
 
 
 if __name__ == "__main__":

@@ -263,6 +263,16 @@ def test_soup_table_reads_the_greedy_record_and_the_evaluations(tmp_path):
     assert "| ft-a | 30.0 | 20.0 | 21.0 | 22.0 |" in out
     assert "| best single by held-out (ft-b) | 50.0 | 40.0 | 41.0 | 42.0 |" in out
     assert "| uniform soup (2 models) | — | 10.0 | 11.0 | 12.0 |" in out
+    # a learned soup, when made: its fitted held-out accuracy, the weights that matter, its evaluations
+    (tmp_path / "learned").mkdir()
+    models = [{"checkpoint": str(tmp_path / "ft-a/checkpoints/step_0000600"), "alpha": 0.97},
+              {"checkpoint": str(tmp_path / "ft-b/checkpoints/step_0000600"), "alpha": 0.03}]
+    (tmp_path / "learned" / "config.json").write_text(json.dumps({"source": {"learned_soup": {
+        "models": models, "learned": {"acc1": 0.52}, "by_tensor": False}}}))
+    for i, split in enumerate(("test", "seen", "unseen")):
+        (tmp_path / "learned" / f"eval-{split}.json").write_text(json.dumps({"metrics": {"acc1": 0.3 + i / 100}}))
+    out = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, check=True).stdout
+    assert "| learned soup (ft-a 0.97) | 52.0 | 30.0 | 31.0 | 32.0 |" in out
     assert "| greedy soup (ft-b, ft-a) | 55.0 | 45.0 | 46.0 | 47.0 |" in out
     assert "| zero-shot start | — | 5.0 | 6.0 | 7.0 |" in out
     empty = subprocess.run([sys.executable, str(script), str(tmp_path / "none")], capture_output=True, text=True)
