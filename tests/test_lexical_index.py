@@ -111,6 +111,41 @@ def test_lexical_index_directory_finds_each_stored_vector(built):
     assert index.top_words(docs[0].toarray()[0], 3)[0][1] == pytest.approx(docs[0].data.max(), abs=1e-4)
 
 
+def test_a_quantized_index_stores_integer_impacts_and_searches_them_exactly(built, tmp_path):
+    """LexLIP's quantisation: each weight as round(w x Q) in uint8 (words rounding to 0 leave the lists); the
+    index's scores are the dot products with those impacts / Q; recall against float32 is measured."""
+    from clipforge.index.lexical import POSTINGS_FILE, quantize_weights
+    from scipy import sparse
+
+    _, _, root = built
+    docs, _, _ = load_sparse_embeddings(root / "emb")
+    info = build_lexical_index_dir(root / "emb", tmp_path / "q", quantize=20)
+    stored = sparse.load_npz(tmp_path / "q" / POSTINGS_FILE)
+    assert stored.dtype == np.uint8 and info["impact_dtype"] == "uint8" and info["quantize"] == 20
+    impacts = np.rint(docs.toarray() * 20)
+    assert np.array_equal(stored.T.toarray(), impacts)  # vocabulary x documents on disk
+    assert stored.nnz == int((impacts > 0).sum()) <= docs.nnz
+    small = quantize_weights(sparse.csr_matrix(np.array([[0.001, 0.5], [0.2, 0.0]], dtype=np.float32)), 10)
+    assert small.toarray().tolist() == [[0, 5], [2, 0]] and small.nnz == 2  # weights under 0.5 / Q leave
+    assert info["index_bytes"] < json.loads((root / "idx" / "index.json").read_text())["index_bytes"]
+    assert 0.0 <= info["recall@10_vs_float32"] <= 1.0 and info["recall@10"] == 1.0
+    index = open_index(tmp_path / "q")
+    queries = docs[:6].toarray()
+    scores, ids = index.search(queries, 5)
+    want = queries @ (impacts / 20).T
+    for q in range(len(queries)):
+        matched = want[q] > 0
+        order = np.lexsort((np.arange(len(want[q])), -want[q]))[:min(5, int(matched.sum()))]
+        assert np.allclose(scores[q, :len(order)], want[q, order], atol=1e-5)
+    assert np.allclose(index.vector(int(index.ids[0])), impacts[0] / 20)  # the weights the impacts stand for
+    wide = quantize_weights(docs, 1000.0)  # impacts above 255 need 16 bits
+    assert wide.dtype == np.uint16 if wide.data.max() > 255 else wide.dtype == np.uint8
+    with pytest.raises(SearchIndexError, match="positive scale"):
+        build_lexical_index_dir(root / "emb", tmp_path / "bad", quantize=0)
+    with pytest.raises(SearchIndexError, match="more than a uint16"):
+        quantize_weights(docs, 1e9)
+
+
 def test_seismic_back_end_is_measured_against_exact_search(built, tmp_path):
     pytest.importorskip("seismic")
     _, _, root = built
@@ -177,3 +212,10 @@ def test_cli_embed_sparse_then_index_lexical(built, tmp_path):
     assert result.exit_code == 0, result.output
     printed = json.loads(result.stdout.strip().splitlines()[-1])
     assert printed["kind"] == "lexical" and printed["count"] == 24 and printed["recall@10"] == 1.0
+    result = runner.invoke(app, ["index", str(tmp_path / "emb"), "--kind", "lexical", "--quantize", "100",
+                                 "--out", str(tmp_path / "qidx")])
+    assert result.exit_code == 0, result.output
+    printed = json.loads(result.stdout.strip().splitlines()[-1])
+    assert printed["quantize"] == 100 and printed["impact_dtype"] in ("uint8", "uint16") and "recall@10_vs_float32" in printed
+    result = runner.invoke(app, ["index", str(tmp_path / "emb"), "--quantize", "100", "--out", str(tmp_path / "d")])
+    assert result.exit_code == 2 and "--kind lexical" in result.output

@@ -515,6 +515,9 @@ def index_(
     queries: int = typer.Option(1000, "--queries", min=1, help="Held-out queries for measuring recall@10."),
     backend: str = typer.Option("scipy", "--backend", help="lexical: scipy (exact posting lists) or seismic "
                                 "(approximate, pyseismic-lsr)."),
+    quantize: Optional[float] = typer.Option(None, "--quantize", help="lexical: store integer impacts round(w x Q) "
+                                             "(LexLIP / Anserini: 100) instead of float32 weights; recall against "
+                                             "float32 is measured."),
 ) -> None:
     """Build a FAISS index; for approximate kinds, measure recall@10 against exact search."""
     import json as _json
@@ -522,10 +525,14 @@ def index_(
     if kind == "lexical":
         from clipforge.index.lexical import build_lexical_index_dir
 
-        info = build_lexical_index_dir(emb, out, what=what, backend=backend, num_queries=queries)
-        typer.echo(_json.dumps({k: info[k] for k in ("kind", "backend", "count", "dim", "avg_nonzeros", "recall@10",
-                                                     "build_seconds", "index_bytes")}))
+        info = build_lexical_index_dir(emb, out, what=what, backend=backend, num_queries=queries, quantize=quantize)
+        shown = ("kind", "backend", "count", "dim", "avg_nonzeros", "recall@10", "build_seconds", "index_bytes",
+                 "quantize", "impact_dtype", "recall@10_vs_float32")
+        typer.echo(_json.dumps({k: info[k] for k in shown if k in info}))
         return
+    if quantize is not None:
+        raise typer.BadParameter("--quantize stores a lexical index's weights as integers: use it with --kind lexical",
+                                 param_hint="--quantize")
     from clipforge.index.dense import build_index_dir
 
     info = build_index_dir(emb, out, kind=kind, what=what, nlist=nlist, nprobe=nprobe, hnsw_m=hnsw_m,

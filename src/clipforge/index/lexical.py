@@ -178,7 +178,7 @@ class PostingLists:
         return scores, positions
 
     def nbytes(self) -> int:
-        return int(self.lists.data.nbytes + self.lists.indices.nbytes + self.lists.indptr.nbytes)
+        return _csr_bytes(self.lists)
 
 
 class SeismicPostings:
@@ -237,14 +237,38 @@ def vocabulary_words(checkpoint: str | Path | None, size: int) -> list[str]:
     return words
 
 
+def quantize_weights(docs, scale: float):
+    """LexLIP's (and Anserini's) integer term impacts: each weight as round(w x ``scale``), uint8 when every
+    impact fits (else uint16); weights that round to 0 leave the posting lists. CSR in, CSR out."""
+    impacts = docs.copy()
+    impacts.data = np.rint(impacts.data * scale)
+    top = float(impacts.data.max()) if impacts.nnz else 0.0
+    if top > np.iinfo(np.uint16).max:
+        raise SearchIndexError(f"--quantize {scale}: the largest weight becomes {top:.0f}, more than a uint16 "
+                               "holds; use a smaller scale")
+    impacts.data = impacts.data.astype(np.uint8 if top <= np.iinfo(np.uint8).max else np.uint16)
+    impacts.eliminate_zeros()
+    return impacts
+
+
 def build_lexical_index_dir(emb_dir: str | Path, out: str | Path, *, what: str = "images", backend: str = "scipy",
-                            num_queries: int = 1000, k: int = 10) -> dict[str, Any]:
-    """Index a ``--sparse`` embedding directory; measure the back end's recall@k against exact search."""
+                            num_queries: int = 1000, k: int = 10, quantize: float | None = None) -> dict[str, Any]:
+    """Index a ``--sparse`` embedding directory; measure the back end's recall@k against exact search.
+
+    ``quantize``: store integer impacts round(w x quantize) (``quantize_weights``) instead of float32
+    weights; search scores are divided by it again, and recall@k is then also measured against exact
+    search on the float32 weights."""
     if backend not in BACKENDS:
         raise SearchIndexError(f"unknown lexical back end {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if quantize is not None and quantize <= 0:
+        raise SearchIndexError(f"--quantize is a positive scale (LexLIP's impacts: 100), got {quantize}")
     out = new_output_dir(out)
     docs, table, manifest = load_sparse_embeddings(emb_dir, what)
     ids = np.asarray(table.column("id").to_pylist(), dtype=np.int64)
+    float_docs, impacts = docs, None
+    if quantize is not None:  # search runs on the dequantized impacts: what the stored index holds
+        impacts = quantize_weights(docs, quantize)
+        docs = impacts.astype(np.float32) / quantize
 
     start = time.perf_counter()
     exact = PostingLists.from_documents(docs)
@@ -254,8 +278,13 @@ def build_lexical_index_dir(emb_dir: str | Path, out: str | Path, *, what: str =
     queries = docs[np.random.default_rng(0).permutation(docs.shape[0])[:num_queries]]
     recall = 1.0 if backend == "scipy" else recall_at_k(engine.search(queries, k)[1], exact.search(queries, k)[1], k)
 
+    recall_float = None
+    if impacts is not None:  # what quantizing costs: the index's top k against float32 exact search
+        recall_float = recall_at_k(engine.search(queries, k)[1],
+                                   PostingLists.from_documents(float_docs).search(queries, k)[1], k)
     out.mkdir(parents=True, exist_ok=True)
-    require_scipy().save_npz(out / POSTINGS_FILE, exact.lists, compressed=False)
+    stored = exact.lists if impacts is None else impacts.T.tocsr()
+    require_scipy().save_npz(out / POSTINGS_FILE, stored, compressed=False)
     if backend == "seismic":
         with quiet_stdout():
             engine.index.save(str(out / "index"))  # writes index.index.seismic
@@ -269,10 +298,17 @@ def build_lexical_index_dir(emb_dir: str | Path, out: str | Path, *, what: str =
     info = {"kind": "lexical", "backend": backend, "what": what, "count": int(docs.shape[0]),
             "dim": int(docs.shape[1]), "avg_nonzeros": round(float(nnz.mean()), 3), f"recall@{k}": recall,
             "queries": int(queries.shape[0]), "build_seconds": round(build_seconds, 3),
-            "index_bytes": exact.nbytes() if backend == "scipy" else _file_bytes(out / SEISMIC_FILE),
-            "checkpoint": manifest["checkpoint"], "embeddings": str(Path(emb_dir).resolve())}
+            "index_bytes": (_csr_bytes(stored) if backend == "scipy" else _file_bytes(out / SEISMIC_FILE)),
+            "quantize": quantize, "checkpoint": manifest["checkpoint"], "embeddings": str(Path(emb_dir).resolve())}
+    if quantize is not None:
+        info.update({"impact_dtype": str(impacts.dtype), f"recall@{k}_vs_float32": recall_float,
+                     "avg_nonzeros_float32": round(float(np.diff(float_docs.indptr).mean()), 3)})
     (out / INFO_FILE).write_text(json.dumps(info, indent=2))
     return info
+
+
+def _csr_bytes(matrix) -> int:
+    return int(matrix.data.nbytes + matrix.indices.nbytes + matrix.indptr.nbytes)
 
 
 def _file_bytes(path: Path) -> int:
@@ -293,6 +329,8 @@ class LexicalIndex:
                                    f"{REBUILD}") from None
         try:
             exact = PostingLists(require_scipy().load_npz(directory / POSTINGS_FILE))
+            if self.info.get("quantize"):  # integer impacts -> the weights they stand for
+                exact.lists.data /= float(self.info["quantize"])
         except (OSError, ValueError, KeyError) as e:
             raise SearchIndexError(f"{directory / POSTINGS_FILE} is missing or damaged ({str(e)[:120]}); "
                                    f"{REBUILD}") from None
