@@ -8,7 +8,8 @@ Text -> image retrieval. For each data set (shapes eval images; the Noto emoji d
 
 - dense-flat / dense-hnsw: the dense CLIP model's embeddings (exact / HNSW M=32, efSearch=64);
 - lexical-scipy / lexical-seismic: the LexLIP model's top-k vocabulary weights in SciPy posting lists
-  (exact) / Seismic (approximate);
+  (exact) / Seismic (approximate); lexical-scipy-qQ: the same posting lists with LexLIP's integer
+  impacts round(w x Q) (``index --quantize Q``; bytes as stored, search on the dequantized impacts);
 
 each with index bytes, build seconds, single-query latency p50/p99 (ms), recall@10 against exact
 search of the same representation, overlap@10 with dense-flat's top 10, and quality against
@@ -38,7 +39,8 @@ sys.path.insert(0, str(REPO / "src"))
 
 import clipforge  # noqa: E402
 from clipforge.index.dense import build_index, recall_at_k, require_faiss  # noqa: E402
-from clipforge.index.lexical import PostingLists, SeismicPostings, quiet_stdout, to_csr  # noqa: E402
+from clipforge.index.lexical import (PostingLists, SeismicPostings, csr_bytes, quantize_weights,  # noqa: E402
+                                     quiet_stdout, to_csr)
 
 EMOJI = REPO.parent / "shared" / "data" / "emoji-noto-dev"  # ../shared/data relative to the repo (main checkout)
 
@@ -127,7 +129,8 @@ def percentiles(times: list[float]) -> dict[str, float]:
     return {"p50_ms": round(float(np.percentile(times, 50)), 3), "p99_ms": round(float(np.percentile(times, 99)), 3)}
 
 
-def compare(image_dense, text_dense, image_lex, text_lex, truth, seismic: bool, joint_dense=None) -> dict:
+def compare(image_dense, text_dense, image_lex, text_lex, truth, seismic: bool, joint_dense=None,
+            quantize: float = 0) -> dict:
     """Every method on one data set; ``truth(found) -> {metric: value}`` scores results against ground truth.
     ``joint_dense``: the LexLIP model's own dense head (image, text embeddings), searched exactly."""
     out = {}
@@ -144,6 +147,14 @@ def compare(image_dense, text_dense, image_lex, text_lex, truth, seismic: bool, 
     out["lexical-scipy"] = {**exact, "recall@10_vs_exact": 1.0,
                             "overlap@10_vs_dense_flat": round(recall_at_k(exact_found, flat_found), 4),
                             **truth(exact_found)}
+    if quantize:
+        impacts = quantize_weights(docs, quantize)
+        timing, found = lexical_method("scipy", impacts.astype(np.float32) / quantize, text_lex)
+        out[f"lexical-scipy-q{quantize:g}"] = {
+            **timing, "index_bytes": csr_bytes(impacts.T.tocsr()), "impact_dtype": str(impacts.dtype),
+            "avg_nonzeros_images": round(float(np.diff(impacts.indptr).mean()), 2),
+            "recall@10_vs_exact": round(recall_at_k(found, exact_found), 4),
+            "overlap@10_vs_dense_flat": round(recall_at_k(found, flat_found), 4), **truth(found)}
     if seismic:
         approx, found = lexical_method("seismic", docs, text_lex)
         out["lexical-seismic"] = {**approx, "recall@10_vs_exact": round(recall_at_k(found, exact_found), 4),
@@ -220,6 +231,7 @@ def main() -> None:
     parser.add_argument("--hnsw-max", type=int, default=300_000, help="skip HNSW above this size (build time)")
     parser.add_argument("--emoji", type=Path, default=EMOJI, help="the emoji dev set (captions.jsonl + images/)")
     parser.add_argument("--no-seismic", action="store_true")
+    parser.add_argument("--quantize", type=float, default=100.0, help="also the integer-impact index at this scale (0: not)")
     parser.add_argument("--top-k", type=int, default=None, help="override the model's lexical_top_k")
     parser.add_argument("--threads", type=int, default=1, help="torch / FAISS threads (1: per-query latency)")
     args = parser.parse_args()
@@ -248,7 +260,8 @@ def main() -> None:
 
     joint = embed(lex, lex_tok, images, captions, sparse=False)
     report["shapes"] = {"docs": len(images), "queries": len(captions),
-                        **compare(image_dense, text_dense, image_lex, text_lex, shapes_truth, seismic, joint)}
+                        **compare(image_dense, text_dense, image_lex, text_lex, shapes_truth, seismic, joint,
+                                  args.quantize)}
 
     if (args.emoji / "captions.jsonl").is_file():
         e_images, e_captions = emoji_data(args.emoji, clip.cfg.image_size)
@@ -260,7 +273,8 @@ def main() -> None:
 
         joint = embed(lex, lex_tok, e_images, e_captions, sparse=False)
         report["emoji"] = {"docs": len(e_images), "queries": len(e_captions),
-                           **compare(e_dense, e_text_dense, e_lex, e_text_lex, emoji_truth, seismic, joint)}
+                           **compare(e_dense, e_text_dense, e_lex, e_text_lex, emoji_truth, seismic, joint,
+                                   args.quantize)}
     else:
         report["emoji"] = f"skipped: {args.emoji} not found (pass --emoji DIR)"
 

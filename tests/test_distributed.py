@@ -470,8 +470,11 @@ def read_losses(run_dir: Path) -> dict[int, float]:
 
 
 def last_logged_step(run_dir: Path) -> int:
+    """The step of the last complete line of a running trainer's metrics.jsonl (0 before the first).
+    The trainer may be in the middle of writing a line: only newline-terminated lines count."""
     path = run_dir / "metrics.jsonl"
-    lines = path.read_text().splitlines() if path.exists() else []
+    text = path.read_text() if path.exists() else ""
+    lines = text[:text.rfind("\n") + 1].splitlines()
     return json.loads(lines[-1])["step"] if lines else 0
 
 

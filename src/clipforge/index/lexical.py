@@ -178,7 +178,7 @@ class PostingLists:
         return scores, positions
 
     def nbytes(self) -> int:
-        return _csr_bytes(self.lists)
+        return csr_bytes(self.lists)
 
 
 class SeismicPostings:
@@ -298,7 +298,7 @@ def build_lexical_index_dir(emb_dir: str | Path, out: str | Path, *, what: str =
     info = {"kind": "lexical", "backend": backend, "what": what, "count": int(docs.shape[0]),
             "dim": int(docs.shape[1]), "avg_nonzeros": round(float(nnz.mean()), 3), f"recall@{k}": recall,
             "queries": int(queries.shape[0]), "build_seconds": round(build_seconds, 3),
-            "index_bytes": (_csr_bytes(stored) if backend == "scipy" else _file_bytes(out / SEISMIC_FILE)),
+            "index_bytes": (csr_bytes(stored) if backend == "scipy" else _file_bytes(out / SEISMIC_FILE)),
             "quantize": quantize, "checkpoint": manifest["checkpoint"], "embeddings": str(Path(emb_dir).resolve())}
     if quantize is not None:
         info.update({"impact_dtype": str(impacts.dtype), f"recall@{k}_vs_float32": recall_float,
@@ -307,7 +307,7 @@ def build_lexical_index_dir(emb_dir: str | Path, out: str | Path, *, what: str =
     return info
 
 
-def _csr_bytes(matrix) -> int:
+def csr_bytes(matrix) -> int:
     return int(matrix.data.nbytes + matrix.indices.nbytes + matrix.indptr.nbytes)
 
 
