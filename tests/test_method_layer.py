@@ -268,7 +268,7 @@ def test_filip_token_reduction_keeps_each_samples_best_matched_real_tokens():
     txt[1, 2:] = img[0, 0]  # padding identical to an image token (similarity 1) must still not be sent
     txt.requires_grad_()
     for keep in (0.25, 0.5, 1.0):
-        picked, kept = most_matched_tokens(txt, mask, img, None, keep, chunk=5)
+        picked, kept = most_matched_tokens(txt, mask, img, None, keep, block_elements=60)  # several blocks
         assert picked.shape == (6, math.ceil(keep * 5), 8) and kept.shape == (6, math.ceil(keep * 5))
         for i in range(6):
             real = [r for r in range(5) if mask[i, r]]

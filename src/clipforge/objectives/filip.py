@@ -71,25 +71,25 @@ def late_interaction_scores(
 
 
 def most_matched_tokens(tokens: Tensor, mask: Tensor | None, others: Tensor, others_mask: Tensor | None,
-                        keep: float, chunk: int = 4096) -> tuple[Tensor, Tensor]:
+                        keep: float, block_elements: int = 1 << 25) -> tuple[Tensor, Tensor]:
     """FILIP's token reduction before the all-gather: of each sample's real tokens (``mask``, 1 = real;
     None: all), the ceil(keep x its real count) (at least 1) whose best similarity with any real token of
     ``others`` (the other modality's tokens on this rank) is highest.
 
     (N, n, E) -> (N, K, E) selected tokens (gradient flows to them) and their (N, K) mask, K =
     ceil(keep x n), highest first; a sample with fewer real tokens pads the rest, masked out.
+    Memory: the similarities are computed a block of rows at a time, at most ``block_elements`` floats.
     """
     n_samples, length, dim = tokens.shape
     real = torch.ones(n_samples, length, dtype=torch.bool, device=tokens.device) if mask is None else mask.bool()
-    other = others.reshape(-1, others.shape[-1])
+    other = others.detach().reshape(-1, others.shape[-1])
     if others_mask is not None:
         other = other[others_mask.bool().reshape(-1)]
     with torch.no_grad():  # the ranking carries no gradient
         flat = tokens.detach().reshape(-1, dim)
-        best = torch.full((flat.shape[0],), float("-inf"), device=tokens.device)
-        for start in range(0, other.shape[0], chunk):  # (N n) x chunk similarities at a time
-            block = upcast_low_precision(flat @ other[start:start + chunk].detach().T)
-            best = torch.maximum(best, block.amax(dim=1))
+        rows = max(1, block_elements // max(1, other.shape[0]))  # token rows per block of similarities
+        best = torch.cat([upcast_low_precision(flat[start:start + rows] @ other.T).amax(dim=1)
+                          for start in range(0, flat.shape[0], rows)])
         best = best.view(n_samples, length).masked_fill(~real, float("-inf"))
         size = max(1, math.ceil(keep * length))
         order = best.topk(size, dim=1).indices  # N x K, highest first
