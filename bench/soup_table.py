@@ -46,14 +46,15 @@ def main() -> None:
          **{s: top1(args.runs / "greedy" / f"eval-{s}.json") for s in SPLITS}},
     ]
     learned_records = {}
-    for kind in ("learned", "learned-by-tensor"):
+    for kind in ("learned", "learned-by-layer", "learned-by-tensor"):
         config = args.runs / kind / "config.json"
         if config.is_file():
             learned = json.loads(config.read_text())["source"]["learned_soup"]
             learned_records[kind] = learned
             alphas = ", ".join(f"{Path(m['checkpoint']).parents[1].name} {m['alpha']:.2f}" for m in learned["models"]
                                if m["alpha"] >= 0.05)
-            rows.append({"model": f"{kind} soup ({alphas}{'; mean over tensors' if learned['by_tensor'] else ''})",
+            per = learned.get("per", "tensor" if learned.get("by_tensor") else "model")
+            rows.append({"model": f"{kind} soup ({alphas}{f'; mean over {per}s' if per != 'model' else ''})",
                          "select": round(100 * learned["learned"]["acc1"], 1),
                          **{s: top1(args.runs / kind / f"eval-{s}.json") for s in SPLITS}})
     rows.append({"model": "zero-shot start", "select": None, **{s: top1(args.runs / "zs" / f"eval-{s}.json") for s in SPLITS}})

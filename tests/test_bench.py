@@ -268,7 +268,7 @@ def test_soup_table_reads_the_greedy_record_and_the_evaluations(tmp_path):
     models = [{"checkpoint": str(tmp_path / "ft-a/checkpoints/step_0000600"), "alpha": 0.97},
               {"checkpoint": str(tmp_path / "ft-b/checkpoints/step_0000600"), "alpha": 0.03}]
     (tmp_path / "learned" / "config.json").write_text(json.dumps({"source": {"learned_soup": {
-        "models": models, "learned": {"acc1": 0.52}, "by_tensor": False}}}))
+        "models": models, "learned": {"acc1": 0.52}, "per": "model"}}}))
     for i, split in enumerate(("test", "seen", "unseen")):
         (tmp_path / "learned" / f"eval-{split}.json").write_text(json.dumps({"metrics": {"acc1": 0.3 + i / 100}}))
     out = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, check=True).stdout

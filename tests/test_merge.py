@@ -196,13 +196,18 @@ def test_a_learned_soup_starts_uniform_lowers_the_held_out_loss_and_is_its_alpha
     assert [m["acc1_alone"] for m in alone["models"]] == [m["acc1_alone"] for m in record["models"][:2]]
 
 
-def test_a_learned_soup_by_tensor_mixes_each_tensor_on_its_own(three):
-    from clipforge.merge import held_out_labelled, learned_soup
+@pytest.mark.parametrize("per", ["tensor", "layer"])
+def test_a_learned_soup_by_tensor_or_layer_mixes_each_on_its_own(three, per):
+    from clipforge.merge import held_out_labelled, learned_soup, mixing_group
 
     images, labels, names, templates = held_out_labelled(three[0], "shapes:seen")
     states = [_weights(p) for p in three[:2]]
-    soup, _, record = learned_soup(three[:2], images, labels, names, templates, steps=15, lr=0.3, by_tensor=True)
-    assert record["by_tensor"] and record["learned"]["loss"] < record["uniform"]["loss"]
+    soup, _, record = learned_soup(three[:2], images, labels, names, templates, steps=15, lr=0.3, per=per)
+    assert record["per"] == per and record["learned"]["loss"] < record["uniform"]["loss"]
+    groups = {mixing_group(k) for k in states[0]} if per == "layer" else set(states[0])
+    assert record["groups"] == len(groups) and 1 < len(groups) <= len(states[0])
+    assert mixing_group("visual.blocks.3.attn.qkv.weight") == "visual.blocks.3"
+    assert mixing_group("visual.ln_post.weight") == "visual.ln_post" and mixing_group("logit_scale") == "logit_scale"
     # per tensor, the soup lies on the segment between the two models, at its own point
     points = []
     for key, t in soup.items():
@@ -211,7 +216,13 @@ def test_a_learned_soup_by_tensor_mixes_each_tensor_on_its_own(three):
             d = (b - a).flatten()
             points.append(float(((t - a).flatten() @ d) / (d @ d)))
             assert torch.allclose(t, a + points[-1] * (b - a), atol=1e-5), key
-    assert len(set(round(p, 4) for p in points)) > 1 and all(0 <= p <= 1 for p in points)
+    assert len(set(round(p, 4) for p in points)) > 1 and all(-1e-4 <= p <= 1 + 1e-4 for p in points)
+    if per == "layer":  # the tensors of one block share their point
+        by_block = {}
+        for key, point in zip([k for k in soup if soup[k].is_floating_point()
+                               and not torch.equal(states[0][k], states[1][k])], points):
+            by_block.setdefault(mixing_group(key), set()).add(round(point, 3))
+        assert all(len(v) == 1 for v in by_block.values())
 
 
 def test_cli_learned_soup_records_its_fit_and_its_accuracy_is_clipforge_evals(tmp_path, capsys, three):
@@ -243,6 +254,7 @@ def test_cli_learned_soup_refuses_what_it_cannot_do(tmp_path, capsys, three):
     assert "leave out --task" in error("--learned", "--task", "retrieval", "--data", "shapes:binding",
                                        "--out", tmp_path / "c")
     assert "add --learned" in error("--steps", "5", "--out", tmp_path / "d")
+    assert "not both" in error("--learned", "--by-layer", "--by-tensor", "--data", "shapes:seen", "--out", tmp_path / "d")
     assert not any((tmp_path / n).exists() for n in "abcd")
 
 

@@ -612,7 +612,8 @@ def merge(
     learned: bool = typer.Option(False, "--learned", help="A learned soup: mixing weights (softmax, one per model) fitted by gradient descent on held-out zero-shot cross-entropy on --data."),
     steps: int = typer.Option(100, "--steps", min=0, help="--learned: Adam steps on the mixing weights."),
     lr: float = typer.Option(0.05, "--lr", min=0.0, help="--learned: Adam's learning rate for the mixing weights."),
-    by_tensor: bool = typer.Option(False, "--by-tensor", help="--learned: one mixing weight per model for every tensor (the paper's 'by layer')."),
+    by_layer: bool = typer.Option(False, "--by-layer", help="--learned: one mixing weight per model for every transformer block and other module (the paper's 'by layer')."),
+    by_tensor: bool = typer.Option(False, "--by-tensor", help="--learned: one mixing weight per model for every tensor."),
     data: Optional[str] = typer.Option(None, "--data", help="--greedy / --learned: the held-out data, as clipforge eval takes it (not your test set)."),
     task: str = typer.Option("zeroshot", "--task", help="--greedy: zeroshot | retrieval | linear-probe (with --train-data)."),
     metric: Optional[str] = typer.Option(None, "--metric", help="--greedy: the metric to maximise [default: acc1; retrieval: image_retrieval_recall@1]."),
@@ -635,11 +636,15 @@ def merge(
         if task != "zeroshot" or metric is not None or train_data is not None:
             raise typer.BadParameter("--learned fits zero-shot cross-entropy: leave out --task, --metric and --train-data",
                                      param_hint="--learned")
-        _merge_learned(ckpts, out, data, max_samples=max_samples, steps=steps, lr=lr, by_tensor=by_tensor,
+        if by_layer and by_tensor:
+            raise typer.BadParameter("--by-layer or --by-tensor, not both", param_hint="--by-tensor")
+        per = "layer" if by_layer else "tensor" if by_tensor else "model"
+        _merge_learned(ckpts, out, data, max_samples=max_samples, steps=steps, lr=lr, per=per,
                        batch_size=batch_size or 256, device=device)
         return
-    if steps != 100 or lr != 0.05 or by_tensor:
-        raise typer.BadParameter("--steps, --lr and --by-tensor fit a learned soup: add --learned", param_hint="--learned")
+    if steps != 100 or lr != 0.05 or by_layer or by_tensor:
+        raise typer.BadParameter("--steps, --lr, --by-layer and --by-tensor fit a learned soup: add --learned",
+                                 param_hint="--learned")
     batch_size = batch_size or 64
     if greedy:
         if alpha is not None or weights is not None:

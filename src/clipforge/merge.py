@@ -150,6 +150,15 @@ def held_out_scorer(first: str | Path, task: str, data: str, metric: str | None 
 
 
 # ----------------------------------------------------------------------------- learned soup
+def mixing_group(key: str) -> str:
+    """The layer a state-dict tensor belongs to, for a by-layer learned soup: its transformer block
+    (``visual.blocks.3``), else its module (``visual.ln_post``, ``visual`` for the position embedding)."""
+    parts = key.split(".")
+    if "blocks" in parts[:-1]:
+        return ".".join(parts[:parts.index("blocks") + 2])
+    return ".".join(parts[:-1]) or key
+
+
 def held_out_labelled(first: str | Path, data: str, max_samples: int | None = None, seed: int = 0,
                       ) -> tuple[torch.Tensor, torch.Tensor, list[str], list[str]]:
     """(uint8 N x 3 x H x W images, labels, class names, prompt templates) of zero-shot data as
@@ -182,15 +191,15 @@ def held_out_labelled(first: str | Path, data: str, max_samples: int | None = No
 
 
 def learned_soup(paths: list[str | Path], images: torch.Tensor, labels: torch.Tensor, classnames: list[str],
-                 templates: list[str], *, steps: int = 100, lr: float = 0.05, by_tensor: bool = False,
+                 templates: list[str], *, steps: int = 100, lr: float = 0.05, per: str = "model",
                  batch_size: int = 256, seed: int = 0, device: str = "cpu",
                  log: Callable[[str], None] = lambda line: None) -> tuple[dict, dict, dict]:
     """Model soups' learned soup: mixing weights fitted by gradient descent on held-out zero-shot
     cross-entropy; returns (the soup's state dict, the first checkpoint's config, the record).
 
     The soup is sum_i alpha_i theta_i with alpha = softmax(w) (a convex combination, uniform at the
-    start), one alpha per model (``by_tensor``: one per model for every tensor, the paper's "by layer"
-    at the finest grain). The loss is zero-shot classification cross-entropy of the soup on the held-out
+    start): ``per`` = "model", one alpha per model; "layer" (the paper's "by layer"), one per model for
+    every transformer block and every other module (``mixing_group``); "tensor", one for every tensor. The loss is zero-shot classification cross-entropy of the soup on the held-out
     images (the soup's own logit scale; class embeddings = the mean of the normalised prompt embeddings,
     normalised, recomputed through the soup every step), ``batch_size`` images a step; Adam at ``lr``.
     Every model is in memory (float32). The record holds each model's held-out accuracy alone, the
@@ -204,6 +213,8 @@ def learned_soup(paths: list[str | Path], images: torch.Tensor, labels: torch.Te
     dirs = [checkpoint_dir(p) for p in paths]
     if len(dirs) < 2:
         raise MergeError("a learned soup needs two or more checkpoints to mix")
+    if per not in ("model", "layer", "tensor"):
+        raise MergeError(f"a learned soup mixes per model, layer or tensor, got {per!r}")
     if steps < 0 or lr <= 0:
         raise MergeError(f"a learned soup takes steps >= 0 and lr > 0, got {steps} and {lr}")
     config = _one_network(dirs)
@@ -221,8 +232,12 @@ def learned_soup(paths: list[str | Path], images: torch.Tensor, labels: torch.Te
     images, labels = images.to(device), labels.to(device)
     n, k = len(labels), len(dirs)
 
-    def soup(alpha: torch.Tensor) -> dict[str, torch.Tensor]:  # alpha: 1 or len(keys) rows x k
-        return {**fixed, **{key: torch.tensordot(alpha[i % len(alpha)], stacked[key], dims=1)
+    groups = {"model": [""] * len(keys), "tensor": keys, "layer": [mixing_group(key) for key in keys]}[per]
+    names = list(dict.fromkeys(groups))  # one row of mixing weights per group, in the state dict's order
+    row = [names.index(g) for g in groups]
+
+    def soup(alpha: torch.Tensor) -> dict[str, torch.Tensor]:  # alpha: groups x k (or 1 x k: one model's)
+        return {**fixed, **{key: torch.tensordot(alpha[row[i] if len(alpha) > 1 else 0], stacked[key], dims=1)
                             for i, key in enumerate(keys)}}
 
     def loss_and_hits(params: dict, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -243,7 +258,7 @@ def learned_soup(paths: list[str | Path], images: torch.Tensor, labels: torch.Te
     alone = [held_out(torch.eye(k, device=device)[i:i + 1])[1] for i in range(k)]
     for d, acc in zip(dirs, alone):
         log(f"{d}: {acc:.4f} alone")
-    w = torch.zeros(len(keys) if by_tensor else 1, k, device=device, requires_grad=True)
+    w = torch.zeros(len(names), k, device=device, requires_grad=True)
     uniform_loss, uniform_acc = held_out(torch.softmax(w.detach(), dim=-1))
     log(f"uniform soup: loss {uniform_loss:.4f}, acc1 {uniform_acc:.4f}")
     optimizer = torch.optim.Adam([w], lr=lr)
@@ -261,12 +276,12 @@ def learned_soup(paths: list[str | Path], images: torch.Tensor, labels: torch.Te
     log(f"learned soup: loss {loss:.4f}, acc1 {acc:.4f}; alphas {[round(a, 4) for a in alpha.mean(0).tolist()]}")
     merged = {key: t for key, t in states[0].items() if key not in stacked}
     for i, key in enumerate(keys):  # the final mix in float64, stored in the checkpoint's dtype
-        a = alpha[i % len(alpha)].double().cpu()
+        a = alpha[row[i]].double().cpu()
         merged[key] = sum(a[j] * states[j][key].double() for j in range(k)).to(states[0][key].dtype)
     record = {"models": [{"checkpoint": str(d.resolve()), "acc1_alone": acc_i, "alpha": float(a)}
                          for d, acc_i, a in zip(dirs, alone, alpha.mean(0).tolist())],
               "uniform": {"loss": uniform_loss, "acc1": uniform_acc}, "learned": {"loss": loss, "acc1": acc},
-              "steps": steps, "lr": lr, "by_tensor": by_tensor, "batch_size": batch_size, "seed": seed,
+              "steps": steps, "lr": lr, "per": per, "groups": len(names), "batch_size": batch_size, "seed": seed,
               "held_out_images": n}
     return merged, config, record
 
