@@ -11,7 +11,8 @@
 #   greedy      clipforge merge --greedy, scored on RUNS/heldout/select (the first 250 per class of SPLIT/val)
 #   learned     clipforge merge --learned, mixing weights fitted on RUNS/heldout/select (100 Adam steps, lr 0.05,
 #               256 images a step); learned-by-layer: --by-layer (one weight per model for every block and other
-#               module); learned-by-tensor: --by-tensor (one weight per model for every tensor)
+#               module); learned-by-tensor: --by-tensor (one weight per model for every tensor); each also
+#               -fixedT: --fixed-temperature (no temperature fitted beside the weights)
 # evaluated zero-shot on RUNS/heldout/test (the other 250 per class: no model or choice saw them) and on
 # shapes:seen / shapes:unseen. Each run and evaluation holds /tmp/cpu.lock (one CPU-heavy job at a time).
 set -euo pipefail
@@ -40,14 +41,16 @@ done
 [ -f "$RUNS/uniform/config.json" ] || $CF merge "${ingredients[@]}" --out "$RUNS/uniform" > /dev/null
 [ -f "$RUNS/greedy/config.json" ] || flock /tmp/cpu.lock $CF merge "${ingredients[@]}" --greedy \
   --data "imagefolder:$RUNS/heldout/select" --out "$RUNS/greedy" 2> "$RUNS/greedy.log"
-for kind in learned learned-by-layer learned-by-tensor; do
+LEARNED=(learned learned-by-layer learned-by-tensor learned-fixedT learned-by-layer-fixedT learned-by-tensor-fixedT)
+for kind in "${LEARNED[@]}"; do
   [ -f "$RUNS/$kind/config.json" ] && continue
-  case $kind in learned) per=() ;; learned-by-layer) per=(--by-layer) ;; *) per=(--by-tensor) ;; esac
+  case $kind in learned-by-layer*) per=(--by-layer) ;; learned-by-tensor*) per=(--by-tensor) ;; *) per=() ;; esac
+  [[ $kind == *-fixedT ]] && per+=(--fixed-temperature)
   flock /tmp/cpu.lock $CF merge "${ingredients[@]}" --learned "${per[@]}" \
     --data "imagefolder:$RUNS/heldout/select" --out "$RUNS/$kind" 2> "$RUNS/$kind.log"
 done
 mkdir -p "$RUNS/zs" && ln -sfn "$(cd "$ZS" && pwd)" "$RUNS/zs/model"
-for m in "${ingredients[@]}" "$RUNS/uniform" "$RUNS/greedy" "$RUNS/learned" "$RUNS/learned-by-layer" "$RUNS/learned-by-tensor" "$RUNS/zs/model"; do
+for m in "${ingredients[@]}" "$RUNS/uniform" "$RUNS/greedy" "${LEARNED[@]/#/$RUNS/}" "$RUNS/zs/model"; do
   dir=$m; [ "$m" = "$RUNS/zs/model" ] && dir="$RUNS/zs"
   [ -f "$dir/eval-unseen.json" ] && continue
   flock /tmp/cpu.lock $CF eval "$m" --task zeroshot --data "imagefolder:$RUNS/heldout/test" --out "$dir/eval-test.json" > /dev/null

@@ -46,7 +46,8 @@ def main() -> None:
          **{s: top1(args.runs / "greedy" / f"eval-{s}.json") for s in SPLITS}},
     ]
     learned_records = {}
-    for kind in ("learned", "learned-by-layer", "learned-by-tensor"):
+    for kind in ("learned", "learned-by-layer", "learned-by-tensor", "learned-fixedT", "learned-by-layer-fixedT",
+                 "learned-by-tensor-fixedT"):
         config = args.runs / kind / "config.json"
         if config.is_file():
             learned = json.loads(config.read_text())["source"]["learned_soup"]

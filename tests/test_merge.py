@@ -186,6 +186,10 @@ def test_a_learned_soup_starts_uniform_lowers_the_held_out_loss_and_is_its_alpha
     assert record["learned"] == record["uniform"]
     soup, _, record = learned_soup(three, images, labels, names, templates, steps=20, lr=0.2, batch_size=64)
     assert record["learned"]["loss"] < record["uniform"]["loss"]  # fitted on this held-out loss
+    assert record["temperature"] != 1.0  # fitted beside the weights (the paper's), not part of the soup
+    fixed = learned_soup(three, images, labels, names, templates, steps=20, lr=0.2, batch_size=64,
+                         fit_temperature=False)[2]
+    assert fixed["temperature"] is None and fixed["learned"]["loss"] < fixed["uniform"]["loss"]
     alphas = [m["alpha"] for m in record["models"]]
     assert sum(alphas) == pytest.approx(1.0) and max(alphas) > 0.34
     for key, t in soup.items():  # the written soup is the recorded mix of the models

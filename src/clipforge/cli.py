@@ -614,6 +614,7 @@ def merge(
     lr: float = typer.Option(0.05, "--lr", min=0.0, help="--learned: Adam's learning rate for the mixing weights."),
     by_layer: bool = typer.Option(False, "--by-layer", help="--learned: one mixing weight per model for every transformer block and other module (the paper's 'by layer')."),
     by_tensor: bool = typer.Option(False, "--by-tensor", help="--learned: one mixing weight per model for every tensor."),
+    fixed_temperature: bool = typer.Option(False, "--fixed-temperature", help="--learned: do not fit a temperature beside the weights (the soup's logit scale alone)."),
     data: Optional[str] = typer.Option(None, "--data", help="--greedy / --learned: the held-out data, as clipforge eval takes it (not your test set)."),
     task: str = typer.Option("zeroshot", "--task", help="--greedy: zeroshot | retrieval | linear-probe (with --train-data)."),
     metric: Optional[str] = typer.Option(None, "--metric", help="--greedy: the metric to maximise [default: acc1; retrieval: image_retrieval_recall@1]."),
@@ -640,10 +641,12 @@ def merge(
             raise typer.BadParameter("--by-layer or --by-tensor, not both", param_hint="--by-tensor")
         per = "layer" if by_layer else "tensor" if by_tensor else "model"
         _merge_learned(ckpts, out, data, max_samples=max_samples, steps=steps, lr=lr, per=per,
+                       fit_temperature=not fixed_temperature,
                        batch_size=batch_size or 256, device=device)
         return
-    if steps != 100 or lr != 0.05 or by_layer or by_tensor:
-        raise typer.BadParameter("--steps, --lr, --by-layer and --by-tensor fit a learned soup: add --learned",
+    if steps != 100 or lr != 0.05 or by_layer or by_tensor or fixed_temperature:
+        raise typer.BadParameter("--steps, --lr, --by-layer, --by-tensor and --fixed-temperature fit a learned soup: "
+                                 "add --learned",
                                  param_hint="--learned")
     batch_size = batch_size or 64
     if greedy:

@@ -192,6 +192,7 @@ def held_out_labelled(first: str | Path, data: str, max_samples: int | None = No
 
 def learned_soup(paths: list[str | Path], images: torch.Tensor, labels: torch.Tensor, classnames: list[str],
                  templates: list[str], *, steps: int = 100, lr: float = 0.05, per: str = "model",
+                 fit_temperature: bool = True,
                  batch_size: int = 256, seed: int = 0, device: str = "cpu",
                  log: Callable[[str], None] = lambda line: None) -> tuple[dict, dict, dict]:
     """Model soups' learned soup: mixing weights fitted by gradient descent on held-out zero-shot
@@ -200,8 +201,10 @@ def learned_soup(paths: list[str | Path], images: torch.Tensor, labels: torch.Te
     The soup is sum_i alpha_i theta_i with alpha = softmax(w) (a convex combination, uniform at the
     start): ``per`` = "model", one alpha per model; "layer" (the paper's "by layer"), one per model for
     every transformer block and every other module (``mixing_group``); "tensor", one for every tensor. The loss is zero-shot classification cross-entropy of the soup on the held-out
-    images (the soup's own logit scale; class embeddings = the mean of the normalised prompt embeddings,
-    normalised, recomputed through the soup every step), ``batch_size`` images a step; Adam at ``lr``.
+    images (class embeddings = the mean of the normalised prompt embeddings, normalised, recomputed through
+    the soup every step), ``batch_size`` images a step; Adam at ``lr``. The logits are the soup's logit scale
+    times a temperature fitted beside the weights (``fit_temperature``; the paper's, so that the weights
+    need not calibrate the loss; it is not part of the soup), or times 1.
     Every model is in memory (float32). The record holds each model's held-out accuracy alone, the
     uniform and the learned soup's, and the alphas."""
     from torch.func import functional_call
@@ -240,11 +243,13 @@ def learned_soup(paths: list[str | Path], images: torch.Tensor, labels: torch.Te
         return {**fixed, **{key: torch.tensordot(alpha[row[i] if len(alpha) > 1 else 0], stacked[key], dims=1)
                             for i, key in enumerate(keys)}}
 
+    log_t = torch.zeros((), device=device, requires_grad=fit_temperature)  # the fitted temperature, log
+
     def loss_and_hits(params: dict, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         text = functional_call(model, params, (None, ids, mask))["text_embeds"]
         classes = F.normalize(text.view(len(classnames), len(templates), -1).mean(dim=1), dim=-1)
         out = functional_call(model, params, (images[rows], None, None))
-        logits = out["logit_scale"] * out["image_embeds"] @ classes.T
+        logits = log_t.exp() * out["logit_scale"] * out["image_embeds"] @ classes.T
         return F.cross_entropy(logits, labels[rows], reduction="sum"), (logits.argmax(1) == labels[rows]).sum()
 
     @torch.no_grad()
@@ -261,7 +266,7 @@ def learned_soup(paths: list[str | Path], images: torch.Tensor, labels: torch.Te
     w = torch.zeros(len(names), k, device=device, requires_grad=True)
     uniform_loss, uniform_acc = held_out(torch.softmax(w.detach(), dim=-1))
     log(f"uniform soup: loss {uniform_loss:.4f}, acc1 {uniform_acc:.4f}")
-    optimizer = torch.optim.Adam([w], lr=lr)
+    optimizer = torch.optim.Adam([w, log_t] if fit_temperature else [w], lr=lr)
     g = torch.Generator().manual_seed(seed)
     for step in range(1, steps + 1):
         rows = torch.randperm(n, generator=g)[:batch_size].to(device)
@@ -273,7 +278,8 @@ def learned_soup(paths: list[str | Path], images: torch.Tensor, labels: torch.Te
             log(f"step {step}/{steps}: held-out batch loss {float(loss.detach()) / len(rows):.4f}")
     alpha = torch.softmax(w.detach(), dim=-1)
     loss, acc = held_out(alpha)
-    log(f"learned soup: loss {loss:.4f}, acc1 {acc:.4f}; alphas {[round(a, 4) for a in alpha.mean(0).tolist()]}")
+    log(f"learned soup: loss {loss:.4f}, acc1 {acc:.4f}; alphas {[round(a, 4) for a in alpha.mean(0).tolist()]}"
+        + (f"; temperature {float(log_t.exp()):.3f}" if fit_temperature else ""))
     merged = {key: t for key, t in states[0].items() if key not in stacked}
     for i, key in enumerate(keys):  # the final mix in float64, stored in the checkpoint's dtype
         a = alpha[row[i]].double().cpu()
@@ -281,6 +287,7 @@ def learned_soup(paths: list[str | Path], images: torch.Tensor, labels: torch.Te
     record = {"models": [{"checkpoint": str(d.resolve()), "acc1_alone": acc_i, "alpha": float(a)}
                          for d, acc_i, a in zip(dirs, alone, alpha.mean(0).tolist())],
               "uniform": {"loss": uniform_loss, "acc1": uniform_acc}, "learned": {"loss": loss, "acc1": acc},
+              "temperature": float(log_t.exp()) if fit_temperature else None,
               "steps": steps, "lr": lr, "per": per, "groups": len(names), "batch_size": batch_size, "seed": seed,
               "held_out_images": n}
     return merged, config, record
