@@ -245,9 +245,11 @@ def learned_soup(paths: list[str | Path], images: torch.Tensor, labels: torch.Te
 
     log_t = torch.zeros((), device=device, requires_grad=fit_temperature)  # the fitted temperature, log
 
-    def loss_and_hits(params: dict, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def class_embeddings(params: dict) -> torch.Tensor:  # every prompt through the soup's text tower
         text = functional_call(model, params, (None, ids, mask))["text_embeds"]
-        classes = F.normalize(text.view(len(classnames), len(templates), -1).mean(dim=1), dim=-1)
+        return F.normalize(text.view(len(classnames), len(templates), -1).mean(dim=1), dim=-1)
+
+    def loss_and_hits(params: dict, classes: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = functional_call(model, params, (images[rows], None, None))
         logits = log_t.exp() * out["logit_scale"] * out["image_embeds"] @ classes.T
         return F.cross_entropy(logits, labels[rows], reduction="sum"), (logits.argmax(1) == labels[rows]).sum()
@@ -255,8 +257,9 @@ def learned_soup(paths: list[str | Path], images: torch.Tensor, labels: torch.Te
     @torch.no_grad()
     def held_out(alpha: torch.Tensor) -> tuple[float, float]:
         params, loss, hits = soup(alpha), 0.0, 0
+        classes = class_embeddings(params)  # once for every image chunk
         for start in range(0, n, batch_size):
-            part = loss_and_hits(params, torch.arange(start, min(start + batch_size, n), device=device))
+            part = loss_and_hits(params, classes, torch.arange(start, min(start + batch_size, n), device=device))
             loss, hits = loss + float(part[0]), hits + int(part[1])
         return loss / n, hits / n
 
@@ -270,7 +273,8 @@ def learned_soup(paths: list[str | Path], images: torch.Tensor, labels: torch.Te
     g = torch.Generator().manual_seed(seed)
     for step in range(1, steps + 1):
         rows = torch.randperm(n, generator=g)[:batch_size].to(device)
-        loss, _ = loss_and_hits(soup(torch.softmax(w, dim=-1)), rows)
+        params = soup(torch.softmax(w, dim=-1))
+        loss, _ = loss_and_hits(params, class_embeddings(params), rows)
         optimizer.zero_grad()
         (loss / len(rows)).backward()
         optimizer.step()
