@@ -134,6 +134,11 @@ def test_running_means_move_once_per_optimiser_step_and_are_checkpointed():
     term(outputs, batch)
     term.after_optimizer_step(2)  # evaluation does not move the means
     assert torch.allclose(term.running_means, 0.9 + 0.1 * means)
+    term.train()
+    term(outputs, batch)
+    term.discard_step()  # a skipped step (NaN/inf): its batch means are dropped
+    term.after_optimizer_step(3)
+    assert torch.allclose(term.running_means, 0.9 + 0.1 * means)
 
 
 def test_gates_down_weight_noisy_raw_captions_in_a_trained_like_space():

@@ -222,9 +222,37 @@ def test_momentum_loss_uses_ema_keys_without_gradient_and_fills_the_queue():
     step.after_optimizer_step(1)
     assert int(step.queue_count) == 4 and int(step.queue_pointer) == 4
     assert torch.allclose(step.text_queue[:4], k_t.detach()) and torch.allclose(step.image_queue[:4], k_i.detach())
-    _, metrics = step.compute_loss(step(batch), batch)
+    outputs = step(batch)
+    _, metrics = step.compute_loss(outputs, batch)
     assert metrics["moco/queue"] == 4  # the queued keys are negatives now
+    # reference with the filled queue: image queries against [text keys; text queue], text against image
+    q_i, q_t = F.normalize(outputs["image_lexical"], dim=-1), F.normalize(outputs["text_lexical"], dim=-1)
+    k_i, k_t = F.normalize(outputs["ema/image_lexical"], dim=-1), F.normalize(outputs["ema/text_lexical"], dim=-1)
+    t_queue, i_queue = step.text_queue[:4], step.image_queue[:4]
+    want = (F.cross_entropy(torch.cat([q_i @ k_t.T, q_i @ t_queue.T], 1) / 0.05, labels)
+            + F.cross_entropy(torch.cat([q_t @ k_i.T, q_t @ i_queue.T], 1) / 0.05, labels)) / 2
+    assert metrics["moco/loss"] == pytest.approx(float(want.detach()), rel=1e-6)
+    swapped = (F.cross_entropy(torch.cat([q_i @ k_t.T, q_i @ i_queue.T], 1) / 0.05, labels)
+               + F.cross_entropy(torch.cat([q_t @ k_i.T, q_t @ t_queue.T], 1) / 0.05, labels)) / 2
+    assert abs(float(swapped) - float(want)) > 1e-4  # the check can tell the two queues apart
     assert {"image_queue", "text_queue", "queue_pointer", "queue_count"} <= set(dict(step.named_buffers()))
+
+
+def test_a_skipped_step_queues_no_keys():
+    """A step the trainer skips (NaN/inf loss) runs no after-step hook: its keys must not reach the queue
+    with the next good step's."""
+    from test_method_distributed import global_batch
+
+    step = lexlip_step(queue_size=6)
+    step.train()
+    batch = global_batch(4, 1, False)
+    step.compute_loss(step(batch), batch)
+    step.discard_step()  # what StepRunner.skip() calls
+    outputs = step(batch)
+    step.compute_loss(outputs, batch)
+    step.after_optimizer_step(2)
+    assert int(step.queue_count) == 4 and int(step.queue_pointer) == 4  # one step's keys, not two
+    assert torch.allclose(step.text_queue[:4], F.normalize(outputs["ema/text_lexical"], dim=-1))
 
 
 def test_lexlip_method_needs_heads_and_an_ema_teacher():

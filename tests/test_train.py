@@ -218,6 +218,18 @@ def test_nan_step_leaves_weights_unchanged(tmp_path, monkeypatch, sync):
     assert lines[-1]["bad_steps"] == 3
 
 
+def test_a_skipped_step_tells_the_step_module_to_discard_what_it_collected(tmp_path, monkeypatch):
+    from clipforge.train.step import TrainStep
+
+    _nan_at_steps(monkeypatch, {2})
+    calls = []
+    real_discard = TrainStep.discard_step
+    monkeypatch.setattr(TrainStep, "discard_step", lambda self: (calls.append(1), real_discard(self)))
+    r = small_recipe(tmp_path, "train.max_bad_steps=2", "train.sync_every_step=true", steps=3)
+    assert Trainer(r, tmp_path / "run").fit().step == 3
+    assert len(calls) == 1  # step 2 only
+
+
 def _nan_at_steps(monkeypatch, bad: set[int]) -> None:
     """The objective returns a NaN loss on the given (1-based) calls."""
     from clipforge import objectives

@@ -136,6 +136,10 @@ class LexlipStep(TrainStep):
                 enqueue_(self.image_queue, self.queue_pointer, self.queue_count, image_k)
         self._pending.clear()
 
+    def discard_step(self) -> None:
+        super().discard_step()
+        self._pending.clear()  # a skipped step's keys never enter the queues
+
 
 # ----------------------------------------------------------------------------- phase 1: LexMLM
 class LexlipBottleneckConfig(MethodConfig):

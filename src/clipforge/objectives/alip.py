@@ -141,5 +141,8 @@ class AlipLoss(Term):
         self.running_means.mul_(self.momentum).add_((1 - self.momentum) * mean)
         self._pending = []
 
+    def discard_step(self) -> None:
+        self._pending = []  # a skipped step's batch means never reach the running means
+
     def extra_repr(self) -> str:
         return f"weight={self.weight}, momentum={self.momentum}, gates={self.gates}"

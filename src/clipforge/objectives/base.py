@@ -73,6 +73,10 @@ class Term(nn.Module):
     def after_optimizer_step(self, step: int) -> None:
         """Called once after every optimiser step (``step`` = steps done), on every rank alike."""
 
+    def discard_step(self) -> None:
+        """Called instead of ``after_optimizer_step`` when the step was skipped (a NaN/inf loss or
+        gradient): forget what this step's passes collected for the after-step update."""
+
     def extra_repr(self) -> str:
         return f"weight={self.weight}"
 
@@ -118,6 +122,10 @@ class Objective(nn.Module):
     def after_optimizer_step(self, step: int) -> None:
         for term in self.terms:
             term.after_optimizer_step(step)
+
+    def discard_step(self) -> None:
+        for term in self.terms:
+            term.discard_step()
 
     def forward(self, outputs: dict[str, Tensor], batch: dict[str, Any]) -> tuple[Tensor, Metrics]:
         total: Tensor | None = None

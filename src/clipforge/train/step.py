@@ -153,6 +153,11 @@ class TrainStep(nn.Module):
                 update(self.model, step, self.total_steps)
         self.objective.after_optimizer_step(step)
 
+    def discard_step(self) -> None:
+        """Instead of ``after_optimizer_step`` for a skipped step (NaN/inf): the terms (and methods
+        with per-step state) drop what its passes collected; teachers and the scale stay as they were."""
+        self.objective.discard_step()
+
     def after_step_keeps_no_state(self) -> bool:
         """Whether ``after_optimizer_step`` does nothing beyond clamping the logit scale, so a step whose
         update was suppressed on the device (NaN/inf, fused AdamW's ``found_inf``) can still run it and

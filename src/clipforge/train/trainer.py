@@ -618,6 +618,7 @@ class StepRunner:
 
     def skip(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
+        self.step_module.discard_step()  # e.g. LexLIP's queued keys, ALIP's batch means
 
 
 def build_step(recipe: Recipe, device: torch.device, resume_from: Path | None = None, log: bool = True):
