@@ -155,6 +155,9 @@ def test_sentence_splitting_of_real_text_drops_empty_pieces():
     assert C.split_sentences(text) == ["A brown dog runs on 3.5 m of grass", "It looks happy", "Is it wet",
                                        "The sky is blue"]
     assert C.split_sentences(" . \n </s>") == []
+    # a sentence may end in a number: only a point between two digits is kept
+    assert C.split_sentences("There are 3 people in 2024. They smile.") == ["There are 3 people in 2024", "They smile"]
+    assert C.split_sentences("Version 2.0 ships.It works") == ["Version 2.0 ships", "It works"]
 
 
 def test_sub_captions_are_always_k_without_replacement_when_possible():
@@ -167,8 +170,8 @@ def test_sub_captions_are_always_k_without_replacement_when_possible():
         assert kinds == [C.RAW] + [C.SUB_CAPTION] * 3
     texts, _ = C.sub_caption_texts(["only one sentence"], 4, False, rng)  # fewer than K: with replacement
     assert texts == ["only one sentence"] * 4
-    texts, _ = C.sub_caption_texts(["raw", " . "], 2, True, rng)  # nothing but separators
-    assert len(texts) == 3
+    texts, _ = C.sub_caption_texts(["raw  text", " . "], 2, True, rng)  # nothing but separators
+    assert texts == ["raw text"] * 3  # the raw caption stands in for the sentences, never "."
 
 
 def test_merged_sub_captions_are_windows_of_consecutive_sentences():
@@ -249,3 +252,17 @@ def test_sub_captions_from_a_table_and_from_shards_written_by_clipforge(tmp_path
     cfg = cfg.model_copy(update={"train": f"wds:{tmp_path}/shards/{{00000..00002}}.tar"})
     for b, _ in zip(build_source_train_loader(cfg, 16, FakeTokenizer()), range(3)):
         check_sub_caption_batch(b, 2)
+
+
+def test_an_invalid_raw_caption_is_never_replaced_by_a_long_one():
+    """data.sub_captions reads [raw, long...]: a bad raw caption skips the sample (with keep_raw) rather than
+    letting the first long caption be taken for the raw one; bad long captions are dropped."""
+    from clipforge.data.pipeline import sub_caption_list
+
+    rng = random.Random(0)
+    assert sub_caption_list(["", "One. Two."], rng, 2, True) == ("missing_caption",)
+    assert sub_caption_list(["\ud800 bad", "One. Two."], rng, 2, True) == ("non_utf8_caption",)
+    texts = sub_caption_list(["raw", "", "One. Two."], rng, 2, True)
+    assert texts[0] == "raw" and set(texts[1:]) == {"One", "Two"}
+    texts = sub_caption_list(["", "One. Two."], rng, 2, False)  # the raw caption is not used: no skip
+    assert set(texts) == {"One", "Two"}

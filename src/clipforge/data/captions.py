@@ -165,7 +165,7 @@ def shapes_caption_lists(facts: list[SceneFacts], indices: Sequence[int], seed: 
 
 
 # ----------------------------------------------------------------------------- sentences, sub-captions
-_SENTENCE_END = re.compile(r"</s>|\n|[!?]|(?<!\d)\.(?!\d)")  # not the point of "3.5"
+_SENTENCE_END = re.compile(r"</s>|\n|[!?]|(?<!\d)\.|\.(?!\d)")  # not the point of "3.5"; "in 2024." ends one
 
 
 def split_sentences(text: str) -> list[str]:
@@ -186,8 +186,8 @@ def sub_caption_texts(captions: Sequence[str], count: int, keep_raw: bool,
     if not captions:
         raise ValueError("a sample without captions has no sub-captions")
     pool = [s for c in (captions[1:] or captions[:1]) for s in split_sentences(c)]
-    if not pool:  # nothing but separators: the caption itself is the only sentence there is
-        pool = [captions[-1].strip() or captions[0]]
+    if not pool:  # nothing but separators: the raw caption is the only sentence there is
+        pool = [" ".join(captions[0].split())]
     if merge > 1:
         pool = [". ".join(pool[i : i + merge]) for i in range(max(1, len(pool) - merge + 1))]
     if len(pool) >= count:

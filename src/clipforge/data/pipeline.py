@@ -638,13 +638,15 @@ def sub_caption_list(value, rng: random.Random, count: int, keep_raw: bool, merg
             try:
                 v = bytes(v).decode("utf-8")
             except UnicodeDecodeError:
-                continue
-        if isinstance(v, str) and v.strip() and is_valid_utf8(v):
-            texts.append(v)
-    if not texts:
+                v = None
+        texts.append(v if isinstance(v, str) and v.strip() and is_valid_utf8(v) else None)
+    long = [t for t in texts[1:] if t is not None]
+    if texts and texts[0] is None and not keep_raw and long:  # the raw caption is not used: its slot
+        texts[0] = long[0]  # only serves as the fallback sentence
+    if not texts or texts[0] is None:  # the first is the raw caption: never a long one in its place
         first = _caption_text(values[0] if values else None, None)
         return first if isinstance(first, tuple) else ("missing_caption",)
-    return sub_caption_texts(texts, count, keep_raw, rng, merge)[0]
+    return sub_caption_texts([texts[0], *long], count, keep_raw, rng, merge)[0]
 
 
 def caption_texts(value, rng: random.Random | None, count: int) -> list[str] | tuple[str]:
