@@ -11,7 +11,8 @@ On the frozen features f (the backbone never gets a gradient: only its features 
         + 0.04  * sum_{i != j} Cov(z)_ij^2 / d                decorrelate the feature dimensions
         - 0.001 * mean(top-5 singular values of z / their sum) favour a dominant spectrum (the minus sign)
 
-MSE is the squared L2 distance per sample, averaged over the batch; Cov is the batch covariance
+MSE is the mean squared error over the batch and the d dimensions (the released code's nn.MSELoss);
+Cov is the batch covariance
 (centred, / (N - 1)); the singular values are those of the batch's z, normalised to sum to 1.
 AdamW, lr 1e-3, 30 epochs (the paper's settings), batch 64, seeded: deterministic on CPU.
 The checkpoint-selection-free protocol: train on all training features, report on test.
@@ -44,7 +45,7 @@ class NMTuneHead(nn.Module):
 
 
 def mse_term(z: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    return (F.normalize(z, dim=-1) - F.normalize(f, dim=-1).detach()).pow(2).sum(-1).mean()
+    return F.mse_loss(F.normalize(z, dim=-1), F.normalize(f, dim=-1).detach())  # mean over N x d, as nn.MSELoss
 
 
 def covariance_term(z: torch.Tensor) -> torch.Tensor:
