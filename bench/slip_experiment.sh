@@ -9,7 +9,9 @@
 #   SEEDS="0 1 2" ARMS="rocket" ...   CLIP 🚀 (recipe clip-rocket-cifar); "rocket-shared": its views through
 #                                     the model's own projections (the paper's separate_proj = False);
 #                                     "rocket-nols": without the views' label smoothing; "rocket-pv": BatchNorm
-#                                     per view in the views' projectors (the default now; the others: joint)
+#                                     per view in the views' projectors (the default now; the others: joint);
+#                                     "slip-pv": SLIP with its head's BatchNorm per view (the default since
+#                                     2026-11-28; "slip": joint)
 #   SEEDS="0" ARMS="barlip siamlip byolip swalip" ...   the non-contrastive variants (recipes <name>-cifar);
 #                                     "barlip-w005": BarLIP with method.weight=0.05, "barlip-d256": with 256-wide
 #                                     heads (analysis arms)
@@ -44,14 +46,14 @@ LS=(--set 'objective.terms=[{name="clip",label_smoothing=0.1}]')
 # ), so CLIP at 3x the steps (its own warm-up + cosine over them) matches SLIP's FLOPs.
 EQ_STEPS=$(( 3 * STEPS ))
 EQ=(--set method.ssl_scale=0 --set data.ssl_views=0 --set train.steps=$EQ_STEPS --set train.checkpoint_every_steps=$EQ_STEPS)
-# The CLIP 🚀 family's figures in the docs were measured with the views' projectors normalising all views in
+# The SLIP and CLIP 🚀 family's figures in the docs were measured with the views' projectors normalising all views in
 # one BatchNorm call, the default until 2026-11-27 (method.view_batchnorm = "joint"); "rocket-pv" is the default now.
 JOINT_BN=(--set method.view_batchnorm=joint)
 BARLIP_2048=(--set method.head_out=2048)  # BarLIP's recipe heads until 2026-11-27 (now 256)
 if [ -n "${SEEDS:-}" ]; then
   for s in $SEEDS; do
     arm clip $s "${CLIP[@]}"
-    arm slip $s
+    arm slip $s "${JOINT_BN[@]}"
   done
   for s in $SEEDS; do arm clip-3x $s "${EQ[@]}"; done
   for s in $SEEDS; do arm improved $s "${CLIP[@]}" "${STRONG[@]}" "${EDA[@]}" "${LS[@]}"; done
@@ -68,15 +70,17 @@ if [ -n "${SEEDS:-}" ]; then
   for s in $SEEDS; do RECIPE=barlip-cifar arm barlip-d256 $s --set method.head_out=256 "${JOINT_BN[@]}"; done
   # CLIP 🚀 as shipped now: the views' projectors normalise each view on its own (the released code)
   for s in $SEEDS; do RECIPE=clip-rocket-cifar arm rocket-pv $s; done
+  # SLIP as shipped now: its head normalises each view on its own (the released code; "slip" above: joint)
+  for s in $SEEDS; do arm slip-pv $s; done
   exit 0
 fi
 for s in 0; do
   arm clip $s "${CLIP[@]}"
-  arm slip $s
+  arm slip $s "${JOINT_BN[@]}"
   arm improved $s "${CLIP[@]}" "${STRONG[@]}" "${EDA[@]}" "${LS[@]}"
 done
 arm clip 1 "${CLIP[@]}"
-arm slip 1
+arm slip 1 "${JOINT_BN[@]}"
 arm strong 0 "${CLIP[@]}" "${STRONG[@]}"
 arm eda 0 "${CLIP[@]}" "${EDA[@]}"
 arm improved 1 "${CLIP[@]}" "${STRONG[@]}" "${EDA[@]}" "${LS[@]}"

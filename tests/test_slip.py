@@ -114,6 +114,25 @@ def test_slip_loss_is_clip_plus_simclr_on_the_two_views():
     assert step.model.visual.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
 
 
+def test_the_head_normalises_each_view_on_its_own_or_both_in_one_call():
+    """SLIP's code calls its head once per view: BatchNorm statistics over one view's samples (default);
+    ``joint`` sends both views in one call. Equal with running statistics, different with batch ones."""
+    batch = slip_batch()
+    per_view, joint = build_slip(), build_slip("method.view_batchnorm=joint")
+    joint.load_state_dict(per_view.state_dict())
+    for step in (per_view, joint):  # first with running statistics (nothing updated yet)
+        step.simclr_head.eval()
+    a, b = per_view(batch)["simclr"], joint(batch)["simclr"]
+    assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(a, b))
+    per_view.simclr_head.train(), joint.simclr_head.train()
+    out = per_view(batch)
+    pooled = per_view.model.visual(per_view.model.normalize_images(batch["views"].flatten(0, 1)))["pooled"]
+    pooled = pooled.view(len(pooled) // 2, 2, -1)
+    for v in (0, 1):  # the head on one view's rows alone
+        assert torch.allclose(out["simclr"][v], per_view.simclr_head(pooled[:, v]), atol=1e-6)
+    assert not torch.allclose(out["simclr"][0], joint(batch)["simclr"][0], atol=1e-4)
+
+
 def test_ssl_scale_zero_is_the_plain_clip_step_exactly():
     from clipforge.train.trainer import build_step
 

@@ -10,11 +10,14 @@ f is the image tower (its pooled output, before the CLIP projection), h the SimC
 (``data.ssl_views = 2``: random-resized crops of area 0.08-1, flip, SimCLR's colour / blur policy;
 ``clipforge.data.views``), while the CLIP image gets the weaker crop of ``data.augment.scale``
 (SLIP: 0.5-1). ``ssl_scale = 0`` skips the SSL branch: the step is then the plain step exactly.
+Each view goes through h on its own (``view_batchnorm = "per_view"``: BatchNorm statistics over one
+view's samples, as the released code calls its head once per view); ``"joint"`` normalises both views
+in one call.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field
 from torch import Tensor, nn
@@ -32,6 +35,7 @@ class SlipConfig(MethodConfig):
     simclr_temperature: float = Field(0.1, gt=0.0)
     simclr_hidden: int = Field(4096, ge=1)  # paper: width -> 4096 -> 4096 -> 256
     simclr_out: int = Field(256, ge=1)
+    view_batchnorm: Literal["per_view", "joint"] = "per_view"  # the head's BN: one view at a time (SLIP's code)
 
     def check_recipe(self, recipe: Recipe) -> None:
         if self.ssl_scale > 0 and recipe.data.ssl_views != 2:  # at 0 the views would go unused
@@ -63,9 +67,12 @@ class SlipStep(TrainStep):
             raise ValueError("method 'slip' needs batch['views'] of shape N x 2 x 3 x H x W: set data.ssl_views = 2")
         n = views.shape[0]
         # both views in one pass of the image tower (every patch: FLIP-style dropout applies, as to images)
-        pooled = self.model.visual(self.model.normalize_images(views.flatten(0, 1)))["pooled"]
-        z = self.simclr_head(pooled).view(n, 2, -1)
-        outputs["simclr"] = (z[:, 0], z[:, 1])
+        pooled = self.model.visual(self.model.normalize_images(views.flatten(0, 1)))["pooled"].view(n, 2, -1)
+        if self.cfg.view_batchnorm == "joint":
+            z = self.simclr_head(pooled.flatten(0, 1)).view(n, 2, -1)
+            outputs["simclr"] = (z[:, 0], z[:, 1])
+        else:  # the tower has no batch statistics, so one pass over both views is the same as two
+            outputs["simclr"] = (self.simclr_head(pooled[:, 0]), self.simclr_head(pooled[:, 1]))
         return outputs
 
     def compute_loss(self, outputs: Outputs, batch: dict[str, Any]) -> tuple[Tensor, Metrics]:
