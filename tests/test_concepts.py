@@ -16,6 +16,11 @@ from clipforge.data.sources import DataError
 def test_lemmas_map_plurals_to_the_concept():
     assert [lemma(w) for w in ["dogs", "boxes", "berries", "mice", "wolves", "bus", "glass", "circles", "crosses"]] == [
         "dog", "box", "berry", "mouse", "wolf", "bus", "glass", "circle", "cross"]
+    # the plurals a bare suffix rule gets wrong
+    words = ["shoes", "toes", "canoes", "potatoes", "movies", "cookies", "buses", "gases", "lenses", "horses",
+             "houses", "heroes"]
+    assert [lemma(w) for w in words] == ["shoe", "toe", "canoe", "potato", "movie", "cookie", "bus", "gas", "lens",
+                                         "horse", "house", "hero"]
 
 
 def test_multi_word_concepts_are_the_intersection():
@@ -24,6 +29,8 @@ def test_multi_word_concepts_are_the_intersection():
     assert n == 5
     assert text_hits("red circle", index).tolist() == [0, 3, 4]  # bag of words: order does not matter
     assert text_hits("dog", index).tolist() == [4] and text_hits("zebra", index).tolist() == []
+    index, _ = caption_index(["a coffee cup on a table", "a cup of tea", "coffee beans"])
+    assert text_hits("cup of coffee", index).tolist() == [0]  # "of" is not required; both nouns are
 
 
 def test_the_fit_recovers_a_planted_slope():

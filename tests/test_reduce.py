@@ -34,14 +34,33 @@ def test_half_keeps_half_of_each_cluster_of_clustered_data():
     x = np.concatenate([c + 0.1 * rng.normal(size=(n, 32)) for c, n in zip(centres, sizes)])
     x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
     truth = np.repeat(np.arange(6), sizes)
-    mask, labels, stats = reduce_embeddings(x, keep=0.5, clusters=6, seed=0)
+    mask, labels, stats, _ = reduce_embeddings(x, keep=0.5, clusters=6, seed=0)
     for c in np.unique(labels):  # every cluster found keeps its share exactly
         assert mask[labels == c].sum() == math.ceil((labels == c).sum() / 2)
     for c, n in enumerate(sizes):  # so every true cluster, big or small, keeps about half
         assert abs(int(mask[truth == c].sum()) - n / 2) <= 1
     assert stats["kept"] == int(mask.sum())
-    again, _, _ = reduce_embeddings(x, keep=0.5, clusters=6, seed=0)
+    again, _, _, _ = reduce_embeddings(x, keep=0.5, clusters=6, seed=0)
     assert np.array_equal(mask, again)  # deterministic
+
+
+def test_the_match_filter_intersects_the_per_cluster_selection():
+    """TL;DR's order: every N-th sample per cluster on all the data, then AND the better-ITM half; the
+    selected count is sum ceil(n_c / N) whatever the filter does."""
+    rng = np.random.default_rng(2)
+    centres = rng.normal(size=(4, 16))
+    sizes = [40, 30, 20, 10]
+    x = np.concatenate([c + 0.1 * rng.normal(size=(n, 16)) for c, n in zip(centres, sizes)])
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    t = x + 0.8 * rng.normal(size=x.shape).astype(np.float32)
+    t = t / np.linalg.norm(t, axis=1, keepdims=True)
+    plain, labels, _, _ = reduce_embeddings(x, keep=0.25, clusters=4, seed=0)
+    mask, _, stats, table = reduce_embeddings(x, keep=0.25, clusters=4, seed=0, texts=t, min_match_quantile=0.5)
+    sizes_found = np.bincount(labels)
+    assert stats["selected_per_cluster"] == sum(math.ceil(n / 4) for n in sizes_found) == int(plain.sum())
+    assert np.array_equal(table["selected"], plain)
+    assert np.array_equal(mask, plain & match_filter(x, t, 0.5)) and stats["kept"] == int(mask.sum())
+    assert np.array_equal(table["cluster"], labels) and np.array_equal(table["kept"], mask)
 
 
 def test_match_filter_and_caption_plugin():
@@ -70,5 +89,10 @@ def test_cli_reduce_writes_a_keep_list_that_trains(tmp_path, capsys):
     kept = read_keep_list(out)
     report = json.loads((tmp_path / "keep.report.json").read_text())
     assert 8 <= len(kept) <= 8 + 3 and report["kept"] == len(kept)
+    import pyarrow.parquet as pq
+
+    clusters = pq.read_table(report["clusters_table"]).to_pydict()  # every sample's label is kept
+    assert len(clusters["key"]) == 16 and set(clusters["cluster"]) <= {0, 1, 2}
+    assert sorted(k for k, m in zip(clusters["key"], clusters["kept"]) if m) == sorted(kept)
     cfg = DataConfig(train=f"jsonl:{table}", keep=str(out), batch_size=len(kept), num_workers=0)
     assert sorted(next(build_source_train_loader(cfg, 16, None))["keys"]) == sorted(kept)

@@ -49,6 +49,21 @@ IRREGULAR = {"mice": "mouse", "geese": "goose", "men": "man", "women": "woman", 
 NOT_PLURAL = {"bus", "gas", "lens", "series", "species", "news", "chess", "glasses", "this", "his", "is", "was",
               "has", "does", "yes", "us", "plus", "atlas", "iris", "cactus", "octopus", "virus", "canvas",
               "dress", "grass", "glass", "cross", "class", "bass", "boss", "moss", "princess", "mattress"}
+# -oes plurals that drop "es" (the rest drop "s": shoes -> shoe, toes -> toe, canoes -> canoe)
+OES_PLURALS = {"heroes", "potatoes", "tomatoes", "echoes", "vetoes", "torpedoes", "volcanoes", "mosquitoes",
+               "buffaloes", "dominoes", "mangoes", "tornadoes", "embargoes", "cargoes", "noes"}
+# -ies plurals of words ending in "ie" (the rest are -y words: berries -> berry)
+IE_PLURALS = {"movies", "cookies", "pies", "ties", "lies", "dies", "calories", "zombies", "brownies", "smoothies",
+              "selfies", "rookies", "goalies", "genies", "collies", "prairies", "hoodies", "budgies", "magpies",
+              "eyries", "boogies", "veggies", "aunties", "birdies", "lassies", "bookies", "talkies", "walkies"}
+# -ses plurals of words ending in "s" (the rest end in "se": horses -> horse, houses -> house)
+SES_PLURALS = {"buses", "gases", "lenses", "atlases", "irises", "cactuses", "viruses", "canvases", "bonuses",
+               "campuses", "circuses", "choruses", "walruses", "octopuses", "geniuses", "censuses", "plusses",
+               "minuses", "statuses", "apparatuses", "prospectuses", "sinuses", "fetuses"}
+# function words dropped from a multi-word concept ("cup of coffee" is hit by "a coffee cup"; the paper
+# indexes nouns only)
+STOP_WORDS = {"a", "an", "the", "of", "and", "or", "in", "on", "at", "to", "for", "with", "by", "from", "as",
+              "its", "his", "her", "their", "this", "that"}
 WORD = re.compile(r"[a-z]+")
 
 
@@ -60,9 +75,11 @@ def lemma(word: str) -> str:
         return IRREGULAR[w]
     if len(w) <= 3 or w in NOT_PLURAL or w.endswith(("ss", "us", "is")):
         return w
-    if w.endswith("ies") and len(w) > 4:
+    if w in OES_PLURALS or w in SES_PLURALS:
+        return w[:-2]
+    if w.endswith("ies") and len(w) > 4 and w not in IE_PLURALS:
         return w[:-3] + "y"
-    if w.endswith(("ches", "shes", "xes", "zes", "sses", "oes")):
+    if w.endswith(("ches", "shes", "xes", "zes", "sses")):
         return w[:-2]
     if w.endswith("s"):
         return w[:-1]
@@ -86,8 +103,9 @@ def caption_index(captions: Iterable[str]) -> tuple[dict[str, np.ndarray], int]:
 
 
 def text_hits(concept: str, index: dict[str, np.ndarray]) -> np.ndarray:
-    """Caption ids that mention every word of the concept (intersection, not union)."""
-    words = lemmas(concept)
+    """Caption ids that mention every content word of the concept (intersection, not union; function
+    words such as "of" are not required)."""
+    words = [w for w in lemmas(concept) if w not in STOP_WORDS] or lemmas(concept)
     if not words:
         return np.zeros(0, dtype=np.int64)
     hits = index.get(words[0], np.zeros(0, dtype=np.int64))

@@ -13,14 +13,19 @@ What is *not* included, by design:
 
 - TL;DR's codebook features (a BLIP with a VQ layer trained with captioning): any clipforge
   checkpoint's (or teacher cache's) image embeddings stand in for them.
-- The image-text-matching filter: ``--min-match-quantile q`` drops, before the per-cluster
-  selection, samples whose image-caption cosine (the model's own, in place of BLIP's ITM head) is
-  in the lowest q of the data. The paper keeps the better half (q = 0.5); the default is 0 (off).
+- The image-text-matching filter, as the paper orders it: the per-cluster selection runs on every
+  sample, then ``--min-match-quantile q`` intersects it with the samples whose image-caption cosine
+  (the model's own, in place of BLIP's ITM head) is not in the lowest q of the data. The paper keeps
+  the better half (q = 0.5); the default is 0 (off).
 - Caption rewriting with a captioning model ("text refinement"): no captioner ships with clipforge.
   The plug-in point is ``CaptionRefiner``: pass one to ``reduce_source`` and the keep-list gets a
   ``caption`` column with ``append_caption(original, generated)`` ("original; generated", the
   paper's appended form). Training does not read that column yet; write it into a table
   (jsonl/csv ``text`` column) to train on it.
+
+Outputs: the keep-list (Parquet ``key``, ``cluster``), ``<out stem>.clusters.parquet`` (every sample:
+key, cluster, cosine to centroid, selected in its cluster, passed the match filter, kept) and
+``<out stem>.report.json``.
 """
 
 from __future__ import annotations
@@ -78,21 +83,23 @@ def match_filter(images: np.ndarray, texts: np.ndarray | None, quantile: float) 
 
 def reduce_embeddings(images: np.ndarray, keep: float, clusters: int | None = None, seed: int = 0,
                       texts: np.ndarray | None = None, min_match_quantile: float = 0.0):
-    """(kept mask, cluster labels, stats) for unit image embeddings (and caption embeddings for the filter)."""
+    """(kept mask, cluster labels, stats, per-sample columns) for unit image embeddings (and caption
+    embeddings for the filter)."""
     n = len(images)
     start = time.perf_counter()
     labels, centroids = spherical_kmeans(images, clusters or default_clusters(n), seed)
     centroid_cos = np.einsum("ij,ij->i", images, centroids[labels])
+    selected = select_per_cluster(labels, centroid_cos, keep)  # every N-th per cluster, then the ITM half
     matched = match_filter(images, texts, min_match_quantile)
-    mask = np.zeros(n, dtype=bool)
-    rows = np.flatnonzero(matched)
-    mask[rows] = select_per_cluster(labels[rows], centroid_cos[rows], keep)
+    mask = selected & matched
     sizes = np.bincount(labels, minlength=len(centroids))
     stats = {"samples": n, "kept": int(mask.sum()), "kept_fraction": float(mask.mean()), "keep": keep,
              "clusters": int(len(centroids)), "largest_cluster": int(sizes.max()), "seed": seed,
-             "min_match_quantile": min_match_quantile, "after_match_filter": int(matched.sum()),
-             "seconds": round(time.perf_counter() - start, 3)}
-    return mask, labels, stats
+             "selected_per_cluster": int(selected.sum()), "min_match_quantile": min_match_quantile,
+             "passed_match_filter": int(matched.sum()), "seconds": round(time.perf_counter() - start, 3)}
+    table = {"cluster": labels, "centroid_cos": centroid_cos.astype(np.float32), "selected": selected,
+             "matched": matched, "kept": mask}
+    return mask, labels, stats, table
 
 
 def reduce_source(data: str, model: str | Path, out: str | Path, *, keep: float = 0.5, clusters: int | None = None,
@@ -105,7 +112,7 @@ def reduce_source(data: str, model: str | Path, out: str | Path, *, keep: float 
     if out.suffix.lower() != ".parquet":
         raise DataError(f"--out must name a .parquet keep-list (e.g. keep.parquet), got {out}")
     emb = source_embeddings(data, model, batch_size=batch_size, device=device)
-    mask, labels, stats = reduce_embeddings(emb.images, keep, clusters, seed, emb.texts, min_match_quantile)
+    mask, labels, stats, table = reduce_embeddings(emb.images, keep, clusters, seed, emb.texts, min_match_quantile)
     keys = [k for k, m in zip(emb.keys, mask) if m]
     extra = {"cluster": labels[mask].tolist()}
     if refiner is not None:
@@ -113,9 +120,21 @@ def reduce_source(data: str, model: str | Path, out: str | Path, *, keep: float 
         originals = [captions.get(k, "") for k in keys]
         extra["caption"] = [append_caption(o, g) for o, g in zip(originals, refiner(keys, originals))]
     write_keep_list(out, keys, extra)
-    report = {"data": data, "embeddings": emb.origin, **stats, "keep_list": str(out)}
+    clusters_path = write_reduce_table(out, list(emb.keys), table)
+    report = {"data": data, "embeddings": emb.origin, **stats, "keep_list": str(out),
+              "clusters_table": str(clusters_path)}
     out.with_name(f"{out.stem}.report.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+def write_reduce_table(out: Path, keys: list[str], table: dict[str, np.ndarray]) -> Path:
+    """``<out stem>.clusters.parquet``: every sample's cluster label and what the selection made of it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = out.with_name(f"{out.stem}.clusters.parquet")
+    pq.write_table(pa.table({"key": keys, **table}), path)
+    return path
 
 
 def kept_captions(data: str, keys: set[str]) -> dict[str, str]:
