@@ -119,6 +119,7 @@ def test_gates_follow_the_paper():
 
 def test_running_means_move_once_per_optimiser_step_and_are_checkpointed():
     images, texts, batch = alip_batch()
+    assert AlipLoss().momentum == 0.99  # the paper's EMA momentum is the default
     term = AlipLoss(momentum=0.9).double()
     outputs = {"image_embeds": images, "text_embeds": texts, "logit_scale": torch.tensor(5.0)}
     term(outputs, batch)

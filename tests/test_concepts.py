@@ -90,3 +90,31 @@ def test_eval_per_class_accuracy_adds_up_to_top1(tmp_path):
     assert weighted == pytest.approx(result["metrics"]["acc1"])
     with pytest.raises(EvalError, match="--per-class applies to classification"):
         evaluate(ckpt, "retrieval", f"jsonl:{tmp_path / 'none.jsonl'}", per_class=True)
+
+
+def test_with_a_model_the_matched_count_is_the_intersection_of_text_and_image_hits(tmp_path):
+    """methods.md §11: integrated (matched) count <= min(text count, image count); with a fixed threshold the
+    image count is the number of images whose cosine to the concept's prompt is above it."""
+    from clipforge.data.concepts import concept_embeddings, concept_frequencies, source_captions_and_images
+    from clipforge.api import load
+    from tiny_checkpoint import make_caption_jsonl, make_tiny_checkpoint
+
+    ckpt = make_tiny_checkpoint(tmp_path / "ckpt")
+    table = make_caption_jsonl(tmp_path / "data", n=24)
+    (tmp_path / "concepts.txt").write_text("red square\nsquares\nimage\nblue\n")
+    net, _, tokenizer = load(ckpt, device="cpu")
+    _, images = source_captions_and_images(f"jsonl:{table}", (net, tokenizer), None, ckpt, 64)
+    scores = images @ concept_embeddings(net, tokenizer, ["red square", "squares", "image", "blue"]).T
+    threshold = float(np.median(scores))
+    result = concept_frequencies(f"jsonl:{table}", str(tmp_path / "concepts.txt"), tmp_path / "out", model=ckpt,
+                                 image_threshold=threshold, device="cpu")
+    rows = result["per_concept"]
+    assert [r["image_frequency"] for r in rows] == [int(c) for c in (scores > threshold).sum(0)]
+    for r in rows:
+        assert r["matched_frequency"] <= min(r["text_frequency"], r["image_frequency"])
+    assert sum(r["matched_frequency"] for r in rows) > 0 and result["measure"] == "matched_frequency"
+    calibrated = concept_frequencies(f"jsonl:{table}", str(tmp_path / "concepts.txt"), tmp_path / "out2",
+                                     model=ckpt, device="cpu")
+    assert "image_threshold_calibration" in calibrated
+    assert all(r["matched_frequency"] <= min(r["text_frequency"], r["image_frequency"])
+               for r in calibrated["per_concept"])

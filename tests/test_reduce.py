@@ -68,6 +68,7 @@ def test_match_filter_and_caption_plugin():
     texts = np.array([[1, 0, 0, 0], [0, 0.5, 0.866, 0], [0, 0, 0, 1], [0, 0, 0, 1]], dtype=np.float32)
     assert match_filter(images, texts, 0.5).tolist() == [True, False, False, True]
     assert append_caption("a dog", "a brown dog on grass") == "a dog; a brown dog on grass"
+    assert append_caption("", "a brown dog") == "a brown dog" and append_caption("a dog", "") == "a dog"
     with pytest.raises(DataError, match="--keep must be"):
         select_per_cluster(np.zeros(3, dtype=int), np.zeros(3), 0.0)
     with pytest.raises(DataError, match="needs caption embeddings"):

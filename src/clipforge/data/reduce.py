@@ -50,6 +50,8 @@ class CaptionRefiner(Protocol):
 
 def append_caption(original: str, generated: str) -> str:
     """TL;DR's appended form: the original caption stays the prefix."""
+    if not original:  # no caption to keep: the generated one alone, not "; generated"
+        return generated
     return f"{original}; {generated}" if generated else original
 
 
