@@ -47,6 +47,8 @@ def test_attentive_selection_ties_are_deterministic_and_per_sample():
     a = attentive_keep_indices(scores, 8, 0.5, 2)
     b = attentive_keep_indices(scores.clone(), 8, 0.5, 2)
     assert torch.equal(a, b) and a.shape == (3, 32)
+    # 8 blocks of 2x2 on a 4x4 grid of blocks: blocks 0..7 are the top two block rows = patch rows 0..3
+    assert a.tolist() == [list(range(32))] * 3
     scores = torch.rand(3, 64, generator=torch.Generator().manual_seed(0))
     keep = attentive_keep_indices(scores, 8, 0.5, 1)
     top = scores.topk(32, dim=1).indices.sort(dim=1).values
@@ -134,6 +136,17 @@ def aclip_batch(n: int = 6):
             "attention_mask": torch.ones(n, 8, dtype=torch.long)}
 
 
+def _aclip_scores(step, batch, seed: int = 5) -> torch.Tensor:
+    """The patch scores the step hands to the view masking (same crops: the boxes are seeded)."""
+    seen = []
+    real = step.view_keep_indices
+    step.view_keep_indices = lambda scores, boxes: (seen.append(scores.clone()), real(scores, boxes))[1]
+    torch.manual_seed(seed)
+    step(batch)
+    del step.view_keep_indices
+    return seen[0]
+
+
 def test_aclip_scores_come_from_the_ema_teacher_without_gradient():
     step = build_aclip()
     batch = aclip_batch()
@@ -142,22 +155,42 @@ def test_aclip_scores_come_from_the_ema_teacher_without_gradient():
     assert all(p.grad is None for p in step.teachers["ema"].parameters())
     assert all(p.grad is None for p in step.ema_projector.parameters())
     assert step.model.visual.blocks[0].attn.qkv.weight.grad is not None
-    # the scores depend on the teacher: a different teacher gives different kept patches
-    torch.manual_seed(3)
-    keep_a = step.view_keep_indices(torch.rand(6, 16), torch.tensor([[0.0, 0.0, 1.0, 1.0]] * 6))
-    assert keep_a.shape == (6, 8)
+    # the scores are the EMA model's: moving the student leaves them, moving the teacher changes them
+    before = _aclip_scores(step, batch)
+    assert not before.requires_grad
+    with torch.no_grad():
+        for p in step.model.visual.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    assert torch.equal(_aclip_scores(step, batch), before)
+    with torch.no_grad():
+        for p in step.teachers["ema"].module.visual.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    assert not torch.allclose(_aclip_scores(step, batch), before)
 
 
-def test_aclip_simclr_uses_two_different_views():
-    from clipforge.objectives.selfsup import simclr_loss
+def test_aclip_simclr_uses_two_different_views_and_the_total_weights_them():
+    from clipforge.objectives.selfsup import byol_loss, simclr_loss
 
     step = build_aclip()
-    out = step(aclip_batch())
+    batch = aclip_batch()
+    out = step(batch)
+    loss, metrics = step.compute_loss(out, batch)
     z1, z2 = out["simclr"]
     assert not torch.allclose(z1, z2)  # the released code's bug fed view 1 twice
+    assert metrics["simclr/loss"] == pytest.approx(float(simclr_loss(z1, z2, 0.1)), rel=1e-6)
+    assert abs(float(simclr_loss(z1, z1, 0.1)) - float(metrics["simclr/loss"])) > 1e-3  # the bug's value differs
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(8, 4, generator=g), torch.randn(8, 4, generator=g)
     assert simclr_loss(a, a, 0.1) < simclr_loss(a, b, 0.1)  # identical views: the known lower value
+    # BYOL: each view's prediction against sg(EMA projector(EMA [CLS] of v_e)), averaged over the views
+    target = out["byol_target"]
+    assert not target.requires_grad
+    byol = sum(byol_loss(p, target) for p in out["byol"]) / 2
+    assert metrics["byol/loss"] == pytest.approx(float(byol), rel=1e-6)
+    scale = out["logit_scale"]
+    contrastive = sum(clip_loss(v["image_embeds"], out["text_embeds"], scale) for v in out["views"]) / 2
+    # the paper's weights: 1 x SimCLR + 2 x BYOL
+    assert torch.allclose(loss, contrastive + simclr_loss(z1, z2, 0.1) + 2 * byol)
 
 
 def test_aclip_with_ssl_weights_zero_is_the_mean_of_two_clip_losses():
@@ -413,3 +446,12 @@ def test_a_term_defined_outside_the_package_trains_through_the_cli(tmp_path):
     state = load_file(str(run / "checkpoints" / "latest" / "method.safetensors"))
     assert int(state["objective.terms.1.updates"]) == 4  # the term's buffer is checkpointed
     assert float(state["objective.terms.1.scale"]) != 1.0  # and its parameter was trained
+
+
+def test_the_step_clamps_the_temperature_after_every_optimiser_step():
+    """CLIP: t <= 100. The clamp is the step's after-step hook, which every method's hook calls first."""
+    step = build_aclip()
+    with torch.no_grad():
+        step.model.logit_scale.fill_(math.log(150.0))
+    step.after_optimizer_step(1)
+    assert float(step.model.logit_scale.exp()) == pytest.approx(100.0, rel=1e-5)
