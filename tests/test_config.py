@@ -37,6 +37,8 @@ def test_override_list_index_and_inline_table():
     r = load_recipe("tiny-shapes", ['objective.terms=[{name="siglip"}]', "model.logit_bias_init=-10",
                                     f"model.logit_scale_init={math.log(10)}"])
     assert r.objective.terms[0].name == "siglip"
+    with pytest.raises(RecipeError, match="logit_scale_init = 2.302585"):  # CLIP's t = 14.3 start, silently
+        load_recipe("tiny-shapes", ['objective.terms=[{name="siglip"}]', "model.logit_bias_init=-10"])
 
 
 def test_unknown_key_suggests_closest():

@@ -82,7 +82,7 @@ def test_joint_facet_pass_equals_separate_passes_and_is_cached(tmp_path):
 
     overrides = ["model.vision_width=32", "model.vision_layers=1", "model.vision_heads=2", "model.embed_dim=16",
                  "method.name=flame", "model.text_projection=mlp", "model.logit_bias_init=-10",
-                 "objective.terms=[{name = \"multi_sigmoid\"}]"]
+                 "model.logit_scale_init=2.302585", "objective.terms=[{name = \"multi_sigmoid\"}]"]
     recipe = load_recipe("lit-minilm-shapes", overrides)
     seed_everything(0)
     step = build_step(recipe, torch.device("cpu"), log=False).eval()

@@ -850,6 +850,14 @@ class Recipe(Section):
                 "objective term 'siglip' needs a logit bias: set model.logit_bias_init (SigLIP uses -10) "
                 "and model.logit_scale_init = 2.302585 (ln 10)"
             )
+        sigmoid = [n for n in names if n in ("siglip", "multi_sigmoid")]
+        if sigmoid and "logit_scale_init" not in self.model.model_fields_set:
+            # CLIP's default start (t = 1/0.07 = 14.3) is not SigLIP's t = 10: say so rather than train from it
+            raise ValueError(
+                f"objective term '{sigmoid[0]}' starts from SigLIP's temperature: set model.logit_scale_init = "
+                f"2.302585 (ln 10, with model.logit_bias_init = -10), or set it explicitly to start elsewhere "
+                f"(CLIP's default is {math.log(1 / 0.07):.6f})"
+            )
         sched = self.schedule
         if sched.kind == "cooldown" and sched.warmup_steps + sched.cooldown_steps > self.train.steps:
             raise ValueError(f"schedule.warmup_steps ({sched.warmup_steps}) + cooldown_steps ({sched.cooldown_steps}) "
