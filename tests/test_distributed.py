@@ -45,14 +45,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def spawn_ranks(worker, results) -> None:
+def spawn_ranks(worker, results, world: int = WORLD) -> None:
     """Run ``worker(rank, port, results)`` in WORLD processes. Rank 0 writes ``results`` after the last
     collective; a rank that dies after that, in gloo's teardown ("terminate called without an active
     exception" when its peer has already exited), has finished its part, so the run counts. A crash before
     the results exist is retried once on a fresh port and then raised."""
     for attempt in range(2):
         try:
-            torch.multiprocessing.spawn(worker, args=(free_port(), str(results)), nprocs=WORLD, join=True)
+            torch.multiprocessing.spawn(worker, args=(free_port(), str(results)), nprocs=world, join=True)
             return
         except torch.multiprocessing.ProcessExitedException:
             if Path(results).exists():
@@ -142,11 +142,11 @@ def loss_function_reference(name: str) -> dict:
             "bias": bias.grad if bias.grad is not None else torch.zeros(())}
 
 
-def _loss_function_checks(rank: int) -> dict:
+def _loss_function_checks(rank: int, world: int = WORLD) -> dict:
     from clipforge.objectives.distributed import distributed_clip_loss, ring_siglip_loss
 
     images, texts = unit_embeddings(1)
-    b = images.shape[0] // WORLD
+    b = images.shape[0] // world
     out = {}
     for name in ("clip", "siglip"):
         scale = torch.tensor(7.0 if name == "clip" else 10.0, requires_grad=True)
@@ -160,14 +160,43 @@ def _loss_function_checks(rank: int) -> dict:
         loss.backward()
         # DDP's convention: average losses and gradients over ranks. Embedding gradients already
         # hold the sum over every rank that used them, so their mean is that sum / W.
-        grads = {"x": x.grad / WORLD, "y": y.grad / WORLD}
+        grads = {"x": x.grad / world, "y": y.grad / world}
+        for key in ("x", "y"):  # every rank's rows (rank 0 reports them all)
+            parts = [torch.zeros_like(grads[key]) for _ in range(world)]
+            dist.all_gather(parts, grads[key].contiguous())
+            grads[f"{key}_all_ranks"] = torch.cat(parts)
         for key, g in (("scale", scale.grad), ("bias", bias.grad if bias.grad is not None else torch.zeros(()))):
             g = g.clone()
             dist.all_reduce(g)
-            grads[key] = g / WORLD
-        out[name] = {"loss": D.sum_over_ranks([loss.item()], D.current_context(), torch.device("cpu"))[0] / WORLD,
+            grads[key] = g / world
+        out[name] = {"loss": D.sum_over_ranks([loss.item()], D.current_context(), torch.device("cpu"))[0] / world,
                      **grads}
     return out
+
+
+def _three_rank_worker(rank: int, port: int, results: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=3,
+                            timeout=datetime.timedelta(seconds=60))
+    report = _loss_function_checks(rank, world=3)
+    if rank == 0:
+        torch.save(report, results)
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("name", ["clip", "siglip"])
+def test_three_ranks_give_every_rows_gradient_of_the_global_batch(tmp_path, name):
+    """With 3 ranks the ring's two directions differ (with 2, passing left is passing right): every rank's
+    embedding gradients, the scale and bias gradients and the loss equal the one-process global batch."""
+    results = tmp_path / "three.pt"
+    spawn_ranks(_three_rank_worker, results, world=3)
+    got = torch.load(results, weights_only=True)[name]
+    want = loss_function_reference(name)
+    assert abs(got["loss"] - want["loss"]) <= TOL * abs(want["loss"])
+    for key in ("x", "y"):
+        assert relative_error(got[f"{key}_all_ranks"], want[key]) <= TOL, key
+    for key in ("scale", "bias") if name == "siglip" else ("scale",):
+        assert relative_error(got[key], want[key]) <= TOL, key
 
 
 def _model_checks(rank: int) -> dict:
