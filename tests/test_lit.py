@@ -154,6 +154,14 @@ def test_cached_features_equal_fresh_and_loss_matches(tokenizer, tmp_path):
     with pytest.raises(ValueError, match="features of another text tower"):
         TextFeatureCache(tmp_path / "text_cache", cached_step.cache.identity[:16] + "0" * 48, 384)
 
+    # a run under bf16 autocast fills the (shareable) cache with the same float32 features
+    bf16_step, *_ = one_step(lit_recipe(), batch, tmp_path / "bf16")
+    bf16_step.attach_run(tmp_path / "bf16-run")  # an empty cache
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        under_bf16 = bf16_step.cached_text_features(batch)
+    assert under_bf16.dtype == torch.float32
+    torch.testing.assert_close(under_bf16, cached, atol=1e-5, rtol=0)  # bf16 features would be ~1e-2 off
+
 
 def test_checkpoint_loads_offline_resumes_bitwise_and_exports(tmp_path, monkeypatch, tokenizer):
     """Train 4 steps; resume from step 2 gives the same losses bit for bit; the checkpoint then loads

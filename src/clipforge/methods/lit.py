@@ -147,8 +147,11 @@ class LitStep(TrainStep):
         todo = sorted({keys[i - i % m]: i // m for i in reversed(missing)}.values())
         if todo:
             rows = torch.tensor(todo, device=batch["input_ids"].device)
-            with torch.no_grad():
-                features = self.encode_texts(batch["input_ids"][rows], batch["attention_mask"][rows])
+            # float32 whatever the run's autocast: the cache (shared through method.cache_dir) then holds the
+            # same features for an fp32 and a bf16 run
+            device_type = batch["input_ids"].device.type
+            with torch.no_grad(), torch.autocast(device_type, enabled=False):
+                features = self.encode_texts(batch["input_ids"][rows], batch["attention_mask"][rows]).float()
             self.cache.store([keys[c * m + j] for c in todo for j in range(m)], features)
         return self.cache.get(keys).to(batch["input_ids"].device)
 

@@ -84,7 +84,7 @@ def _dense_anchor(outputs: dict[str, Tensor]) -> Tensor | float:
 
 class FlopsConfig(TermConfig):
     name: str = "flops"
-    weight: float = Field(1e-3, ge=0.0, allow_inf_nan=False)  # LexLIP phase 2: 0.002 at |V| = 30,522
+    weight: float = Field(2e-3, ge=0.0, allow_inf_nan=False)  # LexLIP phase 2: 0.002 (at |V| = 30,522)
     warmup_steps: int = Field(0, ge=0)  # quadratic ramp of the weight over the first T optimiser steps
 
 
@@ -97,7 +97,7 @@ class FlopsRegulariser(Term):
     needs = frozenset({"image_lexical", "text_lexical"})
     scope = "gathered"
 
-    def __init__(self, weight: float = 1e-3, warmup_steps: int = 0):
+    def __init__(self, weight: float = 2e-3, warmup_steps: int = 0):
         super().__init__(weight)
         self.warmup_steps = int(warmup_steps)
         # optimiser steps done: saved with the method state, so a resumed run continues the ramp
