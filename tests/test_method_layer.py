@@ -455,3 +455,27 @@ def test_the_step_clamps_the_temperature_after_every_optimiser_step():
         step.model.logit_scale.fill_(math.log(150.0))
     step.after_optimizer_step(1)
     assert float(step.model.logit_scale.exp()) == pytest.approx(100.0, rel=1e-5)
+
+
+def test_filip_training_memory_is_bounded_by_the_chunk():
+    """What autograd keeps for backward: the argmax indices of each block, never a block of token-pair
+    similarities (amax would keep one per max). The saved floats must stay far below one full B x B x n1 x n2."""
+    ni, nt, n1, n2, e = 8, 32, 16, 6, 4
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(ni, n1, e, generator=g, requires_grad=True)
+    texts = torch.randn(nt, n2, e, generator=g, requires_grad=True)
+    mask = torch.ones(nt, n2, dtype=torch.long)
+    mask[:, 4:] = 0
+    saved = []
+
+    def pack(t):
+        saved.append((t.numel(), t.dtype))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        s_image, s_text = late_interaction_scores(images, texts, mask, chunk=8)
+    full_block = ni * nt * n1 * n2
+    floats = sum(n for n, dtype in saved if dtype.is_floating_point)
+    assert floats < full_block / 4, (floats, full_block)
+    (s_image.sum() + s_text.sum()).backward()
+    assert images.grad is not None and texts.grad is not None

@@ -60,11 +60,12 @@ def late_interaction_scores(
         t_mask = text_mask[start:start + chunk]
         sim = upcast_low_precision(torch.einsum("ikd,jrd->ijkr", image_tokens, t_tok))  # Ni x c x n1 x n2
         # image side: each patch's best real word, averaged over real patches
-        best_word = sim.masked_fill(~t_mask[None, :, None, :], float("-inf")).amax(dim=3)  # Ni x c x n1
+        # max(dim).values, not amax: its backward keeps the argmax indices, amax's a copy of the whole block
+        best_word = sim.masked_fill(~t_mask[None, :, None, :], float("-inf")).max(dim=3).values  # Ni x c x n1
         best_word = best_word.masked_fill(~image_mask[:, None, :], 0.0)
         image_scores.append(best_word.sum(2) / image_count[:, None])
         # text side: each real word's best real patch, averaged over real words
-        best_patch = sim.masked_fill(~image_mask[:, None, :, None], float("-inf")).amax(dim=2)  # Ni x c x n2
+        best_patch = sim.masked_fill(~image_mask[:, None, :, None], float("-inf")).max(dim=2).values  # Ni x c x n2
         best_patch = best_patch.masked_fill(~t_mask[None], 0.0)
         text_scores.append(best_patch.sum(2) / text_count[start:start + chunk][None])
     return torch.cat(image_scores, dim=1), torch.cat(text_scores, dim=1)
