@@ -61,7 +61,7 @@ class TinyclipPruneConfig(MethodConfig):
     target_sparsity: float = Field(0.5, gt=0.0, lt=1.0)
     start_sparsity: float = Field(0.0, ge=0.0, lt=1.0)
     warmup_steps: int = Field(100, ge=0)
-    init_keep: float = Field(0.95, gt=0.0, lt=1.0)  # initial P(gate open)
+    init_keep: float = Field(0.95, gt=0.0, lt=1.0)  # log_alpha = logit(init_keep), CoFi's init (P(z > 0) ~ 0.99)
     # TinyCLIP trains the gates (lr 0.02) and the Lagrange multipliers (|lr| 0.02) in an optimiser of their
     # own at a constant lr, no weight decay: at a model's lr (~5e-4) the gates barely move in a few hundred
     # steps. An optim.groups entry matching "gates.*" or "lagrangian.*" overrides these
