@@ -274,6 +274,16 @@ def test_filip_one_token_each_is_the_cosine_and_padding_is_ignored():
     a = late_interaction_scores(img, txt2, mask)
     b = late_interaction_scores(img, padded, mask)
     assert torch.allclose(a[0], b[0]) and torch.allclose(a[1], b[1])
+    # image-side padding (token_keep's sent images): equal to dropping the padded patches by hand
+    img3 = unit(3, 4, 8, seed=3)
+    image_mask = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 1]])
+    img3_padded = img3.clone()
+    img3_padded[image_mask == 0] = txt2[0, 0]  # padding identical to a real word: similarity 1
+    s_i, s_t = late_interaction_scores(img3_padded, txt2, mask, image_mask=image_mask)
+    for i in range(3):
+        real = img3[i : i + 1, : int(image_mask[i].sum())]
+        want_i, want_t = late_interaction_scores(real, txt2, mask)
+        assert torch.allclose(s_i[i], want_i[0], atol=1e-6) and torch.allclose(s_t[i], want_t[0], atol=1e-6)
 
 
 def test_filip_loss_uses_s_image_for_rows_and_s_text_for_columns():
