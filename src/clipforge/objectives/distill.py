@@ -94,7 +94,8 @@ class AffinityDistill(Term):
         with torch.no_grad():  # how often the student's top match is the teacher's
             agree = 0.5 * ((student_i2t.argmax(1) == teacher_i2t.argmax(1)).float().mean()
                            + (student_t2i.argmax(1) == teacher_t2i.argmax(1)).float().mean())
-        return loss, {"top1_agreement": float(agree), "teacher_logit_scale": float(teacher_scale)}
+        # 0-d tensors, not floats: no host sync per micro-batch (the trainer reads metrics when it logs)
+        return loss, {"top1_agreement": agree, "teacher_logit_scale": torch.as_tensor(teacher_scale).detach()}
 
     def extra_repr(self) -> str:
         return f"weight={self.weight}, teacher={self.teacher!r}, teacher_logit_scale={self.teacher_logit_scale}"
