@@ -230,19 +230,20 @@ def dedup_source(data: str, model: str | Path, out: str | Path, *, eps: float = 
     write_keep_list(out, keys[result.keep].tolist(), {"cluster": result.labels[result.keep].tolist()})
     write_cluster_table(out, keys, result)
     report = {"data": data, "embeddings": emb.origin, "embed_seconds": round(embed_s, 3), **result.stats,
-              "keep_list": str(out), "clusters_table": str(_sibling(out, "clusters.parquet"))}
+              "keep_list": str(out), "clusters_table": str(sibling_path(out, "clusters.parquet"))}
     removed = np.flatnonzero(~result.keep)
     examples = removed[np.argsort(-result.max_cos[removed], kind="stable")][:pairs]  # the surest duplicates first
     report["example_pairs"] = [{"removed": emb.keys[j], "kept_neighbour": emb.keys[result.duplicate_of[j]],
                                 "cosine": round(float(result.max_cos[j]), 5)} for j in examples]
     if len(examples):
         report["pairs_png"] = str(pair_grid(data, [(emb.keys[result.duplicate_of[j]], emb.keys[j], result.max_cos[j])
-                                                   for j in examples], _sibling(out, "pairs.png")))
-    _sibling(out, "report.json").write_text(json.dumps(report, indent=2))
+                                                   for j in examples], sibling_path(out, "pairs.png")))
+    sibling_path(out, "report.json").write_text(json.dumps(report, indent=2))
     return report
 
 
-def _sibling(out: Path, suffix: str) -> Path:
+def sibling_path(out: Path, suffix: str) -> Path:
+    """`<out stem>.<suffix>` beside a keep-list (its report, cluster table, pictures)."""
     return out.with_name(f"{out.stem}.{suffix}")
 
 
@@ -251,7 +252,7 @@ def write_cluster_table(out: Path, keys: np.ndarray, result: DedupResult) -> Pat
     import pyarrow.parquet as pq
 
     dup = result.duplicate_of
-    path = _sibling(out, "clusters.parquet")
+    path = sibling_path(out, "clusters.parquet")
     pq.write_table(pa.table({
         "key": keys.tolist(), "cluster": result.labels, "centroid_cos": result.centroid_cos.astype(np.float32),
         "kept": result.keep, "duplicate_of": [keys[i] if i >= 0 else None for i in dup],

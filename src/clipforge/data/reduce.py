@@ -38,7 +38,7 @@ from typing import Protocol
 
 import numpy as np
 
-from clipforge.data.dedup import default_clusters, source_embeddings, spherical_kmeans
+from clipforge.data.dedup import default_clusters, sibling_path, source_embeddings, spherical_kmeans
 from clipforge.data.sources import DataError
 
 
@@ -125,7 +125,7 @@ def reduce_source(data: str, model: str | Path, out: str | Path, *, keep: float 
     clusters_path = write_reduce_table(out, list(emb.keys), table)
     report = {"data": data, "embeddings": emb.origin, **stats, "keep_list": str(out),
               "clusters_table": str(clusters_path)}
-    out.with_name(f"{out.stem}.report.json").write_text(json.dumps(report, indent=2))
+    sibling_path(out, "report.json").write_text(json.dumps(report, indent=2))
     return report
 
 
@@ -134,7 +134,7 @@ def write_reduce_table(out: Path, keys: list[str], table: dict[str, np.ndarray])
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    path = out.with_name(f"{out.stem}.clusters.parquet")
+    path = sibling_path(out, "clusters.parquet")
     pq.write_table(pa.table({"key": keys, **table}), path)
     return path
 
