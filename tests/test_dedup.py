@@ -68,6 +68,21 @@ def test_exact_duplicates_collapse_and_a_larger_eps_never_keeps_more():
     assert np.array_equal(again.labels, first.labels) and np.array_equal(again.keep, first.keep)
 
 
+def test_a_given_labelling_without_centroids_uses_its_members_unit_means():
+    from clipforge.data.dedup import centroids_of
+
+    x, group = planted(seed=4)
+    x = unit(x).astype(np.float32)
+    by_group = semdedup(x, eps=0.01, order="hard", labels=group)  # one cluster per planted group
+    means = np.stack([x[group == g].mean(axis=0) for g in range(group.max() + 1)])
+    assert np.allclose(centroids_of(x, group), unit(means), atol=1e-6)
+    assert np.array_equal(by_group.labels, group) and by_group.stats["clusters"] == group.max() + 1
+    assert np.allclose(by_group.centroid_cos, np.einsum("ij,ij->i", x, unit(means)[group]), atol=1e-5)
+    assert sorted(group[by_group.keep].tolist()) == sorted(set(group.tolist()))  # one per group, as with K-means
+    with pytest.raises(DataError, match="one non-negative cluster index per embedding"):
+        semdedup(x, eps=0.01, labels=group[:-1])
+
+
 def test_blocked_triangle_equals_the_full_matrix():
     rng = np.random.default_rng(0)
     x = unit(rng.normal(size=(57, 8))).astype(np.float32)

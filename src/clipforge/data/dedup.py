@@ -167,9 +167,19 @@ def earlier_max_cos(x: np.ndarray, block: int = BLOCK) -> tuple[np.ndarray, np.n
     return best, arg
 
 
+def centroids_of(x: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Unit mean of each cluster's members (k x E, k = labels.max() + 1): a given labelling's centroids."""
+    labels = np.asarray(labels, dtype=np.int64)
+    if labels.shape != (len(x),) or (len(labels) and labels.min() < 0):
+        raise DataError(f"labels must be one non-negative cluster index per embedding ({len(x)}); got shape {labels.shape}")
+    sums = np.zeros((int(labels.max()) + 1 if len(labels) else 0, x.shape[1]), dtype=np.float64)
+    np.add.at(sums, labels, x)
+    return _unit(sums.astype(np.float32))
+
+
 def semdedup(x: np.ndarray, eps: float, clusters: int | None = None, seed: int = 0, order: str = "hard",
              labels: np.ndarray | None = None, centroids: np.ndarray | None = None) -> DedupResult:
-    """SemDeDup on unit embeddings ``x`` (N x E); ``labels``/``centroids`` reuse a clustering."""
+    """SemDeDup on unit embeddings ``x`` (N x E); ``labels`` (and optionally ``centroids``) reuse a clustering."""
     if not 0.0 <= eps < 1.0:
         raise DataError(f"--eps must be in [0, 1): items with cosine above 1 - eps are duplicates; got {eps}")
     x = _unit(x)
@@ -177,6 +187,8 @@ def semdedup(x: np.ndarray, eps: float, clusters: int | None = None, seed: int =
     start = time.perf_counter()
     if labels is None:
         labels, centroids = spherical_kmeans(x, clusters or default_clusters(n), seed)
+    elif centroids is None:
+        centroids = centroids_of(x, labels)
     kmeans_s = time.perf_counter() - start
     centroid_cos = np.einsum("ij,ij->i", x, centroids[labels])
     keep = np.ones(n, dtype=bool)
