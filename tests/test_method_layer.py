@@ -260,6 +260,12 @@ def test_filip_vectorised_equals_the_pairwise_loop_and_chunks_do_not_matter():
         s_i, s_t = late_interaction_scores(img, txt, mask, chunk=chunk)
         assert torch.allclose(s_i, want_i, atol=1e-6) and torch.allclose(s_t, want_t, atol=1e-6)
     assert not torch.allclose(want_i, want_t)  # asymmetric
+    only_i, none_t = late_interaction_scores(img, txt, mask, chunk=4, sides="image")
+    none_i, only_t = late_interaction_scores(img, txt, mask, chunk=4, sides="text")
+    assert none_t is None and none_i is None  # one direction computed, the other not at all
+    assert torch.allclose(only_i, want_i, atol=1e-6) and torch.allclose(only_t, want_t, atol=1e-6)
+    with pytest.raises(ValueError, match="sides must be"):
+        late_interaction_scores(img, txt, mask, sides="rows")
 
 
 def test_filip_one_token_each_is_the_cosine_and_padding_is_ignored():

@@ -88,7 +88,8 @@ def own_caption_scores(image_tokens: Tensor, text_tokens: Tensor, text_mask: Ten
 
     m = len(text_tokens) // len(image_tokens)
     return torch.cat([late_interaction_scores(image_tokens[i : i + 1], text_tokens[i * m : (i + 1) * m],
-                                              text_mask[i * m : (i + 1) * m])[0] for i in range(len(image_tokens))])
+                                              text_mask[i * m : (i + 1) * m], sides="image")[0]
+                      for i in range(len(image_tokens))])
 
 
 def late_interaction_topk(model, images: Iterable[Tensor], texts: TextTokens, k: int, *, chunk: int = PAIR_CHUNK

@@ -40,11 +40,16 @@ def late_interaction_scores(
     text_mask: Tensor | None = None,
     image_mask: Tensor | None = None,
     chunk: int = 64,
-) -> tuple[Tensor, Tensor]:
+    sides: str = "both",
+) -> tuple[Tensor | None, Tensor | None]:
     """(Ni, n1, E), (Nt, n2, E) token embeddings -> (s^I, s^T), both Ni x Nt.
 
     ``text_mask`` / ``image_mask`` (1 = real token) drop padding from both the max and the mean.
+    ``sides`` = "image" or "text" computes that score only (the other is None): a distributed step needs
+    one direction from each of its two calls.
     """
+    if sides not in ("both", "image", "text"):
+        raise ValueError(f"sides must be 'both', 'image' or 'text', got {sides!r}")
     ni, n1, _ = image_tokens.shape
     nt, n2, _ = text_tokens.shape
     if text_mask is None:
@@ -59,16 +64,17 @@ def late_interaction_scores(
         t_tok = text_tokens[start:start + chunk]
         t_mask = text_mask[start:start + chunk]
         sim = upcast_low_precision(torch.einsum("ikd,jrd->ijkr", image_tokens, t_tok))  # Ni x c x n1 x n2
-        # image side: each patch's best real word, averaged over real patches
-        # max(dim).values, not amax: its backward keeps the argmax indices, amax's a copy of the whole block
-        best_word = sim.masked_fill(~t_mask[None, :, None, :], float("-inf")).max(dim=3).values  # Ni x c x n1
-        best_word = best_word.masked_fill(~image_mask[:, None, :], 0.0)
-        image_scores.append(best_word.sum(2) / image_count[:, None])
-        # text side: each real word's best real patch, averaged over real words
-        best_patch = sim.masked_fill(~image_mask[:, None, :, None], float("-inf")).max(dim=2).values  # Ni x c x n2
-        best_patch = best_patch.masked_fill(~t_mask[None], 0.0)
-        text_scores.append(best_patch.sum(2) / text_count[start:start + chunk][None])
-    return torch.cat(image_scores, dim=1), torch.cat(text_scores, dim=1)
+        if sides != "text":  # image side: each patch's best real word, averaged over real patches
+            # max(dim).values, not amax: its backward keeps the argmax indices, amax's a copy of the whole block
+            best_word = sim.masked_fill(~t_mask[None, :, None, :], float("-inf")).max(dim=3).values  # Ni x c x n1
+            best_word = best_word.masked_fill(~image_mask[:, None, :], 0.0)
+            image_scores.append(best_word.sum(2) / image_count[:, None])
+        if sides != "image":  # text side: each real word's best real patch, averaged over real words
+            best_patch = sim.masked_fill(~image_mask[:, None, :, None], float("-inf")).max(dim=2).values  # Ni x c x n2
+            best_patch = best_patch.masked_fill(~t_mask[None], 0.0)
+            text_scores.append(best_patch.sum(2) / text_count[start:start + chunk][None])
+    return (torch.cat(image_scores, dim=1) if image_scores else None,
+            torch.cat(text_scores, dim=1) if text_scores else None)
 
 
 def most_matched_tokens(tokens: Tensor, mask: Tensor | None, others: Tensor, others_mask: Tensor | None,
@@ -176,10 +182,10 @@ class FilipLoss(Term):
         all_mask = gather_no_grad(sent_mask)
         rank, b_img, b_txt = dist.get_rank(), image_tokens.shape[0], text_tokens.shape[0]
         # image -> text rows: this rank's images (all their tokens) against every text
-        s_image, _ = late_interaction_scores(image_tokens, all_texts, all_mask, chunk=self.chunk)
+        s_image, _ = late_interaction_scores(image_tokens, all_texts, all_mask, chunk=self.chunk, sides="image")
         # text -> image rows: this rank's texts against every image
         _, s_text = late_interaction_scores(all_images, text_tokens, text_mask, image_mask=all_image_mask,
-                                            chunk=self.chunk)
+                                            chunk=self.chunk, sides="text")
         local_owner = owner if owner is not None else torch.arange(b_txt, device=text_tokens.device)
         global_owner = gathered_owner(local_owner, b_img)  # owners of all texts, in global image indices
         loss = multi_positive_clip_loss(
