@@ -194,6 +194,27 @@ def test_trainer_resumes_shards_exactly_and_logs_skips(tmp_path, faulty):
     assert config["preprocess"]["train"]["crop"] == "random-resized" and config["preprocess"]["crop"] == "center"
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_resumed_run_on_files_draws_the_same_patch_dropout(tmp_path, workers):
+    """Building the loader on resume must not draw from the global torch RNG that the checkpoint restored:
+    FLIP's patch dropout (drawn from it on the CPU) then masks the same patches as the uninterrupted run."""
+    from tiny_checkpoint import make_caption_jsonl
+
+    from clipforge.train.trainer import Trainer
+
+    table = make_caption_jsonl(tmp_path / "data", n=40)
+    recipe_file = tmp_path / "tiny.toml"
+    recipe_file.write_text(TINY)
+    sets = [f"data.train=jsonl:{table}", f"data.num_workers={workers}", "model.patch_dropout=0.5",
+            "train.checkpoint_every_steps=3"]
+    Trainer(load_recipe(str(recipe_file), [*sets, "train.steps=6"]), tmp_path / "full").fit()
+    Trainer(load_recipe(str(recipe_file), [*sets, "train.steps=3"]), tmp_path / "cut").fit()
+    with pytest.warns(UserWarning, match="train.steps"):
+        Trainer(load_recipe(str(recipe_file), [*sets, "train.steps=6"]), tmp_path / "cut", resume="latest").fit()
+    full, cut = _losses(tmp_path / "full"), _losses(tmp_path / "cut")
+    assert len(full) == 6 and cut == full
+
+
 # ----------------------------------------------------------------------------- CIFAR-10, end to end
 def extract_cifar_subset(dest: Path, train_per_class: int, holdout_per_class: int) -> tuple[Path, Path]:
     """Stream the first images of each class out of the tar.gz into train/ and holdout/ image folders."""

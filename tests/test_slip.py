@@ -219,6 +219,24 @@ def test_strong_policy_changes_the_pixels_and_leaves_the_global_rng_alone():
     assert strong["images"].dtype == torch.uint8 and strong["images"].shape == plain["images"].shape
 
 
+def test_the_photometric_policy_seeds_the_cpu_generator_only(monkeypatch):
+    """With num_workers = 0 on a GPU, reseeding CUDA from each image's seed would tie the run's GPU draws
+    (patch dropout, dropout) to the data; fork_rng(devices=[]) would not restore it."""
+    import random
+
+    from clipforge.data.views import photometric
+
+    def no_cuda_seed(seed):
+        raise AssertionError("the photometric policy reseeded the CUDA generators")
+
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", no_cuda_seed)
+    pixels = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    first = [photometric(pixels, random.Random(seed)) for seed in range(4)]
+    again = [photometric(pixels, random.Random(seed)) for seed in range(4)]
+    assert all(torch.equal(a, b) for a, b in zip(first, again))  # still seeded: the same draw per seed
+    assert not all(torch.equal(first[0], f) for f in first[1:])
+
+
 @pytest.fixture
 def image_folder(tmp_path):
     g = torch.Generator().manual_seed(0)

@@ -977,6 +977,9 @@ def build_source_train_loader(
     loader = DataLoader(
         dataset,
         batch_size=None,  # items already are batches
+        # a private generator: creating the iterator must not draw from the global torch RNG, which
+        # patch dropout, A-CLIP's crops and L0 gates use and which a resumed run restores (as loader.py)
+        generator=torch.Generator().manual_seed(data_cfg.seed),
         num_workers=n,
         pin_memory=pin_memory,
         persistent_workers=n > 0,

@@ -62,7 +62,8 @@ def photometric(pixels: torch.Tensor, rng: random.Random) -> torch.Tensor:
     """The photometric policy on one uint8 3 x S x S image, drawn from ``rng`` (the global torch RNG is left as it was)."""
     policy = photometric_policy(pixels.shape[-1])
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(rng.getrandbits(63))
+        # the CPU generator only: torch.manual_seed would also reseed CUDA, which fork_rng(devices=[]) leaves
+        torch.random.default_generator.manual_seed(rng.getrandbits(63))
         return policy(pixels)
 
 
