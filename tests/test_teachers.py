@@ -85,3 +85,60 @@ def test_teacher_cache_written_by_embed_is_found_by_the_loaders_keys(tmp_path):
 def test_a_cache_directory_without_keys_is_refused(tmp_path):
     with pytest.raises(TeacherError, match="--teacher-cache"):
         CacheTeacher(TeacherConfig(name="cache", kind="cache", path=str(tmp_path)))
+
+
+def _teacher_run(run: Path, step: int, seed: int) -> Path:
+    """A teacher run's checkpoint at ``step`` (random tiny weights from ``seed``); ``latest`` moves to it."""
+    from clipforge.config import DataConfig, ModelConfig, Recipe, TokenizerConfig
+    from clipforge.models.clip import CLIP
+    from clipforge.models.tokenizer import BPETokenizer
+    from clipforge.train.checkpoint import save_checkpoint
+    from tiny_checkpoint import CAPTIONS, TINY_MODEL
+
+    torch.manual_seed(seed)
+    recipe = Recipe(name="teacher", model=ModelConfig(**TINY_MODEL), data=DataConfig(tokenizer=TokenizerConfig(vocab_size=200)))
+    tokenizer = BPETokenizer.train(CAPTIONS * 4, 200, recipe.model.context_length)
+    return save_checkpoint(run / "checkpoints", step, CLIP(recipe.model), recipe, tokenizer, train_state=None,
+                           keep_last=3)
+
+
+def test_a_resumed_student_keeps_the_teacher_checkpoint_it_started_from(tmp_path):
+    """A teacher named by its run directory moves on while that run trains: the student pins the step
+    directory it started from, and a resume after the teacher's ``latest`` moved distils from the same
+    weights (losses equal the uninterrupted run's). A pinned checkpoint that is gone is said plainly."""
+    import json
+
+    from clipforge.config import load_recipe
+    from clipforge.train.trainer import Trainer
+    from tiny_checkpoint import TINY_MODEL_TOML, TINY_RUN_TOML
+
+    first = _teacher_run(tmp_path / "big", 1, seed=0)
+    recipe_file = tmp_path / "student.toml"
+    recipe_file.write_text('base = "tiny-shapes"\n' + TINY_MODEL_TOML + TINY_RUN_TOML + f"""
+[[teachers]]
+name = "big"
+kind = "checkpoint"
+path = "{tmp_path / 'big'}"
+""")
+    sets = ['objective.terms=[{name="affinity_distill", teacher="big"}]', "train.checkpoint_every_steps=2"]
+
+    def losses(run: Path) -> dict[int, float]:
+        rows = map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+        return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+    Trainer(load_recipe(str(recipe_file), sets), tmp_path / "full").fit()
+    Trainer(load_recipe(str(recipe_file), [*sets, "train.steps=2"]), tmp_path / "cut").fit()
+    assert str(first.resolve()) in (tmp_path / "cut" / "recipe.toml").read_text()  # pinned, not the run dir
+    _teacher_run(tmp_path / "big", 2, seed=1)  # the teacher run moves on
+    with pytest.warns(UserWarning, match="this run keeps .*step_0000001, the checkpoint it started from"):
+        Trainer(load_recipe(str(recipe_file), sets), tmp_path / "cut", resume="latest").fit()
+    assert losses(tmp_path / "cut") == losses(tmp_path / "full") and len(losses(tmp_path / "full")) == 4
+
+    # the pinned checkpoint pruned away: the resume goes on with the newer one and says so
+    Trainer(load_recipe(str(recipe_file), [*sets, "train.steps=2"]), tmp_path / "gone").fit()
+    import shutil
+
+    shutil.rmtree(tmp_path / "big" / "checkpoints" / "step_0000002")
+    _teacher_run(tmp_path / "big", 3, seed=2)
+    with pytest.warns(UserWarning, match="step_0000002, the checkpoint this run started from, is gone"):
+        Trainer(load_recipe(str(recipe_file), sets), tmp_path / "gone", resume="latest").fit()

@@ -130,6 +130,42 @@ class CheckpointTeacher(nn.Module):
                               ids.to(device), mask.to(device))
 
 
+def pinned_checkpoint_path(path: str) -> str:
+    """A checkpoint teacher's fixed location: a run directory, or its ``checkpoints/latest`` link, moves on
+    while that run trains, so a run pins the step directory it starts from (absolute, links followed)."""
+    p = Path(path)
+    if p.is_dir() and (p / "checkpoints" / "latest").exists():
+        p = p / "checkpoints" / "latest"
+    return str(p.resolve()) if p.exists() else path  # a missing path is explained when it is loaded
+
+
+def pin_checkpoint_teachers(teachers: list[TeacherConfig], saved: list[dict] | None = None
+                            ) -> tuple[list[TeacherConfig], list[str]]:
+    """Checkpoint teachers with pinned paths, and notes for the user.
+
+    A new run (``saved`` None) pins what each path points at now. A resumed run keeps the checkpoint it
+    started from (``saved``: the checkpoint's recipe teachers) while the recipe still names the same run
+    (a step directory of the same ``checkpoints/`` folder), so distillation resumes exactly; a recipe that
+    names another run or checkpoint takes it (the recipe check warns of the change)."""
+    before = {t.get("name"): t.get("path") for t in saved or [] if t.get("kind") == "checkpoint"}
+    pinned, notes = [], []
+    for cfg in teachers:
+        if cfg.kind != "checkpoint" or not cfg.path:
+            pinned.append(cfg)
+            continue
+        path, old = pinned_checkpoint_path(cfg.path), before.get(cfg.name)
+        if old and old != path and Path(old).parent == Path(path).parent:  # the same run, moved on
+            if Path(old).exists():
+                notes.append(f"teachers '{cfg.name}': {cfg.path} now points at {Path(path).name}; this run keeps "
+                             f"{old}, the checkpoint it started from (start a new run for the newer teacher)")
+                path = old
+            else:
+                notes.append(f"teachers '{cfg.name}': {old}, the checkpoint this run started from, is gone (pruned "
+                             f"or moved); continuing with {path}, so the resumed run distils from another teacher")
+        pinned.append(cfg.model_copy(update={"path": path}))
+    return pinned, notes
+
+
 def load_teacher_model(cfg: TeacherConfig):
     """(CLIP model, tokenizer) from a clipforge checkpoint dir, or OpenCLIP weights + openclip_config."""
     path = Path(cfg.path)

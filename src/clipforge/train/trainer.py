@@ -179,22 +179,31 @@ class Trainer:
 
     def _prepare_run_dir(self) -> Path | None:
         """Rank 0 checks the run dir and picks the checkpoint; every rank gets the same answer or error."""
-        found, error = None, None
+        from clipforge.train.teachers import pin_checkpoint_teachers
+
+        found, error, teachers = None, None, self.recipe.teachers
         if self.dist.is_main:
             try:
                 found = self._check_run_dir()
+                saved = (ckpt.read_config(found).get("recipe") or {}).get("teachers") if found else None
+                teachers, notes = pin_checkpoint_teachers(self.recipe.teachers, saved)
+                for note in notes:
+                    warnings.warn(note)
                 self.run_dir.mkdir(parents=True, exist_ok=True)
-                (self.run_dir / "recipe.toml").write_text(recipe_to_toml(self.recipe))
+                (self.run_dir / "recipe.toml").write_text(recipe_to_toml(self.recipe.model_copy(
+                    update={"teachers": teachers})))
             except (TrainingError, ckpt.CheckpointError) as e:
                 if not self.dist.enabled:
                     raise
                 error = (type(e).__name__, str(e))
-        found, error = D.broadcast_from_main((found, error), self.dist)
+        found, error, teachers = D.broadcast_from_main((found, error, teachers), self.dist)
         if error is not None:  # the other ranks raise rank 0's error rather than wait for it
             kind, message = error
             err = ckpt.CheckpointError(message) if kind == "CheckpointError" else TrainingError(message)
             err.every_rank = True
             raise err
+        # checkpoint teachers as pinned by rank 0: every rank loads the same step directory
+        self.recipe = self.recipe.model_copy(update={"teachers": teachers})
         return found
 
     def _start_logs(self, resume_from: Path | None, step: int, device: torch.device, plain, loader):
@@ -340,6 +349,7 @@ class Trainer:
         r, ctx = self.recipe, self.dist
         check_trackers(r.logging.report_to)
         resume_from = self._prepare_run_dir()
+        r = self.recipe  # checkpoint teachers pinned to a step directory
         tokenizer, model, optimizer, loader, state = self._build(resume_from, device)
         plain = D.unwrap(model)  # the training step (model, objective, teachers, heads)
         log = self._start_logs(resume_from, state["step"], device, plain, loader)
