@@ -456,6 +456,10 @@ def test_resume_accepts_training_knobs_with_one_warning_each():
     constant = recipe(optim={"groups": [{"match": "text.*", "lr": 0.02}, {"match": "logit_*", "freeze": True}]})
     again = recipe(optim={"groups": [{"match": "text.*", "lr": 0.05}, {"match": "logit_*", "freeze": True}]})
     assert check_resume_compatible(constant.model_dump(mode="json"), again) == ["optim.groups[0].lr: 0.02 -> 0.05"]
+    # a longer run under a decaying schedule: the warning says the lr follows the new length
+    longer = check_resume_compatible(saved, recipe(train__steps=saved["train"]["steps"] * 2))
+    assert len(longer) == 1 and "the cosine schedule" in longer[0] and "lr jumps" in longer[0]
+    assert "lr jumps" not in text  # a constant schedule does not move
 
 
 def test_resume_refuses_architecture_and_optimizer_layout_changes_naming_key_and_reason():

@@ -655,6 +655,10 @@ def check_resume_compatible(saved_recipe: dict[str, Any] | None, recipe: Recipe)
         elif key == "method.name":
             errors.append(f"{change}: the training step owns the model and any extra heads, so another method "
                           "lays out the saved state differently")
+        elif key == "train.steps" and now["schedule"]["kind"] != "constant":
+            warnings.append(f"{key}: {_show(old)} -> {_show(new)} (the {now['schedule']['kind']} schedule, and an EMA "
+                            "teacher's cosine momentum, are functions of train.steps: they now follow the new "
+                            "length from this step on, so the lr jumps where a decay had begun)")
         else:
             warnings.append(f"{key}: {_show(old)} -> {_show(new)}")
 
