@@ -175,10 +175,9 @@ class LitStep(TrainStep):
             outputs["text_owner"] = owner.repeat_interleave(self.texts_per_caption)
         return outputs
 
-    def method_state_dict(self, full: dict[str, Tensor]) -> dict[str, Tensor]:
-        if self.cache is not None:  # a checkpoint is being written: make the features seen so far durable
+    def before_checkpoint(self) -> None:
+        if self.cache is not None:  # every rank's features seen so far become durable with the checkpoint
             self.cache.flush()
-        return super().method_state_dict(full)
 
 
 @register_method

@@ -170,6 +170,10 @@ class TrainStep(nn.Module):
                 and all(type(t).after_optimizer_step is Term.after_optimizer_step for t in terms))
 
     # ------------------------------------------------------------------ state
+    def before_checkpoint(self) -> None:
+        """On every rank, before a checkpoint is written: make durable what lives outside the state dict
+        (LiT's text-feature cache writes each rank's pending rows)."""
+
     def method_state_dict(self, full: dict[str, Tensor]) -> dict[str, Tensor]:
         """Everything but the model's own weights (those go to model.safetensors)."""
         return {k: v for k, v in full.items() if not k.startswith("model.")}

@@ -365,6 +365,7 @@ class Trainer:
 
         def save() -> Path:
             state["elapsed_s"] = time.monotonic() - start_time
+            plain.before_checkpoint()  # on every rank (LiT: each rank's text-cache shards)
             # every rank takes part: FSDP gathers the shards, rank 0 collects every rank's RNG
             weights = D.full_model_state(model, ctx, r.train.fsdp)
             optim_state = D.full_optimizer_state(model, optimizer, ctx, r.train.fsdp)
