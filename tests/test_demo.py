@@ -58,3 +58,29 @@ def test_every_shipped_recipe_builds_and_takes_a_step(name):
     loss, _ = step.compute_loss(step(batch), batch)
     loss.backward()
     assert torch.isfinite(loss) and step.model.logit_scale.grad is not None
+
+
+def test_the_demo_replaces_only_its_own_folders_and_checks_its_arguments_first(tmp_path):
+    from clipforge.config import RecipeError
+    from clipforge.demo import DEMO_MARK, clear_demo_dir
+
+    run = tmp_path / "t1"  # a training run (recipe.toml, a checkpoint) that a user points the demo at
+    (run / "checkpoints" / "step_0000002").mkdir(parents=True)
+    (run / "recipe.toml").write_text('base = "tiny-shapes"\n')
+    with pytest.raises(RecipeError, match="train.stepz"):
+        run_demo(run, minutes=0.1, overrides=["train.stepz=1"])
+    with pytest.raises(RecipeError, match="--minutes .* must be positive"):
+        run_demo(run, minutes=-1)
+    with pytest.raises(FileExistsError, match="is a training run; the demo replaces only its own folders"):
+        run_demo(run, minutes=0.1, overrides=SMALL)
+    assert (run / "checkpoints" / "step_0000002").is_dir()  # nothing was lost
+    earlier = tmp_path / "demo"  # an earlier demo's folder (its mark) is replaced
+    (earlier / "checkpoints").mkdir(parents=True)
+    (earlier / DEMO_MARK).write_text("")
+    clear_demo_dir(earlier)
+    assert not earlier.exists()
+    older = tmp_path / "old-demo"  # a demo from before the mark: its eval.json summary says so
+    older.mkdir()
+    (older / "eval.json").write_text(json.dumps({"steps": 3, "train_and_eval_seconds": 1.0}))
+    clear_demo_dir(older)
+    assert not older.exists()

@@ -319,7 +319,7 @@ def distill(
 
 @app.command()
 def demo(
-    run_dir: Path = typer.Option(Path("runs/demo"), "--run-dir", help="Where the demo run goes (replaced if it exists)."),
+    run_dir: Path = typer.Option(Path("runs/demo"), "--run-dir", help="Where the demo run goes (an earlier demo there is replaced; any other folder is refused)."),
     minutes: float = typer.Option(5.0, "--minutes", help="Wall-clock budget for training."),
     set_: list[str] = typer.Option([], "--set", help="Override a tiny-shapes recipe value (repeatable)."),
 ) -> None:

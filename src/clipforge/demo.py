@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from clipforge.config import Recipe, load_recipe
+from clipforge.config import Recipe, RecipeError, load_recipe
 
 
 class StepTimer:
@@ -46,6 +46,30 @@ def time_one_step(recipe: Recipe, warmup: int = 2, timed: int = 4) -> float:
     return sorted(times)[len(times) // 2]
 
 
+DEMO_MARK = ".clipforge-demo"
+
+
+def is_demo_run(run_dir: Path) -> bool:
+    """A folder the demo wrote: its mark, or (older demos) an eval.json with the demo's summary."""
+    if (run_dir / DEMO_MARK).is_file():
+        return True
+    try:
+        return "train_and_eval_seconds" in json.loads((run_dir / "eval.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def clear_demo_dir(run_dir: Path) -> None:
+    """The demo always starts fresh, but replaces only a folder an earlier demo wrote."""
+    if not run_dir.exists():
+        return
+    if not is_demo_run(run_dir):
+        what = "a training run" if (run_dir / "recipe.toml").is_file() else "not a demo run"
+        raise FileExistsError(f"{run_dir} exists and is {what}; the demo replaces only its own folders. "
+                              "Choose another --run-dir (or remove that folder yourself)")
+    shutil.rmtree(run_dir)
+
+
 def run_demo(run_dir: str | Path = "runs/demo", minutes: float = 5.0, overrides: list[str] | None = None,
              recipe_name: str = "tiny-shapes", evals_during_training: int = 5) -> dict:
     from clipforge.eval.hooks import default_eval_hooks
@@ -53,11 +77,12 @@ def run_demo(run_dir: str | Path = "runs/demo", minutes: float = 5.0, overrides:
     from clipforge.train.trainer import Trainer
 
     run_dir = Path(run_dir)
-    if run_dir.exists():
-        if not (run_dir / "recipe.toml").is_file():
-            raise FileExistsError(f"{run_dir} exists and is not a clipforge run; choose another --run-dir")
-        shutil.rmtree(run_dir)  # the demo always starts fresh
-    recipe = load_recipe(recipe_name, overrides)
+    if not minutes > 0:
+        raise RecipeError(f"--minutes is the training budget in minutes and must be positive; got {minutes:g}")
+    recipe = load_recipe(recipe_name, overrides)  # a bad --set is refused before anything is removed
+    clear_demo_dir(run_dir)
+    (run_dir / DEMO_MARK).parent.mkdir(parents=True, exist_ok=True)
+    (run_dir / DEMO_MARK).write_text("written by `clipforge demo`: the next demo may replace this folder\n")
     seconds_per_step = time_one_step(recipe)
     # leave ~15% of the budget for data start-up, periodic evaluation, checkpoints and load noise
     steps = max(20, int(0.85 * 60 * minutes / seconds_per_step))
