@@ -125,6 +125,29 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     assert state["step"] >= 3 and latest.name == ckpt.step_dir_name(state["step"])
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("source", ["shapes", "jsonl"])
+def test_sigterm_to_the_process_group_with_loader_workers_still_saves(tmp_path, source):
+    """timeout, scancel and job limits signal the whole group: the loader's workers must outlive it
+    until the trainer has taken its step and saved (they died first, and the run ended in an error)."""
+    import os
+
+    from tiny_checkpoint import make_caption_jsonl
+
+    recipe = write_recipe(tmp_path, steps=100000)
+    data = [] if source == "shapes" else ["--set", f"data.train=jsonl:{make_caption_jsonl(tmp_path / 'd', n=48)}"]
+    run = tmp_path / "run"
+    proc = subprocess.Popen(cli("train", str(recipe), "--run-dir", str(run), "--set", "data.num_workers=2", *data),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    wait_for_step(run, 3, proc)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "stopped by signal" in err and "Traceback" not in err
+    state = ckpt.load_train_state((run / "checkpoints" / "latest").resolve())
+    assert state["step"] >= 3
+
+
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
     recipe = write_recipe(tmp_path)
     out = subprocess.run(cli("train", str(recipe), "--run-dir", str(tmp_path / "empty"), "--resume", "latest"),

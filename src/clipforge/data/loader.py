@@ -215,6 +215,7 @@ def build_train_loader(
                                          world_size=world_size, state=data_state, pin_memory=pin_memory,
                                          prefetch_batches=prefetch_batches)
     from clipforge.data.pipeline import sub_caption_plan
+    from clipforge.data.pipeline import leave_stop_signals_to_the_trainer
     from clipforge.data.views import SampleAugmenter
 
     kept = None
@@ -237,6 +238,7 @@ def build_train_loader(
         # which patch dropout uses and which a resumed run restores from the checkpoint
         generator=torch.Generator().manual_seed(data_cfg.seed),
         num_workers=workers,
+        worker_init_fn=leave_stop_signals_to_the_trainer,  # the trainer saves on SIGTERM to the group
         pin_memory=pin_memory,
         persistent_workers=workers > 0,
         # prefetch_factor counts items per worker; keep about prefetch_batches in flight overall

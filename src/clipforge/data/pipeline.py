@@ -981,11 +981,23 @@ def build_source_train_loader(
         # patch dropout, A-CLIP's crops and L0 gates use and which a resumed run restores (as loader.py)
         generator=torch.Generator().manual_seed(data_cfg.seed),
         num_workers=n,
+        worker_init_fn=leave_stop_signals_to_the_trainer,
         pin_memory=pin_memory,
         persistent_workers=n > 0,
         prefetch_factor=max(2, -(-prefetch_batches // n)) if n > 0 else None,
     )
     return SourceTrainLoader(iter(loader), fingerprint, cursors, batches_done, data_cfg.max_skip_fraction)
+
+
+def leave_stop_signals_to_the_trainer(worker_id: int) -> None:
+    """DataLoader worker start-up: ignore SIGTERM (and SIGINT). ``timeout``, SLURM's scancel and job
+    limits signal the whole process group; a worker that died of it would fail the next batch before
+    the trainer, which saves a checkpoint on that signal, could take its step. The workers still end
+    with the loader, and on their own when the trainer's process is gone (torch's watchdog)."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class _PerSlotPlan:
