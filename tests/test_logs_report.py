@@ -321,3 +321,25 @@ def test_progress_reads_the_loss_only_when_it_shows_it(monkeypatch, capsys, live
         assert 2 <= loss.reads <= 21
     else:  # one read per printed line: step 1, every 2 s, the last step
         assert loss.reads == len(LINE.findall(out)) <= 12 and "loss 1.5000" in out
+
+
+def test_a_half_written_last_line_neither_stops_a_resume_nor_the_report(tmp_path):
+    """A crash or a full disk in the middle of a write leaves a cut line at the end of metrics.jsonl."""
+    from clipforge.config import load_recipe
+    from clipforge.eval.report import read_metrics
+    from clipforge.train.trainer import Trainer
+    from tiny_checkpoint import TINY_MODEL_TOML, TINY_RUN_TOML
+
+    recipe_file = tmp_path / "tiny.toml"
+    recipe_file.write_text('base = "tiny-shapes"\n' + TINY_MODEL_TOML + TINY_RUN_TOML)
+    run = tmp_path / "run"
+    Trainer(load_recipe(str(recipe_file), ["train.steps=2"]), run).fit()
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "loss": 0.12')  # cut short
+    with pytest.warns(UserWarning, match="skipped 1 damaged line"):
+        train, _ = read_metrics(run)
+    assert [r["step"] for r in train] == [1, 2]
+    with pytest.warns(UserWarning, match="skipped 1 damaged line"):
+        Trainer(load_recipe(str(recipe_file), ["train.steps=3"]), run, resume="latest").fit()
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]  # the cut line is gone, the resumed step follows

@@ -28,11 +28,10 @@ def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is {run_dir} a clipforge run directory?")
+    from clipforge.train.logs import read_metric_records
+
     train, evals = [], []
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        rec = json.loads(line)
+    for rec in read_metric_records(path):
         (train if "loss" in rec else evals).append(rec)
     return train, evals
 

@@ -10,6 +10,7 @@ import math
 import os
 import platform
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,27 @@ class NoLog:
         pass
 
 
+def read_metric_records(path: Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl. A line that is not a whole record (a crash or a full disk in the
+    middle of a write) is skipped with a warning instead of making the run unreadable and unresumable."""
+    records, damaged = [], 0
+    for line in path.read_text(errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+        else:
+            damaged += 1
+    if damaged:
+        warnings.warn(f"{path}: skipped {damaged} damaged line(s) (not a whole JSON record with a step; a write "
+                      "cut short by a crash or a full disk)")
+    return records
+
+
 class MetricsLog:
     """metrics.jsonl (+ TensorBoard, + the trackers in ``logging.report_to``), run_info.json, and the
     evaluation results printed to stdout. On resume, records past the resumed step are dropped."""
@@ -54,8 +76,8 @@ class MetricsLog:
         self._resumed = resume_step is not None
         self._session: dict[str, Any] | None = None
         if resume_step is not None and self.path.exists():
-            kept = [l for l in self.path.read_text().splitlines() if l and json.loads(l)["step"] <= resume_step]
-            self.path.write_text("".join(l + "\n" for l in kept))
+            kept = [r for r in read_metric_records(self.path) if r["step"] <= resume_step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         elif resume_step is None:
             self.path.write_text("")
         self._file = open(self.path, "a", buffering=1)
