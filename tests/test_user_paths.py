@@ -303,3 +303,11 @@ def test_train_refuses_a_missing_data_path_with_where_it_looked_and_the_recipes_
                                   "--set", f"data.train=imagefolder:{tmp_path / 'here'} + jsonl:{missing}")
     err = " ".join(err.split())
     assert code == 2 and f"data.train: jsonl file not found: {missing}." in err and "working directory" not in err
+
+
+def test_a_missing_teacher_is_a_clear_error_not_a_traceback(tmp_path, capsys):
+    """tinyclip-shapes as shipped names runs/big, which a user trains first."""
+    code, _, err = cli_in_process(capsys, "train", "tinyclip-shapes", "--run-dir", tmp_path / "s",
+                                  "--set", f"teachers.0.path={tmp_path / 'nope'}")
+    assert code == 2 and "Traceback" not in err
+    assert "teachers 'teacher'" in err and "does not exist" in err and "checkpoints/latest" in err

@@ -198,12 +198,14 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from clipforge.models.convert import ConversionError  # also ExportError
     from clipforge.merge import MergeError
     from clipforge.models.fused_mlp import FusedMLPUnavailable
+    from clipforge.models.hf_text import TextTowerError
     from clipforge.train.checkpoint import CheckpointError
+    from clipforge.train.teachers import TeacherError
     from clipforge.train.trainer import TrainingError
 
     return (RecipeError, CheckpointError, TrainingError, FileNotFoundError, ConversionError, FileExistsError,
             EmbedError, SearchIndexError, ServerError, DataError, EvalError,
-            MissingDependencyError, BenchError, FusedMLPUnavailable, MergeError)
+            MissingDependencyError, BenchError, FusedMLPUnavailable, MergeError, TeacherError, TextTowerError)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
