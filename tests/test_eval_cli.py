@@ -412,3 +412,28 @@ def test_api_option_errors_raise_eval_error(tiny_ckpt, tmp_path):
     (tmp_path / "ids.csv").write_text("image,label\nval/red_things/000.jpg,0\nval/blue_things/000.jpg,1\n")
     with pytest.raises(EvalError, match="classes are only numbers.*pass --classnames"):
         evaluate(tiny_ckpt, "zeroshot", f"csv:{tmp_path / 'ids.csv'}")
+
+
+def test_out_paths_are_checked_before_the_work_and_never_overwrite_an_input(capsys, tiny_ckpt, tmp_path):
+    from clipforge.outputs import new_output_dir
+
+    root = make_colour_folder(tmp_path / "val", per_class=1)
+    args = ["--task", "zeroshot", "--data", f"imagefolder:{root}", "--workers", "0", "--no-plots"]
+    # one model, --out an existing directory: the result goes inside it
+    (tmp_path / "res").mkdir()
+    code, _, err = run_cli(capsys, "eval", tiny_ckpt, *args, "--out", tmp_path / "res")
+    assert code == 0, err
+    assert [p.suffix for p in (tmp_path / "res").iterdir()] == [".json"]
+    # a missing second model stops before the first is evaluated
+    code, _, err = run_cli(capsys, "eval", tiny_ckpt, tmp_path / "nope", *args, "--out", tmp_path / "two")
+    assert code == 2 and "checkpoint not found" in err and "Traceback" not in err and not (tmp_path / "two").exists()
+    # eval merge: --out is one of the inputs
+    result = next((tmp_path / "res").glob("*.json"))
+    before = result.read_text()
+    code, _, err = run_cli(capsys, "eval", "merge", result, "--out", result)
+    assert code == 2 and "is also one of the inputs" in err and result.read_text() == before
+    # a directory verb given a file
+    with pytest.raises(FileExistsError, match="is a file, and --out here names a directory"):
+        new_output_dir(result)
+    code, _, err = run_cli(capsys, "bench", "tiny-shapes", "--out", tmp_path / "res")
+    assert code == 2 and "is a directory, and --out here names a file" in err and "Traceback" not in err

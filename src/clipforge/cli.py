@@ -365,7 +365,10 @@ def bench(
 ) -> None:
     """Time the trainer's own step for a recipe: img/s, FLOPs, MFU, peak memory, loader img/s (JSON)."""
     from clipforge.bench import format_table, run_bench
+    from clipforge.outputs import output_file
 
+    if out is not None:
+        output_file(out)  # a directory here is refused now, not after the timing
     result = run_bench(recipe, set_, device=device, precision=precision, compile=compile_, batch=batch,
                        steps=steps, rounds=rounds, warmup=warmup, against=against, loader_batches=loader_batches,
                        profile=profile)
@@ -425,7 +428,7 @@ def eval_(
                                 "MSE/covariance/spectrum regularisers) on the frozen features."),
 ) -> None:
     """Evaluate checkpoints on your data: zero-shot classification, retrieval or a linear probe."""
-    from clipforge.eval.evaluate import evaluate, result_paths, result_table
+    from clipforge.eval.evaluate import EvalError, evaluate, result_paths, result_table
 
     if ckpts[0] == "merge":
         if task is not None or data is not None:
@@ -435,8 +438,12 @@ def eval_(
     for value, hint in ((task, "--task"), (data, "--data")):
         if value is None:  # optional in the signature only because merge takes neither
             raise typer.BadParameter("missing; it is required to evaluate a checkpoint", param_hint=hint)
-    # all the file names first: a bad --out stops before any model is loaded
+    # all the file names and models first: a bad --out or a missing model stops before any work
     paths = result_paths(out, ckpts, task, data)
+    missing = [c for c in ckpts if not Path(c).exists()]
+    if missing:
+        raise EvalError(f"checkpoint not found: {', '.join(missing)} (a checkpoint directory, or a run directory "
+                        "whose checkpoints/latest is used)")
     for ckpt, path in zip(ckpts, paths):
         result = evaluate(
             ckpt, task, data, train_data=train_data, classnames=classnames, templates=templates,
@@ -456,6 +463,13 @@ def _eval_merge(files: list[str], out: Optional[Path]) -> None:
 
     if not files:
         raise EvalError("merge needs result files: clipforge eval merge results/*.json --out table.csv")
+    if out is not None:  # checked before reading: --out must not be one of the result files
+        from clipforge.outputs import output_file
+
+        try:
+            output_file(out, files)
+        except FileExistsError as e:
+            raise EvalError(str(e)) from None
     rows = merge_results(files)
     if out is None:
         write_merged_csv(rows, sys.stdout)

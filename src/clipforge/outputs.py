@@ -1,4 +1,5 @@
-"""Output directories the CLI writes (indexes, caches, imported checkpoints): never over existing work."""
+"""Outputs the CLI writes (indexes, caches, imported checkpoints, result files): never over existing work
+or its own inputs, and checked before the work starts."""
 
 from __future__ import annotations
 
@@ -8,8 +9,25 @@ from pathlib import Path
 def new_output_dir(out: str | Path) -> Path:
     """``out`` as a Path; refused when it already holds files (a rerun must not mix old and new output)."""
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} is a file, and --out here names a directory to create; choose a new --out "
+                              "directory")
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty; choose a new --out directory")
+    return out
+
+
+def output_file(out: str | Path, inputs: list[str | Path] = ()) -> Path:
+    """``out`` as a Path for a result file, checked before any work: not a directory, its folder creatable,
+    and none of the ``inputs`` it would overwrite."""
+    out = Path(out)
+    if out.is_dir():
+        raise FileExistsError(f"{out} is a directory, and --out here names a file (e.g. {out / 'result.json'}); "
+                              "choose a file name")
+    if any(Path(i).exists() and Path(i).resolve() == out.resolve() for i in inputs):
+        raise FileExistsError(f"--out {out} is also one of the inputs and would overwrite it; choose another name")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise FileExistsError(f"--out {out}: {out.parent} is a file, not a directory")
     return out
 
 

@@ -655,9 +655,9 @@ def model_slug(model: str | Path) -> str:
 
 
 def result_paths(out: str | Path | None, models: Sequence[str], task: str, data: str) -> list[Path | None]:
-    """Where each model's result JSON goes: ``out`` itself for one model; for several, ``out`` is a
-    directory (``out/<model>.json``) or a pattern with ``{model}`` (also ``{task}``, ``{dataset}``),
-    as CLIP_benchmark's ``--output``."""
+    """Where each model's result JSON goes: ``out`` itself for one model; for several (or when ``out`` is
+    a directory, or ends with a slash), ``out/<model>.json``; or a pattern with ``{model}`` (also
+    ``{task}``, ``{dataset}``), as CLIP_benchmark's ``--output``."""
     if out is None:
         return [None] * len(models)
     out = str(out)
@@ -666,7 +666,7 @@ def result_paths(out: str | Path | None, models: Sequence[str], task: str, data:
             paths = [Path(out.format(model=model_slug(m), task=task, dataset=model_slug(data))) for m in models]
         except (KeyError, IndexError, ValueError) as e:
             raise EvalError(f"--out {out}: a pattern may use {{model}}, {{task}} and {{dataset}} only ({e})") from None
-    elif len(models) == 1:
+    elif len(models) == 1 and not (out.endswith(("/", "\\")) or Path(out).is_dir()):
         paths = [Path(out)]
     else:
         if out.endswith(".json") or Path(out).is_file():
@@ -676,7 +676,12 @@ def result_paths(out: str | Path | None, models: Sequence[str], task: str, data:
     if len(set(paths)) != len(paths):
         raise EvalError(f"--out {out}: two models would write the same file ({', '.join(map(str, paths))}); "
                         "use {model} in the pattern, or models whose paths differ")
-    return paths
+    from clipforge.outputs import output_file
+
+    try:
+        return [output_file(p) for p in paths]
+    except FileExistsError as e:
+        raise EvalError(str(e)) from None
 
 
 def merge_results(paths: Sequence[str | Path]) -> list[dict[str, Any]]:
