@@ -172,3 +172,15 @@ def test_cli_embed_then_index_prints_recall(ckpt, pairs, tmp_path):
     assert result.exit_code == 0, result.output
     printed = json.loads(result.stdout.strip().splitlines()[-1])
     assert printed["kind"] == "hnsw" and printed["count"] == 24 and 0.0 <= printed["recall@10"] <= 1.0
+
+
+def test_an_existing_file_as_out_is_refused_by_embed_and_index(ckpt, pairs, emb, tmp_path):
+    from clipforge.index.embed import EmbedError
+
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("keep me")
+    with pytest.raises(EmbedError, match="is a file; --out is the embedding directory"):
+        embed_dataset(ckpt, f"jsonl:{pairs}", a_file, batch_size=5, progress=False)
+    with pytest.raises(FileExistsError, match="is a file, and --out here names a directory"):
+        build_index_dir(emb, a_file, kind="flat")
+    assert a_file.read_text() == "keep me"

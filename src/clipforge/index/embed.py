@@ -85,6 +85,8 @@ def _settings(ckpt: str, data: str, dtype: str, shard_size: int, items: Items) -
 
 def _open_output(out: Path, settings: dict[str, Any]) -> dict[str, Any]:
     """Start a new directory or continue one made with the same settings; anything else is an error."""
+    if out.exists() and not out.is_dir():
+        raise EmbedError(f"{out} is a file; --out is the embedding directory to write (or to continue)")
     path = out / MANIFEST
     if path.is_file():
         manifest = _read_manifest(path)
