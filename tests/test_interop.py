@@ -239,7 +239,7 @@ def test_a_failed_embed_leaves_nothing_that_blocks_the_corrected_command(tiny_ru
     not_a_model.mkdir()
     out = tmp_path / "emb"
     code, text = run_cli(capsys, "embed", not_a_model, "--data", f"jsonl:{pairs}", "--out", out, "--workers", 0)
-    assert code == 2 and "not a clipforge checkpoint" in text
+    assert code == 2 and "neither a checkpoint" in text
     assert not out.exists()  # the directory it made is gone
     code, text = run_cli(capsys, "embed", tiny_run, "--data", f"jsonl:{pairs}", "--out", out, "--workers", 0,
                          "--device", "cpu")

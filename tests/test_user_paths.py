@@ -311,3 +311,20 @@ def test_a_missing_teacher_is_a_clear_error_not_a_traceback(tmp_path, capsys):
                                   "--set", f"teachers.0.path={tmp_path / 'nope'}")
     assert code == 2 and "Traceback" not in err
     assert "teachers 'teacher'" in err and "does not exist" in err and "checkpoints/latest" in err
+
+
+def test_what_is_not_a_checkpoint_is_named_for_what_it_is(tmp_path):
+    from clipforge.eval.evaluate import checkpoint_dir
+    from clipforge.train.checkpoint import CheckpointError, find_resume_checkpoint
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "recipe.toml").write_text('base = "tiny-shapes"\n')  # started, killed before a save
+    (tmp_path / "notes.txt").write_text("")
+    (tmp_path / "empty").mkdir()
+    cases = {tmp_path / "run": "run directory without a checkpoint yet", tmp_path / "nope": "checkpoint not found",
+             tmp_path / "notes.txt": "is a file, not a checkpoint", tmp_path / "empty": "neither a checkpoint"}
+    for path, message in cases.items():
+        with pytest.raises(CheckpointError, match=message):
+            checkpoint_dir(path)
+    with pytest.raises(CheckpointError, match="no such checkpoint directory"):
+        find_resume_checkpoint(tmp_path / "run", str(tmp_path / "run" / "checkpoints" / "step_0000999"))

@@ -238,17 +238,27 @@ def checkpoint_dir(path: str | Path) -> Path:
     """
     path = Path(path)
     if path.is_file():
-        return path.parent
+        if path.name in ("model.safetensors", "config.json"):
+            return path.parent
+        from clipforge.train.checkpoint import CheckpointError
+
+        raise CheckpointError(f"{path} is a file, not a checkpoint; pass the checkpoint directory (the one holding "
+                              "model.safetensors and config.json) or the run directory")
     if not (path / "config.json").exists():
         # a run directory or its checkpoints/ folder: take the newest complete checkpoint
         for latest in (path / "checkpoints" / "latest", path / "latest"):
             if latest.exists():
                 return latest
-        if (path / "checkpoints").is_dir():
-            from clipforge.train.checkpoint import CheckpointError
+        from clipforge.train.checkpoint import CheckpointError
 
-            raise CheckpointError(f"{path} is a run directory without a checkpoint yet ({path / 'checkpoints'} "
-                                  "has no 'latest'); train it further or pass a checkpoint directory")
+        if not path.exists():
+            raise CheckpointError(f"checkpoint not found: {path}")
+        if (path / "checkpoints").is_dir() or (path / "recipe.toml").is_file():
+            raise CheckpointError(f"{path} is a run directory without a checkpoint yet (no checkpoints/latest); "
+                                  "train it further or pass a checkpoint directory")
+        if path.is_dir():
+            raise CheckpointError(f"{path} is neither a checkpoint (no config.json) nor a run directory (no "
+                                  "checkpoints/latest); pass e.g. runs/t1 or runs/t1/checkpoints/step_0000100")
     return path
 
 

@@ -240,6 +240,9 @@ def find_resume_checkpoint(run_dir: Path, which: str) -> Path:
     """
     if which != "latest":
         path = Path(which)
+        if not path.exists():
+            raise CheckpointError(f"--resume {which}: no such checkpoint directory. Pass --resume latest or a "
+                                  "checkpoint directory written by `clipforge train`.")
         if not (path / TRAIN_STATE).is_file():
             raise CheckpointError(
                 f"--resume {which}: not a training checkpoint (no {TRAIN_STATE} in it). "
