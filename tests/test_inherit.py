@@ -175,6 +175,9 @@ def test_distill_cli_runs_the_stages_and_resumes_an_interrupted_one(tmp_path, ca
     args = ["distill", tmp_path / "big", "--student", "width=0.5,layers=0.5", "--stages", "2",
             "--run-dir", tmp_path / "tiny", "--set", "train.steps=4", "--set", "train.checkpoint_every_steps=2",
             "--clip-weight", "0.25"]
+    # a bad --set is refused before the plan is written, so the corrected command is not taken for a resume
+    code, _, err = run_cli(capsys, *args, "--set", "train.stepz=1")
+    assert code == 2 and "train.stepz" in err and not (tmp_path / "tiny" / "distill.json").exists()
     code, out, err = run_cli(capsys, *args)
     assert code == 0, err
     assert "stage 2/2" in err and "done: the student is" in err

@@ -198,6 +198,10 @@ def run(teacher: str | Path, student: str, stages: int, run_dir: str | Path, rec
 
     run_dir = Path(run_dir)
     the_plan = plan(teacher, student, stages, recipe, clip_weight, overrides, prune_steps, granularity, prune_size)
+    # the first stage's recipe, built now: a bad --set is refused before distill.json is written
+    first_model = the_plan["models"][0] if the_plan["models"] else ckpt.read_config(the_plan["teacher"])["model"]
+    stage_recipe(the_plan["base"], first_model, Path(the_plan["teacher"]), Path(the_plan["teacher"]), 1, stages,
+                 clip_weight, the_plan["overrides"])
     _check_same_plan(run_dir, the_plan)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / PLAN_FILE).write_text(json.dumps(the_plan, indent=2))
