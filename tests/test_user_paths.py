@@ -328,3 +328,16 @@ def test_what_is_not_a_checkpoint_is_named_for_what_it_is(tmp_path):
             checkpoint_dir(path)
     with pytest.raises(CheckpointError, match="no such checkpoint directory"):
         find_resume_checkpoint(tmp_path / "run", str(tmp_path / "run" / "checkpoints" / "step_0000999"))
+
+
+def test_a_new_run_over_one_that_saved_no_checkpoint_says_it_starts_over(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')  # killed before its first save
+    recipe = tmp_path / "tiny.toml"
+    recipe.write_text('base = "tiny-shapes"\n' + TINY_MODEL_TOML)
+    code, _, err = cli_in_process(capsys, "train", recipe, "--run-dir", run, "--set", "train.steps=1",
+                                  "--set", "eval.at_end=false", "--set", "data.num_workers=0",
+                                  "--set", "logging.tensorboard=false")
+    assert code == 0, err
+    assert "saved no checkpoint" in err and "starts over" in err

@@ -174,6 +174,9 @@ class Trainer:
                     f"{self.run_dir} already holds checkpoints. Continue it with --resume latest, "
                     "or choose a new --run-dir."
                 )
+            if (self.run_dir / "metrics.jsonl").is_file() and (self.run_dir / "metrics.jsonl").stat().st_size:
+                warnings.warn(f"{self.run_dir} holds the logs of a run that saved no checkpoint; this run starts "
+                              "over there and replaces its metrics.jsonl and recipe.toml")
             return None
         return ckpt.find_resume_checkpoint(self.run_dir, self.resume)
 
