@@ -690,12 +690,11 @@ def _merge_greedy(ckpts: list[str], out: Path, task: str, data: str, metric: Opt
 
 
 def _merge_learned(ckpts: list[str], out: Path, data: str, *, device: Optional[str], **options) -> None:
-    import torch
-
+    from clipforge.devices import pick_device
     from clipforge.merge import merge_learned
 
     plain = dict(highlight=False, markup=False, soft_wrap=True)  # paths, unwrapped
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(device)  # None: cuda if there is one
     written, record = merge_learned(ckpts, out, data, device=device, log=lambda line: console.print(line, **plain),
                                     **options)
     best = max(m["acc1_alone"] for m in record["models"])
