@@ -172,3 +172,16 @@ def test_cli_embed_then_index_prints_recall(ckpt, pairs, tmp_path):
     assert result.exit_code == 0, result.output
     printed = json.loads(result.stdout.strip().splitlines()[-1])
     assert printed["kind"] == "hnsw" and printed["count"] == 24 and 0.0 <= printed["recall@10"] <= 1.0
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--what", "audio"], "'audio': index the image or the caption embeddings, one of images, texts"),
+    (["--kind", "hnsw", "--backend", "seismic"], "--backend chooses how a lexical index searches: use it with --kind"),
+])
+def test_cli_index_names_the_option_that_is_wrong(emb, tmp_path, args, says):
+    result = CliRunner().invoke(app, ["index", str(emb), *args, "--out", str(tmp_path / "idx")])
+    output = " ".join(result.output.replace("│", " ").split())  # the usage-error box wraps
+    assert result.exit_code == 2 and says in output, result.output
+    assert not (tmp_path / "idx").exists()
+    with pytest.raises(EmbedError, match="--what must be one of images, texts"):
+        load_embeddings(emb, "audio")

@@ -522,6 +522,12 @@ def index_(
     """Build a FAISS index; for approximate kinds, measure recall@10 against exact search."""
     import json as _json
 
+    if what not in EMBEDDING_CHOICES:
+        raise typer.BadParameter(f"{what!r}: index the image or the caption embeddings, one of "
+                                 f"{', '.join(EMBEDDING_CHOICES)}", param_hint="--what")
+    if kind != "lexical" and backend != "scipy":
+        raise typer.BadParameter("--backend chooses how a lexical index searches: use it with --kind lexical",
+                                 param_hint="--backend")
     if kind == "lexical":
         from clipforge.index.lexical import build_lexical_index_dir
 

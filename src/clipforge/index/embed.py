@@ -307,7 +307,8 @@ def load_embeddings(emb_dir: str | Path, kind: str = "images") -> tuple[np.ndarr
 
     emb_dir = Path(emb_dir)
     if kind not in KINDS:
-        raise EmbedError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+        raise EmbedError(f"--what must be one of {', '.join(KINDS)} (the image or the caption embeddings), "
+                         f"got {kind!r}")
     if not (emb_dir / MANIFEST).is_file():
         raise EmbedError(f"{emb_dir} is not an embedding directory ({MANIFEST} missing); run `clipforge embed` first")
     manifest = _read_manifest(emb_dir / MANIFEST)
