@@ -742,6 +742,8 @@ def data_shard(
     samples_per_shard: int = typer.Option(10000, "--samples-per-shard", help="Samples per tar shard."),
     caption_template: str = typer.Option("a photo of a {}.", "--caption-template",
                                          help="imagefolder: caption made from the class name."),
+    caption_key: Optional[str] = typer.Option(None, "--caption-key", help="jsonl/csv: the caption column "
+                                              "[default: text, caption, captions or title]."),
     shuffle: bool = typer.Option(True, "--shuffle/--no-shuffle", help="Shuffle samples across shards (seeded)."),
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
@@ -749,7 +751,8 @@ def data_shard(
     from clipforge.data.shards import write_shards
 
     with _done_of_total_bar("shard") as progress:
-        stats = write_shards(source, out, samples_per_shard, caption_template=caption_template, shuffle=shuffle,
+        stats = write_shards(source, out, samples_per_shard, caption_template=caption_template,
+                             caption_key=caption_key, shuffle=shuffle,
                              seed=seed, progress=progress)
     skipped = ", ".join(f"{k}: {v}" for k, v in stats["skipped"].items()) or "none"
     console.print(f"wrote {stats['samples']} samples in {stats['shards']} shards to {out} "
