@@ -118,3 +118,24 @@ def test_with_a_model_the_matched_count_is_the_intersection_of_text_and_image_hi
     assert "image_threshold_calibration" in calibrated
     assert all(r["matched_frequency"] <= min(r["text_frequency"], r["image_frequency"])
                for r in calibrated["per_concept"])
+
+
+@pytest.mark.parametrize("args, says", [
+    (["foo:bar"], "source 'foo:bar': unknown source kind 'foo:'"),
+    (["shapes", "--measure", "foo", "--model", "ckpt"],
+     "--measure must be one of text_frequency, image_frequency, matched_frequency, got 'foo'"),
+    (["shapes", "--measure", "image_frequency"], "--measure image_frequency counts concepts in images: pass --model"),
+    (["shapes", "--tail", "0"], "--tail is the fraction of rarest concepts in the long-tail subset, in (0, 1]"),
+    (["shapes", "--tail", "-1"], "in (0, 1]; got -1.0"),
+    (["shapes", "--accuracy", "nosuch.json"], "--accuracy nosuch.json: file not found; pass a result of "
+                                              "`clipforge eval --per-class"),
+])
+def test_cli_refuses_bad_arguments_before_counting(tmp_path, capsys, monkeypatch, args, says):
+    from tiny_checkpoint import run_cli
+
+    monkeypatch.chdir(tmp_path)
+    code, stdout, stderr = run_cli(capsys, "data", "concepts", *args, "--concepts", "shapes", "--max-samples", "8",
+                                   "--out", tmp_path / "c")
+    err = " ".join(stderr.split())
+    assert code == 2 and "Traceback" not in stdout + stderr and says in err, stdout + stderr
+    assert not (tmp_path / "c").exists()

@@ -121,3 +121,20 @@ def test_cli_dedups_duplicate_images_of_a_table(tmp_path, capsys):
     assert report["removed"] == 3 and report["samples"] == 15
     assert Path(report["pairs_png"]).is_file()
     assert "n_by_n_would_be_bytes" in report["memory"]
+
+
+@pytest.mark.parametrize("args, says", [
+    (["foo:bar"], "source 'foo:bar': unknown source kind 'foo:'"),
+    (["jsonl:x.jsonl", "--order", "weird"], "--order must be hard, easy or random, got 'weird'"),
+    (["jsonl:x.jsonl", "--clusters", "0"], "--clusters must be >= 1, got 0"),
+    (["jsonl:x.jsonl", "--eps", "2"], "--eps must be in [0, 1)"),
+])
+def test_cli_refuses_bad_arguments_before_embedding(tmp_path, capsys, args, says):
+    """--model names no checkpoint: an argument error shows that nothing was loaded or embedded first."""
+    from tiny_checkpoint import run_cli
+
+    code, stdout, stderr = run_cli(capsys, "data", "dedup", *args, "--model", tmp_path / "none",
+                                   "--out", tmp_path / "k.parquet")
+    err = " ".join(stderr.split())
+    assert code == 2 and "Traceback" not in stdout + stderr and says in err, stdout + stderr
+    assert not (tmp_path / "k.parquet").exists()

@@ -536,3 +536,18 @@ def test_import_hf_refuses_what_it_cannot_reproduce(tmp_path):
         from clipforge.models.convert import import_hf
 
         import_hf(tmp_path, tmp_path / "c2")
+
+
+@pytest.mark.parametrize("name, content", [("notes.txt", b"{this is not a model}\n"),
+                                           ("broken.safetensors", b"\x00\x01 not a header")])
+def test_cli_import_of_a_file_that_is_not_weights_says_what_to_pass(openclip_files, tmp_path, capsys, name, content):
+    from tiny_checkpoint import run_cli
+
+    _, _, config = openclip_files
+    (tmp_path / name).write_bytes(content)
+    code, out, err = run_cli(capsys, "import", "openclip", tmp_path / name, "--config", config, "--out", tmp_path / "ck")
+    err = " ".join(err.split())
+    assert code == 2 and "Traceback" not in out + err, out + err
+    assert f"{tmp_path / name} is not an OpenCLIP weights file" in err and ".safetensors" in err
+    assert "Please file an issue" not in err and "weights_only=False" not in err and "will likely succeed" not in err
+    assert not (tmp_path / "ck").exists()

@@ -184,3 +184,16 @@ def test_an_existing_file_as_out_is_refused_by_embed_and_index(ckpt, pairs, emb,
     with pytest.raises(FileExistsError, match="is a file, and --out here names a directory"):
         build_index_dir(emb, a_file, kind="flat")
     assert a_file.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--what", "audio"], "'audio': index the image or the caption embeddings, one of images, texts"),
+    (["--kind", "hnsw", "--backend", "seismic"], "--backend chooses how a lexical index searches: use it with --kind"),
+])
+def test_cli_index_names_the_option_that_is_wrong(emb, tmp_path, args, says):
+    result = CliRunner().invoke(app, ["index", str(emb), *args, "--out", str(tmp_path / "idx")])
+    output = " ".join(result.output.replace("│", " ").split())  # the usage-error box wraps
+    assert result.exit_code == 2 and says in output, result.output
+    assert not (tmp_path / "idx").exists()
+    with pytest.raises(EmbedError, match="--what must be one of images, texts"):
+        load_embeddings(emb, "audio")

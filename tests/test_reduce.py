@@ -97,3 +97,20 @@ def test_cli_reduce_writes_a_keep_list_that_trains(tmp_path, capsys):
     assert sorted(k for k, m in zip(clusters["key"], clusters["kept"]) if m) == sorted(kept)
     cfg = DataConfig(train=f"jsonl:{table}", keep=str(out), batch_size=len(kept), num_workers=0)
     assert sorted(next(build_source_train_loader(cfg, 16, None))["keys"]) == sorted(kept)
+
+
+@pytest.mark.parametrize("args, says", [
+    (["foo:bar"], "source 'foo:bar': unknown source kind 'foo:'"),
+    (["jsonl:x.jsonl", "--keep", "0"], "--keep must be a fraction in (0, 1], got 0.0"),
+    (["jsonl:x.jsonl", "--keep", "1.5"], "--keep must be a fraction in (0, 1], got 1.5"),
+    (["jsonl:x.jsonl", "--min-match-quantile", "2"], "--min-match-quantile must be in [0, 1)"),
+    (["jsonl:x.jsonl", "--clusters", "0"], "--clusters must be >= 1, got 0"),
+])
+def test_cli_refuses_bad_arguments_before_embedding(tmp_path, capsys, args, says):
+    """--model names no checkpoint: an argument error shows that nothing was loaded or embedded first."""
+    from tiny_checkpoint import run_cli
+
+    code, stdout, stderr = run_cli(capsys, "data", "reduce", *args, "--model", tmp_path / "none",
+                                   "--out", tmp_path / "k.parquet")
+    err = " ".join(stderr.split())
+    assert code == 2 and "Traceback" not in stdout + stderr and says in err, stdout + stderr

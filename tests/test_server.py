@@ -3,6 +3,7 @@ OpenAPI schema, and one end-to-end browser test of the search page (headless Deb
 
 from __future__ import annotations
 
+import json
 import base64
 import io
 import os
@@ -141,8 +142,11 @@ def test_malformed_json_and_oversized_bodies(client):
 
 def test_embedding_only_server_without_a_model(built, tmp_path):
     _, root = built
-    shutil.copytree(root / "idx", tmp_path / "idx")
-    client = TestClient(create_app(tmp_path / "idx", checkpoint=tmp_path / "missing"))
+    idx = shutil.copytree(root / "idx", tmp_path / "idx")
+    info = json.loads((idx / "index.json").read_text())  # the model it was embedded with is gone
+    (idx / "index.json").write_text(json.dumps({**info, "checkpoint": str(tmp_path / "missing")}))
+    with pytest.warns(UserWarning, match="text and image queries are off"):
+        client = TestClient(create_app(idx))
     assert client.post("/search", json={"embedding": [1.0] * 16}).status_code == 200
     response = client.post("/search", json={"text": "a red square"})
     assert response.status_code == 422 and "no model loaded" in response.json()["detail"]

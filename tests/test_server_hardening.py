@@ -424,7 +424,12 @@ def test_modes_say_what_the_server_can_answer(built, client, tmp_path):
     build_index_dir(root / "emb", tmp_path / "texts", kind="flat", what="texts")
     texts = TestClient(create_app(tmp_path / "texts")).get("/modes").json()
     assert [m["label"] for m in texts["modes"]] == ["text → text", "image → text", "indexed text → text"]
-    no_model = TestClient(create_app(root / "idx", checkpoint=tmp_path / "missing"))
+    # a model that is gone: embedding and item queries only (a missing --ckpt is refused instead)
+    gone = shutil.copytree(root / "idx", tmp_path / "gone")
+    info = json.loads((gone / "index.json").read_text())
+    (gone / "index.json").write_text(json.dumps({**info, "checkpoint": str(tmp_path / "missing")}))
+    with pytest.warns(UserWarning, match="which is not there any more: text and image queries are off"):
+        no_model = TestClient(create_app(gone))
     assert no_model.get("/modes").json()["modes"] == [{"query": "item", "label": "indexed image → image"}]
     assert no_model.get("/similar/3?k=2").status_code == 200  # needs no model
 
@@ -501,3 +506,42 @@ def test_search_page_urls_k_modes_and_search_by_image(live_server, tmp_path):
             assert errors == []
         finally:
             browser.close()
+
+
+# ----------------------------------------------------------------------------- serve: arguments checked at start
+@pytest.mark.parametrize("port", ["99999", "-1"])
+def test_serve_refuses_a_port_out_of_range_before_printing_a_url(built, capsys, monkeypatch, port):
+    from tiny_checkpoint import run_cli
+
+    monkeypatch.setattr("uvicorn.run", lambda *a, **k: pytest.fail("the server started"))
+    _, root = built
+    code, out, err = run_cli(capsys, "serve", root / "idx", "--port", port)
+    assert code == 2 and "Traceback" not in out + err and "http://" not in out, out + err
+    assert f"--port must be between 1 and 65535, got {port}" in " ".join(err.split())
+
+
+def test_serve_refuses_a_missing_ckpt_instead_of_starting_without_a_model(built, capsys, monkeypatch, tmp_path):
+    from tiny_checkpoint import run_cli
+
+    monkeypatch.setattr("uvicorn.run", lambda *a, **k: pytest.fail("the server started"))
+    ckpt, root = built
+    code, out, err = run_cli(capsys, "serve", root / "idx", "--ckpt", tmp_path / "nonexist")
+    err = " ".join(err.split())
+    assert code == 2 and "Traceback" not in out + err and "http://" not in out, out + err
+    assert f"--ckpt {tmp_path / 'nonexist'}: no checkpoint there" in err and str(ckpt.resolve()) in err
+
+
+def test_serve_warns_when_ckpt_is_another_model_than_the_index_was_embedded_with(built, tmp_path):
+    from tiny_checkpoint import make_tiny_checkpoint
+
+    ckpt, root = built
+    other = make_tiny_checkpoint(tmp_path / "other", seed=1)  # same shapes, other weights
+    with pytest.warns(UserWarning, match="is not the checkpoint the index was embedded with"):
+        create_app(root / "idx", other)
+    copy = shutil.copytree(ckpt, tmp_path / "copy")  # the same weights elsewhere: no warning
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        create_app(root / "idx", copy)
+        create_app(root / "idx", ckpt)

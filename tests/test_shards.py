@@ -261,3 +261,38 @@ def test_cifar10_shard_train_and_zero_shot(tmp_path):
                       templates=str(templates), plots=False)
     assert result["data"]["images"] == 200 and result["data"]["classes"] == 10
     assert result["metrics"]["acc1"] > 0.2  # chance is 0.1 on 10 classes
+
+
+@pytest.mark.parametrize("args, says", [
+    (["shard", "foo:bar"], "source 'foo:bar': unknown source kind 'foo:'"),
+    (["inspect", "jsonl:pairs.jsonl"], "data inspect reads WebDataset shards (a directory of .tar files or "
+                                       "'wds:PATTERN'), not jsonl:pairs.jsonl; run `clipforge data shard jsonl:pairs.jsonl"),
+    (["inspect", "imagefolder:photos"], "run `clipforge data shard imagefolder:photos --out DIR`"),
+    (["inspect", "foo:bar"], "shards not found: foo:bar"),
+    (["inspect", "nonexist_dir/"], "shards not found: nonexist_dir/; pass a directory of .tar shards"),
+    (["inspect", "shards", "--grid", "-1"], "--grid is the number of samples shown in samples.png, >= 0"),
+])
+def test_cli_data_refuses_what_it_cannot_read_and_writes_no_report(tmp_path, capsys, monkeypatch, args, says):
+    from tiny_checkpoint import run_cli
+
+    monkeypatch.chdir(tmp_path)
+    write_good_shards(tmp_path / "shards", 1, 2)
+    code, out, err = run_cli(capsys, "data", *args, "--out", tmp_path / "o")
+    err = " ".join(err.split())
+    assert code == 2 and "Traceback" not in out + err and says in err, out + err
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_shard_names_its_caption_key_option(tmp_path, capsys):
+    """A table whose caption column has another name: the error names --caption-key (data shard cannot set
+    data.caption_key), and --caption-key reads it."""
+    from tiny_checkpoint import run_cli
+
+    table = write_jsonl(tmp_path / "in", 3)
+    table.write_text(table.read_text().replace('"text"', '"desc"'))
+    code, out, err = run_cli(capsys, "data", "shard", f"jsonl:{table}", "--out", tmp_path / "s")
+    err = " ".join(err.split())
+    assert code == 2 and "found image, desc); name another with --caption-key" in err, out + err
+    assert "data.caption_key" not in err and "data.label_key" not in err
+    code, out, err = run_cli(capsys, "data", "shard", f"jsonl:{table}", "--out", tmp_path / "s", "--caption-key", "desc")
+    assert code == 0 and "wrote 3 samples" in " ".join(err.split()), out + err

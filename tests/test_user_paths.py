@@ -341,3 +341,31 @@ def test_a_new_run_over_one_that_saved_no_checkpoint_says_it_starts_over(tmp_pat
                                   "--set", "logging.tensorboard=false")
     assert code == 0, err
     assert "saved no checkpoint" in err and "starts over" in err
+
+
+# ----------------------------------------------------------------------------- --device: one check for every verb
+@pytest.fixture(scope="module")
+def device_ckpt(tmp_path_factory):
+    from tiny_checkpoint import make_caption_jsonl, make_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("device")
+    return make_tiny_checkpoint(root / "ckpt"), make_caption_jsonl(root / "data", n=4)
+
+
+@pytest.mark.parametrize("verb", ["eval", "embed", "dedup", "greedy"])
+@pytest.mark.parametrize("device, says", [("tpu", "--device 'tpu': not a device; use cpu, cuda or cuda:N"),
+                                          ("cuda", "--device cuda: no CUDA device is visible on this machine")])
+def test_a_device_this_machine_lacks_is_refused_before_the_model_loads(capsys, tmp_path, monkeypatch, device_ckpt,
+                                                                      verb, device, says):
+    """eval, embed, data dedup and merge --greedy share train's kind of check (no torch traceback)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU-only machine, on any machine
+    ckpt, table = device_ckpt
+    args = {"eval": ["eval", ckpt, "--task", "retrieval", "--data", f"jsonl:{table}"],
+            "embed": ["embed", ckpt, "--data", f"jsonl:{table}", "--out", tmp_path / "emb"],
+            "dedup": ["data", "dedup", f"jsonl:{table}", "--model", ckpt, "--out", tmp_path / "k.parquet"],
+            "greedy": ["merge", ckpt, ckpt, "--greedy", "--task", "retrieval", "--data", f"jsonl:{table}",
+                       "--out", tmp_path / "soup"]}[verb]
+    code, out, err = cli_in_process(capsys, *args, "--device", device)
+    err = " ".join(err.split())
+    assert code == 2 and "Traceback" not in out + err and says in err, out + err
+    assert not (tmp_path / "emb").exists()  # embed refuses before making its output directory

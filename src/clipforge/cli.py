@@ -538,6 +538,12 @@ def index_(
     """Build a FAISS index; for approximate kinds, measure recall@10 against exact search."""
     import json as _json
 
+    if what not in EMBEDDING_CHOICES:
+        raise typer.BadParameter(f"{what!r}: index the image or the caption embeddings, one of "
+                                 f"{', '.join(EMBEDDING_CHOICES)}", param_hint="--what")
+    if kind != "lexical" and backend != "scipy":
+        raise typer.BadParameter("--backend chooses how a lexical index searches: use it with --kind lexical",
+                                 param_hint="--backend")
     if kind == "lexical":
         from clipforge.index.lexical import build_lexical_index_dir
 
@@ -706,12 +712,11 @@ def _merge_greedy(ckpts: list[str], out: Path, task: str, data: str, metric: Opt
 
 
 def _merge_learned(ckpts: list[str], out: Path, data: str, *, device: Optional[str], **options) -> None:
-    import torch
-
+    from clipforge.devices import pick_device
     from clipforge.merge import merge_learned
 
     plain = dict(highlight=False, markup=False, soft_wrap=True)  # paths, unwrapped
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(device)  # None: cuda if there is one
     written, record = merge_learned(ckpts, out, data, device=device, log=lambda line: console.print(line, **plain),
                                     **options)
     best = max(m["acc1_alone"] for m in record["models"])
@@ -753,6 +758,8 @@ def data_shard(
     samples_per_shard: int = typer.Option(10000, "--samples-per-shard", help="Samples per tar shard."),
     caption_template: str = typer.Option("a photo of a {}.", "--caption-template",
                                          help="imagefolder: caption made from the class name."),
+    caption_key: Optional[str] = typer.Option(None, "--caption-key", help="jsonl/csv: the caption column "
+                                              "[default: text, caption, captions or title]."),
     shuffle: bool = typer.Option(True, "--shuffle/--no-shuffle", help="Shuffle samples across shards (seeded)."),
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
@@ -760,7 +767,8 @@ def data_shard(
     from clipforge.data.shards import write_shards
 
     with _done_of_total_bar("shard") as progress:
-        stats = write_shards(source, out, samples_per_shard, caption_template=caption_template, shuffle=shuffle,
+        stats = write_shards(source, out, samples_per_shard, caption_template=caption_template,
+                             caption_key=caption_key, shuffle=shuffle,
                              seed=seed, progress=progress)
     skipped = ", ".join(f"{k}: {v}" for k, v in stats["skipped"].items()) or "none"
     console.print(f"wrote {stats['samples']} samples in {stats['shards']} shards to {out} "

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from clipforge.devices import pick_device
 from clipforge.eval.evaluate import checkpoint_dir
 from clipforge.train import checkpoint as ckpt
 
@@ -134,8 +135,7 @@ def held_out_scorer(first: str | Path, task: str, data: str, metric: str | None 
 
     task = normalise_task(task)
     metric = metric or ("image_retrieval_recall@1" if task == "retrieval" else "acc1")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, preprocess, tokenizer = load(checkpoint_dir(first), device=device)
+    model, preprocess, tokenizer = load(checkpoint_dir(first), device=pick_device(device))
     shapes = checkpoint_shapes_config(first)
 
     def score(state: dict[str, torch.Tensor]) -> float:
@@ -220,6 +220,7 @@ def learned_soup(paths: list[str | Path], images: torch.Tensor, labels: torch.Te
         raise MergeError(f"a learned soup mixes per model, layer or tensor, got {per!r}")
     if steps < 0 or lr <= 0:
         raise MergeError(f"a learned soup takes steps >= 0 and lr > 0, got {steps} and {lr}")
+    device = pick_device(device)
     config = _one_network(dirs)
     states = [load_file(str(d / ckpt.WEIGHTS)) for d in dirs]
     for d, state in zip(dirs[1:], states[1:]):

@@ -41,6 +41,8 @@ from clipforge.data.sources import DataError
 
 CIFAR10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 BUILTIN_CONCEPTS = ("cifar10", "shapes")
+IMAGE_MEASURES = ("image_frequency", "matched_frequency")  # need a model to tag the images
+MEASURES = ("text_frequency", *IMAGE_MEASURES)
 IRREGULAR = {"mice": "mouse", "geese": "goose", "men": "man", "women": "woman", "children": "child",
              "people": "person", "feet": "foot", "teeth": "tooth", "oxen": "ox", "knives": "knife",
              "wives": "wife", "lives": "life", "leaves": "leaf", "wolves": "wolf", "shelves": "shelf",
@@ -285,18 +287,18 @@ def concept_frequencies(data: str, concepts_spec: str, out: str | Path, *, model
                         tail: float = 0.2, measure: str | None = None, batch_size: int = 256,
                         device: str | None = None, seed: int = 0) -> dict:
     """``clipforge data concepts``: counts, image tags, join with accuracy, fit, plot, long tail."""
+    check_concept_options(data, model, accuracy, tail, measure)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     concepts = load_concepts(concepts_spec)
     loaded, ckpt = None, None
     if model is not None:
-        import torch
-
         from clipforge.api import load
+        from clipforge.devices import pick_device
         from clipforge.eval.evaluate import checkpoint_dir
 
         ckpt = checkpoint_dir(model)
-        net, _, tokenizer = load(ckpt, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        net, _, tokenizer = load(ckpt, device=pick_device(device))
         loaded = (net, tokenizer)
     captions, images = source_captions_and_images(data, loaded, max_samples, ckpt, batch_size)
     index, n = caption_index(captions)
@@ -318,8 +320,6 @@ def concept_frequencies(data: str, concepts_spec: str, out: str | Path, *, model
             row["matched_frequency"] = int((tagged[:, j] & weak[:, j]).sum())
         summary["misaligned_fraction"] = float(1 - (tagged & weak).sum() / max(1, weak.sum()))
     measure = measure or ("matched_frequency" if images is not None else "text_frequency")
-    if measure not in rows[0]:
-        raise DataError(f"--measure {measure} needs image frequencies: pass --model")
     per_class = _per_class_accuracy(loaded, ckpt, eval_data, accuracy, out, batch_size, device)
     if per_class is not None:
         lower = {k.lower(): v for k, v in per_class.items()}
@@ -349,9 +349,28 @@ def concept_frequencies(data: str, concepts_spec: str, out: str | Path, *, model
     return result
 
 
+def check_concept_options(data: str, model, accuracy, tail: float, measure: str | None) -> None:
+    """Every argument that can be wrong, before captions are counted or images embedded."""
+    from clipforge.data.dedup import check_source
+
+    check_source(data)
+    if measure is not None and measure not in MEASURES:
+        raise DataError(f"--measure must be one of {', '.join(MEASURES)}, got {measure!r}")
+    if measure in IMAGE_MEASURES and model is None:
+        raise DataError(f"--measure {measure} counts concepts in images: pass --model CKPT (or use text_frequency)")
+    if not 0.0 < tail <= 1.0:
+        raise DataError(f"--tail is the fraction of rarest concepts in the long-tail subset, in (0, 1]; got {tail}")
+    if accuracy is not None and not Path(accuracy).is_file():
+        raise DataError(f"--accuracy {accuracy}: file not found; pass a result of `clipforge eval --per-class "
+                        "--out RESULT.json`, or --eval-data with --model to measure it now")
+
+
 def _per_class_accuracy(loaded, ckpt, eval_data, accuracy, out: Path, batch_size: int, device) -> dict | None:
     if accuracy is not None:
-        per_class = json.loads(Path(accuracy).read_text()).get("per_class")
+        try:
+            per_class = json.loads(Path(accuracy).read_text()).get("per_class")
+        except (ValueError, AttributeError):  # not JSON, or JSON but not a result object
+            per_class = None
         if not per_class:
             raise DataError(f"{accuracy} has no per_class results; write it with `clipforge eval ... --per-class`")
         return per_class

@@ -34,6 +34,34 @@ from clipforge.data.sources import DataError
 BLOCK = 1024  # columns of a cluster's cosine matrix computed at once
 EXACT_TOLERANCE = 1e-5  # float32 cosines of identical unit vectors land a few ulps below 1
 KMEANS_ITERATIONS = 20  # the paper runs 100 at LAION scale; 20 converge on the sizes a CPU sees
+ORDERS = ("hard", "easy", "random")  # who is kept in a group of near-duplicates (see cluster_order)
+
+
+# ----------------------------------------------------------------------------- arguments, checked first
+def check_source(data: str) -> None:
+    """A training source string parsed before anything is embedded (the parser's own words say what is wrong)."""
+    from clipforge.data.mixture import parse_train_spec
+
+    try:
+        parse_train_spec(data)
+    except ValueError as e:
+        reason = str(e).removeprefix("data.train: ").removeprefix("data.train ")
+        raise DataError(f"source {data!r}: {reason}") from None
+
+
+def check_clusters(clusters: int | None) -> None:
+    if clusters is not None and clusters < 1:
+        raise DataError(f"--clusters must be >= 1, got {clusters}; leave it out for about sqrt(N) clusters")
+
+
+def check_eps(eps: float) -> None:
+    if not 0.0 <= eps < 1.0:
+        raise DataError(f"--eps must be in [0, 1): items with cosine above 1 - eps are duplicates; got {eps}")
+
+
+def check_order(order: str) -> None:
+    if order not in ORDERS:
+        raise DataError(f"--order must be {', '.join(ORDERS[:-1])} or {ORDERS[-1]}, got {order!r}")
 
 
 # ----------------------------------------------------------------------------- embeddings of a source
@@ -49,19 +77,18 @@ def source_embeddings(data: str, model: str | Path, batch_size: int = 256, devic
                       caption_template: str | None = None) -> SourceEmbeddings:
     """Image (and caption) embeddings of every sample of ``data``: ``model`` is a checkpoint (or run)
     directory, or a teacher cache directory written for that source (no model is run then)."""
+    check_source(data)
     model = Path(model)
     if (model / "keys.json").is_file():
         return read_teacher_cache(model, data)
-    import torch
-
     from clipforge.api import load
     from clipforge.config import DataConfig
+    from clipforge.devices import pick_device
     from clipforge.eval.evaluate import checkpoint_dir
     from clipforge.train.teacher_cache import embed_source_samples
 
     ckpt = checkpoint_dir(model)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    net, _, tokenizer = load(ckpt, device=device)
+    net, _, tokenizer = load(ckpt, device=pick_device(device))
     cfg = DataConfig(train=data, **({"caption_template": caption_template} if caption_template else {}))
     keys, images, texts, _ = embed_source_samples(net, tokenizer, cfg, batch_size)
     return SourceEmbeddings(keys, _unit(images.numpy()), _unit(texts.numpy()), str(ckpt))
@@ -180,13 +207,14 @@ def centroids_of(x: np.ndarray, labels: np.ndarray) -> np.ndarray:
 def semdedup(x: np.ndarray, eps: float, clusters: int | None = None, seed: int = 0, order: str = "hard",
              labels: np.ndarray | None = None, centroids: np.ndarray | None = None) -> DedupResult:
     """SemDeDup on unit embeddings ``x`` (N x E); ``labels`` (and optionally ``centroids``) reuse a clustering."""
-    if not 0.0 <= eps < 1.0:
-        raise DataError(f"--eps must be in [0, 1): items with cosine above 1 - eps are duplicates; got {eps}")
+    check_eps(eps)
+    check_order(order)
+    check_clusters(clusters)
     x = _unit(x)
     n = len(x)
     start = time.perf_counter()
     if labels is None:
-        labels, centroids = spherical_kmeans(x, clusters or default_clusters(n), seed)
+        labels, centroids = spherical_kmeans(x, default_clusters(n) if clusters is None else clusters, seed)
     elif centroids is None:
         centroids = centroids_of(x, labels)
     kmeans_s = time.perf_counter() - start
@@ -234,6 +262,7 @@ def dedup_source(data: str, model: str | Path, out: str | Path, *, eps: float = 
     out = Path(out)
     if out.suffix.lower() != ".parquet":
         raise DataError(f"--out must name a .parquet keep-list (e.g. keep.parquet), got {out}")
+    check_eps(eps), check_order(order), check_clusters(clusters)  # before the (long) embedding
     start = time.perf_counter()
     emb = source_embeddings(data, model, batch_size=batch_size, device=device)
     embed_s = time.perf_counter() - start

@@ -38,7 +38,14 @@ from typing import Protocol
 
 import numpy as np
 
-from clipforge.data.dedup import default_clusters, sibling_path, source_embeddings, spherical_kmeans
+from clipforge.data.dedup import (
+    check_clusters,
+    check_source,
+    default_clusters,
+    sibling_path,
+    source_embeddings,
+    spherical_kmeans,
+)
 from clipforge.data.sources import DataError
 
 
@@ -55,10 +62,19 @@ def append_caption(original: str, generated: str) -> str:
     return f"{original}; {generated}" if generated else original
 
 
-def select_per_cluster(labels: np.ndarray, centroid_cos: np.ndarray, keep: float) -> np.ndarray:
-    """Bool mask: ``ceil(keep * n_c)`` evenly spaced members of each cluster, ranked by centroid cosine."""
+def check_keep(keep: float) -> None:
     if not 0.0 < keep <= 1.0:
         raise DataError(f"--keep must be a fraction in (0, 1], got {keep}")
+
+
+def check_match_quantile(quantile: float) -> None:
+    if not 0.0 <= quantile < 1.0:
+        raise DataError(f"--min-match-quantile must be in [0, 1) (0: no filter; TL;DR: 0.5), got {quantile}")
+
+
+def select_per_cluster(labels: np.ndarray, centroid_cos: np.ndarray, keep: float) -> np.ndarray:
+    """Bool mask: ``ceil(keep * n_c)`` evenly spaced members of each cluster, ranked by centroid cosine."""
+    check_keep(keep)
     mask = np.zeros(len(labels), dtype=bool)
     for cluster in np.unique(labels):
         members = np.flatnonzero(labels == cluster)
@@ -72,13 +88,12 @@ def select_per_cluster(labels: np.ndarray, centroid_cos: np.ndarray, keep: float
 
 def match_filter(images: np.ndarray, texts: np.ndarray | None, quantile: float) -> np.ndarray:
     """Bool mask of the samples whose image-caption cosine is not in the lowest ``quantile``."""
-    if quantile <= 0:
+    check_match_quantile(quantile)
+    if quantile == 0:
         return np.ones(len(images), dtype=bool)
     if texts is None:
         raise DataError("--min-match-quantile needs caption embeddings; pass a checkpoint, or a teacher cache "
                         "that has text_embeds.npy")
-    if quantile >= 1:
-        raise DataError(f"--min-match-quantile must be in [0, 1), got {quantile}")
     scores = np.einsum("ij,ij->i", images, texts)
     return scores >= np.quantile(scores, quantile)
 
@@ -87,9 +102,10 @@ def reduce_embeddings(images: np.ndarray, keep: float, clusters: int | None = No
                       texts: np.ndarray | None = None, min_match_quantile: float = 0.0):
     """(kept mask, cluster labels, stats, per-sample columns) for unit image embeddings (and caption
     embeddings for the filter)."""
+    check_keep(keep), check_clusters(clusters), check_match_quantile(min_match_quantile)
     n = len(images)
     start = time.perf_counter()
-    labels, centroids = spherical_kmeans(images, clusters or default_clusters(n), seed)
+    labels, centroids = spherical_kmeans(images, default_clusters(n) if clusters is None else clusters, seed)
     centroid_cos = np.einsum("ij,ij->i", images, centroids[labels])
     selected = select_per_cluster(labels, centroid_cos, keep)  # every N-th per cluster, then the ITM half
     matched = match_filter(images, texts, min_match_quantile)
@@ -113,6 +129,8 @@ def reduce_source(data: str, model: str | Path, out: str | Path, *, keep: float 
     out = Path(out)
     if out.suffix.lower() != ".parquet":
         raise DataError(f"--out must name a .parquet keep-list (e.g. keep.parquet), got {out}")
+    # all the arguments before the (long) embedding
+    check_source(data), check_keep(keep), check_clusters(clusters), check_match_quantile(min_match_quantile)
     emb = source_embeddings(data, model, batch_size=batch_size, device=device)
     mask, labels, stats, table = reduce_embeddings(emb.images, keep, clusters, seed, emb.texts, min_match_quantile)
     keys = [k for k, m in zip(emb.keys, mask) if m]

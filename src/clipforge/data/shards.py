@@ -114,7 +114,11 @@ class _Input:
     classname: str | None
 
 
-def _inputs_of(spec: str, caption_template: str) -> tuple[list[_Input], str]:
+def _inputs_of(spec: str, caption_template: str, caption_key: str | None = None) -> tuple[list[_Input], str]:
+    from clipforge.config import DataConfig
+    from clipforge.data.dedup import check_source
+
+    check_source(spec)
     sources = parse_train_spec(spec)
     if len(sources) != 1 or sources[0].kind not in ("jsonl", "csv", "imagefolder"):
         raise DataError(f"clipforge data shard reads one jsonl:FILE, csv:FILE or imagefolder:DIR, got '{spec}'")
@@ -123,7 +127,11 @@ def _inputs_of(spec: str, caption_template: str) -> tuple[list[_Input], str]:
         folder = ImageFolderSource(s, caption_template)
         return [_Input(p, caption_template.format(folder.classnames[l]), l, folder.classnames[l])
                 for p, l in zip(folder.paths, folder.labels)], str(s)
-    table = TableSource(s)
+    try:
+        table = TableSource(s, DataConfig(train=str(s), caption_key=caption_key))
+    except DataError as e:  # the loader's words name recipe keys; data shard takes an option instead
+        raise DataError(str(e).replace("data.caption_key", "--caption-key").replace(
+            ", or name a class column with data.label_key to caption images with data.caption_template", "")) from None
     return [_Input(p, c, -1, None) for p, c in zip(table.paths, table.caption_list)], str(s)
 
 
@@ -133,6 +141,7 @@ def write_shards(
     samples_per_shard: int = 10000,
     *,
     caption_template: str = "a photo of a {}.",
+    caption_key: str | None = None,
     shuffle: bool = True,
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
@@ -143,7 +152,7 @@ def write_shards(
 
     if samples_per_shard < 1:
         raise DataError(f"--samples-per-shard must be >= 1, got {samples_per_shard}")
-    inputs, source = _inputs_of(spec, caption_template)
+    inputs, source = _inputs_of(spec, caption_template, caption_key)
     out = Path(out_dir)
     if out.exists() and any(out.glob("*.tar")):
         raise DataError(f"{out} already holds .tar shards; choose an empty --out directory")
@@ -210,9 +219,17 @@ def write_shards(
 def shard_urls(target: str | Path) -> list[str]:
     """A directory (its *.tar, sorted), a ``wds:`` spec, or a brace pattern -> shard paths/URLs."""
     text = str(target)
+    kind = text.partition(":")[0]
+    if kind in ("jsonl", "csv", "imagefolder", "shapes") or text == "shapes":
+        raise DataError(f"data inspect reads WebDataset shards (a directory of .tar files or 'wds:PATTERN'), not "
+                        f"{text}; run `clipforge data shard {text} --out DIR` (it checks every input and reports "
+                        "the unreadable ones), then inspect DIR")
     if text.startswith("wds:"):
         text = text[4:]
     path = Path(text)
+    if not path.exists() and "{" not in text and "://" not in text and not text.startswith("pipe:"):
+        raise FileNotFoundError(f"shards not found: {text}; pass a directory of .tar shards or a pattern such as "
+                                "'wds:/data/{00000..00099}.tar'")
     if path.is_dir():
         urls = sorted(str(p) for p in path.glob("*.tar"))
         sizes = path / SIZES_FILE
@@ -262,6 +279,8 @@ def inspect_shards(
     progress: Callable[[int, int], None] | None = None,
 ) -> dict:
     """Read every sample of every shard: counts, unreadable samples per reason, caption lengths, a grid PNG."""
+    if grid < 0:
+        raise DataError(f"--grid is the number of samples shown in samples.png, >= 0 (0: none); got {grid}")
     urls = shard_urls(target)
     expected = _expected_sizes(urls)
     shards, skipped, words, examples, list_lengths = [], Counter(), [], [], []

@@ -19,6 +19,7 @@ from typing import Any, Sequence
 import torch
 
 from clipforge import __version__
+from clipforge.devices import pick_device
 from clipforge.data.sources import (
     DataError,
     parse_data_spec,
@@ -107,6 +108,7 @@ def evaluate(
     if per_class and task == "retrieval":
         raise EvalError(f"--per-class applies to classification (zeroshot, linear-probe), not {task} on {data}")
     _check_options(task, train_data, fewshot_k, val_fraction, batch_size, workers, max_bad_fraction, similarity)
+    device = pick_device(device) if device else None  # checked before any data or model is read
     if max_samples is not None and (max_samples < 1 or task == "linear-probe"):
         raise EvalError(f"--max-samples takes a count >= 1 and applies to zeroshot and retrieval "
                         f"(got {max_samples} with --task {task})")
@@ -225,8 +227,7 @@ def resolve_model(model_or_ckpt, device: str | None):
         return model.eval(), preprocess, tokenizer, type(model).__name__
     from clipforge.api import load
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, preprocess, tokenizer = load(checkpoint_dir(model_or_ckpt), device=device)
+    model, preprocess, tokenizer = load(checkpoint_dir(model_or_ckpt), device=pick_device(device))
     return model, preprocess, tokenizer, str(model_or_ckpt)
 
 

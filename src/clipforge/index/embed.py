@@ -29,6 +29,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from clipforge.devices import pick_device
 from clipforge.outputs import load_array_no_pickle, read_json_object
 
 MANIFEST = "manifest.json"
@@ -213,6 +214,7 @@ def embed_dataset(
         raise EmbedError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if shard_size < 1 or batch_size < 1:
         raise EmbedError("--shard-size and --batch-size must be >= 1")
+    device = pick_device(device)  # before the output directory is made
     require_pyarrow()
     out = Path(out)
     ckpt = checkpoint_dir(ckpt)  # a run directory means its latest checkpoint, as in `clipforge eval`
@@ -223,7 +225,6 @@ def embed_dataset(
     manifest = _open_output(out, settings)
     if manifest.get("complete"):
         return _summary(manifest, 0)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, preprocess, tokenizer = load(ckpt, device=device)
     if sparse:
         from clipforge.index.lexical import SparseEncoder
@@ -308,7 +309,8 @@ def load_embeddings(emb_dir: str | Path, kind: str = "images") -> tuple[np.ndarr
 
     emb_dir = Path(emb_dir)
     if kind not in KINDS:
-        raise EmbedError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+        raise EmbedError(f"--what must be one of {', '.join(KINDS)} (the image or the caption embeddings), "
+                         f"got {kind!r}")
     if not (emb_dir / MANIFEST).is_file():
         raise EmbedError(f"{emb_dir} is not an embedding directory ({MANIFEST} missing); run `clipforge embed` first")
     manifest = _read_manifest(emb_dir / MANIFEST)

@@ -185,6 +185,42 @@ def unit_vector(values: list[float], dim: int) -> np.ndarray:
     return v / np.linalg.norm(v)
 
 
+def query_checkpoint(given: str | Path | None, recorded: str | None) -> Path | None:
+    """The model for text and image queries: ``given`` (--ckpt; must exist) or the one the index was embedded
+    with (``recorded``; None when it is gone: embedding queries only). A given checkpoint that is not the
+    recorded one (another directory with other weights) is warned about: its queries land elsewhere."""
+    import warnings
+
+    if given is None:
+        if recorded and not Path(recorded).exists():
+            warnings.warn(f"the index was embedded with {recorded}, which is not there any more: text and image "
+                          "queries are off; pass --ckpt with that model to turn them on")
+            return None
+        return Path(recorded) if recorded else None
+    given = Path(given)
+    if not (given / "config.json").is_file():
+        raise ServerError(f"--ckpt {given}: no checkpoint there (config.json missing); pass the checkpoint the index "
+                          "was embedded with, or leave --ckpt out to use the one the index records"
+                          + (f" ({recorded})" if recorded else ""))
+    if recorded and not same_weights(given, Path(recorded)):
+        warnings.warn(f"--ckpt {given} is not the checkpoint the index was embedded with ({recorded}"
+                      f"{'' if Path(recorded).exists() else ', gone'}): text and image queries are embedded by "
+                      "another model and will not match the indexed vectors unless the weights are the same")
+    return given
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    """One checkpoint directory, or two whose weight files are byte for byte equal (a copy)."""
+    import filecmp
+
+    from clipforge.train.checkpoint import WEIGHTS
+
+    if a.exists() and b.exists() and a.resolve() == b.resolve():
+        return True
+    wa, wb = a / WEIGHTS, b / WEIGHTS
+    return wa.is_file() and wb.is_file() and filecmp.cmp(wa, wb, shallow=False)
+
+
 class Searcher:
     """The index, its metadata and (for text and image queries) the model, behind one ``search``."""
 
@@ -204,9 +240,9 @@ class Searcher:
                                    f"{REBUILD}") from None
         self.captions = dict(zip(meta["id"], meta.get("caption", [""] * len(meta["id"]))))
         self.images = dict(zip(meta["id"], meta["image"])) if "image" in meta else {}
-        checkpoint = checkpoint or self.index.info.get("checkpoint")
+        checkpoint = query_checkpoint(checkpoint, self.index.info.get("checkpoint"))
         self.model = self.preprocess = self.tokenizer = None
-        if checkpoint and Path(checkpoint).exists():
+        if checkpoint is not None:
             from clipforge.api import load
 
             self.model, self.preprocess, self.tokenizer = load(checkpoint, device=device)
@@ -448,6 +484,8 @@ def run_server(index_dir: str | Path, host: str = "127.0.0.1", port: int = 8000,
     require_server_deps()
     import uvicorn
 
+    if not 1 <= port <= 65535:  # uvicorn would fail only after printing the URL
+        raise ServerError(f"--port must be between 1 and 65535, got {port}")
     if not is_loopback(host):
         warnings.warn(f"binding {host}: the search API and your indexed images are reachable from the network")
     app = create_app(index_dir, checkpoint)

@@ -100,24 +100,31 @@ def ours_to_openclip_state_dict(sd: dict[str, torch.Tensor], hf_text: bool = Fal
     return out
 
 
+def _load_reason(e: Exception) -> str:
+    """The first line that says what failed: torch's weights-only text is a page of advice that does not apply."""
+    text = str(e).split("WeightsUnpickler error:", 1)[-1]
+    return next((line.strip() for line in text.splitlines() if line.strip()), type(e).__name__)[:200]
+
+
 def read_openclip_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """A state dict from ``.safetensors`` or a torch file (never unpickling code); training
     checkpoints ({"state_dict": ...}, DDP's "module." prefix) are unwrapped."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"OpenCLIP weights not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        sd = load_file(str(path))
-    else:
-        try:
+            sd = load_file(str(path))
+        else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - pickle errors come in many types
-            raise ConversionError(f"{path} could not be read as a weights-only torch file ({e}); "
-                                  "convert it to .safetensors or save only the state dict") from None
-        if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
-            sd = sd["state_dict"]
+    except Exception as e:  # noqa: BLE001 - pickle and safetensors errors come in many types
+        raise ConversionError(f"{path} is not an OpenCLIP weights file ({_load_reason(e)}; torch files are read "
+                              "weights-only, never unpickling code): pass the model's .safetensors (e.g. "
+                              "open_clip_model.safetensors) or a torch .bin/.pt holding only its state dict") from None
+    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):  # a training checkpoint
+        sd = sd["state_dict"]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise ConversionError(f"{path} does not hold a state dict (a mapping of names to tensors)")
     if sd and all(k.startswith("module.") for k in sd):
