@@ -574,7 +574,7 @@ def serve(
     from clipforge.eval.evaluate import checkpoint_dir
     from clipforge.index.server import run_server
 
-    if ckpt is not None:
+    if ckpt is not None and Path(ckpt).exists():  # a missing one is explained with the index's own model
         ckpt = str(checkpoint_dir(ckpt))  # a run directory means its latest checkpoint, as for eval
 
     run_server(index, host=host, port=port, checkpoint=ckpt)
