@@ -25,10 +25,10 @@ def pick_device(want: str | torch.device | None, option: str = "--device") -> to
     except (RuntimeError, TypeError):
         raise DeviceError(f"{option} {want!r}: not a device; use cpu, cuda or cuda:N") from None
     if device.type not in ("cpu", "cuda"):
-        raise DeviceError(f"{option} {want!r}: clipforge runs on cpu or cuda; use --device cpu or --device cuda")
+        raise DeviceError(f"{option} {want!r}: clipforge runs on cpu or cuda; use {option} cpu or {option} cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise DeviceError(f"{option} {want}: no CUDA device is visible on this machine; use --device cpu "
-                          "(or leave --device out)")
+        raise DeviceError(f"{option} {want}: no CUDA device is visible on this machine; use {option} cpu "
+                          f"(or leave {option.rstrip(' =')} out)")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise DeviceError(f"{option} {want}: this machine has {torch.cuda.device_count()} CUDA device(s), "
                           f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")

@@ -79,12 +79,10 @@ class TrainResult:
 
 
 def resolve_device(recipe: Recipe) -> torch.device:
-    want = recipe.train.device
-    if want == "cuda" and not torch.cuda.is_available():
-        raise TrainingError("train.device = 'cuda' but no CUDA device is visible; use train.device=cpu")
-    if want == "auto":
-        want = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(want)
+    """``train.device``, checked by the one device check every verb uses."""
+    from clipforge.devices import pick_device
+
+    return pick_device(recipe.train.device, option="train.device =")
 
 
 def resolve_precision(recipe: Recipe, device: torch.device) -> torch.dtype:
