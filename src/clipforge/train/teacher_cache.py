@@ -35,9 +35,10 @@ def write_teacher_cache(ckpt: str | Path, data: str, out: str | Path, batch_size
                         device: str | None = None, caption_template: str | None = None) -> dict[str, Any]:
     """Embed every sample of the training source ``data`` with the checkpoint's model; returns the manifest."""
     from clipforge.api import load
+    from clipforge.devices import pick_device
 
     out = new_output_dir(out)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(device)
     model, _, tokenizer = load(ckpt, device=device)
     data_cfg = DataConfig(train=data, **({"caption_template": caption_template} if caption_template else {}))
     keys, image_embeds, text_embeds, skipped = embed_source_samples(model, tokenizer, data_cfg, batch_size)
