@@ -130,11 +130,6 @@ def test_cli_dedups_duplicate_images_of_a_table(tmp_path, capsys):
     (["jsonl:x.jsonl", "--eps", "2"], "--eps must be in [0, 1)"),
 ])
 def test_cli_refuses_bad_arguments_before_embedding(tmp_path, capsys, args, says):
-    """--model names no checkpoint: an argument error shows that nothing was loaded or embedded first."""
-    from tiny_checkpoint import run_cli
+    from tiny_checkpoint import refused_before_embedding
 
-    code, stdout, stderr = run_cli(capsys, "data", "dedup", *args, "--model", tmp_path / "none",
-                                   "--out", tmp_path / "k.parquet")
-    err = " ".join(stderr.split())
-    assert code == 2 and "Traceback" not in stdout + stderr and says in err, stdout + stderr
-    assert not (tmp_path / "k.parquet").exists()
+    refused_before_embedding(capsys, tmp_path, "dedup", args, says)

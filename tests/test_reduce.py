@@ -107,10 +107,6 @@ def test_cli_reduce_writes_a_keep_list_that_trains(tmp_path, capsys):
     (["jsonl:x.jsonl", "--clusters", "0"], "--clusters must be >= 1, got 0"),
 ])
 def test_cli_refuses_bad_arguments_before_embedding(tmp_path, capsys, args, says):
-    """--model names no checkpoint: an argument error shows that nothing was loaded or embedded first."""
-    from tiny_checkpoint import run_cli
+    from tiny_checkpoint import refused_before_embedding
 
-    code, stdout, stderr = run_cli(capsys, "data", "reduce", *args, "--model", tmp_path / "none",
-                                   "--out", tmp_path / "k.parquet")
-    err = " ".join(stderr.split())
-    assert code == 2 and "Traceback" not in stdout + stderr and says in err, stdout + stderr
+    refused_before_embedding(capsys, tmp_path, "reduce", args, says)

@@ -151,3 +151,13 @@ def train_straight_and_resumed(capsys, recipe: Path, tmp_path: Path, steps: int 
                            f"train.steps={steps}")
     assert code == 0, err
     return last_logged_row(tmp_path / "full"), last_logged_row(tmp_path / "half")
+
+
+def refused_before_embedding(capsys, tmp_path: Path, verb: str, args: list[str], says: str) -> None:
+    """``clipforge data <verb> ARGS`` with a --model that names no checkpoint: an argument error (exit 2,
+    ``says`` in the message, no traceback, no output) shows that nothing was loaded or embedded first."""
+    code, stdout, stderr = run_cli(capsys, "data", verb, *args, "--model", tmp_path / "none",
+                                   "--out", tmp_path / "k.parquet")
+    err = " ".join(stderr.split())
+    assert code == 2 and "Traceback" not in stdout + stderr and says in err, stdout + stderr
+    assert not (tmp_path / "k.parquet").exists()
