@@ -764,8 +764,9 @@ def skip_message(skipped: dict[str, int], read: int, limit: float, where: str) -
     total = sum(skipped.values())
     reasons = ", ".join(f"{k}: {v}" for k, v in sorted(skipped.items(), key=lambda kv: -kv[1]))
     return (f"{total} of {read} samples read {where} were unreadable ({total / max(1, read):.1%} > "
-            f"data.max_skip_fraction={limit:g}; {reasons}). Check the data with `clipforge data inspect`, "
-            f"or raise data.max_skip_fraction")
+            f"data.max_skip_fraction={limit:g}; {reasons}). Check the data with `clipforge data inspect` "
+            f"(shards) or `clipforge data shard` (files: it checks every input as it writes), or raise "
+            f"data.max_skip_fraction")
 
 
 def over_skip_limit(skipped: dict[str, int], read: int, limit: float, epoch_done: bool = False) -> bool:
