@@ -823,7 +823,7 @@ class SlotBatches(IterableDataset):
                     samples = []
             if good_this_epoch == 0 and read_this_epoch >= length > 0:  # a whole epoch and nothing readable
                 yield {"_error": skip_message(cursor["skipped"], cursor["read"], cfg.max_skip_fraction,
-                                             f"by data worker {slot} in a whole epoch, with none readable")}
+                                             f"by data worker {slot} in a whole epoch (none of them readable)")}
                 return
             cursor["epoch"], cursor["pos"] = epoch + 1, 0
 
