@@ -428,7 +428,7 @@ def eval_(
                                 "MSE/covariance/spectrum regularisers) on the frozen features."),
 ) -> None:
     """Evaluate checkpoints on your data: zero-shot classification, retrieval or a linear probe."""
-    from clipforge.eval.evaluate import EvalError, evaluate, result_paths, result_table
+    from clipforge.eval.evaluate import checkpoint_dir, evaluate, result_paths, result_table
 
     if ckpts[0] == "merge":
         if task is not None or data is not None:
@@ -440,10 +440,8 @@ def eval_(
             raise typer.BadParameter("missing; it is required to evaluate a checkpoint", param_hint=hint)
     # all the file names and models first: a bad --out or a missing model stops before any work
     paths = result_paths(out, ckpts, task, data)
-    missing = [c for c in ckpts if not Path(c).exists()]
-    if missing:
-        raise EvalError(f"checkpoint not found: {', '.join(missing)} (a checkpoint directory, or a run directory "
-                        "whose checkpoints/latest is used)")
+    for ckpt in ckpts:  # each resolves (or is refused) as evaluate will resolve it
+        checkpoint_dir(ckpt)
     for ckpt, path in zip(ckpts, paths):
         result = evaluate(
             ckpt, task, data, train_data=train_data, classnames=classnames, templates=templates,
