@@ -1,4 +1,4 @@
-"""The one check of a --device argument, for every verb that runs a model outside the trainer.
+"""The one check of a device argument: --device of every verb that runs a model, and train.device.
 
 A mistyped or absent device would otherwise surface as a torch traceback from deep inside
 ``model.to(device)`` (\"Found no NVIDIA driver\", \"Expected one of cpu, cuda, ...\").

@@ -262,7 +262,10 @@ def dedup_source(data: str, model: str | Path, out: str | Path, *, eps: float = 
     out = Path(out)
     if out.suffix.lower() != ".parquet":
         raise DataError(f"--out must name a .parquet keep-list (e.g. keep.parquet), got {out}")
-    check_eps(eps), check_order(order), check_clusters(clusters)  # before the (long) embedding
+    # before the (long) embedding
+    check_eps(eps)
+    check_order(order)
+    check_clusters(clusters)
     start = time.perf_counter()
     emb = source_embeddings(data, model, batch_size=batch_size, device=device)
     embed_s = time.perf_counter() - start

@@ -102,7 +102,9 @@ def reduce_embeddings(images: np.ndarray, keep: float, clusters: int | None = No
                       texts: np.ndarray | None = None, min_match_quantile: float = 0.0):
     """(kept mask, cluster labels, stats, per-sample columns) for unit image embeddings (and caption
     embeddings for the filter)."""
-    check_keep(keep), check_clusters(clusters), check_match_quantile(min_match_quantile)
+    check_keep(keep)
+    check_clusters(clusters)
+    check_match_quantile(min_match_quantile)
     n = len(images)
     start = time.perf_counter()
     labels, centroids = spherical_kmeans(images, default_clusters(n) if clusters is None else clusters, seed)
@@ -130,7 +132,10 @@ def reduce_source(data: str, model: str | Path, out: str | Path, *, keep: float 
     if out.suffix.lower() != ".parquet":
         raise DataError(f"--out must name a .parquet keep-list (e.g. keep.parquet), got {out}")
     # all the arguments before the (long) embedding
-    check_source(data), check_keep(keep), check_clusters(clusters), check_match_quantile(min_match_quantile)
+    check_source(data)
+    check_keep(keep)
+    check_clusters(clusters)
+    check_match_quantile(min_match_quantile)
     emb = source_embeddings(data, model, batch_size=batch_size, device=device)
     mask, labels, stats, table = reduce_embeddings(emb.images, keep, clusters, seed, emb.texts, min_match_quantile)
     keys = [k for k, m in zip(emb.keys, mask) if m]
