@@ -263,6 +263,8 @@ def _step_and_optimizer(recipe: Recipe, device: torch.device):
 
 def openclip_side(recipe: Recipe, device: torch.device, host_batch: dict[str, Any]) -> Side:
     """The same architecture, batch, optimiser and precision in OpenCLIP (its model and loss)."""
+    from clipforge.export import openclip_vision_cfg
+
     try:
         import open_clip
         from open_clip.loss import ClipLoss, SigLipLoss
@@ -280,9 +282,9 @@ def openclip_side(recipe: Recipe, device: torch.device, host_batch: dict[str, An
                          "layers differ (model.*_layer_heads / *_layer_mlp / *_head_dim)")
     if m.token_selection != "random":
         raise BenchError("--against openclip: OpenCLIP has no attentive token selection; use token_selection=random")
-    vision_cfg = dict(image_size=m.image_size, patch_size=m.patch_size, width=m.vision_width, layers=m.vision_layers,
-                      head_width=m.vision_width // m.vision_heads, mlp_ratio=m.mlp_ratio, patch_dropout=m.patch_dropout,
-                      pool_type="tok" if m.vision_pool == "cls" else "avg")
+    vision_cfg = openclip_vision_cfg(m)  # what `clipforge export --to openclip` writes (ViT or ModifiedResNet)
+    if m.image_tower == "vit":
+        vision_cfg["pool_type"] = "tok" if m.vision_pool == "cls" else "avg"
     text_cfg = dict(context_length=m.context_length, vocab_size=m.vocab_size, width=m.text_width, heads=m.text_heads,
                     layers=m.text_layers, mlp_ratio=m.mlp_ratio)
     sigmoid = terms == ["siglip"]

@@ -166,7 +166,11 @@ class InitFromConfig(Section):
 
 
 class ModelConfig(Section):
-    # image tower (ViT)
+    # image tower: "vit" (below) or "resnet", CLIP's ModifiedResNet (models/resnet.py): resnet_layers
+    # bottleneck blocks per stage, vision_width the stem width (64 for RN50), vision_heads the attention
+    # pool's heads (32w/64 in CLIP: 32 for RN50); patch_size, vision_layers and vision_pool are ViT-only
+    image_tower: Literal["vit", "resnet"] = "vit"
+    resnet_layers: list[int] = Field(default_factory=lambda: [3, 4, 6, 3])  # RN50; RN101: [3, 4, 23, 3]
     image_size: int = Field(64, ge=8)
     patch_size: int = Field(8, ge=1)
     vision_width: int = Field(192, ge=8)
@@ -230,11 +234,13 @@ class ModelConfig(Section):
         if not all(s > 0 for s in self.image_std):
             raise ValueError(f"model.image_std must be > 0 for each channel (images are divided by it), "
                              f"got {self.image_std}")
-        if self.image_size % self.patch_size:
+        if self.image_tower == "resnet":
+            self._check_resnet()
+        elif self.image_size % self.patch_size:
             raise ValueError(
                 f"model.image_size ({self.image_size}) must be a multiple of model.patch_size ({self.patch_size})"
             )
-        for tower in ("vision", "text"):
+        for tower in ("vision", "text") if self.image_tower == "vit" else ("text",):
             self._check_layer_shapes(tower)
         if self.text_tower == "hf" and self.lexical_head:
             raise ValueError("model.lexical_head works on the native text tower (its vocabulary and width): set "
@@ -245,6 +251,41 @@ class ModelConfig(Section):
             raise ValueError("model.text_pretrained / text_unlocked_layers apply to a pretrained tower: set "
                              "model.text_tower = 'hf' (or drop them)")
         return self
+
+    def _check_resnet(self) -> None:
+        from clipforge.models.resnet import DOWNSAMPLING, pooled_width
+
+        if len(self.resnet_layers) != 4 or min(self.resnet_layers) < 1:
+            raise ValueError(f"model.resnet_layers = {self.resnet_layers} must give 4 stages of >= 1 blocks "
+                             "(RN50: [3, 4, 6, 3], RN101: [3, 4, 23, 3])")
+        if self.image_size % DOWNSAMPLING:
+            raise ValueError(f"model.image_size ({self.image_size}) must be a multiple of {DOWNSAMPLING} for the "
+                             "ResNet tower (it downsamples by 32 before the attention pool)")
+        if self.vision_width % 2 or pooled_width(self.vision_width) % self.vision_heads:
+            raise ValueError(f"the ResNet tower's attention pool has 32 x model.vision_width = "
+                             f"{pooled_width(self.vision_width)} channels, which model.vision_heads = "
+                             f"{self.vision_heads} must divide (CLIP uses 64 per head: vision_heads = "
+                             f"vision_width / 2), and vision_width must be even")
+        vit_only = {"patch_dropout": self.patch_dropout > 0, "token_selection": self.token_selection != "random",
+                    "vision_pool": self.vision_pool != "cls", "lexical_head": self.lexical_head,
+                    "vision_head_dim": self.vision_head_dim is not None,
+                    "vision_layer_heads": self.vision_layer_heads is not None,
+                    "vision_layer_mlp": self.vision_layer_mlp is not None}
+        for name, is_set in vit_only.items():
+            if is_set:
+                raise ValueError(f"model.{name} = {getattr(self, name)!r} works on the ViT's patch tokens; the "
+                                 "ResNet tower (model.image_tower = 'resnet') has none: drop it, or use "
+                                 "image_tower = 'vit'")
+
+    @property
+    def vision_pooled_width(self) -> int:
+        """Width of the pooled image feature, the image projection's input: the ViT's width, or the ResNet's
+        last stage (32 x vision_width)."""
+        if self.image_tower == "resnet":
+            from clipforge.models.resnet import pooled_width
+
+            return pooled_width(self.vision_width)
+        return self.vision_width
 
     def _check_layer_shapes(self, tower: str) -> None:
         width, heads, layers = (getattr(self, f"{tower}_{k}") for k in ("width", "heads", "layers"))
@@ -278,7 +319,7 @@ class ModelConfig(Section):
     def uniform_layers(self) -> bool:
         """True for the towers every CLIP implementation has: the same heads and MLP in every layer, and
         heads x head_dim = width (what OpenCLIP, Hugging Face and weight inheritance expect)."""
-        for tower in ("vision", "text"):
+        for tower in ("vision", "text") if self.image_tower == "vit" else ("text",):
             width, heads = getattr(self, f"{tower}_width"), getattr(self, f"{tower}_heads")
             if self.head_dim(tower) * heads != width:
                 return False
@@ -885,6 +926,8 @@ class Recipe(Section):
             if (m.image_size // m.patch_size) % m.attentive_block:
                 raise ValueError(f"model.attentive_block ({m.attentive_block}) must divide the patch grid "
                                  f"({m.image_size // m.patch_size} x {m.image_size // m.patch_size})")
+        if m.image_tower == "resnet":
+            self._check_resnet_terms()
         if self.teachers and self.train.fsdp:
             raise ValueError("teachers are not supported with train.fsdp yet (the ema copy would need its own "
                              "sharding); use DDP (train.fsdp = false)")
@@ -892,6 +935,19 @@ class Recipe(Section):
             check = getattr(part, "check_recipe", None)
             if check is not None:
                 check(self)  # a method or term refuses what it cannot combine with, saying why
+
+
+    def _check_resnet_terms(self) -> None:
+        """Terms reading the ViT's patch tokens or attention cannot run on CLIP's ResNet tower."""
+        from clipforge.objectives.base import TERMS
+
+        patch_level = {"image_tokens", "image_token_embeds", "cls_attention", "kept_indices"}
+        for term in self.objective.terms:
+            needs = getattr(TERMS.get(term.name), "needs", frozenset())
+            if patch_level & needs:
+                raise ValueError(f"objective term '{term.name}' reads the image tower's patch tokens "
+                                 f"({sorted(patch_level & needs)[0]}); the ResNet tower (model.image_tower = "
+                                 "'resnet') has none: use model.image_tower = 'vit' for this term")
 
 
 # ----------------------------------------------------------------------------- loading

@@ -99,6 +99,11 @@ SIGLIP_REFUSAL = (
 )
 def check_hf_compatible(cfg) -> None:
     """Refuse, by name, architecture options that transformers' CLIPModel has no equivalent for."""
+    if cfg.image_tower != "vit":
+        raise ExportError(
+            "cannot export to Hugging Face: the image tower is CLIP's ResNet (model.image_tower = 'resnet'); "
+            "transformers' CLIPModel has ViT image towers only. Export to OpenCLIP (--to openclip), whose "
+            "ModifiedResNet it is, or to ONNX (--to onnx)")
     if cfg.text_tower != "clip" or cfg.text_projection != "linear":
         raise ExportError(
             f"cannot export to Hugging Face: the text tower is a pretrained encoder (model.text_tower = "
@@ -248,8 +253,12 @@ OPENCLIP_WEIGHTS_FILE = "open_clip_model.safetensors"
 
 
 def check_openclip_compatible(cfg) -> None:
-    """Refuse, by name, what OpenCLIP's CLIP / CustomTextCLIP (ViT image tower; CLIP text transformer or a
-    Hugging Face encoder, mean-pooled, linear projection) cannot compute."""
+    """Refuse, by name, what OpenCLIP's CLIP / CustomTextCLIP (ViT or ModifiedResNet image tower; CLIP text
+    transformer or a Hugging Face encoder, mean-pooled, linear projection) cannot compute."""
+    if cfg.image_tower == "resnet" and (32 * cfg.vision_width) % cfg.vision_heads:
+        raise ExportError(  # OpenCLIP derives the heads: 32 x width / head_width
+            f"cannot export to OpenCLIP: its ModifiedResNet has 32 x vision_width / head_width attention-pool heads, "
+            f"and {cfg.vision_heads} heads give no whole head_width. Export to ONNX instead (--to onnx)")
     if cfg.text_projection != "linear":
         raise ExportError(
             f"cannot export to OpenCLIP: model.text_projection = {cfg.text_projection!r} (FLAME's adapter: Linear, "
@@ -270,6 +279,16 @@ def check_openclip_compatible(cfg) -> None:
     check_uniform_layers(cfg, "OpenCLIP")
 
 
+def openclip_vision_cfg(cfg) -> dict[str, Any]:
+    """OpenCLIP's ``vision_cfg`` for our image tower: a ViT, or (``layers`` a list) its ModifiedResNet."""
+    if cfg.image_tower == "resnet":
+        return dict(image_size=cfg.image_size, layers=list(cfg.resnet_layers), width=cfg.vision_width,
+                    head_width=32 * cfg.vision_width // cfg.vision_heads)
+    return dict(image_size=cfg.image_size, patch_size=cfg.patch_size, width=cfg.vision_width,
+                layers=cfg.vision_layers, head_width=cfg.vision_width // cfg.vision_heads, mlp_ratio=cfg.mlp_ratio,
+                patch_dropout=cfg.patch_dropout)
+
+
 def openclip_model_config(cfg, tokenizer, out_dir: str) -> dict[str, Any]:
     """``{"model_cfg": ..., "preprocess_cfg": ...}`` as in a Hub ``open_clip_config.json``; ``out_dir`` is
     where the export lands.
@@ -279,9 +298,7 @@ def openclip_model_config(cfg, tokenizer, out_dir: str) -> dict[str, Any]:
     (``hf_tokenizer_name``; with ``local-dir:`` OpenCLIP reads it from that directory) and the text tower
     pools at its end-of-text id (``pool_type = "eos"``), as ours does. A pretrained (``hf``) text tower
     becomes OpenCLIP's HFTextEncoder, built from the encoder's config.json in ``out_dir``."""
-    vision = dict(image_size=cfg.image_size, patch_size=cfg.patch_size, width=cfg.vision_width,
-                  layers=cfg.vision_layers, head_width=cfg.vision_width // cfg.vision_heads, mlp_ratio=cfg.mlp_ratio,
-                  patch_dropout=cfg.patch_dropout)
+    vision = openclip_vision_cfg(cfg)
     if cfg.text_tower == "hf":  # the encoder's config.json is written beside the weights: OpenCLIP builds it from there
         text = dict(hf_model_name=out_dir, hf_tokenizer_name=out_dir, hf_pooler_type="mean_pooler",
                     hf_proj_type="linear", context_length=cfg.context_length)

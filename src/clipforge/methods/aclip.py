@@ -114,7 +114,7 @@ class AclipStep(TrainStep):
         super().__init__(recipe, model, objective, teachers)
         cfg: AclipConfig = recipe.method
         self.cfg = cfg
-        width = recipe.model.vision_width
+        width = recipe.model.vision_pooled_width
         self.simclr_head = mlp([width, cfg.simclr_hidden, cfg.simclr_hidden, cfg.simclr_out])
         self.byol_projector = mlp([width, cfg.byol_hidden, cfg.byol_out])
         self.byol_predictor = mlp([cfg.byol_out, cfg.byol_hidden, cfg.byol_out])

@@ -108,7 +108,7 @@ class ClipRocketStep(TrainStep):
         self.views = recipe.data.ssl_views
         self.max_log_scale = math.log(recipe.model.logit_scale_max)
         if cfg.projector != "shared":
-            vision, out = recipe.model.vision_width, recipe.model.embed_dim
+            vision, out = recipe.model.vision_pooled_width, recipe.model.embed_dim
             text = getattr(model.text, "width", recipe.model.text_width)  # a pretrained (hf) tower has its own
             if cfg.projector == "mlp":
                 self.image_view_projector = mlp([vision, cfg.projector_hidden, cfg.projector_hidden, out])

@@ -195,7 +195,7 @@ class _HeadsStep(ClipRocketStep):
     def __init__(self, recipe: Recipe, model: nn.Module, objective, teachers: dict[str, nn.Module]):
         super().__init__(recipe, model, objective, teachers)
         self.needs = self.needs | {"image_pooled", "text_pooled"}
-        widths = {"image": recipe.model.vision_width, "text": getattr(model.text, "width", recipe.model.text_width)}
+        widths = {"image": recipe.model.vision_pooled_width, "text": getattr(model.text, "width", recipe.model.text_width)}
         self.heads = nn.ModuleDict({m: self.make_head(w) for m, w in widths.items()})
         if self.cfg.separate_heads:
             self.view_heads = nn.ModuleDict({m: self.make_head(w) for m, w in widths.items()})

@@ -56,7 +56,7 @@ class SlipStep(TrainStep):
         super().__init__(recipe, model, objective, teachers)
         cfg: SlipConfig = recipe.method
         self.cfg = cfg
-        self.simclr_head = mlp([recipe.model.vision_width, cfg.simclr_hidden, cfg.simclr_hidden, cfg.simclr_out])
+        self.simclr_head = mlp([recipe.model.vision_pooled_width, cfg.simclr_hidden, cfg.simclr_hidden, cfg.simclr_out])
 
     def encode(self, batch: dict[str, Any]) -> Outputs:
         outputs = super().encode(batch)  # the plain step: the objective's pass over images and captions

@@ -79,6 +79,9 @@ class TinyclipPruneConfig(MethodConfig):
             raise ValueError("method 'tinyclip_prune' gates the model with hooks; an ema teacher would copy them. "
                              "Use a checkpoint (or cache) teacher")
         m = recipe.model
+        if m.image_tower != "vit":
+            raise ValueError("method 'tinyclip_prune' gates the ViT's heads, MLP units and hidden dims; CLIP's ResNet "
+                             "tower (model.image_tower = 'resnet') has none: distil it into a ViT student instead")
         if m.text_tower != "clip" or m.lexical_head or m.text_projection != "linear":
             raise ValueError("method 'tinyclip_prune' prunes CLIP's own towers and linear projections: "
                              "model.text_tower = 'hf', text_projection = 'mlp' and lexical heads are not pruned")

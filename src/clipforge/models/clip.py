@@ -1,6 +1,6 @@
 """CLIP: an image tower and a text tower projected into one embedding space.
 
-    images (uint8 or normalised float) -> ViT -> pooled N×Wv -> image_projection -> L2 norm -> N×E
+    images (uint8 or normalised float) -> ViT or ResNet -> pooled N×Wv -> image_projection -> L2 norm -> N×E
     input_ids (+ attention_mask)       -> text transformer -> pooled N×Wt -> text_projection -> L2 norm -> N×E
 
 plus the learnable logit scale t = exp(logit_scale) (and SigLIP's logit bias). The objective turns
@@ -22,6 +22,7 @@ from torch import nn
 from clipforge.config import ModelConfig
 from clipforge.models.fused_mlp import FusedMLPUnavailable, check_available
 from clipforge.models.lexical import LexicalHead, keep_top_k, max_pooled_logits, weights_from_pooled
+from clipforge.models.resnet import ModifiedResNet
 from clipforge.models.text import TextTransformer
 from clipforge.models.vit import MLP, Attention, VisionTransformer, attention_kernels
 
@@ -32,23 +33,30 @@ EXTRAS = frozenset({"image_pooled", "text_pooled", "image_tokens", "text_tokens"
 LEXICAL = frozenset({"image_lexical", "text_lexical", "image_lexical_logits", "text_lexical_logits"})
 
 
+def build_image_tower(cfg: ModelConfig) -> nn.Module:
+    """The ViT, or CLIP's ResNet (model.image_tower); both map images to {"pooled": N×W, ...}."""
+    if cfg.image_tower == "resnet":
+        return ModifiedResNet(cfg.image_size, cfg.resnet_layers, cfg.vision_width, cfg.vision_heads)
+    return VisionTransformer(
+        image_size=cfg.image_size,
+        patch_size=cfg.patch_size,
+        width=cfg.vision_width,
+        layers=cfg.vision_layers,
+        heads=cfg.vision_heads,
+        mlp_ratio=cfg.mlp_ratio,
+        activation=cfg.activation,
+        pool=cfg.vision_pool,
+        patch_dropout=cfg.patch_dropout,
+        block_shapes=cfg.block_shapes("vision"),
+        head_dim=cfg.head_dim("vision"),
+    )
+
+
 class CLIP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.visual = VisionTransformer(
-            image_size=cfg.image_size,
-            patch_size=cfg.patch_size,
-            width=cfg.vision_width,
-            layers=cfg.vision_layers,
-            heads=cfg.vision_heads,
-            mlp_ratio=cfg.mlp_ratio,
-            activation=cfg.activation,
-            pool=cfg.vision_pool,
-            patch_dropout=cfg.patch_dropout,
-            block_shapes=cfg.block_shapes("vision"),
-            head_dim=cfg.head_dim("vision"),
-        )
+        self.visual = build_image_tower(cfg)
         if cfg.text_tower == "hf":  # a pretrained encoder (LiT, FLAME); its weights: load_pretrained or a checkpoint
             from clipforge.models.hf_text import HFTextTower
 
@@ -69,13 +77,17 @@ class CLIP(nn.Module):
             text_width = cfg.text_width
         # both projections are built before either is initialised: the RNG draws (and so every seeded
         # model's initial weights) stay those of the plain CLIP
-        self.image_projection = nn.Linear(cfg.vision_width, cfg.embed_dim, bias=False)
+        # the ResNet's projection is its attention pool's output projection, which has a bias (models/resnet.py)
+        pooled_width = cfg.vision_pooled_width
+        self.image_projection = nn.Linear(pooled_width, cfg.embed_dim, bias=cfg.image_tower == "resnet")
         if cfg.text_projection == "mlp":  # FLAME's adapter: 2-layer GELU MLP + norm
             self.text_projection = nn.Sequential(nn.Linear(text_width, text_width), nn.GELU(),
                                                  nn.Linear(text_width, cfg.embed_dim), nn.LayerNorm(cfg.embed_dim))
         else:
             self.text_projection = nn.Linear(text_width, cfg.embed_dim, bias=False)
-        nn.init.normal_(self.image_projection.weight, std=cfg.vision_width**-0.5)
+        nn.init.normal_(self.image_projection.weight, std=pooled_width**-0.5)
+        if self.image_projection.bias is not None:
+            nn.init.zeros_(self.image_projection.bias)
         if cfg.text_projection == "linear":
             nn.init.normal_(self.text_projection.weight, std=text_width**-0.5)
 
@@ -110,6 +122,11 @@ class CLIP(nn.Module):
     def set_grad_checkpointing(self, on: bool) -> None:
         """train.grad_checkpointing: every transformer block of both towers recomputes its activations
         in backward (models/vit.py run_block); a Hugging Face text tower through its own switch."""
+        if on and isinstance(self.visual, ModifiedResNet):
+            # a recomputed forward would update the BatchNorm running statistics a second time
+            raise ValueError("train.grad_checkpointing recomputes transformer blocks; the ResNet image tower "
+                             "(model.image_tower = 'resnet') does not support it (its BatchNorm statistics would "
+                             "be updated twice): leave it off, or lower data.batch_size and raise train.accum_steps")
         self.visual.grad_checkpointing = on
         if isinstance(self.text, TextTransformer):
             self.text.grad_checkpointing = on
@@ -281,6 +298,9 @@ class CLIP(nn.Module):
         if "cls_attention" in need:
             out["cls_attention"] = vision["cls_attention"]
         if "kept_indices" in need:
+            if isinstance(self.visual, ModifiedResNet):
+                raise ValueError("kept_indices are the ViT's patches; the ResNet image tower has none: use "
+                                 "model.image_tower = 'vit' for this method")
             kept = vision.get("kept_indices")
             if kept is None:  # nothing dropped: every patch, in order
                 kept = torch.arange(self.visual.num_patches, device=images.device).expand(images.shape[0], -1)

@@ -52,6 +52,11 @@ OPENCLIP_BLOCK_KEYS = {
     ".mlp.c_proj.": ".mlp.proj.",
 }
 OPENCLIP_PROJECTIONS = {"visual.proj": "image_projection.weight", "text_projection": "text_projection.weight"}
+# CLIP's ResNet tower has OpenCLIP's names already (models/resnet.py); its attention pool's output
+# projection is our image projection (both nn.Linear, with a bias: nothing transposed)
+RESNET_MARK = "visual.attnpool.positional_embedding"
+OPENCLIP_RESNET_PROJECTION = {"visual.attnpool.c_proj.weight": "image_projection.weight",
+                              "visual.attnpool.c_proj.bias": "image_projection.bias"}
 
 
 def _renamed(key: str, prefixes: dict[str, str], inside_blocks: dict[str, str]) -> str:
@@ -65,14 +70,18 @@ def _renamed(key: str, prefixes: dict[str, str], inside_blocks: dict[str, str]) 
 
 
 def openclip_state_dict_to_ours(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """OpenCLIP ViT/text CLIP weights -> our key names (projections are stored transposed there)."""
+    """OpenCLIP ViT or ResNet / text CLIP weights -> our key names (the ViT's and text projections are
+    stored transposed there)."""
+    resnet = RESNET_MARK in sd
     out = {}
     for key, value in sd.items():
         if key.startswith("text."):  # CustomTextCLIP keeps its text tower under "text."
             key = key[len("text."):]
         if key == "attn_mask":
             continue
-        if key in OPENCLIP_PROJECTIONS:
+        if resnet and key.startswith("visual."):
+            out[OPENCLIP_RESNET_PROJECTION.get(key, key)] = value
+        elif key in OPENCLIP_PROJECTIONS:
             out[OPENCLIP_PROJECTIONS[key]] = value.T.contiguous()
         else:
             out[_renamed(key, OPENCLIP_PREFIXES, OPENCLIP_BLOCK_KEYS)] = value
@@ -87,9 +96,12 @@ def ours_to_openclip_state_dict(sd: dict[str, torch.Tensor], hf_text: bool = Fal
     prefixes = {v: k for k, v in OPENCLIP_PREFIXES.items()}
     inside_blocks = {v: k for k, v in OPENCLIP_BLOCK_KEYS.items()}
     projections = {v: k for k, v in OPENCLIP_PROJECTIONS.items()}
+    resnet_projection = {v: k for k, v in OPENCLIP_RESNET_PROJECTION.items()} if RESNET_MARK in sd else {}
     out = {}
     for key, value in sd.items():
-        if hf_text and key.startswith("text.hf."):
+        if resnet_projection and (key.startswith("visual.") or key in resnet_projection):
+            theirs = resnet_projection.get(key, key)
+        elif hf_text and key.startswith("text.hf."):
             theirs = "text.transformer." + key[len("text.hf."):]
         elif hf_text and key == "text_projection.weight":
             theirs = "text.proj.weight"
@@ -202,9 +214,7 @@ def openclip_config_to_ours(model_cfg: dict[str, Any], preprocess_cfg: dict[str,
     """Our ModelConfig for an OpenCLIP ViT CLIP config; options with no equivalent are refused by name."""
     preprocess_cfg = preprocess_cfg or {}
     vision, text = model_cfg.get("vision_cfg", {}), model_cfg.get("text_cfg", {})
-    if isinstance(vision.get("layers", 12), (list, tuple)):
-        raise ConversionError("cannot import: vision_cfg.layers is a list, i.e. a ModifiedResNet image tower; "
-                              "clipforge imports ViT image towers only")
+    resnet = isinstance(vision.get("layers", 12), (list, tuple))  # CLIP's ModifiedResNet (RN50, RN101, ...)
     _refuse_unsupported(vision, _VISION_UNSUPPORTED, "vision_cfg")
     _refuse_unsupported(text, _TEXT_UNSUPPORTED, "text_cfg")
     _check_layer_norm_eps(vision, "vision_cfg")
@@ -228,17 +238,21 @@ def openclip_config_to_ours(model_cfg: dict[str, Any], preprocess_cfg: dict[str,
 
     vision_width = int(vision.get("width", 768))
     head_width = int(vision.get("head_width", 64))
-    if vision_width % head_width:
-        raise ConversionError(f"cannot import: vision width {vision_width} is not a multiple of head_width {head_width}")
+    if resnet:
+        image_tower = dict(image_tower="resnet", resnet_layers=[int(n) for n in vision["layers"]],
+                           vision_heads=_resnet_heads(vision_width, head_width))
+    else:
+        if vision_width % head_width:
+            raise ConversionError(f"cannot import: vision width {vision_width} is not a multiple of head_width "
+                                  f"{head_width}")
+        image_tower = dict(patch_size=_square(vision.get("patch_size", 16), "vision_cfg.patch_size"),
+                           vision_layers=int(vision.get("layers", 12)), vision_heads=vision_width // head_width,
+                           vision_pool="cls", patch_dropout=float(vision.get("patch_dropout", 0.0)))
     bias = model_cfg.get("init_logit_bias")
     return ModelConfig(
         image_size=_square(vision.get("image_size", 224), "vision_cfg.image_size"),
-        patch_size=_square(vision.get("patch_size", 16), "vision_cfg.patch_size"),
         vision_width=vision_width,
-        vision_layers=int(vision.get("layers", 12)),
-        vision_heads=vision_width // head_width,
-        vision_pool="cls",
-        patch_dropout=float(vision.get("patch_dropout", 0.0)),
+        **image_tower,
         mlp_ratio=float(vision_mlp),
         activation="quick_gelu" if model_cfg.get("quick_gelu") else "gelu",  # OpenAI-trained weights
         vocab_size=int(text.get("vocab_size", 49408)),
@@ -251,6 +265,14 @@ def openclip_config_to_ours(model_cfg: dict[str, Any], preprocess_cfg: dict[str,
         image_mean=tuple(preprocess_cfg.get("mean", OPENAI_MEAN)),
         image_std=tuple(preprocess_cfg.get("std", OPENAI_STD)),
     )
+
+
+def _resnet_heads(width: int, head_width: int) -> int:
+    """OpenCLIP's ModifiedResNet has 32 x width / head_width attention-pool heads (32 for RN50)."""
+    if (32 * width) % head_width:
+        raise ConversionError(f"cannot import: the ResNet's attention pool width 32 x {width} is not a multiple of "
+                              f"vision_cfg.head_width {head_width}")
+    return 32 * width // head_width
 
 
 # ----------------------------------------------------------------------------- checkpoint
