@@ -168,8 +168,14 @@ def test_what_needs_patch_tokens_is_refused_before_training(tmp_path):
         load_recipe("filip-shapes", resnet)
     with pytest.raises(Exception, match="grad_checkpointing .* ResNet"):
         CLIP(ModelConfig(**RN_MODEL)).set_grad_checkpointing(True)
-    with pytest.raises(ValueError, match="needs patch tokens of a ViT"):
+    with pytest.raises(ValueError, match="patch tokens exist in a ViT image tower only"):
         CLIP(ModelConfig(**RN_MODEL))(torch.zeros(1, 3, 64, 64), None, need={"image_token_embeds"})
+    from clipforge.eval.evaluate import EvalError, evaluate
+    from tiny_checkpoint import make_tiny_checkpoint
+
+    ckpt = make_tiny_checkpoint(tmp_path / "rn", **RN_MODEL)
+    with pytest.raises(EvalError, match="late-interaction scores the ViT's patch tokens"):
+        evaluate(ckpt, task="retrieval", data="shapes:binding", similarity="late-interaction")
     with pytest.raises(InheritError, match="ResNet image tower"):
         student_config(ModelConfig(**RN_MODEL), {"width": 0.5})
 

@@ -143,8 +143,8 @@ class ModifiedResNet(nn.Module):
         """The ViT's signature, so a caller need not know the tower; patch-level outputs do not exist here."""
         if keep_indices is not None or return_tokens or return_cls_attention:
             asked = "kept patches" if keep_indices is not None else "patch tokens" if return_tokens else "attention maps"
-            raise ValueError(f"this method needs {asked} of a ViT; the ResNet image tower (model.image_tower = "
-                             "'resnet') has none: use model.image_tower = 'vit'")
+            raise ValueError(f"{asked} exist in a ViT image tower only; this model's is CLIP's ResNet "
+                             "(model.image_tower = 'resnet'): use model.image_tower = 'vit' for what needs them")
         x = images
         for conv, bn in ((self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)):
             x = F.relu(bn(conv(x)))
