@@ -203,3 +203,23 @@ def test_openclip_config_maps_rn50_to_clip_s_shapes():
     assert image_side == sum(p.numel() for p in theirs.visual.parameters())  # RN50's image tower, 38 M
     assert ours.state_dict().keys() - {"image_projection.weight", "image_projection.bias"} >= {
         k for k in theirs.state_dict() if k.startswith("visual.") and "c_proj" not in k}
+
+
+def test_resnets_trained_for_different_steps_merge_weights_and_batchnorm_statistics(tmp_path):
+    """WiSE-FT / soups of ResNets: running means and variances are averaged like the weights; the
+    step counters differ (fine-tuned longer) and the first model's is kept, BatchNorm not reading it."""
+    from clipforge.merge import merge_weights
+    from tiny_checkpoint import make_tiny_checkpoint
+
+    paths = [make_tiny_checkpoint(tmp_path / f"m{i}", seed=i, **RN_MODEL) for i in range(2)]
+    states = []
+    for i, path in enumerate(paths):
+        state = load_file(str(path / "model.safetensors"))
+        state["visual.bn1.running_var"] = torch.full_like(state["visual.bn1.running_var"], 1.0 + i)
+        state["visual.bn1.num_batches_tracked"] = torch.tensor(10 * (i + 1))
+        save_file(state, str(path / "model.safetensors"))
+        states.append(state)
+    merged = merge_weights(paths)[0]
+    assert torch.equal(merged["visual.bn1.running_var"], torch.full_like(merged["visual.bn1.running_var"], 1.5))
+    assert merged["visual.bn1.num_batches_tracked"].item() == 10
+    assert torch.allclose(merged["visual.conv1.weight"], (states[0]["visual.conv1.weight"] + states[1]["visual.conv1.weight"]) / 2)

@@ -374,5 +374,6 @@ def _check_same_tensors(first: Path, a: dict[str, torch.Tensor], other: Path, b:
     for key, t in a.items():
         if b[key].shape != t.shape:
             raise MergeError(f"{key}: shapes {[tuple(t.shape), tuple(b[key].shape)]} differ between the checkpoints")
-        if not t.is_floating_point() and not torch.equal(b[key], t):
+        # BatchNorm's step counter (ResNet tower) is unused with a momentum set: the first model's is kept
+        if not t.is_floating_point() and not torch.equal(b[key], t) and not key.endswith(".num_batches_tracked"):
             raise MergeError(f"{key} is not floating point and differs between the checkpoints: it cannot be averaged")
