@@ -296,7 +296,8 @@ def test_quick_gelu_models_import_and_export_with_the_same_embeddings(tmp_path):
     "change, message",
     [
         ({"vision_cfg": {**OPENCLIP_TINY["vision_cfg"], "ls_init_value": 1e-5}}, r"vision_cfg.ls_init_value.*layer scale"),
-        ({"vision_cfg": {**OPENCLIP_TINY["vision_cfg"], "timm_model_name": "convnext_base"}}, "timm image tower"),
+        ({"vision_cfg": {**OPENCLIP_TINY["vision_cfg"], "timm_model_name": "convnext_base", "timm_proj": "mlp"}},
+         "timm_proj = 'mlp'"),
         ({"text_cfg": {**OPENCLIP_TINY["text_cfg"], "hf_model_name": "roberta-base"}}, "Hugging Face text tower"),
         ({"text_cfg": {**OPENCLIP_TINY["text_cfg"], "pool_type": "mean"}}, "text_cfg.pool_type = 'mean'"),
         ({"text_cfg": {**OPENCLIP_TINY["text_cfg"], "pool_type": "last"}}, "text_cfg.pool_type = 'last'"),

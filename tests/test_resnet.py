@@ -150,7 +150,7 @@ def test_a_resnet_run_resumes_exactly_with_its_batchnorm_statistics(tmp_path):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"patch_dropout": 0.5}, r"patch_dropout = 0.5 works on the ViT's patch tokens"),
+    ({"patch_dropout": 0.5}, r"patch_dropout = 0.5 works on clipforge's ViT patch tokens"),
     ({"token_selection": "attentive"}, "token_selection"),
     ({"lexical_head": True}, "lexical_head"),
     ({"image_size": 48}, "multiple of 32"),
@@ -176,7 +176,7 @@ def test_what_needs_patch_tokens_is_refused_before_training(tmp_path):
     ckpt = make_tiny_checkpoint(tmp_path / "rn", **RN_MODEL)
     with pytest.raises(EvalError, match="late-interaction scores the ViT's patch tokens"):
         evaluate(ckpt, task="retrieval", data="shapes:binding", similarity="late-interaction")
-    with pytest.raises(InheritError, match="ResNet image tower"):
+    with pytest.raises(InheritError, match="image tower is model.image_tower = 'resnet'"):
         student_config(ModelConfig(**RN_MODEL), {"width": 0.5})
 
 

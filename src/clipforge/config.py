@@ -169,8 +169,17 @@ class ModelConfig(Section):
     # image tower: "vit" (below) or "resnet", CLIP's ModifiedResNet (models/resnet.py): resnet_layers
     # bottleneck blocks per stage, vision_width the stem width (64 for RN50), vision_heads the attention
     # pool's heads (32w/64 in CLIP: 32 for RN50); patch_size, vision_layers and vision_pool are ViT-only
-    image_tower: Literal["vit", "resnet"] = "vit"
+    image_tower: Literal["vit", "resnet", "timm"] = "vit"
     resnet_layers: list[int] = Field(default_factory=lambda: [3, 4, 6, 3])  # RN50; RN101: [3, 4, 23, 3]
+    # "timm": a timm backbone (models/timm_tower.py; pip install 'clipforge[timm]'), randomly initialised,
+    # pooled by timm (timm_pool: its global_pool, "" = the model's own), then image_projection
+    # (timm_proj "linear", with timm_proj_bias), the trunk's classifier into embed_dim ("timm"), or
+    # nothing: the pooled features are the embedding ("none")
+    timm_model: str | None = None
+    timm_pool: str = "avg"
+    timm_proj: Literal["linear", "timm", "none"] = "linear"
+    timm_proj_bias: bool = False
+    timm_drop_path: float | None = Field(None, ge=0.0, lt=1.0)  # stochastic depth inside the trunk (training)
     image_size: int = Field(64, ge=8)
     patch_size: int = Field(8, ge=1)
     vision_width: int = Field(192, ge=8)
@@ -236,6 +245,8 @@ class ModelConfig(Section):
                              f"got {self.image_std}")
         if self.image_tower == "resnet":
             self._check_resnet()
+        elif self.image_tower == "timm":
+            self._check_timm()
         elif self.image_size % self.patch_size:
             raise ValueError(
                 f"model.image_size ({self.image_size}) must be a multiple of model.patch_size ({self.patch_size})"
@@ -266,6 +277,25 @@ class ModelConfig(Section):
                              f"{pooled_width(self.vision_width)} channels, which model.vision_heads = "
                              f"{self.vision_heads} must divide (CLIP uses 64 per head: vision_heads = "
                              f"vision_width / 2), and vision_width must be even")
+        self._refuse_vit_only_options()
+
+    def _check_timm(self) -> None:
+        if not self.timm_model:
+            raise ValueError("model.image_tower = 'timm' needs model.timm_model, a timm model name (e.g. "
+                             "'convnext_base'; timm.list_models() lists them)")
+        from clipforge.models.timm_tower import pooled_width
+
+        width = pooled_width(self.timm_model, self.timm_pool, self.timm_proj, self.embed_dim)  # a known name
+        if self.timm_proj != "linear" and self.timm_proj_bias:
+            raise ValueError(f"model.timm_proj_bias applies to timm_proj = 'linear', not {self.timm_proj!r}")
+        if self.timm_proj == "none" and width != self.embed_dim:
+            raise ValueError(f"model.timm_proj = 'none' makes {self.timm_model}'s {width} pooled features the "
+                             f"embedding, but model.embed_dim = {self.embed_dim}: set embed_dim = {width}, or "
+                             "timm_proj = 'linear'")
+        self._refuse_vit_only_options()
+
+    def _refuse_vit_only_options(self) -> None:
+        """Options of clipforge's own ViT that another image tower has no equivalent for."""
         vit_only = {"patch_dropout": self.patch_dropout > 0, "token_selection": self.token_selection != "random",
                     "vision_pool": self.vision_pool != "cls", "lexical_head": self.lexical_head,
                     "vision_head_dim": self.vision_head_dim is not None,
@@ -273,8 +303,8 @@ class ModelConfig(Section):
                     "vision_layer_mlp": self.vision_layer_mlp is not None}
         for name, is_set in vit_only.items():
             if is_set:
-                raise ValueError(f"model.{name} = {getattr(self, name)!r} works on the ViT's patch tokens; the "
-                                 "ResNet tower (model.image_tower = 'resnet') has none: drop it, or use "
+                raise ValueError(f"model.{name} = {getattr(self, name)!r} works on clipforge's ViT patch tokens; "
+                                 f"model.image_tower = '{self.image_tower}' has none: drop it, or use "
                                  "image_tower = 'vit'")
 
     @property
@@ -285,6 +315,10 @@ class ModelConfig(Section):
             from clipforge.models.resnet import pooled_width
 
             return pooled_width(self.vision_width)
+        if self.image_tower == "timm":
+            from clipforge.models import timm_tower
+
+            return timm_tower.pooled_width(self.timm_model, self.timm_pool, self.timm_proj, self.embed_dim)
         return self.vision_width
 
     def _check_layer_shapes(self, tower: str) -> None:
@@ -926,8 +960,8 @@ class Recipe(Section):
             if (m.image_size // m.patch_size) % m.attentive_block:
                 raise ValueError(f"model.attentive_block ({m.attentive_block}) must divide the patch grid "
                                  f"({m.image_size // m.patch_size} x {m.image_size // m.patch_size})")
-        if m.image_tower == "resnet":
-            self._check_resnet_terms()
+        if m.image_tower != "vit":
+            self._check_patch_level_terms()
         if self.teachers and self.train.fsdp:
             raise ValueError("teachers are not supported with train.fsdp yet (the ema copy would need its own "
                              "sharding); use DDP (train.fsdp = false)")
@@ -937,8 +971,8 @@ class Recipe(Section):
                 check(self)  # a method or term refuses what it cannot combine with, saying why
 
 
-    def _check_resnet_terms(self) -> None:
-        """Terms reading the ViT's patch tokens or attention cannot run on CLIP's ResNet tower."""
+    def _check_patch_level_terms(self) -> None:
+        """Terms reading the ViT's patch tokens or attention cannot run on another image tower."""
         from clipforge.objectives.base import TERMS
 
         patch_level = {"image_tokens", "image_token_embeds", "cls_attention", "kept_indices"}
@@ -946,8 +980,8 @@ class Recipe(Section):
             needs = getattr(TERMS.get(term.name), "needs", frozenset())
             if patch_level & needs:
                 raise ValueError(f"objective term '{term.name}' reads the image tower's patch tokens "
-                                 f"({sorted(patch_level & needs)[0]}); the ResNet tower (model.image_tower = "
-                                 "'resnet') has none: use model.image_tower = 'vit' for this term")
+                                 f"({sorted(patch_level & needs)[0]}); model.image_tower = "
+                                 f"'{self.model.image_tower}' has none: use model.image_tower = 'vit' for this term")
 
 
 # ----------------------------------------------------------------------------- loading

@@ -101,9 +101,9 @@ def check_hf_compatible(cfg) -> None:
     """Refuse, by name, architecture options that transformers' CLIPModel has no equivalent for."""
     if cfg.image_tower != "vit":
         raise ExportError(
-            "cannot export to Hugging Face: the image tower is CLIP's ResNet (model.image_tower = 'resnet'); "
-            "transformers' CLIPModel has ViT image towers only. Export to OpenCLIP (--to openclip), whose "
-            "ModifiedResNet it is, or to ONNX (--to onnx)")
+            f"cannot export to Hugging Face: the image tower is model.image_tower = '{cfg.image_tower}'; "
+            "transformers' CLIPModel has ViT image towers only. Export to OpenCLIP (--to openclip), which has "
+            "CLIP's ResNet and timm towers, or to ONNX (--to onnx)")
     if cfg.text_tower != "clip" or cfg.text_projection != "linear":
         raise ExportError(
             f"cannot export to Hugging Face: the text tower is a pretrained encoder (model.text_tower = "
@@ -284,6 +284,11 @@ def openclip_vision_cfg(cfg) -> dict[str, Any]:
     if cfg.image_tower == "resnet":
         return dict(image_size=cfg.image_size, layers=list(cfg.resnet_layers), width=cfg.vision_width,
                     head_width=32 * cfg.vision_width // cfg.vision_heads)
+    if cfg.image_tower == "timm":
+        return dict(image_size=cfg.image_size, timm_model_name=cfg.timm_model, timm_model_pretrained=False,
+                    timm_pool=cfg.timm_pool, timm_proj=None if cfg.timm_proj == "timm" else cfg.timm_proj,
+                    timm_proj_bias=cfg.timm_proj_bias,
+                    timm_drop=0.0, timm_drop_path=cfg.timm_drop_path)
     return dict(image_size=cfg.image_size, patch_size=cfg.patch_size, width=cfg.vision_width,
                 layers=cfg.vision_layers, head_width=cfg.vision_width // cfg.vision_heads, mlp_ratio=cfg.mlp_ratio,
                 patch_dropout=cfg.patch_dropout)

@@ -124,8 +124,8 @@ def evaluate(
         raise EvalError(f"--similarity late-interaction needs per-token embeddings, which {type(model).__name__} "
                         "does not give (no encode_image_tokens); use --similarity pooled")
     if similarity == "late-interaction" and getattr(getattr(model, "cfg", None), "image_tower", "vit") != "vit":
-        raise EvalError("--similarity late-interaction scores the ViT's patch tokens; this model's image tower is "
-                        "CLIP's ResNet (model.image_tower = 'resnet'), which has none: use --similarity pooled")
+        raise EvalError(f"--similarity late-interaction scores the ViT's patch tokens; this model's image tower "
+                        f"(model.image_tower = '{model.cfg.image_tower}') has none: use --similarity pooled")
     common = dict(batch_size=batch_size, workers=workers, max_bad_fraction=max_bad_fraction, progress=progress)
     if shapes_split:
         shapes = shapes or checkpoint_shapes_config(model_or_ckpt)

@@ -80,8 +80,8 @@ class TinyclipPruneConfig(MethodConfig):
                              "Use a checkpoint (or cache) teacher")
         m = recipe.model
         if m.image_tower != "vit":
-            raise ValueError("method 'tinyclip_prune' gates the ViT's heads, MLP units and hidden dims; CLIP's ResNet "
-                             "tower (model.image_tower = 'resnet') has none: distil it into a ViT student instead")
+            raise ValueError(f"method 'tinyclip_prune' gates the ViT's heads, MLP units and hidden dims; "
+                             f"model.image_tower = '{m.image_tower}' has none: distil it into a ViT student instead")
         if m.text_tower != "clip" or m.lexical_head or m.text_projection != "linear":
             raise ValueError("method 'tinyclip_prune' prunes CLIP's own towers and linear projections: "
                              "model.text_tower = 'hf', text_projection = 'mlp' and lexical heads are not pruned")

@@ -37,6 +37,10 @@ def build_image_tower(cfg: ModelConfig) -> nn.Module:
     """The ViT, or CLIP's ResNet (model.image_tower); both map images to {"pooled": N×W, ...}."""
     if cfg.image_tower == "resnet":
         return ModifiedResNet(cfg.image_size, cfg.resnet_layers, cfg.vision_width, cfg.vision_heads)
+    if cfg.image_tower == "timm":
+        from clipforge.models.timm_tower import TimmTower
+
+        return TimmTower(cfg.timm_model, cfg.timm_pool, cfg.timm_proj, cfg.embed_dim, cfg.timm_drop_path)
     return VisionTransformer(
         image_size=cfg.image_size,
         patch_size=cfg.patch_size,
@@ -77,17 +81,23 @@ class CLIP(nn.Module):
             text_width = cfg.text_width
         # both projections are built before either is initialised: the RNG draws (and so every seeded
         # model's initial weights) stay those of the plain CLIP
-        # the ResNet's projection is its attention pool's output projection, which has a bias (models/resnet.py)
+        # the ResNet's projection is its attention pool's output projection, which has a bias (models/resnet.py);
+        # a timm trunk with timm_proj = "timm" projects with its own classifier, "none" not at all
         pooled_width = cfg.vision_pooled_width
-        self.image_projection = nn.Linear(pooled_width, cfg.embed_dim, bias=cfg.image_tower == "resnet")
+        if cfg.image_tower == "timm" and cfg.timm_proj != "linear":
+            self.image_projection = nn.Identity()
+        else:
+            bias = cfg.image_tower == "resnet" or (cfg.image_tower == "timm" and cfg.timm_proj_bias)
+            self.image_projection = nn.Linear(pooled_width, cfg.embed_dim, bias=bias)
         if cfg.text_projection == "mlp":  # FLAME's adapter: 2-layer GELU MLP + norm
             self.text_projection = nn.Sequential(nn.Linear(text_width, text_width), nn.GELU(),
                                                  nn.Linear(text_width, cfg.embed_dim), nn.LayerNorm(cfg.embed_dim))
         else:
             self.text_projection = nn.Linear(text_width, cfg.embed_dim, bias=False)
-        nn.init.normal_(self.image_projection.weight, std=pooled_width**-0.5)
-        if self.image_projection.bias is not None:
-            nn.init.zeros_(self.image_projection.bias)
+        if isinstance(self.image_projection, nn.Linear):
+            nn.init.normal_(self.image_projection.weight, std=pooled_width**-0.5)
+            if self.image_projection.bias is not None:
+                nn.init.zeros_(self.image_projection.bias)
         if cfg.text_projection == "linear":
             nn.init.normal_(self.text_projection.weight, std=text_width**-0.5)
 
@@ -298,9 +308,9 @@ class CLIP(nn.Module):
         if "cls_attention" in need:
             out["cls_attention"] = vision["cls_attention"]
         if "kept_indices" in need:
-            if isinstance(self.visual, ModifiedResNet):
-                raise ValueError("kept_indices are the ViT's patches; the ResNet image tower has none: use "
-                                 "model.image_tower = 'vit' for this method")
+            if not isinstance(self.visual, VisionTransformer):
+                raise ValueError(f"kept_indices are the ViT's patches; model.image_tower = '{self.cfg.image_tower}' "
+                                 "has none: use model.image_tower = 'vit' for this method")
             kept = vision.get("kept_indices")
             if kept is None:  # nothing dropped: every patch, in order
                 kept = torch.arange(self.visual.num_patches, device=images.device).expand(images.shape[0], -1)

@@ -57,6 +57,10 @@ OPENCLIP_PROJECTIONS = {"visual.proj": "image_projection.weight", "text_projecti
 RESNET_MARK = "visual.attnpool.positional_embedding"
 OPENCLIP_RESNET_PROJECTION = {"visual.attnpool.c_proj.weight": "image_projection.weight",
                               "visual.attnpool.c_proj.bias": "image_projection.bias"}
+# a timm trunk keeps timm's names under visual.trunk. in both; OpenCLIP's linear head is our projection
+TIMM_PREFIX = "visual.trunk."
+OPENCLIP_TIMM_PROJECTION = {"visual.head.proj.weight": "image_projection.weight",
+                            "visual.head.proj.bias": "image_projection.bias"}
 
 
 def _renamed(key: str, prefixes: dict[str, str], inside_blocks: dict[str, str]) -> str:
@@ -72,15 +76,16 @@ def _renamed(key: str, prefixes: dict[str, str], inside_blocks: dict[str, str]) 
 def openclip_state_dict_to_ours(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """OpenCLIP ViT or ResNet / text CLIP weights -> our key names (the ViT's and text projections are
     stored transposed there)."""
-    resnet = RESNET_MARK in sd
+    tower_projection = {**OPENCLIP_RESNET_PROJECTION, **OPENCLIP_TIMM_PROJECTION}
+    own_names = RESNET_MARK in sd or any(k.startswith(TIMM_PREFIX) for k in sd)  # a ResNet or timm image tower
     out = {}
     for key, value in sd.items():
         if key.startswith("text."):  # CustomTextCLIP keeps its text tower under "text."
             key = key[len("text."):]
         if key == "attn_mask":
             continue
-        if resnet and key.startswith("visual."):
-            out[OPENCLIP_RESNET_PROJECTION.get(key, key)] = value
+        if own_names and key.startswith("visual."):
+            out[tower_projection.get(key, key)] = value
         elif key in OPENCLIP_PROJECTIONS:
             out[OPENCLIP_PROJECTIONS[key]] = value.T.contiguous()
         else:
@@ -96,11 +101,16 @@ def ours_to_openclip_state_dict(sd: dict[str, torch.Tensor], hf_text: bool = Fal
     prefixes = {v: k for k, v in OPENCLIP_PREFIXES.items()}
     inside_blocks = {v: k for k, v in OPENCLIP_BLOCK_KEYS.items()}
     projections = {v: k for k, v in OPENCLIP_PROJECTIONS.items()}
-    resnet_projection = {v: k for k, v in OPENCLIP_RESNET_PROJECTION.items()} if RESNET_MARK in sd else {}
+    if RESNET_MARK in sd:
+        tower_projection = {v: k for k, v in OPENCLIP_RESNET_PROJECTION.items()}
+    elif any(k.startswith(TIMM_PREFIX) for k in sd):
+        tower_projection = {v: k for k, v in OPENCLIP_TIMM_PROJECTION.items()}
+    else:
+        tower_projection = {}
     out = {}
     for key, value in sd.items():
-        if resnet_projection and (key.startswith("visual.") or key in resnet_projection):
-            theirs = resnet_projection.get(key, key)
+        if tower_projection and (key.startswith("visual.") or key in tower_projection):
+            theirs = tower_projection.get(key, key)
         elif hf_text and key.startswith("text.hf."):
             theirs = "text.transformer." + key[len("text.hf."):]
         elif hf_text and key == "text_projection.weight":
@@ -165,7 +175,6 @@ def read_openclip_config(path: str | Path) -> tuple[dict[str, Any], dict[str, An
 
 # options that change the computation and that our towers do not have: name -> what it would need
 _VISION_UNSUPPORTED = {
-    "timm_model_name": "a timm image tower",
     "ls_init_value": "layer scale",
     "attentional_pool": "an attentional pooler",
     "no_ln_pre": "a ViT without ln_pre",
@@ -215,6 +224,7 @@ def openclip_config_to_ours(model_cfg: dict[str, Any], preprocess_cfg: dict[str,
     preprocess_cfg = preprocess_cfg or {}
     vision, text = model_cfg.get("vision_cfg", {}), model_cfg.get("text_cfg", {})
     resnet = isinstance(vision.get("layers", 12), (list, tuple))  # CLIP's ModifiedResNet (RN50, RN101, ...)
+    timm = bool(vision.get("timm_model_name"))  # a timm backbone (ConvNeXt CLIPs, ...)
     _refuse_unsupported(vision, _VISION_UNSUPPORTED, "vision_cfg")
     _refuse_unsupported(text, _TEXT_UNSUPPORTED, "text_cfg")
     _check_layer_norm_eps(vision, "vision_cfg")
@@ -238,7 +248,9 @@ def openclip_config_to_ours(model_cfg: dict[str, Any], preprocess_cfg: dict[str,
 
     vision_width = int(vision.get("width", 768))
     head_width = int(vision.get("head_width", 64))
-    if resnet:
+    if timm:
+        image_tower = _timm_tower(vision)
+    elif resnet:
         image_tower = dict(image_tower="resnet", resnet_layers=[int(n) for n in vision["layers"]],
                            vision_heads=_resnet_heads(vision_width, head_width))
     else:
@@ -265,6 +277,24 @@ def openclip_config_to_ours(model_cfg: dict[str, Any], preprocess_cfg: dict[str,
         image_mean=tuple(preprocess_cfg.get("mean", OPENAI_MEAN)),
         image_std=tuple(preprocess_cfg.get("std", OPENAI_STD)),
     )
+
+
+def _timm_tower(vision: dict[str, Any]) -> dict[str, Any]:
+    """ModelConfig keys for OpenCLIP's TimmModel: a trunk pooled by timm, a linear head or none."""
+    proj = vision.get("timm_proj", "linear")
+    proj = "timm" if proj is None else proj  # OpenCLIP: null = timm's own classifier outputs the embedding
+    pool = vision.get("timm_pool", "avg")
+    if proj not in ("linear", "none", "timm"):
+        raise ConversionError(f"cannot import: vision_cfg.timm_proj = {proj!r}; clipforge's timm tower projects "
+                              "linearly, with timm's classifier (null) or not at all ('none')")
+    if pool in ("abs_attn", "rot_attn"):
+        raise ConversionError(f"cannot import: vision_cfg.timm_pool = {pool!r} is OpenCLIP's own attention pool; "
+                              "clipforge's timm tower pools with timm's global_pool")
+    if vision.get("timm_drop", 0.0):
+        raise ConversionError(f"cannot import: vision_cfg.timm_drop = {vision['timm_drop']} (dropout before the "
+                              "projection); clipforge's timm tower has none")
+    return dict(image_tower="timm", timm_model=vision["timm_model_name"], timm_pool=pool, timm_proj=proj,
+                timm_proj_bias=bool(vision.get("timm_proj_bias", False)), timm_drop_path=vision.get("timm_drop_path"))
 
 
 def _resnet_heads(width: int, head_width: int) -> int:

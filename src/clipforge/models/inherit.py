@@ -46,17 +46,17 @@ def layer_map(teacher_layers: int, student_layers: int) -> list[int]:
     return [j * stride for j in range(student_layers)]
 
 
-def refuse_resnet(cfg: ModelConfig, who: str) -> None:
+def refuse_other_image_towers(cfg: ModelConfig, who: str) -> None:
     if cfg.image_tower != "vit":
-        raise InheritError(f"weight inheritance slices transformer towers; the {who} has CLIP's ResNet image tower "
-                           "(model.image_tower = 'resnet'). Distil it into a ViT student with affinity distillation "
-                           "alone instead (the tinyclip-shapes recipe with teachers.0.path = the ResNet run)")
+        raise InheritError(f"weight inheritance slices clipforge's transformer towers; the {who}'s image tower is "
+                           f"model.image_tower = '{cfg.image_tower}'. Distil it into a ViT student with affinity "
+                           "distillation alone instead (the tinyclip-shapes recipe with teachers.0.path = that run)")
 
 
 def check_inheritable(teacher: ModelConfig, student: ModelConfig) -> None:
     """Refuse, by key, a student that is not a sub-network of the teacher."""
     for who, cfg in (("teacher", teacher), ("student", student)):
-        refuse_resnet(cfg, who)
+        refuse_other_image_towers(cfg, who)
         if not cfg.uniform_layers():
             raise InheritError(f"manual inheritance slices towers whose layers all have one shape; the {who}'s "
                                "layers differ (model.*_layer_heads / *_layer_mlp / *_head_dim, a CoFi-pruned model). "
@@ -170,7 +170,7 @@ def parse_student_spec(spec: str) -> dict[str, float]:
 def student_config(teacher: ModelConfig, spec: dict[str, float], progress: float = 1.0) -> ModelConfig:
     """The teacher's config shrunk by ``spec``; ``progress`` in (0, 1] goes that fraction of the way
     (multi-stage compression: stage k of S uses k / S, e.g. width 100% -> 83% -> 67% -> 50%)."""
-    refuse_resnet(teacher, "teacher")
+    refuse_other_image_towers(teacher, "teacher")
     if not teacher.uniform_layers():
         raise InheritError("--student width/layers fractions shrink towers whose layers all have one shape; this "
                            "teacher's layers differ (a CoFi-pruned model): use --student sparsity=S")
