@@ -36,7 +36,9 @@ def create_trunk(name: str, pool: str, proj: str, embed_dim: int, drop_path: flo
     features are the embedding (no classifier)."""
     timm = require_timm()
     if not timm.is_model(name):
-        close = timm.list_models(f"*{name.split('_')[0]}*")[:5]
+        import difflib
+
+        close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.8)
         raise ValueError(f"model.timm_model = {name!r} is not a timm model" +
                          (f" (similar: {', '.join(close)})" if close else "") + "; timm.list_models() lists them")
     kwargs = {} if drop_path is None else {"drop_path_rate": drop_path}
