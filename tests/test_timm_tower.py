@@ -1,6 +1,7 @@
 """A timm backbone as the image tower (model.image_tower = "timm", models/timm_tower.py): OpenCLIP's
 TimmModel CLIPs in each of its head modes import with the same embeddings and go back bit for bit; a
-tower trained here loads in open_clip; stochastic depth resumes exactly; what it lacks is refused."""
+tower trained here loads in open_clip and ONNX Runtime; stochastic depth resumes exactly; what it lacks
+is refused."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 import clipforge
 from clipforge.config import ModelConfig, load_recipe
-from clipforge.export import ExportError, export_hf, export_openclip
+from clipforge.export import ExportError, export_hf, export_onnx, export_openclip
 from clipforge.models.clip import CLIP
 from clipforge.models.convert import ConversionError, import_openclip, openclip_config_to_ours
 from clipforge.train.trainer import Trainer
@@ -93,6 +94,10 @@ def test_a_timm_tower_trains_resumes_exactly_and_loads_in_open_clip(tmp_path, mo
     with torch.no_grad():
         got = theirs.eval().encode_image(ours.normalize_images(images), normalize=True)
         assert (got - ours.encode_image(images)).abs().max() <= ATOL
+    ort = pytest.importorskip("onnxruntime")
+    session = ort.InferenceSession(str(export_onnx(ckpt, tmp_path / "onnx") / "image_encoder.onnx"))
+    got = torch.from_numpy(session.run(None, {"images": images.numpy()})[0])
+    assert (got - ours.encode_image(images).detach()).abs().max() <= ATOL
 
 
 def test_grad_checkpointing_goes_through_timm_and_changes_no_gradient():
