@@ -166,9 +166,9 @@ class InitFromConfig(Section):
 
 
 class ModelConfig(Section):
-    # image tower: "vit" (below) or "resnet", CLIP's ModifiedResNet (models/resnet.py): resnet_layers
-    # bottleneck blocks per stage, vision_width the stem width (64 for RN50), vision_heads the attention
-    # pool's heads (32w/64 in CLIP: 32 for RN50); patch_size, vision_layers and vision_pool are ViT-only
+    # image tower: "vit" (below), "resnet" or "timm". "resnet", CLIP's ModifiedResNet (models/resnet.py):
+    # resnet_layers bottleneck blocks per stage, vision_width the stem width (64 for RN50), vision_heads the
+    # attention pool's heads (32w/64 in CLIP: 32 for RN50); patch_size, vision_layers and vision_pool are ViT-only
     image_tower: Literal["vit", "resnet", "timm"] = "vit"
     resnet_layers: list[int] = Field(default_factory=lambda: [3, 4, 6, 3])  # RN50; RN101: [3, 4, 23, 3]
     # "timm": a timm backbone (models/timm_tower.py; pip install 'clipforge[timm]'), randomly initialised,
@@ -309,8 +309,8 @@ class ModelConfig(Section):
 
     @property
     def vision_pooled_width(self) -> int:
-        """Width of the pooled image feature, the image projection's input: the ViT's width, or the ResNet's
-        last stage (32 x vision_width)."""
+        """Width of the pooled image feature, the image projection's input: the ViT's width, the ResNet's
+        last stage (32 x vision_width), or the timm trunk's output."""
         if self.image_tower == "resnet":
             from clipforge.models.resnet import pooled_width
 
@@ -969,7 +969,6 @@ class Recipe(Section):
             check = getattr(part, "check_recipe", None)
             if check is not None:
                 check(self)  # a method or term refuses what it cannot combine with, saying why
-
 
     def _check_patch_level_terms(self) -> None:
         """Terms reading the ViT's patch tokens or attention cannot run on another image tower."""

@@ -1,6 +1,6 @@
 """CLIP: an image tower and a text tower projected into one embedding space.
 
-    images (uint8 or normalised float) -> ViT or ResNet -> pooled N×Wv -> image_projection -> L2 norm -> N×E
+    images (uint8 or normalised float) -> ViT, ResNet or timm -> pooled N×Wv -> image_projection -> L2 norm -> N×E
     input_ids (+ attention_mask)       -> text transformer -> pooled N×Wt -> text_projection -> L2 norm -> N×E
 
 plus the learnable logit scale t = exp(logit_scale) (and SigLIP's logit bias). The objective turns
@@ -34,7 +34,7 @@ LEXICAL = frozenset({"image_lexical", "text_lexical", "image_lexical_logits", "t
 
 
 def build_image_tower(cfg: ModelConfig) -> nn.Module:
-    """The ViT, or CLIP's ResNet (model.image_tower); both map images to {"pooled": N×W, ...}."""
+    """The ViT, CLIP's ResNet or a timm backbone (model.image_tower); each maps images to {"pooled": N×W, ...}."""
     if cfg.image_tower == "resnet":
         return ModifiedResNet(cfg.image_size, cfg.resnet_layers, cfg.vision_width, cfg.vision_heads)
     if cfg.image_tower == "timm":

@@ -3,9 +3,11 @@
     clipforge import openclip open_clip_model.safetensors --config open_clip_config.json --out ckpt/
 
 OpenCLIP's ViT CLIP and ours are the same network op for op (tests/test_model.py checks it), so
-importing is renaming keys and transposing the two projections. What has no counterpart here
-(layer scale, attentional pooling, timm or Hugging Face towers, ...) is refused with a
-message naming the option, instead of producing a model that silently computes something else.
+importing is renaming keys and transposing the two projections. CLIP's ResNet and timm image towers
+keep OpenCLIP's names; only their projection becomes ours (tests/test_resnet.py, test_timm_tower.py).
+What has no counterpart here (layer scale, attentional pooling, a Hugging Face image tower, ...) is
+refused with a message naming the option, instead of producing a model that silently computes
+something else.
 """
 
 from __future__ import annotations
@@ -63,6 +65,16 @@ OPENCLIP_TIMM_PROJECTION = {"visual.head.proj.weight": "image_projection.weight"
                             "visual.head.proj.bias": "image_projection.bias"}
 
 
+def _own_named_tower(keys) -> dict[str, str]:
+    """OpenCLIP name -> ours of the projection of a ResNet or timm image tower, whose other keys have the same
+    names on both sides (a state dict of either side tells which it is); {} for the ViT, renamed key by key."""
+    if RESNET_MARK in keys:
+        return OPENCLIP_RESNET_PROJECTION
+    if any(k.startswith(TIMM_PREFIX) for k in keys):
+        return OPENCLIP_TIMM_PROJECTION
+    return {}
+
+
 def _renamed(key: str, prefixes: dict[str, str], inside_blocks: dict[str, str]) -> str:
     for old, new in prefixes.items():
         if key.startswith(old):
@@ -74,17 +86,16 @@ def _renamed(key: str, prefixes: dict[str, str], inside_blocks: dict[str, str]) 
 
 
 def openclip_state_dict_to_ours(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """OpenCLIP ViT or ResNet / text CLIP weights -> our key names (the ViT's and text projections are
+    """OpenCLIP ViT, ResNet or timm / text CLIP weights -> our key names (the ViT's and text projections are
     stored transposed there)."""
-    tower_projection = {**OPENCLIP_RESNET_PROJECTION, **OPENCLIP_TIMM_PROJECTION}
-    own_names = RESNET_MARK in sd or any(k.startswith(TIMM_PREFIX) for k in sd)  # a ResNet or timm image tower
+    tower_projection = _own_named_tower(sd)
     out = {}
     for key, value in sd.items():
         if key.startswith("text."):  # CustomTextCLIP keeps its text tower under "text."
             key = key[len("text."):]
         if key == "attn_mask":
             continue
-        if own_names and key.startswith("visual."):
+        if tower_projection and key.startswith("visual."):
             out[tower_projection.get(key, key)] = value
         elif key in OPENCLIP_PROJECTIONS:
             out[OPENCLIP_PROJECTIONS[key]] = value.T.contiguous()
@@ -101,12 +112,7 @@ def ours_to_openclip_state_dict(sd: dict[str, torch.Tensor], hf_text: bool = Fal
     prefixes = {v: k for k, v in OPENCLIP_PREFIXES.items()}
     inside_blocks = {v: k for k, v in OPENCLIP_BLOCK_KEYS.items()}
     projections = {v: k for k, v in OPENCLIP_PROJECTIONS.items()}
-    if RESNET_MARK in sd:
-        tower_projection = {v: k for k, v in OPENCLIP_RESNET_PROJECTION.items()}
-    elif any(k.startswith(TIMM_PREFIX) for k in sd):
-        tower_projection = {v: k for k, v in OPENCLIP_TIMM_PROJECTION.items()}
-    else:
-        tower_projection = {}
+    tower_projection = {v: k for k, v in _own_named_tower(sd).items()}
     out = {}
     for key, value in sd.items():
         if tower_projection and (key.startswith("visual.") or key in tower_projection):
@@ -220,7 +226,8 @@ def _square(value: Any, name: str) -> int:
 
 
 def openclip_config_to_ours(model_cfg: dict[str, Any], preprocess_cfg: dict[str, Any] | None = None) -> ModelConfig:
-    """Our ModelConfig for an OpenCLIP ViT CLIP config; options with no equivalent are refused by name."""
+    """Our ModelConfig for an OpenCLIP CLIP config (ViT, ResNet or timm image tower); options with no equivalent
+    are refused by name."""
     preprocess_cfg = preprocess_cfg or {}
     vision, text = model_cfg.get("vision_cfg", {}), model_cfg.get("text_cfg", {})
     resnet = isinstance(vision.get("layers", 12), (list, tuple))  # CLIP's ModifiedResNet (RN50, RN101, ...)
@@ -338,7 +345,7 @@ def openclip_dir_files(directory: Path) -> tuple[Path, Path]:
 def import_openclip(
     weights: str | Path, config: str | Path | None, out: str | Path, vocab_file: str | Path | None = None
 ) -> Path:
-    """Convert an OpenCLIP ViT CLIP (weights + JSON config, or a model directory holding both, with
+    """Convert an OpenCLIP CLIP (ViT, ResNet or timm image tower; weights + JSON config, or a model directory holding both, with
     ``config=None``) into a clipforge checkpoint directory."""
     from clipforge.models.clip import CLIP
     from clipforge.models.tokenizer import ClipBPETokenizer
