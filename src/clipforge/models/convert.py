@@ -345,8 +345,8 @@ def openclip_dir_files(directory: Path) -> tuple[Path, Path]:
 def import_openclip(
     weights: str | Path, config: str | Path | None, out: str | Path, vocab_file: str | Path | None = None
 ) -> Path:
-    """Convert an OpenCLIP CLIP (ViT, ResNet or timm image tower; weights + JSON config, or a model directory holding both, with
-    ``config=None``) into a clipforge checkpoint directory."""
+    """Convert an OpenCLIP CLIP (ViT, ResNet or timm image tower; weights + JSON config, or a model
+    directory holding both, with ``config=None``) into a clipforge checkpoint directory."""
     from clipforge.models.clip import CLIP
     from clipforge.models.tokenizer import ClipBPETokenizer
 
