@@ -168,7 +168,7 @@ def test_what_needs_patch_tokens_is_refused_before_training(tmp_path):
         load_recipe("filip-shapes", resnet)
     with pytest.raises(Exception, match="grad_checkpointing .* ResNet"):
         CLIP(ModelConfig(**RN_MODEL)).set_grad_checkpointing(True)
-    with pytest.raises(ValueError, match="patch tokens exist in a ViT image tower only"):
+    with pytest.raises(ValueError, match="patch tokens exist in clipforge.s own ViT image tower only"):
         CLIP(ModelConfig(**RN_MODEL))(torch.zeros(1, 3, 64, 64), None, need={"image_token_embeds"})
     from clipforge.eval.evaluate import EvalError, evaluate
     from tiny_checkpoint import make_tiny_checkpoint

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clipforge.models.vit import refuse_patch_outputs
+
 STAGE_STRIDES = (1, 2, 2, 2)
 EXPANSION = 4  # a bottleneck's output has 4x its inner width
 DOWNSAMPLING = 32  # stem (2 x 2) and three stride-2 stages: S -> S / 32
@@ -140,11 +142,7 @@ class ModifiedResNet(nn.Module):
         return_tokens: bool = False,
         return_cls_attention: bool = False,
     ) -> dict[str, torch.Tensor]:
-        """The ViT's signature, so a caller need not know the tower; patch-level outputs do not exist here."""
-        if keep_indices is not None or return_tokens or return_cls_attention:
-            asked = "kept patches" if keep_indices is not None else "patch tokens" if return_tokens else "attention maps"
-            raise ValueError(f"{asked} exist in a ViT image tower only; this model's is CLIP's ResNet "
-                             "(model.image_tower = 'resnet'): use model.image_tower = 'vit' for what needs them")
+        refuse_patch_outputs("resnet", keep_indices, return_tokens, return_cls_attention)
         x = images
         for conv, bn in ((self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)):
             x = F.relu(bn(conv(x)))

@@ -19,6 +19,8 @@ from functools import lru_cache
 import torch
 from torch import nn
 
+from clipforge.models.vit import refuse_patch_outputs
+
 
 def require_timm():
     try:
@@ -89,8 +91,5 @@ class TimmTower(nn.Module):
         return_tokens: bool = False,
         return_cls_attention: bool = False,
     ) -> dict[str, torch.Tensor]:
-        if keep_indices is not None or return_tokens or return_cls_attention:
-            asked = "kept patches" if keep_indices is not None else "patch tokens" if return_tokens else "attention maps"
-            raise ValueError(f"{asked} exist in clipforge's own ViT image tower only; this model's is a timm "
-                             "backbone (model.image_tower = 'timm'): use model.image_tower = 'vit' for what needs them")
+        refuse_patch_outputs("timm", keep_indices, return_tokens, return_cls_attention)
         return {"pooled": self.trunk(images)}

@@ -236,6 +236,16 @@ def random_keep_indices(
 
 
 # ----------------------------------------------------------------------------- the tower
+def refuse_patch_outputs(tower: str, keep_indices: torch.Tensor | None, return_tokens: bool,
+                         return_cls_attention: bool) -> None:
+    """For the other image towers (model.image_tower = ``tower``), which take the ViT's forward arguments so
+    a caller need not know the tower: patch-level outputs exist in the ViT only."""
+    if keep_indices is not None or return_tokens or return_cls_attention:
+        asked = "kept patches" if keep_indices is not None else "patch tokens" if return_tokens else "attention maps"
+        raise ValueError(f"{asked} exist in clipforge's own ViT image tower only; this model's is "
+                         f"model.image_tower = '{tower}': use model.image_tower = 'vit' for what needs them")
+
+
 class VisionTransformer(nn.Module):
     """Normalised images N×3×S×S -> pooled feature N×W (plus tokens / attention maps on request)."""
 
