@@ -282,7 +282,7 @@ def openclip_side(recipe: Recipe, device: torch.device, host_batch: dict[str, An
                          "layers differ (model.*_layer_heads / *_layer_mlp / *_head_dim)")
     if m.token_selection != "random":
         raise BenchError("--against openclip: OpenCLIP has no attentive token selection; use token_selection=random")
-    vision_cfg = openclip_vision_cfg(m)  # what `clipforge export --to openclip` writes (ViT or ModifiedResNet)
+    vision_cfg = openclip_vision_cfg(m)  # what `clipforge export --to openclip` writes (ViT, ResNet or timm)
     if m.image_tower == "vit":
         vision_cfg["pool_type"] = "tok" if m.vision_pool == "cls" else "avg"
     text_cfg = dict(context_length=m.context_length, vocab_size=m.vocab_size, width=m.text_width, heads=m.text_heads,

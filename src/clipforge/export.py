@@ -253,12 +253,8 @@ OPENCLIP_WEIGHTS_FILE = "open_clip_model.safetensors"
 
 
 def check_openclip_compatible(cfg) -> None:
-    """Refuse, by name, what OpenCLIP's CLIP / CustomTextCLIP (ViT or ModifiedResNet image tower; CLIP text
-    transformer or a Hugging Face encoder, mean-pooled, linear projection) cannot compute."""
-    if cfg.image_tower == "resnet" and (32 * cfg.vision_width) % cfg.vision_heads:
-        raise ExportError(  # OpenCLIP derives the heads: 32 x width / head_width
-            f"cannot export to OpenCLIP: its ModifiedResNet has 32 x vision_width / head_width attention-pool heads, "
-            f"and {cfg.vision_heads} heads give no whole head_width. Export to ONNX instead (--to onnx)")
+    """Refuse, by name, what OpenCLIP's CLIP / CustomTextCLIP (ViT, ModifiedResNet or timm image tower; CLIP
+    text transformer or a Hugging Face encoder, mean-pooled, linear projection) cannot compute."""
     if cfg.text_projection != "linear":
         raise ExportError(
             f"cannot export to OpenCLIP: model.text_projection = {cfg.text_projection!r} (FLAME's adapter: Linear, "
@@ -280,7 +276,8 @@ def check_openclip_compatible(cfg) -> None:
 
 
 def openclip_vision_cfg(cfg) -> dict[str, Any]:
-    """OpenCLIP's ``vision_cfg`` for our image tower: a ViT, or (``layers`` a list) its ModifiedResNet."""
+    """OpenCLIP's ``vision_cfg`` for our image tower: a ViT, its ModifiedResNet (``layers`` a list; the
+    recipe's heads divide 32 x width, so head_width is whole) or its TimmModel."""
     if cfg.image_tower == "resnet":
         return dict(image_size=cfg.image_size, layers=list(cfg.resnet_layers), width=cfg.vision_width,
                     head_width=32 * cfg.vision_width // cfg.vision_heads)
