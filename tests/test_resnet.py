@@ -20,6 +20,7 @@ from clipforge.models.convert import import_openclip, openclip_config_to_ours
 from clipforge.models.inherit import InheritError, student_config
 from clipforge.models.resnet import AttentionPool, ModifiedResNet
 from clipforge.train.trainer import Trainer
+from test_resume_matrix import stop_and_resume
 
 ATOL = 1e-5
 OPENCLIP_RN = {  # a one-block-per-stage RN at 64 px: 2 x 2 positions reach the attention pool
@@ -134,16 +135,7 @@ SMALL = ["model.image_size=32", "model.vision_width=16", "model.vision_heads=8",
 
 
 def test_a_resnet_run_resumes_exactly_with_its_batchnorm_statistics(tmp_path):
-    def losses(run):
-        rows = map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
-        return {r["step"]: r["loss"] for r in rows if "loss" in r}
-
-    sets = [*QUIET, *SMALL]
-    Trainer(load_recipe("tiny-shapes-rn", [*sets, "train.steps=4"]), tmp_path / "full").fit()
-    Trainer(load_recipe("tiny-shapes-rn", [*sets, "train.steps=2"]), tmp_path / "cut").fit()
-    with pytest.warns(UserWarning, match="train.steps"):
-        Trainer(load_recipe("tiny-shapes-rn", [*sets, "train.steps=4"]), tmp_path / "cut", resume="latest").fit()
-    assert len(losses(tmp_path / "full")) == 4 and losses(tmp_path / "cut") == losses(tmp_path / "full")
+    stop_and_resume(tmp_path, "tiny-shapes-rn", [*QUIET, *SMALL])  # the same losses, bit for bit
     weights = load_file(str(tmp_path / "cut" / "checkpoints" / "latest" / "model.safetensors"))
     full = load_file(str(tmp_path / "full" / "checkpoints" / "latest" / "model.safetensors"))
     assert torch.equal(weights["visual.layer4.0.bn2.running_var"], full["visual.layer4.0.bn2.running_var"])

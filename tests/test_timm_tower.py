@@ -16,7 +16,7 @@ from clipforge.config import ModelConfig, load_recipe
 from clipforge.export import ExportError, export_hf, export_onnx, export_openclip
 from clipforge.models.clip import CLIP
 from clipforge.models.convert import ConversionError, import_openclip, openclip_config_to_ours
-from clipforge.train.trainer import Trainer
+from test_resume_matrix import stop_and_resume
 
 pytest.importorskip("timm")
 ATOL = 1e-5
@@ -72,20 +72,10 @@ CONVNEXT = ["model.image_tower=timm", "model.timm_model=test_convnext", "model.i
             "model.timm_drop_path=0.2"]  # stochastic depth: random draws a resume must replay
 
 
-def losses(run):
-    rows = map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
-
-
 def test_a_timm_tower_trains_resumes_exactly_and_loads_in_open_clip(tmp_path, monkeypatch):
     open_clip = pytest.importorskip("open_clip")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    sets = [*QUIET, *CONVNEXT]
-    Trainer(load_recipe("tiny-shapes", [*sets, "train.steps=4"]), tmp_path / "full").fit()
-    Trainer(load_recipe("tiny-shapes", [*sets, "train.steps=2"]), tmp_path / "cut").fit()
-    with pytest.warns(UserWarning, match="train.steps"):
-        Trainer(load_recipe("tiny-shapes", [*sets, "train.steps=4"]), tmp_path / "cut", resume="latest").fit()
-    assert len(losses(tmp_path / "full")) == 4 and losses(tmp_path / "cut") == losses(tmp_path / "full")
+    stop_and_resume(tmp_path, "tiny-shapes", [*QUIET, *CONVNEXT])  # the same losses, bit for bit
 
     ckpt = tmp_path / "full" / "checkpoints" / "latest"
     ours, _, _ = clipforge.load(ckpt)
